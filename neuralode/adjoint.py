@@ -114,6 +114,7 @@ class _AdjointFunction(torch.autograd.Function):
             a, gp = a_seq[-1], g_seq[-1]
             for k in ("nfe", "n_accepted", "n_rejected"):
                 setattr(back, k, getattr(back, k) + getattr(sol.stats, k))
+        a_t0 = a  # adjoint from the later outputs only: out[0] = y0 does not depend on t0
         a = a + g_flat[0]
         cfg["stats"].backward = back
 
@@ -122,7 +123,7 @@ class _AdjointFunction(torch.autograd.Function):
             grad_t = torch.zeros(n_t, dtype=dtype, device=device)
             with torch.no_grad():
                 for i in range(n_t):
-                    w = g_flat[i] if i > 0 else -a
+                    w = g_flat[i] if i > 0 else -a_t0
                     if i > 0 and not bool(w.any()):
                         continue
                     tt = torch.full((), ts[i].item(), dtype=dtype, device=device)

@@ -18,7 +18,7 @@ import torch
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.control import ErrorNorm
-from neuralode.solvers.rk import FixedGridRK
+from neuralode.solvers.rk import FixedGridRK, needs_graph
 from neuralode.solvers.tableau import RK4_38
 
 
@@ -91,7 +91,7 @@ class ExplicitAdams(FixedGridRK):
         f0 = rhs(t, y)
         hist_t, hist_f = [t], [f0]
         i_out = 1
-        graph = torch.is_grad_enabled()
+        graph = needs_graph(y, f0)
         for g in range(1, len(grid)):
             t1 = grid[g]
             h = t1 - t

@@ -91,20 +91,39 @@ class RHS:
         self.device = device
         self.stats = stats
         self._checked = False
+        self.call = self._make_call()
+
+    def _make_call(self) -> Callable[[float, torch.Tensor], torch.Tensor]:
+        """A closure specialised to the state layout (the solver's hot path)."""
+        func, stats, layout = self.func, self.stats, self.layout
+        full, dtype, device = torch.full, self.dtype, self.device
+        if not layout.is_tuple and tuple(layout.shapes[0]) == (layout.n,):
+            def call(t, y):
+                stats.nfe += 1
+                out = func(full((), t, dtype=dtype, device=device), y)
+                if not self._checked:
+                    self._check(out, t)
+                return out
+        elif not layout.is_tuple:
+            shape = layout.shapes[0]
+
+            def call(t, y):
+                stats.nfe += 1
+                out = func(full((), t, dtype=dtype, device=device), y.view(shape))
+                if not self._checked:
+                    self._check(out, t)
+                return out.reshape(-1)
+        else:
+            def call(t, y):
+                stats.nfe += 1
+                out = func(full((), t, dtype=dtype, device=device), layout.unflatten(y))
+                if not self._checked:
+                    self._check(out, t)
+                return torch.cat([o.reshape(-1) for o in out])
+        return call
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        self.stats.nfe += 1
-        tt = torch.full((), t, dtype=self.dtype, device=self.device)
-        layout = self.layout
-        if not layout.is_tuple:
-            out = self.func(tt, y.view(layout.shapes[0]))
-            if not self._checked:
-                self._check(out, t)
-            return out.reshape(-1)
-        out = self.func(tt, layout.unflatten(y))
-        if not self._checked:
-            self._check(out, t)
-        return torch.cat([o.reshape(-1) for o in out])
+        return self.call(t, y)
 
     def _check(self, out, t: float) -> None:
         layout = self.layout

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from neuralode.errors import MaxStepsError, ODEInputError, StepSizeError
@@ -30,7 +29,7 @@ class RKStepper:
 
     def __init__(self, tab: ButcherTableau, rhs, y0: torch.Tensor):
         self.tab = tab
-        self.rhs = rhs
+        self.rhs = rhs.call
         s = tab.stages
         self.s = s
         self.s_ext = tab.dense.shape[0]
@@ -43,10 +42,11 @@ class RKStepper:
         self.b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
         self.b_err = (None if tab.b_err is None
                       else torch.tensor(tab.b_err, dtype=dtype, device=device))
-        self.dense = tab.dense  # numpy (s_ext, degree)
-        self.powers = np.arange(1, tab.dense.shape[1] + 1)
+        self.dense_t = torch.tensor(tab.dense.T, dtype=dtype, device=device)  # (degree, s_ext)
+        self.degree = tab.dense.shape[1]
         self.K = None
         self.KT = None
+        self.stage_plan = None
 
     # -- no-autograd path ---------------------------------------------------------------
     def buffer(self, y0: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,8 @@ class RKStepper:
             self.K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
             # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
             self.KT = [self.K[:i].t() for i in range(self.s_ext + 1)]
+            self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], self.K[i])
+                               for i in range(1, self.s)]
         return self.K
 
     def step_buffer(self, t: float, y: torch.Tensor, h: float, t_last: float | None = None):
@@ -61,15 +63,19 @@ class RKStepper:
 
         ``t_last`` replaces t + h for stages with c == 1 (left-sided evaluation before a
         discontinuity)."""
-        K, KT, rhs, c = self.K, self.KT, self.rhs, self.c
+        rhs, addmv = self.rhs, torch.addmv
         yi = y
-        for i in range(1, self.s):
-            yi = torch.addmv(y, KT[i], self.a_rows[i], alpha=h)
-            ti = t + c[i] * h if (t_last is None or c[i] != 1.0) else t_last
-            K[i].copy_(rhs(ti, yi))
+        if t_last is None:
+            for kt, a, c, k in self.stage_plan:
+                yi = addmv(y, kt, a, alpha=h)
+                k.copy_(rhs(t + c * h, yi))
+        else:
+            for kt, a, c, k in self.stage_plan:
+                yi = addmv(y, kt, a, alpha=h)
+                k.copy_(rhs(t_last if c == 1.0 else t + c * h, yi))
         if self.tab.fsal:
             return yi  # the last stage is evaluated at y1 itself
-        return torch.addmv(y, KT[self.s], self.b, alpha=h)
+        return addmv(y, self.KT[self.s], self.b, alpha=h)
 
     def error_buffer(self) -> torch.Tensor:
         return torch.mv(self.KT[self.s], self.b_err)
@@ -99,19 +105,25 @@ class RKStepper:
             return torch.mv(torch.stack(ks[: self.s], dim=1), self.b_err)
 
     # -- dense output -----------------------------------------------------------------
-    def weights(self, thetas: list[float], h: float) -> np.ndarray:
-        """(m, s_ext) interpolation weights so that y(t + theta h) = y + W @ K_ext."""
-        th = np.asarray(thetas, dtype=np.float64)[:, None] ** self.powers[None, :]
-        return h * (th @ self.dense.T)
-
     def interpolate(self, y: torch.Tensor, K, thetas: list[float], h: float) -> list:
         """States at t + theta h for each theta, from the extended stages K (a buffer
-        tensor (s_ext, n) or a list of s_ext tensors)."""
-        w = torch.as_tensor(self.weights(thetas, h), dtype=y.dtype, device=y.device)
+        tensor (s_ext, n) or a list of s_ext tensors):
+        y(t + theta h) = y + h * (theta^1..theta^d) @ dense^T @ K."""
+        powers = torch.tensor([[th ** (m + 1) for m in range(self.degree)] for th in thetas],
+                              dtype=y.dtype, device=y.device)
+        w = powers @ self.dense_t  # (m, s_ext)
         if isinstance(K, list):
             K = torch.stack(K)
-        out = torch.addmm(y.unsqueeze(0), w, K)
-        return list(out.unbind(0))
+        if len(thetas) == 1:
+            return [torch.addmv(y, K.t(), w[0], alpha=h)]
+        return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
+
+
+def needs_graph(y0: torch.Tensor, f0: torch.Tensor) -> bool:
+    """Backpropagation through the solver is needed when autograd is on and the state or
+    f's output at the start depends on something that requires grad; otherwise the faster
+    buffer path runs (also for users who forget torch.no_grad() at inference)."""
+    return torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
 
 
 def _sorted_unique_times(method, name, value, t0, t1, direction) -> list[float]:
@@ -165,7 +177,18 @@ class FixedGridRK(Solver):
         if o["grid_constructor"] is not None:
             tt = torch.tensor(ts, dtype=torch.float64)
             grid = o["grid_constructor"](self.func_for_grid, self.y0_user, tt)
-            grid = torch.as_tensor(grid).detach().to(torch.float64).reshape(-1).tolist()
+            try:
+                grid = torch.as_tensor(grid).detach().to(torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise ODEInputError(f"{self.name}: grid_constructor must return a 1-D tensor of "
+                                    f"times, got {type(grid).__name__}")
+            if grid.dim() != 1:
+                raise ODEInputError(f"{self.name}: grid_constructor must return a 1-D tensor of "
+                                    f"times, got shape {tuple(grid.shape)}")
+            grid = grid.tolist()
+            if not all(math.isfinite(v) for v in grid):
+                raise ODEInputError(f"{self.name}: the grid from grid_constructor contains "
+                                    f"non-finite times: {[v for v in grid if not math.isfinite(v)]}")
             direction = 1.0 if t1 > t0 else -1.0
             if len(grid) < 2 or grid[0] != t0 or grid[-1] != t1:
                 raise ODEInputError(
@@ -196,13 +219,13 @@ class FixedGridRK(Solver):
         perturb = bool(self.options["perturb"])
         linear = self.options["interp"] == "linear"
         st = self.stepper
-        graph = torch.is_grad_enabled()
         rhs = self.rhs
         y = self.y0
         i_out = 1
         direction = 1.0 if ts[-1] > ts[0] else -1.0
         t = grid[0]
         f0 = rhs(nudge(t, grid[1]) if perturb else t, y)
+        graph = needs_graph(y, f0)
         K = None if graph else st.buffer(y)
         for g in range(1, len(grid)):
             t1 = grid[g]
@@ -309,7 +332,6 @@ class AdaptiveRK(Solver):
         st = self.stepper
         rhs = self.rhs
         norm = self.error_norm
-        graph = torch.is_grad_enabled()
         t0, t_end = ts[0], ts[-1]
         direction = 1.0 if t_end > t0 else -1.0
         step_t = _sorted_unique_times(self.name, "step_t", o["step_t"], t0, t_end, direction)
@@ -322,24 +344,28 @@ class AdaptiveRK(Solver):
         y = self.y0
         t = t0
         f0 = rhs(t, y)
+        graph = needs_graph(y, f0)
         if not math.isfinite(f0.sum().item()):
             self.fail_nonfinite(t)
         if self.first_step is not None:
             h = direction * self.first_step
         else:
-            h = initial_step(rhs, t, y, f0, direction, tab.error_order, norm)
+            with torch.no_grad():
+                h = initial_step(rhs, t, y.detach(), f0.detach(), direction, tab.error_order,
+                                 norm)
         h = direction * min(max(abs(h), self.min_step), self.max_step)
 
         K = None if graph else st.buffer(y)
         if K is not None:
             K[0].copy_(f0)
-        absy = y.abs()
+        absy = y.detach().abs()
         i_out = 1
         i_stop = 0
         n_attempts = 0
         span = t_end - t0
         fsal = tab.fsal
         s_ext, s = st.s_ext, st.s
+        nonfinite = False  # was the last attempt rejected for a nan/inf derivative?
         while True:
             stop = stops[i_stop]
             # Land exactly on the next stop (output end, step_t or jump_t), stretching the
@@ -352,6 +378,8 @@ class AdaptiveRK(Solver):
                 t1 = t + h
                 at_stop = False
             if abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))) or t1 == t:
+                if nonfinite:  # shrinking the step never made the derivative finite
+                    self.fail_nonfinite(t, h)
                 raise StepSizeError(
                     f"{self.name}: step size underflow at t={t:.17g}: the step h={h:.3g} is "
                     f"below what float64 time resolves there (the error could not be "
@@ -384,7 +412,9 @@ class AdaptiveRK(Solver):
                     self.fail_nonfinite(t, h)
                 stats.n_rejected += 1
                 h = h * self.dfactor
+                nonfinite = True
                 continue
+            nonfinite = False
             accept = ratio <= 1.0 or abs(h) <= self.min_step
             factor = controller.factor(ratio, accept)
             if accept:

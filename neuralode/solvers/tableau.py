@@ -148,8 +148,13 @@ def _dopri5() -> ButcherTableau:
         [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)],
     ])
     b = a[-1].copy()
-    b_hat = _arr([F(5179, 57600), 0, F(7571, 16695), F(393, 640), F(-92097, 339200),
-                  F(187, 2100), F(1, 40)])
+    # Embedded 4th-order solution: the alternative weights that torchdiffeq uses, so that a
+    # solve switched over from torchdiffeq takes the same steps. Hairer's (and scipy's)
+    # weights (5179/57600, 0, 7571/16695, 393/640, -92097/339200, 187/2100, 1/40) give a
+    # ~1.5x larger error estimate: ~7% more evaluations for ~1.4x smaller errors at the same
+    # tolerance (measured on five problems at rtol = atol = 1e-4..1e-10).
+    b_hat = _arr([F(1951, 21600), 0, F(22642, 50085), F(451, 720), F(-12231, 42400),
+                  F(649, 6300), F(1, 60)])
     c = _arr([0, F(1, 5), F(3, 10), F(4, 5), F(8, 9), 1, 1])
     # Shampine's 4th-order continuous extension (Hairer, Norsett & Wanner, II.6):
     # y(theta) - y0 = h [theta b + theta(1-theta) B + theta^2(1-theta) C + theta^2(1-theta)^2 d]
