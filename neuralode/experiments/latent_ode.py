@@ -1,0 +1,469 @@
+"""Latent ODE vs RNN on irregularly sampled noisy spirals (Chen et al. 2018, Table 2).
+
+``neuralode train latent-ode --model {latent-ode,rnn} --n-obs {30,50,100} --iters N``
+
+Data: :func:`neuralode.data.spirals.make_spirals` (1000 noisy 2-D spirals, half clockwise,
+``--n-obs`` irregular observations in the first half of each trajectory; default data seed 0
+for every run, so all models see the same data) split 80/20 into train/test.
+
+Training uses only the observed points of the training spirals:
+
+* ``latent-ode``: maximise the ELBO (known noise std ``--noise-std``) of minibatches with a
+  GRU (or ODE-RNN, ``--encoder ode-rnn``) recognition network and an MLP latent ODE.
+* ``rnn``: a GRU with time gaps as input, trained by one-step-ahead prediction.
+
+Evaluation on the test spirals, from their observed points only, against the clean
+trajectories: ``rmse_interp`` (unobserved points inside the observation window),
+``rmse_extrap`` (every point after it) and ``test_rmse`` (all held-out points: both). The
+latent ODE predicts with the posterior mean of ``z0``. RMSE is over points and both
+coordinates. Curves are monitored on the test set every ``--eval-every`` iterations; the
+reported numbers are those of the final iterate (no model selection).
+
+Outputs in ``--out``: ``metrics.csv``, ``metrics.json``, ``checkpoint.pt`` (atomic; ``--resume``
+continues exactly), ``reconstructions.png``, ``training_curves.png`` and, for the latent ODE,
+``latent_interpolation.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neuralode.data.spirals import SpiralData, gather_points, make_spirals, train_test_split
+from neuralode.experiments._training_io import (
+    ProgressBar,
+    atomic_save,
+    check_resume_config,
+    get_rng_state,
+    load_checkpoint,
+    pyplot,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+    write_csv,
+    write_json,
+)
+from neuralode.models.latent_ode import LatentODE, RNNBaseline
+
+MODELS = ("latent-ode", "rnn")
+RUN_KEYS = ("model", "encoder", "n_obs", "n_spirals", "n_total", "noise_std", "data_seed",
+            "test_fraction", "iters", "batch_size", "lr", "latent_dim", "enc_hidden",
+            "ode_hidden", "dec_hidden", "readout_act", "rnn_hidden", "method", "rtol", "atol",
+            "grad", "kl_warmup", "seed")
+CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rmse_extrap",
+              "rmse_obs"]
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``neuralode train latent-ode``."""
+    parser.description = __doc__.split("\n\n")[0]
+    a = parser.add_argument
+    a("--model", choices=MODELS, default="latent-ode")
+    a("--encoder", choices=("gru", "ode-rnn"), default="gru",
+      help="latent ODE recognition network (default gru)")
+    a("--n-obs", type=_positive_int, default=100,
+      help="observed points per spiral (the paper: 30, 50, 100)")
+    a("--n-spirals", type=_positive_int, default=1000)
+    a("--n-total", type=_positive_int, default=500, help="dense grid points per spiral")
+    a("--noise-std", type=_pos_float, default=0.1, help="observation noise (known to the ELBO)")
+    a("--data-seed", type=_nonneg_int, default=0, help="seed of the data set and split")
+    a("--test-fraction", type=_fraction, default=0.2)
+    a("--iters", type=_positive_int, default=1000)
+    a("--batch-size", type=_positive_int, default=50)
+    a("--lr", type=_pos_float, default=0.01, help="Adam learning rate, cosine-decayed")
+    a("--latent-dim", type=_positive_int, default=4)
+    a("--enc-hidden", type=_positive_int, default=25)
+    a("--ode-hidden", type=_positive_int, default=20)
+    a("--dec-hidden", type=_nonneg_int, default=0,
+      help="latent ODE readout MLP width (default 0: linear readout, which extrapolates "
+           "better than a ReLU MLP here)")
+    a("--readout-act", choices=("relu", "elu", "tanh"), default="relu",
+      help="activation of the readout MLP")
+    a("--rnn-hidden", type=_positive_int, default=25,
+      help="RNN baseline: GRU hidden size and readout MLP width")
+    a("--method", default="dopri5", help="solver of the latent ODE")
+    a("--rtol", type=_pos_float, default=1e-3)
+    a("--atol", type=_pos_float, default=1e-4)
+    a("--grad", choices=("backprop", "adjoint"), default="backprop",
+      help="latent ODE gradients: backprop through the solver (default) or odeint_adjoint")
+    a("--kl-warmup", type=_nonneg_int, default=0,
+      help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")
+    a("--eval-every", type=_positive_int, default=250)
+    a("--ckpt-every", type=_positive_int, default=250)
+    a("--n-plot", type=_positive_int, default=6, help="test spirals in reconstructions.png")
+    a("--seed", type=_nonneg_int, default=0, help="model initialisation and minibatch seed")
+    a("--device", default="cpu")
+    a("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    a("--out", default="runs/latent_ode")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings)")
+    a("--stop-after", type=_positive_int, default=None,
+      help="stop after this iteration, as if interrupted (resume later with --resume)")
+    a("--no-plots", action="store_true")
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    from neuralode.solvers import ALIASES, SOLVERS
+
+    if args.method not in SOLVERS and args.method not in ALIASES:
+        raise ValueError(f"unknown --method {args.method!r}; valid: "
+                         f"{', '.join(sorted(SOLVERS) + sorted(ALIASES))}")
+    if args.model == "rnn" and args.encoder != "gru":
+        raise ValueError(f"--encoder {args.encoder} applies to --model latent-ode only")
+    return {k: getattr(args, k) for k in RUN_KEYS}
+
+
+def load_data(cfg: dict[str, Any]) -> tuple[SpiralData, SpiralData]:
+    """The (train, test) spirals of a run; deterministic in ``data_seed``."""
+    data = make_spirals(cfg["n_spirals"], cfg["n_total"], cfg["n_obs"], cfg["noise_std"],
+                        seed=cfg["data_seed"])
+    return train_test_split(data, cfg["test_fraction"], seed=cfg["data_seed"])
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    if cfg["model"] == "rnn":
+        return RNNBaseline(2, hidden=cfg["rnn_hidden"], readout_hidden=cfg["rnn_hidden"])
+    return LatentODE(2, cfg["latent_dim"], encoder=cfg["encoder"], enc_hidden=cfg["enc_hidden"],
+                     ode_hidden=cfg["ode_hidden"], dec_hidden=cfg["dec_hidden"],
+                     readout_act=cfg["readout_act"], obs_std=cfg["noise_std"],
+                     method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
+                     adjoint=cfg["grad"] == "adjoint")
+
+
+def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: float
+                  ) -> Tensor:
+    """Minibatch loss on the observed points of spirals ``idx``: the negative ELBO per
+    sequence (latent ODE) or the one-step-ahead MSE (RNN)."""
+    b = gather_points(data, "obs", idx)
+    if isinstance(model, LatentODE):
+        return -model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight).elbo
+    return model.loss(b.times, b.values, b.mask)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: SpiralData, index: Tensor | None = None,
+            chunk: int = 100) -> Tensor:
+    """Predictions ``(N, n_total, 2)`` on the whole grid from each spiral's observations."""
+    n = len(data) if index is None else len(index)
+    ids = torch.arange(len(data)) if index is None else torch.as_tensor(index)
+    out = []
+    for s in range(0, n, chunk):
+        b = gather_points(data, "obs", ids[s:s + chunk])
+        out.append(model.predict(b.times, b.values, b.mask, data.t))
+    return torch.cat(out)
+
+
+def rmse_scores(pred: Tensor, data: SpiralData) -> dict[str, float]:
+    """RMSE against the clean trajectories over obs / interp / extrap / held-out points."""
+    sq = ((pred - data.clean) ** 2).mean(-1)  # (N, T), mean over the 2 coordinates
+
+    def rmse(mask: Tensor) -> float:
+        return float(sq[mask].mean().sqrt()) if bool(mask.any()) else math.nan
+
+    return {"test_rmse": rmse(data.interp_mask | data.extrap_mask),
+            "rmse_interp": rmse(data.interp_mask), "rmse_extrap": rmse(data.extrap_mask),
+            "rmse_obs": rmse(data.obs_mask)}
+
+
+def evaluate(model: nn.Module, test: SpiralData) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    scores = rmse_scores(predict(model, test), test)
+    model.train(was)
+    return scores
+
+
+# ----------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------
+
+
+def _plot_examples(test: SpiralData) -> list[int]:
+    """Indices of up to 3 clockwise and 3 counter-clockwise test spirals."""
+    cw = (test.direction < 0).nonzero().flatten().tolist()
+    ccw = (test.direction > 0).nonzero().flatten().tolist()
+    return cw[:3] + ccw[:3]
+
+
+def plot_reconstructions(model: nn.Module, test: SpiralData, path: Path, n: int = 6,
+                         title: str = "") -> None:
+    plt = pyplot()
+    idx = _plot_examples(test)[:n] or list(range(min(n, len(test))))
+    pred = predict(model, test, torch.tensor(idx))
+    w = test.n_window
+    cols = min(3, len(idx))
+    rows = math.ceil(len(idx) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.5 * rows), squeeze=False)
+    for a, (i, p) in enumerate(zip(idx, pred)):
+        ax = axes[a // cols][a % cols]
+        clean, obs = test.clean[i], test.noisy[i][test.obs_mask[i]]
+        ax.plot(clean[:, 0], clean[:, 1], "-", c="0.75", lw=2.5, label="truth")
+        ax.plot(obs[:, 0], obs[:, 1], "k.", ms=3, label="observed")
+        ax.plot(p[:w, 0], p[:w, 1], "-", c="C0", lw=1.3, label="reconstruction")
+        ax.plot(p[w - 1:, 0], p[w - 1:, 1], "--", c="C3", lw=1.3, label="extrapolation")
+        ax.set_title(f"test spiral {i} ({'cw' if test.direction[i] < 0 else 'ccw'})",
+                     fontsize=9)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.tick_params(labelsize=7)
+    for a in range(len(idx), rows * cols):
+        axes[a // cols][a % cols].axis("off")
+    axes[0][0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_latent_interpolation(model: LatentODE, test: SpiralData, path: Path,
+                              steps: int = 7) -> None:
+    """Decode ``(1 - a) mu_cw + a mu_ccw`` for ``a`` in [0, 1]: the paper's 'homotopy' between a
+    clockwise and a counter-clockwise spiral."""
+    plt = pyplot()
+    cw = (test.direction < 0).nonzero().flatten()
+    ccw = (test.direction > 0).nonzero().flatten()
+    if len(cw) == 0 or len(ccw) == 0:
+        return
+    pair = torch.stack([cw[0], ccw[0]])
+    b = gather_points(test, "obs", pair)
+    mu, _ = model.encode(b.times, b.values, b.mask)
+    alphas = torch.linspace(0, 1, steps)
+    z0 = (1 - alphas)[:, None] * mu[0] + alphas[:, None] * mu[1]
+    traj = model.decode(z0, test.t)  # (steps, T, 2)
+    fig, axes = plt.subplots(1, steps, figsize=(2.1 * steps, 2.4))
+    cmap = plt.get_cmap("plasma")
+    for s in range(steps):
+        ax = axes[s]
+        x = traj[s]
+        ax.plot(x[:, 0], x[:, 1], c=cmap(0.85 * float(alphas[s])), lw=1.4)
+        ax.plot(x[:1, 0], x[:1, 1], "ko", ms=3)
+        ax.set_title(f"a = {float(alphas[s]):.2f}", fontsize=8)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"latent interpolation z0 = (1-a) mu(spiral {int(pair[0])}, cw) + "
+                 f"a mu(spiral {int(pair[1])}, ccw), decoded on t in [0, {float(test.t[-1]):g}]"
+                 " (dot: t = 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    its = [r["iter"] for r in rows]
+    ax1.plot(its, [r["loss"] for r in rows], lw=0.6)
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("training loss")
+    if rows and min(r["loss"] for r in rows) > 0:
+        ax1.set_yscale("log")
+    ev = [r for r in rows if r.get("test_rmse") is not None]
+    for key, style in (("rmse_interp", "C0-o"), ("rmse_extrap", "C3-s"), ("test_rmse", "k-^")):
+        ax2.plot([r["iter"] for r in ev], [r[key] for r in ev], style, ms=3, label=key)
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("test RMSE")
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one run; returns the final metrics."""
+    cfg = _config(args)
+    device = resolve_device(args.device)
+    if device.type != "cpu":
+        raise ValueError(f"--device {args.device}: this experiment runs on cpu only "
+                         f"(its models are tiny; valid choice: cpu)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    train_set, test_set = load_data(cfg)
+
+    seed_everything(cfg["seed"])
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["iters"],
+                                                       eta_min=0.02 * cfg["lr"])
+    sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
+    rows: list[dict[str, Any]] = []
+    start_iter, elapsed_before = 0, 0.0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path)
+        check_resume_config(ck["config"], cfg, RUN_KEYS)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sampler.set_state(ck["sampler"])
+        set_rng_state(ck["rng"])
+        rows, start_iter, elapsed_before = ck["rows"], ck["iter"], ck["elapsed_s"]
+
+    def save(it: int, elapsed: float) -> None:
+        atomic_save({"config": cfg, "iter": it, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "sampler": sampler.get_state(), "rng": get_rng_state(), "rows": rows,
+                     "elapsed_s": elapsed}, ckpt_path)
+        write_csv(out / "metrics.csv", rows, CSV_FIELDS)
+
+    label = cfg["model"] + (f"/{cfg['encoder']}" if cfg["model"] == "latent-ode" else "")
+    bar = None if args.quiet else ProgressBar(cfg["iters"], start=start_iter,
+                                              label=f"{label} n_obs={cfg['n_obs']}")
+    n_train = len(train_set)
+    t_start = time.perf_counter()
+    for it in range(start_iter + 1, cfg["iters"] + 1):
+        idx = torch.randperm(n_train, generator=sampler)[:cfg["batch_size"]]
+        kl_w = min(1.0, it / cfg["kl_warmup"]) if cfg["kl_warmup"] else 1.0
+        loss = training_loss(model, train_set, idx, kl_w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        row = {"iter": it, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+        sched.step()
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"training loss became {row['loss']} at iteration {it}; "
+                                     f"lower --lr or tighten --rtol/--atol")
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        row["elapsed_s"] = round(elapsed, 3)
+        if it % args.eval_every == 0 or it == cfg["iters"]:
+            row.update(evaluate(model, test_set))
+        rows.append(row)
+        if bar:
+            show = {"loss": row["loss"]}
+            if "test_rmse" in row:
+                show["test_rmse"] = row["test_rmse"]
+            bar.update(it, **show)
+        stopping = args.stop_after is not None and it >= args.stop_after
+        if it % args.ckpt_every == 0 or it == cfg["iters"] or stopping:
+            save(it, elapsed)
+        if stopping and it < cfg["iters"]:
+            if bar:
+                bar.close()
+            return {"stopped_at": it}
+    if bar:
+        bar.close()
+    train_time = elapsed_before + time.perf_counter() - t_start
+
+    final: dict[str, Any] = dict(evaluate(model, test_set))
+    final.update({"model": cfg["model"], "encoder": cfg["encoder"], "n_obs": cfg["n_obs"],
+                  "seed": cfg["seed"], "iters": cfg["iters"],
+                  "train_time_s": round(train_time, 2),
+                  "final_loss": rows[-1]["loss"] if rows else math.nan,
+                  "n_params": sum(p.numel() for p in model.parameters()),
+                  "n_train": n_train, "n_test": len(test_set), "config": cfg})
+    write_json(out / "metrics.json", final)
+    write_csv(out / "metrics.csv", rows, CSV_FIELDS)
+    if not args.no_plots:
+        title = (f"{label}, n_obs={cfg['n_obs']}: test RMSE {final['test_rmse']:.3f} "
+                 f"(interp {final['rmse_interp']:.3f}, extrap {final['rmse_extrap']:.3f})")
+        plot_reconstructions(model, test_set, out / "reconstructions.png", args.n_plot, title)
+        plot_training_curves(rows, out / "training_curves.png", title)
+        if isinstance(model, LatentODE):
+            plot_latent_interpolation(model, test_set, out / "latent_interpolation.png")
+    return final
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    try:
+        m = train(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"neuralode train latent-ode: error: {exc}", file=sys.stderr)
+        return 2
+    if "stopped_at" in m:
+        print(f"stopped after iteration {m['stopped_at']}; continue with --resume")
+        return 0
+    print(f"{m['model']} n_obs={m['n_obs']} seed={m['seed']} iters={m['iters']} "
+          f"({m['train_time_s']:.0f}s): test RMSE {m['test_rmse']:.4f} "
+          f"(interp {m['rmse_interp']:.4f}, extrap {m['rmse_extrap']:.4f}, "
+          f"obs {m['rmse_obs']:.4f})")
+    print(f"wrote {args.out}/metrics.json, metrics.csv, checkpoint.pt"
+          + ("" if args.no_plots else ", reconstructions.png, training_curves.png"))
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Table 2 summary over runs
+# ----------------------------------------------------------------------------
+
+
+def summarize(root: str | Path) -> str:
+    """Markdown table of mean ± sample std over seeds of every ``ROOT/*/metrics.json``,
+    grouped by model and ``n_obs`` (the Table 2 analogue)."""
+    import json
+    import statistics
+
+    runs = [json.loads(p.read_text()) for p in sorted(Path(root).glob("*/metrics.json"))]
+    if not runs:
+        raise FileNotFoundError(f"no */metrics.json under {root}")
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for m in runs:
+        groups.setdefault((m["model"], m["n_obs"]), []).append(m)
+
+    def stat(ms: list[dict[str, Any]], key: str) -> str:
+        vals = [m[key] for m in ms]
+        if len(vals) == 1:
+            return f"{vals[0]:.4f}"
+        return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+
+    lines = [("| model | n_obs | seeds | test RMSE (held-out) | interpolation | extrapolation "
+             "| observed (recon.) | train time / run |"),
+             "|---|---|---|---|---|---|---|---|"]
+    for (model, n_obs), ms in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        seeds = ",".join(str(m["seed"]) for m in sorted(ms, key=lambda m: m["seed"]))
+        t = statistics.mean(m["train_time_s"] for m in ms)
+        lines.append(f"| {model} | {n_obs} | {seeds} | {stat(ms, 'test_rmse')} | "
+                     f"{stat(ms, 'rmse_interp')} | {stat(ms, 'rmse_extrap')} | "
+                     f"{stat(ms, 'rmse_obs')} | {t:.0f} s |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m neuralode.experiments.latent_ode summarize ROOT
+    if len(sys.argv) != 3 or sys.argv[1] != "summarize":
+        print("usage: python -m neuralode.experiments.latent_ode summarize RUNS_ROOT",
+              file=sys.stderr)
+        raise SystemExit(2)
+    print(summarize(sys.argv[2]))

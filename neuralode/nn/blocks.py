@@ -1,0 +1,233 @@
+"""ODE functions that count their evaluations, and modules that integrate them.
+
+* :class:`ODEFunc`: base class for ``f(t, y)`` modules; every call adds one to ``nfe`` and,
+  when gradients flow back through the output, to ``nfe_grad``.
+* :class:`NeuralODE`: ``model(y0, t)`` returns the trajectory ``y(t)`` at the given times.
+* :class:`ODEBlock`: ``block(x)`` integrates from ``t0`` to ``t1`` and returns ``y(t1)`` (the
+  drop-in replacement of a stack of residual blocks).
+
+Both integrate with ``neuralode.odeint`` (gradients by backpropagation through the solver,
+the paper's "RK-Net") or, with ``adjoint=True``, ``neuralode.odeint_adjoint`` (the adjoint
+method: O(1) memory in the number of steps). After a forward call ``nfe_forward`` holds the
+number of evaluations of ``f`` it made; after the backward pass ``nfe_backward`` holds the
+evaluations the backward pass made (adjoint: evaluations during the reverse solve; backprop:
+evaluations that gradients flowed back through).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuralode.odeint import odeint
+from neuralode.solvers import ALIASES, SOLVERS
+
+__all__ = ["CountedFunc", "NeuralODE", "ODEBlock", "ODEFunc"]
+
+
+def _first_grad_tensor(out) -> torch.Tensor | None:
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            return v
+    return None
+
+
+class ODEFunc(nn.Module):
+    """Base class of the right-hand side ``f(t, y)`` of a neural ODE.
+
+    Subclasses implement ``forward(t, y)``. Counters (plain ints, not saved in state_dict):
+    ``nfe`` -- calls since the last :meth:`reset_nfe`; ``nfe_grad`` -- calls whose output
+    a backward pass has since propagated gradients through.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.nfe = 0
+        self.nfe_grad = 0
+
+    def __call__(self, t, y, *args, **kwargs):
+        self.nfe += 1
+        out = super().__call__(t, y, *args, **kwargs)
+        if torch.is_grad_enabled():
+            v = _first_grad_tensor(out)
+            if v is not None:
+                v.register_hook(self._count_grad)
+        return out
+
+    def _count_grad(self, grad):
+        self.nfe_grad += 1
+
+    def reset_nfe(self) -> None:
+        """Set both counters to zero."""
+        self.nfe = 0
+        self.nfe_grad = 0
+
+
+class CountedFunc(ODEFunc):
+    """Wraps any ``nn.Module`` with ``forward(t, y)`` so that its evaluations are counted.
+    The wrapped module is ``.module`` (its state_dict keys gain the prefix ``module.``)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, t, y):
+        return self.module(t, y)
+
+
+def _check_tolerance(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive float, got {value!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return v
+
+
+def _check_method(name: str, method) -> str | None:
+    if method is None:
+        return None
+    if method not in SOLVERS and method not in ALIASES:
+        raise ValueError(f"unknown {name} {method!r}; valid methods are: "
+                         f"{', '.join(sorted(set(SOLVERS) | set(ALIASES)))}")
+    return method
+
+
+def _load_odeint_adjoint():
+    try:
+        from neuralode import odeint_adjoint
+    except ImportError as e:  # pragma: no cover - only before the adjoint exists
+        raise RuntimeError("adjoint=True needs neuralode.odeint_adjoint, which this install "
+                           "lacks; use adjoint=False (backpropagation through the solver)"
+                           ) from e
+    return odeint_adjoint
+
+
+class NeuralODE(nn.Module):
+    """``y(t) = y0 + int_{t[0]}^{t} func(s, y(s)) ds`` for a learned ``func``.
+
+    Args:
+        func: an :class:`ODEFunc` or any ``nn.Module`` with ``forward(t, y)`` (then wrapped in
+            :class:`CountedFunc`).
+        method, rtol, atol, options: the solver, as for ``neuralode.odeint``.
+        adjoint: gradients by the adjoint method (``odeint_adjoint``) instead of by
+            backpropagation through the solver's operations.
+        adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: solver of the reverse
+            (adjoint) solve; ``None`` means the same as the forward solve.
+
+    ``forward(y0, t)`` returns a tensor ``(len(t), *y0.shape)`` (a tuple for tuple states).
+    After each call: ``nfe_forward``, ``stats`` (the solver's ``SolverStats``); after the
+    backward pass: ``nfe_backward``.
+    """
+
+    def __init__(self, func: nn.Module, *, method: str | None = "dopri5", rtol: float = 1e-3,
+                 atol: float = 1e-3, options: dict[str, Any] | None = None,
+                 adjoint: bool = False, adjoint_method: str | None = None,
+                 adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
+                 adjoint_options: dict[str, Any] | None = None):
+        super().__init__()
+        if not isinstance(func, nn.Module):
+            raise TypeError(f"func must be an nn.Module with forward(t, y) (an ODEFunc or any "
+                            f"module), got {type(func).__name__}")
+        self.func = func if isinstance(func, ODEFunc) else CountedFunc(func)
+        self.method = _check_method("method", method)
+        self.rtol = _check_tolerance("rtol", rtol)
+        self.atol = _check_tolerance("atol", atol)
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
+        self.options = dict(options) if options else None
+        if not isinstance(adjoint, bool):
+            raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
+        self.adjoint = adjoint
+        self.adjoint_method = _check_method("adjoint_method", adjoint_method)
+        self.adjoint_rtol = None if adjoint_rtol is None else _check_tolerance(
+            "adjoint_rtol", adjoint_rtol)
+        self.adjoint_atol = None if adjoint_atol is None else _check_tolerance(
+            "adjoint_atol", adjoint_atol)
+        self.adjoint_options = dict(adjoint_options) if adjoint_options else None
+        self.nfe_forward = 0
+        self.stats = None
+
+    # -- counters ------------------------------------------------------------------------
+
+    @property
+    def nfe_backward(self) -> int:
+        """Evaluations of ``func`` made by the backward pass of the last forward call: with the
+        adjoint, the calls since the forward solve ended; without it, the evaluations of the
+        forward solve that gradients were propagated through."""
+        if self.adjoint:
+            return self.func.nfe - self.nfe_forward
+        return self.func.nfe_grad
+
+    def reset_nfe(self) -> None:
+        """Zero ``nfe_forward``, ``nfe_backward`` and the function's counters."""
+        self.func.reset_nfe()
+        self.nfe_forward = 0
+        self.stats = None
+
+    def set_tolerance(self, rtol: float, atol: float | None = None) -> None:
+        """Change the solver tolerances (``atol`` defaults to ``rtol``)."""
+        self.rtol = _check_tolerance("rtol", rtol)
+        self.atol = _check_tolerance("atol", rtol if atol is None else atol)
+
+    # -- solving ------------------------------------------------------------------------
+
+    def _solve(self, y0, t: torch.Tensor):
+        self.reset_nfe()
+        if self.adjoint:
+            odeint_adjoint = _load_odeint_adjoint()
+            ys, stats = odeint_adjoint(
+                self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                options=self.options, adjoint_rtol=self.adjoint_rtol,
+                adjoint_atol=self.adjoint_atol, adjoint_method=self.adjoint_method,
+                adjoint_options=self.adjoint_options, return_stats=True)
+        else:
+            ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
+                               method=self.method, options=self.options, return_stats=True)
+        self.stats = stats
+        self.nfe_forward = self.func.nfe
+        return ys
+
+    def forward(self, y0, t) -> torch.Tensor:
+        """Trajectory at the times ``t`` (1-D, ``t[0]`` the time of ``y0``)."""
+        return self._solve(y0, t)
+
+    def extra_repr(self) -> str:
+        s = f"method={self.method!r}, rtol={self.rtol:g}, atol={self.atol:g}"
+        if self.options:
+            s += f", options={self.options}"
+        return s + f", adjoint={self.adjoint}"
+
+
+class ODEBlock(NeuralODE):
+    """Integrates ``func`` over ``[t0, t1]`` and returns the final state: ``block(x)`` has the
+    shape of ``x``. Arguments as for :class:`NeuralODE`, plus ``t0`` and ``t1`` (default 0, 1).
+    """
+
+    def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, **kwargs):
+        super().__init__(func, **kwargs)
+        try:
+            self.t0, self.t1 = float(t0), float(t1)
+        except (TypeError, ValueError):
+            raise ValueError(f"t0 and t1 must be floats, got t0={t0!r}, t1={t1!r}") from None
+        if not (math.isfinite(self.t0) and math.isfinite(self.t1)) or self.t0 == self.t1:
+            raise ValueError(f"t0 and t1 must be finite and different, got t0={t0!r}, t1={t1!r}")
+
+    def integration_times(self, like: torch.Tensor) -> torch.Tensor:
+        """``tensor([t0, t1])`` with the dtype and device of ``like``."""
+        return torch.tensor([self.t0, self.t1], dtype=like.dtype, device=like.device)
+
+    def forward(self, x):  # type: ignore[override]
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        ys = self._solve(x, self.integration_times(first))
+        if isinstance(ys, (tuple, list)):
+            return tuple(y[-1] for y in ys)
+        return ys[-1]
+
+    def extra_repr(self) -> str:
+        return f"t0={self.t0:g}, t1={self.t1:g}, " + super().extra_repr()

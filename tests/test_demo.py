@@ -1,0 +1,71 @@
+"""Tests for `neuralode demo`: the solver table and the end-to-end demo on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from neuralode.cli import main
+from neuralode.experiments import demo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return demo.solver_table()
+
+
+def test_solver_table_covers_problems_and_methods(table):
+    problems = {r["problem"] for r in table}
+    assert len(problems) == 3 and any("Kepler" in p for p in problems)
+    assert len(table) == 3 * len(demo.TABLE_METHODS)
+    for r in table:
+        assert r["nfe"] > 0 and r["accepted"] > 0 and r["time_ms"] >= 0
+
+
+def test_solver_table_errors_are_small_and_ordered(table):
+    by = {(r["problem"].split()[0], r["method"].split()[0]): r for r in table}
+    for problem in ("Kepler", "Lotka-Volterra", "spiral"):
+        for method in ("dopri5", "tsit5", "bosh3", "dopri8", "rk4"):
+            # higher-order methods meet a loose accuracy bar on these smooth problems
+            assert by[(problem, method)]["error"] < 1e-3, (problem, method)
+        # the 8th-order method needs fewer evaluations than the 3rd-order one
+        assert by[(problem, "dopri8")]["nfe"] < by[(problem, "bosh3")]["nfe"]
+        # first-order Euler is far less accurate than RK4 with a 2x larger step
+        assert by[(problem, "euler")]["error"] > 100 * by[(problem, "rk4")]["error"]
+
+
+def test_format_table_lists_every_row(table):
+    text = demo.format_table(table)
+    assert text.count("dopri5") == 3 and "NFE" in text and "Kepler" in text
+
+
+def test_demo_command_runs_end_to_end_and_writes_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--iters", "6", "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Solver table" in text and "Kepler" in text
+    assert "trajectory MSE vs clean truth" in text and "Result:" in text
+    assert (out / "dynamics.png").stat().st_size > 1000
+    assert (out / "solver_table.txt").read_text().startswith("Solver table")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["field"] == "spiral" and m["config"]["grad"] == "adjoint"
+    assert m["iters"] == 6 and m["traj_mse"] > 0
+
+
+def test_demo_verdict_reflects_fit(tmp_path, capsys):
+    # too short to fit: the demo must say so rather than claim success
+    assert main(["demo", "--iters", "2", "--out", str(tmp_path), "--skip-table", "--quiet",
+                 "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "NOT CONVERGED" in text and "Solver table" not in text
