@@ -25,6 +25,7 @@ from torch import nn
 
 from neuralode.errors import ODEInputError
 from neuralode.odeint import Tolerance, _check_y0, _resolve_method, odeint, solve
+from neuralode.solvers import SOLVERS
 from neuralode.solvers.base import SolverStats, StateLayout
 
 
@@ -105,11 +106,17 @@ class _AdjointFunction(torch.autograd.Function):
         back = SolverStats(method=cfg["adjoint_method"], status="success")
         nonzero = [i for i in range(n_t) if bool(g_flat[i].any())]
         last = nonzero[-1] if nonzero else 0
+        opts = dict(cfg["adjoint_options"])
+        # carry the step size from one interval to the next instead of re-running the
+        # initial-step heuristic at every output time (adaptive methods, unless set by the user)
+        carry = "first_step" in SOLVERS[cfg["adjoint_method"]].OPTIONS and "first_step" not in opts
         for i in range(last, 0, -1):
             a = a + g_flat[i]
             sol = solve(aug_dynamics, (ys_flat[i], a, gp), ts[i - 1:i + 1].flip(0),
                         rtol=cfg["adjoint_rtol"], atol=cfg["adjoint_atol"],
-                        method=cfg["adjoint_method"], options=cfg["adjoint_options"])
+                        method=cfg["adjoint_method"], options=opts)
+            if carry and math.isfinite(sol.stats.h_next):
+                opts["first_step"] = sol.stats.h_next
             _, a_seq, g_seq = sol.ys
             a, gp = a_seq[-1], g_seq[-1]
             for k in ("nfe", "n_accepted", "n_rejected"):

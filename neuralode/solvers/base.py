@@ -30,6 +30,7 @@ class SolverStats:
     n_rejected: int = 0
     status: str = "running"
     t_final: float = math.nan
+    h_next: float = math.nan  # adaptive methods: the step the controller proposed last
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

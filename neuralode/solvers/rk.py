@@ -368,6 +368,7 @@ class AdaptiveRK(Solver):
         nonfinite = False  # was the last attempt rejected for a nan/inf derivative?
         while True:
             stop = stops[i_stop]
+            h_proposed = h
             # Land exactly on the next stop (output end, step_t or jump_t), stretching the
             # step by up to 1% rather than leaving a sliver.
             if direction * (stop - (t + h)) <= 0.01 * abs(h):
@@ -446,6 +447,8 @@ class AdaptiveRK(Solver):
                 t, y, absy = t1, y1, absy1
                 if at_stop:
                     if t1 == t_end:
+                        # what the next step would have been had the solve gone on
+                        stats.h_next = max(abs(h_proposed), abs(h) * factor)
                         break
                     i_stop += 1
                     if t1 in jumps:
