@@ -30,7 +30,7 @@ def interleaved(fns: dict, repeats: int, inner: int = 1) -> dict:
 
 def torchdiffeq_or_none():
     try:
-        import torchdiffeq  # noqa: F401
+        import torchdiffeq
 
         return torchdiffeq
     except ImportError:

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import interleaved, torchdiffeq_or_none  # noqa: E402
-from solver_overhead import ConvBlock, MLPDynamics  # noqa: E402
+from _util import interleaved, torchdiffeq_or_none
+from solver_overhead import ConvBlock, MLPDynamics
 
-import neuralode  # noqa: E402
+import neuralode
 
 
 def _adjoint_fn(lib):
@@ -102,6 +102,29 @@ def bench_memory(libs):
     return rows
 
 
+class _Counted(nn.Module):
+    """Counts evaluations of the wrapped dynamics."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.n = 0
+
+    def forward(self, t, y):
+        self.n += 1
+        return self.f(t, y)
+
+
+def _count_nfe(adjoint, f, y0, t, tol, seminorm=False):
+    """(forward, backward) evaluations of f in one training step with ``adjoint``."""
+    cf = _Counted(f)
+    kw = {"adjoint_options": {"norm": "seminorm"}} if seminorm else {}
+    ys = adjoint(cf, y0, t, rtol=tol, atol=tol, method="dopri5", **kw)
+    fwd = cf.n
+    ys[-1].pow(2).mean().backward()
+    return fwd, cf.n - fwd
+
+
 def bench_nfe(libs):
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -115,27 +138,10 @@ def bench_nfe(libs):
     rows = []
     for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
         for lib in libs:
-            adjoint, _ = _adjoint_fn(lib)
             for semi in (False, True):
-                count = {"n": 0}
-
-                class Counted(nn.Module):
-                    def __init__(self):
-                        super().__init__()
-                        self.f = f
-
-                    def forward(self, tt, y):
-                        count["n"] += 1
-                        return self.f(tt, y)
-
-                cf = Counted()
-                kw = {"adjoint_options": {"norm": "seminorm"}} if semi else {}
-                ys = adjoint(cf, y0, t, rtol=tol, atol=tol, method="dopri5", **kw)
-                fwd = count["n"]
-                count["n"] = 0
-                ys[-1].pow(2).mean().backward()
+                fwd, bwd = _count_nfe(_adjoint_fn(lib)[0], f, y0, t, tol, semi)
                 rows.append({"tol": tol, "lib": lib, "seminorm": semi, "forward_nfe": fwd,
-                             "backward_nfe": count["n"]})
+                             "backward_nfe": bwd})
     print("\n### Forward vs backward NFE, dopri5, nonlinear MLP batch 256, t in [0, 2] "
           "(backward counts evaluations of f inside the adjoint's vector-Jacobian products)\n")
     print("| tol | library | seminorm | forward NFE | backward NFE | backward / forward |")
@@ -144,6 +150,47 @@ def bench_nfe(libs):
         print(f"| {r['tol']:.0e} | {r['lib']} | {'yes' if r['seminorm'] else 'no'} | "
               f"{r['forward_nfe']} | {r['backward_nfe']} | "
               f"{r['backward_nfe'] / r['forward_nfe']:.2f} |")
+    return rows
+
+
+def _overhead_one(name, f, y0, tol, libs, repeats):
+    t = torch.tensor([0.0, 1.0])
+    params = list(f.parameters())
+    v = torch.randn_like(y0)
+
+    def make(lib):
+        adjoint, _ = _adjoint_fn(lib)
+
+        def run():
+            for p in params:
+                p.grad = None
+            ys = adjoint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
+            ys[-1].pow(2).mean().backward()
+        return run
+
+    def f_fwd():
+        with torch.no_grad():
+            f(t[0], y0)
+
+    def f_vjp():
+        with torch.enable_grad():
+            y = y0.detach().requires_grad_()
+            out = f(t[0], y)
+            torch.autograd.grad(out, (y, *params), v)
+
+    fns = {lib: make(lib) for lib in libs}
+    fns["f"] = f_fwd
+    fns["vjp"] = f_vjp
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats)
+    rows = []
+    for lib in libs:
+        fwd, bwd = _count_nfe(_adjoint_fn(lib)[0], f, y0, t, tol)
+        ideal = fwd * times["f"] + bwd * times["vjp"]
+        rows.append({"problem": name, "lib": lib, "time_ms": 1e3 * times[lib],
+                     "forward_nfe": fwd, "backward_nfe": bwd, "f_ms": 1e3 * times["f"],
+                     "vjp_ms": 1e3 * times["vjp"], "overhead_ratio": times[lib] / ideal})
     return rows
 
 
@@ -157,60 +204,7 @@ def bench_overhead(libs, repeats):
          torch.randn(128, 64, 7, 7), 1e-3),
     ]
     for name, f, y0, tol in problems:
-        t = torch.tensor([0.0, 1.0])
-        params = list(f.parameters())
-
-        def make(lib):
-            adjoint, _ = _adjoint_fn(lib)
-
-            def run():
-                for p in params:
-                    p.grad = None
-                ys = adjoint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
-                ys[-1].pow(2).mean().backward()
-            return run
-
-        def f_fwd():
-            with torch.no_grad():
-                f(t[0], y0)
-
-        v = torch.randn_like(y0)
-
-        def f_vjp():
-            with torch.enable_grad():
-                y = y0.detach().requires_grad_()
-                out = f(t[0], y)
-                torch.autograd.grad(out, (y, *params), v)
-
-        fns = {lib: make(lib) for lib in libs}
-        fns["f"] = f_fwd
-        fns["vjp"] = f_vjp
-        for fn in fns.values():
-            fn()
-        times = interleaved(fns, repeats)
-        for lib in libs:
-            adjoint, _ = _adjoint_fn(lib)
-            count = {"n": 0, "phase": "fwd", "fwd": 0}
-
-            class Counted(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.f = f
-
-                def forward(self, tt, y):
-                    count["n"] += 1
-                    return self.f(tt, y)
-
-            cf = Counted()
-            ys = adjoint(cf, y0, t, rtol=tol, atol=tol, method="dopri5")
-            fwd = count["n"]
-            ys[-1].pow(2).mean().backward()
-            bwd = count["n"] - fwd
-            ideal = fwd * times["f"] + bwd * times["vjp"]
-            rows.append({"problem": name, "lib": lib, "time_ms": 1e3 * times[lib],
-                         "forward_nfe": fwd, "backward_nfe": bwd,
-                         "f_ms": 1e3 * times["f"], "vjp_ms": 1e3 * times["vjp"],
-                         "overhead_ratio": times[lib] / ideal})
+        rows.extend(_overhead_one(name, f, y0, tol, libs, repeats))
     print("\n### Training step with the adjoint: overhead ratio\n")
     print("| problem | library | step time (ms) | fwd NFE | bwd NFE | f (ms) | f vjp (ms) | "
           "overhead |")

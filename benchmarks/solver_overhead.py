@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import interleaved, torchdiffeq_or_none  # noqa: E402
+from _util import interleaved, torchdiffeq_or_none
 
-from neuralode import odeint  # noqa: E402
+from neuralode import odeint
 
 
 class MLPDynamics(nn.Module):
@@ -85,8 +85,8 @@ def problem_a():
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     t = torch.linspace(0, 25, 200, dtype=torch.float64)
     exact = torch.stack([torch.linalg.matrix_exp(A * ti) @ y0 for ti in t])
-    return dict(name="(a) spiral, 200 outputs, dopri5 1e-6, float64", f=f, y0=y0, t=t,
-                tol=1e-6, exact=exact, backward=False, f_args=(t[0], y0))
+    return {"name": "(a) spiral, 200 outputs, dopri5 1e-6, float64", "f": f, "y0": y0, "t": t,
+                "tol": 1e-6, "exact": exact, "backward": False, "f_args": (t[0], y0)}
 
 
 def problem_b(backward):
@@ -98,8 +98,8 @@ def problem_b(backward):
                  method="dopri8").float()
     f.float()
     name = "(b) MLP 512x32, dopri5 1e-5, float32, " + ("fwd+bwd" if backward else "fwd")
-    return dict(name=name, f=f, y0=y0, t=t, tol=1e-5, exact=ref, backward=backward,
-                f_args=(t[0], y0))
+    return {"name": name, "f": f, "y0": y0, "t": t, "tol": 1e-5, "exact": ref, "backward": backward,
+                "f_args": (t[0], y0)}
 
 
 def problem_c():
@@ -111,8 +111,8 @@ def problem_c():
         ref = odeint(f.double(), y0.double(), t.double(), rtol=1e-10, atol=1e-10,
                      method="dopri8").float()
     f.float()
-    return dict(name="(c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, fwd", f=f,
-                y0=y0, t=t, tol=1e-3, exact=ref, backward=False, f_args=(t[0], y0))
+    return {"name": "(c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, fwd", "f": f,
+                "y0": y0, "t": t, "tol": 1e-3, "exact": ref, "backward": False, "f_args": (t[0], y0)}
 
 
 def run_problem(p, repeats, tdq):
@@ -157,9 +157,9 @@ def run_problem(p, repeats, tdq):
             ys = solver(cf, y0, t, rtol=tol, atol=tol, method="dopri5")
         nfe = count[0]
         err = (ys - p["exact"]).abs().max().item()
-        rows.append(dict(problem=p["name"], solver=name, time_ms=1e3 * times[name], nfe=nfe,
-                         max_error=err, f_time_us=1e6 * t_f,
-                         overhead_ratio=times[name] / (nfe * t_f)))
+        rows.append({"problem": p["name"], "solver": name, "time_ms": 1e3 * times[name], "nfe": nfe,
+                         "max_error": err, "f_time_us": 1e6 * t_f,
+                         "overhead_ratio": times[name] / (nfe * t_f)})
     return rows
 
 

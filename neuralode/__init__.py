@@ -13,5 +13,17 @@ from neuralode.solvers import SOLVERS, SolverStats
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "AdjointStats", "solve", "ODESolution", "SolverStats", "SOLVERS", "ODEInputError",
-           "ODEFuncError", "StepSizeError", "MaxStepsError", "__version__"]
+__all__ = [
+           "SOLVERS",
+           "AdjointStats",
+           "MaxStepsError",
+           "ODEFuncError",
+           "ODEInputError",
+           "ODESolution",
+           "SolverStats",
+           "StepSizeError",
+           "__version__",
+           "odeint",
+           "odeint_adjoint",
+           "solve",
+]

@@ -18,7 +18,7 @@ Memory does not grow with the number of solver steps: nothing inside a solve is 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -222,10 +222,10 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         t = torch.as_tensor(t, dtype=torch.float64)
     layout = StateLayout([v.shape for v in items], is_tuple)
     stats = AdjointStats(method=method_name)
-    cfg = dict(func=func, is_tuple=is_tuple, layout=layout, rtol=rtol, atol=atol,
-               method=method_name, options=opts, adjoint_rtol=adjoint_rtol,
-               adjoint_atol=adjoint_atol, adjoint_method=adj_method_name,
-               adjoint_options=adjoint_options, stats=stats)
+    cfg = {"func": func, "is_tuple": is_tuple, "layout": layout, "rtol": rtol, "atol": atol,
+               "method": method_name, "options": opts, "adjoint_rtol": adjoint_rtol,
+               "adjoint_atol": adjoint_atol, "adjoint_method": adj_method_name,
+               "adjoint_options": adjoint_options, "stats": stats}
     # validate the backward configuration now, not deep inside .backward()
     for name, tol in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if isinstance(tol, torch.Tensor) and tol.requires_grad:

@@ -14,8 +14,9 @@ is only done when ``t.requires_grad``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def _check_t(t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
-        except Exception:
+        except (TypeError, ValueError, RuntimeError):
             raise ODEInputError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
     if t.dim() != 1:
         raise ODEInputError(f"t must be a 1-D tensor of times, got shape {tuple(t.shape)}")

@@ -154,3 +154,13 @@ def test_cnf_compare_rejects_unknown_target(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "u9" in err and "u1, u2, u3, u4" in err
+
+
+def test_train_cnf_with_adjoint_and_trainable_time(tmp_path):
+    out = tmp_path / "adj"
+    rc = main(["train", "cnf", "--data", "moons", "--iters", "2", "--adjoint", "--train-time",
+               "--no-plot", "--quiet", "--out", str(out), *TINY_CNF])
+    assert rc == 0
+    rows = _rows(out / "metrics.csv")
+    assert all(int(r["nfe_backward"]) > 0 for r in rows)  # the adjoint solved backwards
+    assert float(rows[-1]["end_time"]) != pytest.approx(0.5, abs=1e-6)  # T was trained

@@ -233,7 +233,11 @@ def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[str],
 
 def pyplot():
     """``matplotlib.pyplot`` with the non-interactive Agg backend (imported on first use)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'neuralode[apps]' "
+                           "(or pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

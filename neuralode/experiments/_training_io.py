@@ -1,8 +1,8 @@
-"""Training-run plumbing for the dynamics, latent-ODE and demo experiments.
-
-A text progress bar, atomic checkpoints with the full RNG state (for exact ``--resume``),
-metrics files (CSV and JSON), device parsing and a lazy matplotlib import. Experiments only;
-the library never imports this.
+"""Training-run plumbing for the dynamics, latent-ODE and demo experiments: a text progress
+bar with absolute positions, device checking, resume-config checks and CSV/JSON writers.
+Seeding, RNG state, atomic checkpoints and the lazy matplotlib import come from
+``_common`` (shared with the MNIST and CNF commands). Experiments only; the library never
+imports this.
 """
 
 from __future__ import annotations
@@ -11,15 +11,23 @@ import csv
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
+
+from neuralode.experiments import _common
+from neuralode.experiments._common import (
+    atomic_save,
+    atomic_write_text,
+    get_rng_state,
+    pyplot,
+    seed_everything,
+    set_rng_state,
+)
 
 __all__ = [
     "ProgressBar",
@@ -108,45 +116,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_rng_state() -> dict[str, Any]:
-    """The global RNG states (Python, NumPy, torch CPU and CUDA) for a checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path.tmp`` then rename, so a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``_common.load_checkpoint`` with the message the ``--resume`` flag needs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return _common.load_checkpoint(path)
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
@@ -160,10 +135,7 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any],
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]], fieldnames: list[str]) -> None:
@@ -175,16 +147,3 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], fieldnames: list[str
         for row in rows:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fieldnames})
     os.replace(tmp, path)
-
-
-def pyplot():
-    """``matplotlib.pyplot`` with the Agg backend, imported on first use."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install matplotlib "
-                           "(or pass --no-plots)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

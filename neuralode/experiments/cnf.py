@@ -398,7 +398,7 @@ def train(args: argparse.Namespace) -> int:
         elapsed += dt
         row = {"iter": it, "loss": float(loss.detach()), "nfe_forward": nfe_fwd, "nfe_backward": nfe_bwd,
                "iter_time_s": round(dt, 5), "lr": opt.param_groups[0]["lr"],
-               "end_time": float(model.end_time) if is_cnf else None, "test_nll": None}
+               "end_time": float(model.end_time.detach()) if is_cnf else None, "test_nll": None}
         if it % eval_every == 0 or it == args.iters:
             model.eval()
             row["test_nll"] = evaluate_nll(model, test_x)
@@ -451,7 +451,7 @@ def _summary(model, cfg, history, test_x, elapsed) -> dict:
         "sec_per_iter": sum(times) / len(times),
         "sec_per_iter_last100": sum(times[-100:]) / len(times[-100:]),
         "train_time_s": elapsed,
-        "end_time": float(model.end_time) if isinstance(model, CNF) else None,
+        "end_time": float(model.end_time.detach()) if isinstance(model, CNF) else None,
         "config": cfg,
     }
     if cfg["data"] in ("8gaussians", "checkerboard"):

@@ -353,7 +353,10 @@ class CNF(nn.Module):
     def _resolve_time(self, time: float | Tensor | None) -> Tensor | float:
         if time is None:
             return self.end_time
-        value = float(time)
+        try:
+            value = float(time.detach()) if isinstance(time, Tensor) else float(time)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"time must be a finite number >= 0, got {time!r}") from None
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"time must be a finite number >= 0, got {time!r}")
         return time

@@ -30,5 +30,16 @@ SOLVERS["implicit_adams"] = ImplicitAdams
 ALIASES = {"heun": "heun2", "fixed_adams": "implicit_adams"}
 DEFAULT_METHOD = "dopri5"
 
-__all__ = ["SOLVERS", "ALIASES", "DEFAULT_METHOD", "ButcherTableau", "TABLEAUX", "Solver",
-           "SolverStats", "RHS", "StateLayout", "AdaptiveRK", "FixedGridRK"]
+__all__ = [
+    "ALIASES",
+    "DEFAULT_METHOD",
+    "RHS",
+    "SOLVERS",
+    "TABLEAUX",
+    "AdaptiveRK",
+    "ButcherTableau",
+    "FixedGridRK",
+    "Solver",
+    "SolverStats",
+    "StateLayout",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class ExplicitAdams(FixedGridRK):
 
     name = "explicit_adams"
     tableau = RK4_38
-    OPTIONS = dict(FixedGridRK.OPTIONS, max_order=4)
+    OPTIONS: ClassVar[dict[str, Any]] = dict(FixedGridRK.OPTIONS, max_order=4)
     implicit = False
 
     @classmethod
@@ -144,7 +145,7 @@ class ImplicitAdams(ExplicitAdams):
     """Adams–Bashforth–Moulton predictor–corrector (order 4), RK4 start, fixed grid."""
 
     name = "implicit_adams"
-    OPTIONS = dict(ExplicitAdams.OPTIONS, max_iters=4)
+    OPTIONS: ClassVar[dict[str, Any]] = dict(ExplicitAdams.OPTIONS, max_iters=4)
     implicit = True
 
     def __init__(self, *args, **kwargs):

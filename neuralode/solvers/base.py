@@ -8,8 +8,9 @@ this form and back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -187,7 +188,7 @@ class Solver:
     """Base class: a solver integrates the flat state and returns it at every output time."""
 
     name = ""
-    OPTIONS: dict[str, Any] = {}
+    OPTIONS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, rhs: RHS, y0: torch.Tensor, rtol, atol, norm, options: dict):
         self.rhs = rhs

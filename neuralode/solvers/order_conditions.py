@@ -9,15 +9,14 @@ theta^|t| / gamma(t) for |t| <= q.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from itertools import combinations_with_replacement
+from functools import cache
 
 import numpy as np
 
 Tree = tuple  # a tree is the sorted tuple of its subtrees
 
 
-@lru_cache(maxsize=None)
+@cache
 def trees_of_order(n: int) -> tuple[Tree, ...]:
     """All rooted trees with n nodes, each as a canonical nested tuple."""
     if n == 1:

@@ -14,7 +14,9 @@ extended stages, so outputs at requested times never shorten steps.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any, ClassVar
 
 import torch
 
@@ -132,7 +134,7 @@ def _sorted_unique_times(method, name, value, t0, t1, direction) -> list[float]:
         return []
     try:
         vals = torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()
-    except Exception:
+    except (TypeError, ValueError, RuntimeError):
         raise ODEInputError(f"option {name!r} of {method!r} must be a 1-D tensor or sequence of "
                             f"times, got {value!r}")
     if any(not math.isfinite(v) for v in vals):
@@ -146,7 +148,7 @@ class FixedGridRK(Solver):
     """Fixed-grid explicit Runge–Kutta on a grid from ``step_size`` or ``grid_constructor``."""
 
     tableau: ButcherTableau
-    OPTIONS = {"step_size": None, "grid_constructor": None, "perturb": False,
+    OPTIONS: ClassVar[dict[str, Any]] = {"step_size": None, "grid_constructor": None, "perturb": False,
                "interp": "cubic"}
 
     @classmethod
@@ -195,7 +197,7 @@ class FixedGridRK(Solver):
                     f"{self.name}: grid_constructor must return a grid starting at t[0]={t0} and "
                     f"ending at t[-1]={t1}, got one from {grid[0] if grid else None} to "
                     f"{grid[-1] if grid else None} with {len(grid)} points")
-            if any(direction * (b - a) <= 0 for a, b in zip(grid[:-1], grid[1:])):
+            if any(direction * (b - a) <= 0 for a, b in itertools.pairwise(grid)):
                 raise ODEInputError(f"{self.name}: the grid from grid_constructor must be strictly "
                                     f"monotonic in the direction of t")
             return grid
@@ -276,7 +278,7 @@ class AdaptiveRK(Solver):
     """Embedded Runge–Kutta pair with error control and dense output."""
 
     tableau: ButcherTableau
-    OPTIONS = {"first_step": None, "safety": 0.9, "ifactor": 10.0, "dfactor": 0.2,
+    OPTIONS: ClassVar[dict[str, Any]] = {"first_step": None, "safety": 0.9, "ifactor": 10.0, "dfactor": 0.2,
                "min_step": 0.0, "max_step": math.inf, "max_num_steps": 2**31 - 1,
                "step_t": None, "jump_t": None, "norm": None, "pcoeff": 0.0, "icoeff": 1.0,
                "dcoeff": 0.0, "dtype": torch.float64}
