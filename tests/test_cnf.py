@@ -257,10 +257,6 @@ def test_trainable_time_gets_the_finite_difference_gradient():
 
 
 def test_adjoint_gradients_match_backprop_through_the_solver():
-    try:
-        from neuralode import odeint_adjoint  # noqa: F401
-    except ImportError:
-        pytest.skip("odeint_adjoint is not available in this install")
     x = torch.tensor([[0.5, -0.3], [1.0, 1.2], [-2.0, 0.1]], dtype=F64)
     grads = []
     for adjoint in (False, True):

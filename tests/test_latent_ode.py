@@ -108,9 +108,6 @@ def test_elbo_finite_and_decreasing_loss_on_tiny_set(tiny):
 
 
 def test_elbo_gradients_adjoint_match_backprop(tiny):
-    pytest.importorskip("neuralode.adjoint")
-    from neuralode import odeint_adjoint  # noqa: F401  (skip cleanly if not exported)
-
     b = gather_points(tiny, "obs", [0, 1, 2])
     grads = []
     for adjoint in (False, True):

@@ -20,10 +20,8 @@ Output in ``--out DIR``:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,9 @@ import torch
 from torch import nn
 
 from neuralode.data.toy2d import TOY_DATASETS, sample_toy2d, toy2d_log_density
+from neuralode.experiments._common import atomic_save as atomic_torch_save
+from neuralode.experiments._common import atomic_write_text, pyplot
+from neuralode.experiments._training_io import ProgressBar, write_csv
 from neuralode.models.cnf import (
     ACTIVATIONS,
     CNF,
@@ -56,82 +57,6 @@ _RESUME_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", 
 # ---------------------------------------------------------------------------------------------
 # small shared pieces (also used by cnf_compare)
 # ---------------------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """A plain-text progress bar on stderr: redrawn in place on a terminal, a line every 10%
-    otherwise (logs)."""
-
-    def __init__(self, total: int, start: int = 0, label: str = "", stream=None, width: int = 24):
-        self.total, self.start, self.label, self.width = max(total, 1), start, label, width
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-        self._last_draw = 0.0
-        self._last_decile = -1
-
-    def update(self, done: int, **info) -> None:
-        now = time.perf_counter()
-        finished = done >= self.total
-        decile = int(10 * done / self.total)
-        if self.tty and not finished and now - self._last_draw < 0.1:
-            return
-        if not self.tty and not finished and decile == self._last_decile:
-            return
-        self._last_draw, self._last_decile = now, decile
-        frac = done / self.total
-        filled = int(self.width * frac)
-        rate = (done - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        extras = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in info.items())
-        line = (f"{self.label}[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                f"{rate:.2f}it/s eta {_fmt_seconds(eta)} {extras}")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100) + ("\n" if finished else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = round(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    os.replace(tmp, path)
-
-
-def pyplot():
-    """matplotlib.pyplot with the Agg backend, imported only when a plot is written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:
@@ -373,7 +298,7 @@ def train(args: argparse.Namespace) -> int:
         write_csv(out / "metrics.csv", history, _CSV_COLUMNS)
 
     is_cnf = isinstance(model, CNF)
-    bar = None if args.quiet else ProgressBar(args.iters, start, label=f"{args.data} ")
+    bar = None if args.quiet else ProgressBar(args.iters, start=start, label=f"{args.data} ")
     model.train()
     for it in range(start + 1, args.iters + 1):
         t0 = time.perf_counter()

@@ -190,7 +190,7 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
     lr = args.lr_planar if model == "planar" else args.lr_cnf
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     label = f"{target} {model} {'K' if model == 'planar' else 'M'}={size} "
-    bar = None if args.quiet else ProgressBar(iters, 0, label=label)
+    bar = None if args.quiet else ProgressBar(iters, label=label)
     t0 = time.perf_counter()
     nfe = []
     for it in range(1, iters + 1):
