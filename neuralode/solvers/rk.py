@@ -14,6 +14,7 @@ extended stages, so outputs at requested times never shorten steps.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, ClassVar
@@ -26,6 +27,29 @@ from neuralode.solvers.control import ErrorNorm, PIDController, initial_step
 from neuralode.solvers.tableau import ButcherTableau
 
 
+@functools.cache
+def _python_coefficients(tab: ButcherTableau):
+    """Stage times and the non-zero coefficients of a tableau, as Python floats."""
+    s = tab.stages
+    c = [float(x) for x in tab.c]
+    a_nz = [[(j, float(tab.a[i, j])) for j in range(i) if tab.a[i, j] != 0.0] for i in range(s)]
+    b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
+    return c, a_nz, b_nz
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
+    """A tableau's coefficients as tensors of the state's dtype and device, made once per
+    (tableau, dtype, device) rather than at every solve (the adjoint solves once per output
+    interval). Read-only: nothing writes into them."""
+    s = tab.stages
+    a_rows = [torch.tensor(tab.a[i, :i], dtype=dtype, device=device) for i in range(s)]
+    b = torch.tensor(tab.b, dtype=dtype, device=device)
+    b_err = None if tab.b_err is None else torch.tensor(tab.b_err, dtype=dtype, device=device)
+    dense_t = torch.tensor(tab.dense.T, dtype=dtype, device=device)  # (degree, s_ext)
+    return a_rows, b, b_err, dense_t
+
+
 class RKStepper:
     """Evaluates the stages of one tableau on the flat state."""
 
@@ -35,16 +59,9 @@ class RKStepper:
         s = tab.stages
         self.s = s
         self.s_ext = tab.dense.shape[0]
-        dtype, device = y0.dtype, y0.device
-        self.c = [float(x) for x in tab.c]
-        self.a_rows = [torch.tensor(tab.a[i, :i], dtype=dtype, device=device) for i in range(s)]
-        self.a_nz = [[(j, float(tab.a[i, j])) for j in range(i) if tab.a[i, j] != 0.0]
-                     for i in range(s)]
-        self.b = torch.tensor(tab.b, dtype=dtype, device=device)
-        self.b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
-        self.b_err = (None if tab.b_err is None
-                      else torch.tensor(tab.b_err, dtype=dtype, device=device))
-        self.dense_t = torch.tensor(tab.dense.T, dtype=dtype, device=device)  # (degree, s_ext)
+        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
+        self.a_rows, self.b, self.b_err, self.dense_t = _tensor_coefficients(
+            tab, y0.dtype, y0.device)
         self.degree = tab.dense.shape[1]
         self.K = None
         self.KT = None

@@ -26,7 +26,7 @@ from fractions import Fraction as F
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (one object per method)
 class ButcherTableau:
     """Coefficients of an explicit Runge–Kutta method (float64 numpy arrays)."""
 
