@@ -9,7 +9,8 @@ Problems (issue 2):
 
 Overhead ratio = solve time / (NFE x time of one evaluation of f); for forward + backward
 the denominator uses one evaluation of f plus its backward. Errors are against a closed form
-(a) or a dopri8 solution at rtol=atol=1e-12 in float64 (b, c).
+(a) or a dopri8 solution in float64 at rtol=atol=1e-12 (b) or 1e-7 (c; 1e4 below the tolerance
+benchmarked, and a tighter reference costs minutes).
 
     python benchmarks/solver_overhead.py [--repeats 15] [--json out.json]
 """
@@ -108,7 +109,7 @@ def problem_c():
     y0 = torch.randn(128, 64, 7, 7)
     t = torch.tensor([0.0, 1.0])
     with torch.no_grad():
-        ref = odeint(f.double(), y0.double(), t.double(), rtol=1e-10, atol=1e-10,
+        ref = odeint(f.double(), y0.double(), t.double(), rtol=1e-7, atol=1e-7,
                      method="dopri8").float()
     f.float()
     return {"name": "(c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, fwd", "f": f,
