@@ -161,6 +161,24 @@ def _sorted_unique_times(method, name, value, t0, t1, direction) -> list[float]:
     return inside
 
 
+class UniformGrid:
+    """The grid t0, t0 + h, ..., t0 + (n - 1) h, t1 computed on demand, so that memory does not
+    grow with the number of steps (a list of n floats would)."""
+
+    def __init__(self, t0: float, t1: float, h: float, n: int):
+        self.t0, self.t1, self.h, self.n = t0, t1, h, n
+
+    def __len__(self) -> int:
+        return self.n + 1
+
+    def __getitem__(self, k: int) -> float:
+        if k < 0:
+            k += self.n + 1
+        if not 0 <= k <= self.n:
+            raise IndexError(k)
+        return self.t1 if k == self.n else self.t0 + self.h * k
+
+
 class FixedGridRK(Solver):
     """Fixed-grid explicit Runge–Kutta on a grid from ``step_size`` or ``grid_constructor``."""
 
@@ -223,9 +241,7 @@ class FixedGridRK(Solver):
         span = t1 - t0
         h = self.step_size
         n = max(1, math.ceil(abs(span) / h * (1 - 1e-12)))
-        direction = math.copysign(1.0, span)
-        grid = [t0 + direction * h * k for k in range(n)] + [t1]
-        return grid
+        return UniformGrid(t0, t1, math.copysign(h, span), n)
 
     # -- integration -----------------------------------------------------------------------
     def integrate(self, ts: list[float]) -> list[torch.Tensor]:
