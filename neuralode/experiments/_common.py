@@ -4,6 +4,7 @@ imported matplotlib, and the ``torch.distributed`` environment set up by ``torch
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -21,9 +22,23 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DistEnv", "MetricsWriter", "ProgressBar", "atomic_save", "atomic_write_text",
-           "format_table", "get_rng_state", "load_checkpoint", "parse_device", "pyplot",
-           "seed_everything", "set_rng_state"]
+__all__ = [
+    "DistEnv",
+    "MetricsWriter",
+    "ProgressBar",
+    "atomic_save",
+    "atomic_write_text",
+    "format_table",
+    "get_rng_state",
+    "load_checkpoint",
+    "nonnegative_int",
+    "parse_device",
+    "positive_float",
+    "positive_int",
+    "pyplot",
+    "seed_everything",
+    "set_rng_state",
+]
 
 
 # --------------------------------------------------------------------------- devices
@@ -48,6 +63,39 @@ def parse_device(spec: str) -> torch.device:
         raise ValueError(f"device {spec!r} is not available; valid devices here are: "
                          f"{', '.join(valid)}")
     return device
+
+
+# --------------------------------------------------------------------------- argparse types
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
 
 
 # --------------------------------------------------------------------------- randomness

@@ -32,6 +32,8 @@ from torch import nn
 from neuralode.data.toy2d import TOY_DATASETS, sample_toy2d, toy2d_log_density
 from neuralode.experiments._common import atomic_save as atomic_torch_save
 from neuralode.experiments._common import atomic_write_text, pyplot
+from neuralode.experiments._common import positive_float as _positive_float
+from neuralode.experiments._common import positive_int as _positive_int
 from neuralode.experiments._training_io import ProgressBar, write_csv
 from neuralode.models.cnf import (
     ACTIVATIONS,
@@ -69,26 +71,6 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive ints such as 64,64,64, got {text!r}")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
-    return v
 
 
 def parameter_count(model: nn.Module) -> int:

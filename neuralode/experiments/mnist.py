@@ -47,6 +47,15 @@ from neuralode.experiments._common import (
     seed_everything,
     set_rng_state,
 )
+from neuralode.experiments._common import (
+    nonnegative_int as _nonneg_int,
+)
+from neuralode.experiments._common import (
+    positive_float as _positive_float,
+)
+from neuralode.experiments._common import (
+    positive_int as _positive_int,
+)
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
 from neuralode.solvers import ALIASES, SOLVERS
 
@@ -73,36 +82,6 @@ RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "adjoint", "wid
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def _epoch_list(text: str) -> list[float]:
