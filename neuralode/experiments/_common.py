@@ -349,5 +349,9 @@ class DistEnv:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """Leave the process group together: without the barrier a rank that finishes first
+        tears down its gloo threads while rank 0 is still writing files, and can abort at exit
+        ("terminate called without an active exception")."""
         if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
