@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from neuralode import odeint
+from neuralode.experiments._common import positive_float as _pos_float
+from neuralode.experiments._common import positive_int as _positive_int
 from neuralode.experiments._training_io import (
     ProgressBar,
     atomic_save,
@@ -79,24 +81,10 @@ class Trajectory:
     z0: Tensor
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
 def _nonneg_float(text: str) -> float:
     v = float(text)
     if not (math.isfinite(v) and v >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 

@@ -37,6 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from neuralode.data.spirals import SpiralData, gather_points, make_spirals, train_test_split
+from neuralode.experiments._common import nonnegative_int as _nonneg_int
+from neuralode.experiments._common import positive_float as _pos_float
+from neuralode.experiments._common import positive_int as _positive_int
 from neuralode.experiments._training_io import (
     ProgressBar,
     atomic_save,
@@ -59,27 +62,6 @@ RUN_KEYS = ("model", "encoder", "n_obs", "n_spirals", "n_total", "noise_std", "d
             "grad", "kl_warmup", "seed")
 CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rmse_extrap",
               "rmse_obs"]
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
 
 
 def _fraction(text: str) -> float:

@@ -40,6 +40,7 @@ from neuralode.experiments._common import (
     parse_device,
     pyplot,
 )
+from neuralode.experiments._common import positive_int as _positive_int
 from neuralode.experiments.mnist import (
     CHECKPOINT_NAME,
     evaluate,
@@ -79,16 +80,6 @@ def _model_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(bad) or text!r}; valid "
                                          f"models are: {', '.join(MODEL_NAMES)}")
     return names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def build_parser(parser: argparse.ArgumentParser, name: str) -> None:

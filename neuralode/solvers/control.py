@@ -30,7 +30,6 @@ class ErrorNorm:
         self.user_norm = norm
         self.scalar_tol = not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor)
         self.inv_sqrt_n = 1.0 / math.sqrt(max(layout.n, 1))
-        self._atol_t = None
 
     def scale(self, absmax: torch.Tensor) -> torch.Tensor:
         """atol + rtol * absmax, elementwise."""
