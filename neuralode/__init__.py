@@ -2,28 +2,46 @@
 
     from neuralode import odeint, odeint_adjoint
 
-``odeint`` is a drop-in replacement for ``torchdiffeq.odeint``; ``solve`` also returns
-solver statistics.
+``odeint`` is a drop-in replacement for ``torchdiffeq.odeint`` (events included);
+``solve`` returns a ``Solution`` with statistics, status, event and dense output.
 """
 
 from neuralode.adjoint import AdjointStats, odeint_adjoint
-from neuralode.errors import MaxStepsError, ODEFuncError, ODEInputError, StepSizeError
-from neuralode.odeint import ODESolution, odeint, solve
-from neuralode.solvers import SOLVERS, SolverStats
+from neuralode.errors import (
+    EventError,
+    MaxStepsError,
+    NeuralODEError,
+    NonFiniteError,
+    ODEFuncError,
+    ODEInputError,
+    StepSizeError,
+)
+from neuralode.events import odeint_event
+from neuralode.odeint import odeint, odeint_dense, solve
+from neuralode.solution import DenseSolution, ODESolution, Solution
+from neuralode.solvers import SOLVERS, PIDController, SolverStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-           "SOLVERS",
-           "AdjointStats",
-           "MaxStepsError",
-           "ODEFuncError",
-           "ODEInputError",
-           "ODESolution",
-           "SolverStats",
-           "StepSizeError",
-           "__version__",
-           "odeint",
-           "odeint_adjoint",
-           "solve",
+    "SOLVERS",
+    "AdjointStats",
+    "DenseSolution",
+    "EventError",
+    "MaxStepsError",
+    "NeuralODEError",
+    "NonFiniteError",
+    "ODEFuncError",
+    "ODEInputError",
+    "ODESolution",
+    "PIDController",
+    "Solution",
+    "SolverStats",
+    "StepSizeError",
+    "__version__",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_dense",
+    "odeint_event",
+    "solve",
 ]

@@ -1,18 +1,21 @@
 """``odeint_adjoint``: gradients by the adjoint sensitivity method (Chen et al. 2018, sec. 2).
 
-The forward pass calls ``odeint`` without autograd and keeps only the outputs at the
-requested times. The backward pass integrates, interval by interval from the last output
-time to the first, the augmented system
+The forward pass runs the solve without autograd and keeps only the outputs at the
+requested times. The backward pass is ONE reverse solve, from the last output time with a
+nonzero incoming gradient back to t_0, of the augmented system
 
     dy/dt = f(t, y),   da/dt = -a^T df/dy,   dg/dt = -a^T df/dtheta
 
-starting each interval from the stored forward output and adding the loss's direct gradient
-dL/dy(t_i) to the adjoint ``a`` at each output time. At t_0, ``a`` is dL/dy0 and ``g`` is
-dL/dtheta. Gradients with respect to the times follow from the flow identities
+on the one integration loop: the output times are stops where the state jumps (the adjoint
+``a`` gains the loss's direct gradient dL/dy(t_i), and ``y`` is reset to the stored forward
+output, which removes the drift of the backward reconstruction). At t_0, ``a`` is dL/dy0 and
+``g`` is dL/dtheta. Gradients with respect to the times follow from the flow identities
 dL/dt_i = <dL/dy(t_i), f(t_i, y_i)> (i > 0) and dL/dt_0 = -<a(t_0), f(t_0, y_0)>, so no
 separate time-adjoint integral is needed.
 
 Memory does not grow with the number of solver steps: nothing inside a solve is recorded.
+The backward configuration (method, options, tolerances) is validated before the forward
+solve, not inside ``.backward()``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,28 @@ import torch
 from torch import nn
 
 from neuralode.errors import ODEInputError
-from neuralode.odeint import Tolerance, _check_y0, _resolve_method, odeint, solve
-from neuralode.solvers import SOLVERS
+from neuralode.odeint import (
+    CALLBACK_NAMES,
+    Tolerance,
+    _callbacks,
+    _check_t,
+    _check_y0,
+    _event_solve,
+    _resolve_method,
+    _times,
+    prepare,
+    run,
+    solve,
+)
 from neuralode.solvers.base import SolverStats, StateLayout
+from neuralode.solvers.loop import Stop
+
+ADJOINT_CALLBACK_NAMES = tuple(n + "_adjoint" for n in CALLBACK_NAMES)
 
 
 class AdjointStats(SolverStats):
-    """Forward-solve statistics, plus ``backward`` (a ``SolverStats`` summed over the
-    backward intervals; filled in when ``.backward()`` runs, None before)."""
+    """Forward-solve statistics, plus ``backward`` (the backward solve's ``SolverStats``,
+    filled in when ``.backward()`` runs, None before)."""
 
     backward: SolverStats | None = None
 
@@ -44,6 +61,104 @@ def _seminorm(state) -> float:
     return float(torch.stack(vals).max())
 
 
+def _backward_tolerance(tol, layout: StateLayout):
+    """The forward tolerance (a number, a tensor broadcastable to the state, or one value per
+    tuple element) as tolerances of the backward state (y, a, parameter adjoint)."""
+    if isinstance(tol, (tuple, list)) and layout.is_tuple:
+        parts = [torch.as_tensor(v, dtype=torch.float64).broadcast_to(s).reshape(-1)
+                 for v, s in zip(tol, layout.shapes)]
+        flat = torch.cat(parts)
+        return [flat, flat, float(flat.min()) if flat.numel() else 0.0]
+    if isinstance(tol, torch.Tensor) and tol.numel() > 1 and not layout.is_tuple:
+        flat = tol.detach().to(torch.float64).broadcast_to(layout.shapes[0]).reshape(-1)
+        return [flat, flat, float(flat.min())]
+    return tol
+
+
+class _Backward:
+    """The backward solve, prepared (and so validated) before the forward pass."""
+
+    def __init__(self, func, layout: StateLayout, params, dtype, device, rtol, atol, method,
+                 options, stats: AdjointStats):
+        self.func, self.layout, self.params = func, layout, params
+        self.n = layout.n
+        self.n_par = sum(p.numel() for p in params)
+        self.dtype, self.device = dtype, device
+        self.stats = stats
+        aug0 = (torch.zeros(self.n, dtype=dtype, device=device),
+                torch.zeros(self.n, dtype=dtype, device=device),
+                torch.zeros(self.n_par, dtype=dtype, device=device))
+        self.problem = prepare(self._dynamics, aug0, rtol=_backward_tolerance(rtol, layout),
+                               atol=_backward_tolerance(atol, layout), method=method,
+                               options=options, stats=SolverStats())
+        self.callbacks = _callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
+
+    def flat_func(self, t, y):
+        return self.layout.flatten(self.func(t, self.layout.unflatten(y)))
+
+    def _dynamics(self, t, state):
+        y, a, _ = state
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            f = self.flat_func(t, y_)
+            grads = torch.autograd.grad(f, (y_, *self.params), -a, allow_unused=True)
+        da = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        if self.params:
+            dg = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(grads[1:], self.params)])
+        else:
+            dg = y.new_zeros(0)
+        return f.detach(), da, dg
+
+    def _grid(self, t0: float, t_last: float):
+        """Fixed-grid backward solves step on the forward grid (its points inside
+        [t0, t_last], walked backwards): the reconstruction of y lands where the forward
+        solve stepped. None for adaptive methods and grids given by a constructor."""
+        p = self.problem
+        if p.method.adaptive or p.opts.get("step_size") is None:
+            return None
+        h = math.copysign(float(p.opts["step_size"]), t_last - t0)
+        n = max(1, math.ceil(abs(t_last - t0) / abs(h) * (1 - 1e-12)))
+
+        def points():
+            yield t_last
+            for k in range(n - 1, 0, -1):
+                yield t0 + h * k
+            yield t0
+        return points()
+
+    def __call__(self, ts: torch.Tensor, ys_flat: torch.Tensor, g_flat: torch.Tensor):
+        """(dL/dy0 flat, dL/dparams flat, adjoint at t0 from the later outputs only)."""
+        n_t = len(ts)
+        times = ts.tolist()
+        nonzero = [i for i in range(n_t) if bool(g_flat[i].any())]
+        last = nonzero[-1] if nonzero else 0
+        a = g_flat[last].clone() if last > 0 else torch.zeros_like(g_flat[0])
+        gp = torch.zeros(self.n_par, dtype=self.dtype, device=self.device)
+        stats = self.problem.stats
+        stats.nfe = stats.n_accepted = stats.n_rejected = 0
+        if last > 0:
+            n = self.n
+
+            def make_hook(i):
+                def hook(t, state):
+                    state = state.clone()
+                    state[:n] = ys_flat[i]
+                    state[n:2 * n] += g_flat[i]
+                    return state
+                return hook
+
+            stops = [Stop(times[i], "hook", make_hook(i)) for i in range(1, last)]
+            start = torch.cat([ys_flat[last], a, gp])
+            res = run(self.problem, [times[last], times[0]], start, stops=stops,
+                      callbacks=self.callbacks, grid=self._grid(times[0], times[last]))
+            end = res.y_final
+            a, gp = end[n:2 * n], end[2 * n:]
+        self.stats.backward = stats
+        a_t0 = a  # adjoint from the later outputs only: out[0] = y0 does not depend on t0
+        return a + g_flat[0], gp, a_t0
+
+
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, t, n_state, *tensors):
@@ -51,17 +166,30 @@ class _AdjointFunction(torch.autograd.Function):
         params = tensors[n_state:]
         y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
         with torch.no_grad():
-            sol = solve(cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
-                        method=cfg["method"], options=cfg["options"])
-        cfg["stats"].__dict__.update({k: v for k, v in sol.stats.__dict__.items()})
-        ys = sol.ys if cfg["is_tuple"] else (sol.ys,)
+            if cfg["event_fn"] is None:
+                sol = solve(cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
+                            method=cfg["method"], options=cfg["options"])
+                ys, fstats = sol.ys, sol.stats
+                t_out = t
+                event_t = None
+            else:
+                event_t, ys, fstats = _event_solve(
+                    cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
+                    method=cfg["method"], options=cfg["options"], event_fn=cfg["event_fn"])
+                t_out = torch.stack([t[0].detach().to(torch.float64),
+                                     event_t.to(torch.float64)])
+        cfg["stats"].__dict__.update({k: v for k, v in fstats.__dict__.items()})
+        ys = ys if cfg["is_tuple"] else (ys,)
         ctx.cfg = cfg
         ctx.n_state = n_state
-        ctx.save_for_backward(t, *ys, *params)
+        ctx.event = event_t is not None
+        ctx.save_for_backward(t, t_out, *ys, *params)
+        if event_t is not None:
+            return (event_t, *ys)
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grad_ys):
+    def backward(ctx, *grad_outs):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward (create_graph=True, or higher-order gradients) through "
@@ -70,104 +198,47 @@ class _AdjointFunction(torch.autograd.Function):
         cfg = ctx.cfg
         n_state = ctx.n_state
         saved = ctx.saved_tensors
-        t = saved[0]
-        ys = saved[1:1 + n_state]
-        params = saved[1 + n_state:]
-        layout: StateLayout = cfg["layout"]
-        func = cfg["func"]
-        ts = t.detach().to(torch.float64)
+        t, t_out = saved[0], saved[1]
+        ys = saved[2:2 + n_state]
+        params = saved[2 + n_state:]
+        grad_ys = grad_outs[1:] if ctx.event else grad_outs
+        backward: _Backward = cfg["backward"]
+        layout = backward.layout
+        ts = t_out.detach().to(torch.float64)
         n_t = len(ts)
         dtype, device = ys[0].dtype, ys[0].device
-
-        # flat (len(t), n) views of outputs and their incoming gradients
         ys_flat = torch.cat([y.reshape(n_t, -1) for y in ys], dim=1)
         g_flat = torch.cat([g.reshape(n_t, -1) for g in grad_ys], dim=1)
-
-        def flat_func(tt, y):
-            return layout.flatten(func(tt, layout.unflatten(y)))
-
-        def aug_dynamics(tt, state):
-            y, a, _ = state
-            with torch.enable_grad():
-                y_ = y.detach().requires_grad_(True)
-                f = flat_func(tt, y_)
-                grads = torch.autograd.grad(f, (y_,) + params, -a, allow_unused=True)
-            da = grads[0] if grads[0] is not None else torch.zeros_like(y)
-            if params:
-                dg = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                for g, p in zip(grads[1:], params)])
-            else:
-                dg = y.new_zeros(0)
-            return f.detach(), da, dg
-
-        n_par = sum(p.numel() for p in params)
-        a = torch.zeros_like(ys_flat[0])
-        gp = torch.zeros(n_par, dtype=dtype, device=device)
-        back = SolverStats(method=cfg["adjoint_method"], status="success")
-        nonzero = [i for i in range(n_t) if bool(g_flat[i].any())]
-        last = nonzero[-1] if nonzero else 0
-        opts = dict(cfg["adjoint_options"])
-        # carry the step size from one interval to the next instead of re-running the
-        # initial-step heuristic at every output time (adaptive methods, unless set by the user)
-        carry = "first_step" in SOLVERS[cfg["adjoint_method"]].OPTIONS and "first_step" not in opts
-        for i in range(last, 0, -1):
-            a = a + g_flat[i]
-            sol = solve(aug_dynamics, (ys_flat[i], a, gp), ts[i - 1:i + 1].flip(0),
-                        rtol=cfg["adjoint_rtol"], atol=cfg["adjoint_atol"],
-                        method=cfg["adjoint_method"], options=opts)
-            if carry and math.isfinite(sol.stats.h_next):
-                opts["first_step"] = sol.stats.h_next
-            _, a_seq, g_seq = sol.ys
-            a, gp = a_seq[-1], g_seq[-1]
-            for k in ("nfe", "n_accepted", "n_rejected"):
-                setattr(back, k, getattr(back, k) + getattr(sol.stats, k))
-        a_t0 = a  # adjoint from the later outputs only: out[0] = y0 does not depend on t0
-        a = a + g_flat[0]
-        cfg["stats"].backward = back
+        ys_c = ys_flat.to(backward.dtype)
+        g_c = g_flat.to(backward.dtype)
+        a, gp, a_t0 = backward(ts, ys_c, g_c)
 
         grad_t = None
         if ctx.needs_input_grad[1]:
             grad_t = torch.zeros(n_t, dtype=dtype, device=device)
             with torch.no_grad():
                 for i in range(n_t):
-                    w = g_flat[i] if i > 0 else -a_t0
+                    w = g_c[i] if i > 0 else -a_t0
                     if i > 0 and not bool(w.any()):
                         continue
                     tt = torch.full((), ts[i].item(), dtype=dtype, device=device)
-                    grad_t[i] = torch.dot(w, flat_func(tt, ys_flat[i]))
+                    grad_t[i] = torch.dot(w.to(dtype), backward.flat_func(tt, ys_flat[i])
+                                          .to(dtype))
+            if ctx.event:
+                # t = (t0, direction): the event time is held fixed here (as torchdiffeq)
+                grad_t = torch.stack([grad_t[0], torch.zeros_like(grad_t[0])])
             grad_t = grad_t.to(t.dtype)
-        grad_y0 = layout.unflatten(a)
+        grad_y0 = layout.unflatten(a.to(dtype))
         grad_y0 = grad_y0 if layout.is_tuple else (grad_y0,)
         grad_params = []
         offset = 0
         for p in params:
-            grad_params.append(gp[offset:offset + p.numel()].view_as(p))
+            grad_params.append(gp[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
         return (None, grad_t, None, *grad_y0, *grad_params)
 
 
-def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
-                   method: str | None = None, options: dict | None = None,
-                   adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
-                   adjoint_method: str | None = None, adjoint_options: dict | None = None,
-                   adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False):
-    """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
-    through the solver: memory independent of the number of steps. Drop-in compatible with
-    ``torchdiffeq.odeint_adjoint``.
-
-    Args (beyond ``odeint``'s):
-        adjoint_rtol, adjoint_atol, adjoint_method: for the backward solve (default: the
-            forward ones).
-        adjoint_options: options of the backward solve; defaults to ``options`` when the
-            method is the same (without a forward ``norm``). ``{"norm": "seminorm"}``
-            leaves the parameter adjoint out of the step-size error norm, which usually
-            cuts backward function evaluations.
-        adjoint_params: tensors whose gradients the backward pass computes (default: the
-            parameters of ``func``, which must then be an ``nn.Module``, that require grad).
-        return_stats: also return an ``AdjointStats``; its ``backward`` field is filled
-            with the backward-solve statistics once ``.backward()`` has run.
-    """
+def _find_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ODEInputError(
@@ -182,7 +253,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             params = tuple(adjoint_params)
         except TypeError:
             raise ODEInputError(f"adjoint_params must be an iterable of tensors, got "
-                                f"{type(adjoint_params).__name__}")
+                                f"{type(adjoint_params).__name__}") from None
         for k, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise ODEInputError(f"adjoint_params[{k}] must be a tensor, got "
@@ -194,8 +265,36 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         if id(p) not in seen:
             seen.add(id(p))
             unique.append(p)
-    params = tuple(unique)
+    return tuple(unique)
 
+
+def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
+                   method: str | None = None, options: dict | None = None,
+                   event_fn: Callable | None = None,
+                   adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
+                   adjoint_method: str | None = None, adjoint_options: dict | None = None,
+                   adjoint_params: Iterable[torch.Tensor] | None = None,
+                   return_stats: bool = False):
+    """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
+    through the solver: memory independent of the number of steps. Drop-in compatible with
+    ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
+    ``(event_t, solution)``; the backward pass treats the event time as fixed, as
+    torchdiffeq; use ``odeint_event(..., odeint_interface=odeint_adjoint)`` for the
+    gradient through the event time).
+
+    Args (beyond ``odeint``'s):
+        adjoint_rtol, adjoint_atol, adjoint_method: for the backward solve (default: the
+            forward ones).
+        adjoint_options: options of the backward solve; defaults to ``options`` when the
+            method is the same (without a forward ``norm``). ``{"norm": "seminorm"}``
+            leaves the parameter adjoint out of the step-size error norm, which usually
+            cuts backward function evaluations.
+        adjoint_params: tensors whose gradients the backward pass computes (default: the
+            parameters of ``func``, which must then be an ``nn.Module``, that require grad).
+        return_stats: also return an ``AdjointStats``; its ``backward`` field is filled
+            with the backward-solve statistics once ``.backward()`` has run.
+    """
+    params = _find_params(func, adjoint_params)
     method_name, opts = _resolve_method(method, options)
     if adjoint_method is None:
         adjoint_method = method_name
@@ -205,8 +304,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                 f"adjoint_method={adjoint_method!r} differs from method={method_name!r} and "
                 f"options were given for the forward solve; pass adjoint_options for the "
                 f"backward solve explicitly (e.g. adjoint_options={{}})")
-        adjoint_options = {k: v for k, v in opts.items() if k != "norm"}
+        adjoint_options = {k: v for k, v in opts.items()
+                           if k not in ("norm", "grid_constructor", "step_t", "jump_t")}
     else:
+        if not isinstance(adjoint_options, dict):
+            raise ODEInputError(f"adjoint_options must be a dict, got "
+                                f"{type(adjoint_options).__name__}")
         adjoint_options = dict(adjoint_options)
     if adjoint_options.get("norm") == "seminorm":
         adjoint_options["norm"] = _seminorm
@@ -218,33 +321,34 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
 
     items, is_tuple = _check_y0(y0)
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t, dtype=torch.float64)
+    t = _check_t(t)
+    _times(t)
     layout = StateLayout([v.shape for v in items], is_tuple)
     stats = AdjointStats(method=method_name)
-    cfg = {"func": func, "is_tuple": is_tuple, "layout": layout, "rtol": rtol, "atol": atol,
-               "method": method_name, "options": opts, "adjoint_rtol": adjoint_rtol,
-               "adjoint_atol": adjoint_atol, "adjoint_method": adj_method_name,
-               "adjoint_options": adjoint_options, "stats": stats}
-    # validate the backward configuration now, not deep inside .backward()
-    for name, tol in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if isinstance(tol, torch.Tensor) and tol.requires_grad:
-            raise ODEInputError(f"{name} must not require grad")
-        if not isinstance(tol, (tuple, list)):
-            try:
-                ok = float(tol) >= 0 and math.isfinite(float(tol))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ODEInputError(f"{name} must be a non-negative finite number, got {tol!r}")
+    dtype = torch.float32 if items[0].dtype in (torch.float16, torch.bfloat16) else items[0].dtype
+    # the backward solve is prepared (validated) now, not deep inside .backward()
+    backward = _Backward(func, layout, params, dtype, items[0].device, adjoint_rtol,
+                         adjoint_atol, adj_method_name, adjoint_options, stats)
+    cfg = {"func": func, "is_tuple": is_tuple, "rtol": rtol, "atol": atol,
+           "method": method_name, "options": opts, "stats": stats, "event_fn": event_fn,
+           "backward": backward}
 
     needs_grad = torch.is_grad_enabled() and (
         t.requires_grad or any(v.requires_grad for v in items) or bool(params))
     if not needs_grad:
-        ys, fstats = odeint(func, y0, t, rtol=rtol, atol=atol, method=method_name,
-                            options=opts, return_stats=True)
-        stats.__dict__.update(fstats.__dict__)
-        return (ys, stats) if return_stats else ys
+        if event_fn is not None:
+            event_t, ys, fstats = _event_solve(func, y0, t, rtol=rtol, atol=atol,
+                                               method=method_name, options=opts,
+                                               event_fn=event_fn)
+            stats.__dict__.update(fstats.__dict__)
+            return ((event_t, ys), stats) if return_stats else (event_t, ys)
+        sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method_name, options=opts)
+        stats.__dict__.update(sol.stats.__dict__)
+        return (sol.ys, stats) if return_stats else sol.ys
     outs = _AdjointFunction.apply(cfg, t, len(items), *items, *params)
+    if event_fn is not None:
+        event_t, outs = outs[0], outs[1:]
+        ys = tuple(outs) if is_tuple else outs[0]
+        return ((event_t, ys), stats) if return_stats else (event_t, ys)
     ys = tuple(outs) if is_tuple else outs[0]
     return (ys, stats) if return_stats else ys

@@ -1,179 +1,182 @@
-"""Linear multistep methods on a fixed grid: Adams–Bashforth (explicit) and
-Adams–Bashforth–Moulton (predictor–corrector).
+"""Linear multistep steppers on a fixed grid: Adams–Bashforth (explicit) and
+Adams–Bashforth–Moulton (predictor–corrector, PECE with up to ``max_iters`` corrections).
 
-The first steps use the 3/8-rule RK4 until enough history exists. Coefficients are computed
-for the actual (possibly non-uniform) grid by integrating the Lagrange interpolant of the
-past derivatives over the step, so a shortened last step or an irregular grid keeps the
-method's order. Outputs between grid points use the cubic Hermite interpolant from the
-derivatives at the grid points (already in the history, so it costs no evaluations).
+The first steps use the 3/8-rule RK4 until four derivatives are in the history; then the
+order grows with the history up to ``max_order`` (1..12). Coefficients are computed for the
+actual (possibly non-uniform) grid by integrating the Lagrange interpolant of the past
+derivatives over the step, in exact rational arithmetic (cached), so a shortened last step
+or an irregular grid keeps the method's order and order 12 loses no digits to a Vandermonde
+solve. Outputs between grid points use the cubic Hermite interpolant through the
+derivatives at the grid points (already in the history: no extra evaluations).
 """
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from functools import lru_cache
-from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from neuralode.errors import ODEInputError
-from neuralode.solvers.control import ErrorNorm
-from neuralode.solvers.rk import FixedGridRK, needs_graph
+from neuralode.solvers.rk import ChordSegment, RKStepper, chord
 from neuralode.solvers.tableau import RK4_38
 
+MAX_ADAMS_ORDER = 12
+_RK_START = 4  # derivatives needed in the history before the multistep formula is used
 
-@lru_cache(maxsize=256)
+
+@lru_cache(maxsize=512)
 def _quadrature_weights(nodes: tuple[float, ...]) -> tuple[float, ...]:
     """Weights w_j with sum_j w_j p(x_j) = int_0^1 p(x) dx for all polynomials p of degree
-    < len(nodes); nodes are in units of the step (the step runs from 0 to 1)."""
-    k = len(nodes)
-    x = np.asarray(nodes, dtype=np.float64)
-    V = x[None, :] ** np.arange(k)[:, None]  # V[i, j] = x_j^i
-    m = 1.0 / np.arange(1, k + 1)
-    return tuple(np.linalg.solve(V, m).tolist())
+    < len(nodes); nodes are in units of the step (the step runs from 0 to 1). Exact: the
+    Lagrange basis polynomials are integrated in rational arithmetic."""
+    xs = [Fraction(x) for x in nodes]
+    weights = []
+    for j, xj in enumerate(xs):
+        poly = [Fraction(1)]  # coefficients, lowest degree first
+        denom = Fraction(1)
+        for m, xm in enumerate(xs):
+            if m == j:
+                continue
+            poly = [Fraction(0)] + poly  # multiply by x
+            for k in range(len(poly) - 1):
+                poly[k] -= xm * poly[k + 1]
+            denom *= xj - xm
+        weights.append(float(sum(p / (k + 1) for k, p in enumerate(poly)) / denom))
+    return tuple(weights)
 
 
-def _weights(times: list[float], t: float, h: float) -> tuple[float, ...]:
+def _weights(times, t: float, h: float) -> tuple[float, ...]:
     # round to keep the cache effective on uniform grids
     return _quadrature_weights(tuple(round((s - t) / h, 12) for s in times))
 
 
-class ExplicitAdams(FixedGridRK):
-    """Adams–Bashforth up to order 4 (``max_order``), RK4 start, fixed grid."""
+class HermiteSegment:
+    """Cubic Hermite interpolant through (y0, f0) and (y1, f1) on one step."""
 
-    name = "explicit_adams"
-    tableau = RK4_38
-    OPTIONS: ClassVar[dict[str, Any]] = dict(FixedGridRK.OPTIONS, max_order=4)
-    implicit = False
+    __slots__ = ("f0", "f1", "h", "y0", "y1")
 
-    @classmethod
-    def describe(cls) -> str:
-        return cls.__doc__.strip().splitlines()[0]
+    def __init__(self, y0, y1, f0, f1, h):
+        self.y0, self.y1, self.f0, self.f1, self.h = y0, y1, f0, f1, h
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        mo = self.options["max_order"]
-        if not isinstance(mo, int) or isinstance(mo, bool) or not 1 <= mo <= 4:
-            raise ODEInputError(f"option 'max_order' of {self.name!r} must be an int in 1..4, "
-                                f"got {mo!r}")
-        self.max_order = mo
-
-    def _combine(self, y, coefs, fs, h):
-        out = y
-        for w, f in zip(coefs, fs):
-            out = torch.add(out, f, alpha=h * w)
-        return out
-
-    def _predict(self, t, y, h, hist_t, hist_f):
-        k = min(len(hist_t), self.max_order)
-        w = _weights(hist_t[-k:], t, h)
-        return self._combine(y, w, hist_f[-k:], h)
-
-    def _correct(self, t, t1, y, h, hist_t, hist_f, y_pred):
-        return y_pred
-
-    def integrate(self, ts: list[float]) -> list[torch.Tensor]:
-        outs = [self.y0]
-        if len(ts) == 1:
-            self.stats.status = "success"
-            self.stats.t_final = ts[0]
-            return outs
-        grid = self.make_grid(ts)
-        if self.options["perturb"]:
-            raise ODEInputError(f"option 'perturb' is not supported by {self.name!r} (a multistep "
-                                f"method cannot restart at each grid point); use an RK method")
-        linear = self.options["interp"] == "linear"
-        direction = 1.0 if ts[-1] > ts[0] else -1.0
-        rhs = self.rhs
-        st = self.stepper
-        y = self.y0
-        t = grid[0]
-        f0 = rhs(t, y)
-        hist_t, hist_f = [t], [f0]
-        i_out = 1
-        graph = needs_graph(y, f0)
-        for g in range(1, len(grid)):
-            t1 = grid[g]
-            h = t1 - t
-            if len(hist_t) < self.max_order:  # start-up with RK4
-                if graph:
-                    y1, _ = st.step_graph(t, y, f0, h)
-                else:
-                    K = st.buffer(y)
-                    K[0].copy_(f0)
-                    y1 = st.step_buffer(t, y, h).clone()
-            else:
-                y1 = self._predict(t, y, h, hist_t, hist_f)
-                y1 = self._correct(t, t1, y, h, hist_t, hist_f, y1)
-            self.stats.n_accepted += 1
-            if not math.isfinite(y1.sum().item()):
-                self.fail_nonfinite(t, h)
-            last = g == len(grid) - 1
-            inside = []
-            while i_out < len(ts) and direction * (ts[i_out] - t1) < 0:
-                inside.append(ts[i_out])
-                i_out += 1
-            f1 = None
-            if not last or (inside and not linear):
-                f1 = rhs(t1, y1)
-            if inside:
-                thetas = [(x - t) / h for x in inside]
-                if linear:
-                    outs.extend(y + th * (y1 - y) for th in thetas)
-                else:
-                    # cubic Hermite through (y, f0) and (y1, f1)
-                    for th in thetas:
-                        w0 = th - 2 * th**2 + th**3
-                        w1 = 3 * th**2 - 2 * th**3
-                        w2 = th**3 - th**2
-                        outs.append(y + (h * w0) * f0 + w1 * (y1 - y) + (h * w2) * f1)
-            while i_out < len(ts) and ts[i_out] == t1:
-                outs.append(y1)
-                i_out += 1
-            t, y, f0 = t1, y1, f1
-            hist_t.append(t1)
-            hist_f.append(f1)
-            if len(hist_t) > self.max_order + 1:
-                del hist_t[0], hist_f[0]
-        self.stats.status = "success"
-        self.stats.t_final = t
-        return outs
+    def evaluate(self, thetas) -> torch.Tensor:
+        return torch.stack(hermite(self.y0, self.y1, self.f0, self.f1, self.h, thetas))
 
 
-class ImplicitAdams(ExplicitAdams):
-    """Adams–Bashforth–Moulton predictor–corrector (order 4), RK4 start, fixed grid."""
+def hermite(y0, y1, f0, f1, h, thetas) -> list[torch.Tensor]:
+    out = []
+    for th in thetas:
+        w0 = th - 2 * th**2 + th**3
+        w1 = 3 * th**2 - 2 * th**3
+        w2 = th**3 - th**2
+        out.append(y0 + (h * w0) * f0 + w1 * (y1 - y0) + (h * w2) * f1)
+    return out
 
-    name = "implicit_adams"
-    OPTIONS: ClassVar[dict[str, Any]] = dict(ExplicitAdams.OPTIONS, max_iters=4)
-    implicit = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        mi = self.options["max_iters"]
-        if not isinstance(mi, int) or isinstance(mi, bool) or mi < 1:
-            raise ODEInputError(f"option 'max_iters' of {self.name!r} must be a positive int, "
-                                f"got {mi!r}")
-        self.max_iters = mi
-        self.conv_norm = ErrorNorm(self.rhs.layout, self.rtol, self.atol, None)
+class AdamsStepper:
+    """Adams–Bashforth (``implicit=False``) or Adams–Bashforth–Moulton on a fixed grid."""
 
-    def _correct(self, t, t1, y, h, hist_t, hist_f, y_pred):
-        """Adams–Moulton corrector with nodes t1, t, t-1, ... (same order as the predictor),
-        iterated until the correction is within rtol/atol or max_iters is reached."""
-        k = min(len(hist_t), self.max_order)
-        nodes = hist_t[-(k - 1):] + [t1] if k > 1 else [t1]
-        w = _weights(nodes, t, h)
-        fs_past = hist_f[-(k - 1):] if k > 1 else []
+    fsal = False
+    error_order = None
+
+    def __init__(self, implicit: bool, max_order: int, max_iters: int = 4, conv_norm=None,
+                 linear: bool = False):
+        self.implicit = implicit
+        self.linear = linear
+        self.max_order = max_order
+        self.max_iters = max_iters
+        self.conv_norm = conv_norm
+        self.order = max_order
+        self.rk = RKStepper(RK4_38)
+
+    def start(self, rhs, y0, f0, graph):
+        self.rhs = rhs
+        self.graph = graph
+        self.hist_t: list[float] = []
+        self.hist_f: list[torch.Tensor] = []
+        self.f0 = f0
+        self.f1 = None
+        self.fresh = False
+
+    def step(self, t, y, h, left_end=None):
+        self.t, self.h, self.f1 = t, h, None
+        t1 = t + h
+        hist_t, hist_f = self.hist_t + [t], self.hist_f + [self.f0]
+        if len(hist_t) < min(_RK_START, self.max_order):
+            self.rk.start(self.rhs, y, self.f0, self.graph)
+            y1 = self.rk.step(t, y, h, left_end)
+            if not self.graph:
+                y1 = y1.clone()  # the RK buffer is reused
+        else:
+            k = min(len(hist_t), self.max_order)
+            w = _weights(hist_t[-k:], t, h)
+            y1 = _combine(y, w, hist_f[-k:], h)
+            if self.implicit:
+                y1 = self._correct(t1, y, h, hist_t, hist_f, y1, left_end)
+        self.y1 = y1
+        return y1
+
+    def _correct(self, t1, y, h, hist_t, hist_f, y_pred, left_end):
+        """Adams–Moulton corrector with nodes t1 and the last past ones (one order above the
+        predictor, at most ``max_order``), iterated until the correction is within
+        rtol/atol or ``max_iters`` is reached."""
+        k = min(len(hist_t), self.max_order - 1)
+        nodes = hist_t[-k:] + [t1] if k > 0 else [t1]
+        w = _weights(nodes, self.t, h)
+        fs_past = hist_f[-k:] if k > 0 else []
+        t_eval = left_end(t1) if left_end is not None else None
         y_new = y_pred
         for _ in range(self.max_iters):
-            f1 = self.rhs(t1, y_new)
-            y_next = self._combine(y, w, fs_past + [f1], h)
+            f1 = self.rhs.call(t1, y_new) if t_eval is None else self.rhs.call_at(t_eval, y_new)
+            y_next = _combine(y, w, fs_past + [f1], h)
             with torch.no_grad():
-                delta = (y_next - y_new).detach()
-                scale = self.conv_norm.scale(torch.maximum(y_next.detach().abs(),
-                                                           y_new.detach().abs()))
-                converged = self.conv_norm(delta, scale) <= 1.0
+                converged = self.conv_norm(y_next.detach(), y_new.detach()) <= 1.0
             y_new = y_next
             if converged:
                 break
         return y_new
+
+    def error(self):
+        raise NotImplementedError("the Adams steppers run on a fixed grid")
+
+    def end_derivative(self, t1_time, y1):
+        if self.f1 is None:
+            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+                       else self.rhs.call_at(t1_time, y1))
+        return self.f1
+
+    def prepare_interp(self, t1_time, y1) -> None:
+        if not self.linear:
+            self.end_derivative(t1_time, y1)
+
+    def interpolate(self, y, h, thetas):
+        if self.linear:
+            return chord(y, self.y1, thetas)
+        return hermite(y, self.y1, self.f0, self.f1, h, thetas)
+
+    def segment(self, y, h):
+        if self.linear:
+            return ChordSegment(y, self.y1)
+        return HermiteSegment(y, self.y1, self.f0, self.f1, h)
+
+    def restart(self) -> None:
+        """Forget the multistep history (after a jump of f or of the state): the next
+        steps start again with RK4."""
+        self.hist_t, self.hist_f = [], []
+        self.fresh = True
+
+    def advance(self, f_next):
+        if self.fresh:
+            self.fresh = False  # after a restart the last step's start is not history
+        else:
+            self.hist_t.append(self.t)
+            self.hist_f.append(self.f0)
+        if len(self.hist_t) >= self.max_order:
+            del self.hist_t[0], self.hist_f[0]
+        self.f0 = f_next if f_next is not None else self.f1
+
+
+def _combine(y, coefs, fs, h):
+    out = y
+    for w, f in zip(coefs, fs):
+        out = torch.add(out, f, alpha=h * w)
+    return out

@@ -1,4 +1,4 @@
-"""Pieces shared by every solver: the right-hand-side wrapper, statistics, option checks.
+"""Pieces shared by every solver: statistics, the flat-state layout and the right-hand side.
 
 Solvers work on a flat 1-D state tensor ``y`` of ``n`` elements and Python-float (float64)
 times. The front door (``neuralode.odeint``) flattens tensors and tuples of tensors into
@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from neuralode.errors import ODEFuncError, ODEInputError
+from neuralode.errors import ODEFuncError
 
 
 @dataclass
@@ -22,7 +22,9 @@ class SolverStats:
     """Statistics of one solve.
 
     nfe: evaluations of the user's function; n_accepted / n_rejected: step attempts
-    (fixed-grid methods only accept); status: "success" once the final time is reached.
+    (fixed-grid methods only accept); status: "success" once the final time is reached,
+    "event" when an event ended the solve, or (with ``throw=False``) "max_steps_reached",
+    "step_size_underflow", "nonfinite"; message: what happened, for a failure.
     """
 
     method: str = ""
@@ -30,6 +32,7 @@ class SolverStats:
     n_accepted: int = 0
     n_rejected: int = 0
     status: str = "running"
+    message: str = ""
     t_final: float = math.nan
     h_next: float = math.nan  # adaptive methods: the step the controller proposed last
     extra: dict[str, Any] = field(default_factory=dict)
@@ -44,12 +47,13 @@ class SolverStats:
 
 
 class StateLayout:
-    """How a user state (tensor or tuple of tensors) maps to the flat solver state."""
+    """How a user state (tensor or tuple of tensors, any shape including 0-dim) maps to the
+    flat solver state."""
 
     def __init__(self, shapes: list[torch.Size], is_tuple: bool):
-        self.shapes = shapes
+        self.shapes = [torch.Size(s) for s in shapes]
         self.is_tuple = is_tuple
-        self.numels = [math.prod(s) for s in shapes]
+        self.numels = [math.prod(s) for s in self.shapes]
         self.n = sum(self.numels)
         offsets = [0]
         for k in self.numels:
@@ -58,12 +62,11 @@ class StateLayout:
 
     def unflatten(self, y: torch.Tensor):
         """(..., n) flat -> the user's structure with leading dims preserved."""
-        lead = y.shape[:-1]
+        lead = tuple(y.shape[:-1])
         if not self.is_tuple:
-            return y.view(*lead, *self.shapes[0]) if y.is_contiguous() else \
-                y.reshape(*lead, *self.shapes[0])
+            return y.reshape(lead + tuple(self.shapes[0]))
         return tuple(
-            y[..., a:b].reshape(*lead, *s)
+            y[..., a:b].reshape(lead + tuple(s))
             for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)
         )
 
@@ -73,62 +76,119 @@ class StateLayout:
         return torch.cat([v.reshape(-1) for v in value])
 
 
-def nudge(t: float, toward: float) -> float:
-    """The next float64 after ``t`` in the direction of ``toward`` (for discontinuities)."""
-    return math.nextafter(t, toward)
-
-
 class RHS:
     """The user's ``func(t, y)`` seen on the flat state, with evaluation counting.
 
     ``t`` is handed to ``func`` as a 0-d tensor of the state's dtype on its device (as
-    torchdiffeq does); the first call validates the shape, dtype and device of the result.
+    torchdiffeq does; float32 for float16/bfloat16 states). Every call checks the result's
+    shape and dtype (cheap attribute compares); the first one also its type and device.
+
+    A float16/bfloat16 state is integrated in float32 (``compute_dtype``): ``func`` still
+    receives and returns the user's dtype, the solver accumulates in float32.
     """
 
     def __init__(self, func: Callable, layout: StateLayout, dtype: torch.dtype,
                  device: torch.device, stats: SolverStats):
         self.func = func
         self.layout = layout
-        self.dtype = dtype
+        self.user_dtype = dtype
+        self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.device = device
         self.stats = stats
         self._checked = False
-        self.call = self._make_call()
+        self.call_at, self.call = self._make_call()
 
-    def _make_call(self) -> Callable[[float, torch.Tensor], torch.Tensor]:
-        """A closure specialised to the state layout (the solver's hot path)."""
+    def _make_call(self):
+        """Closures specialised to the state layout (the solver's hot path): f at a time
+        tensor (``call_at``) and at a float time (``call``)."""
         func, stats, layout = self.func, self.stats, self.layout
-        full, dtype, device = torch.full, self.dtype, self.device
-        if not layout.is_tuple and tuple(layout.shapes[0]) == (layout.n,):
-            def call(t, y):
+        udt, cdt, device = self.user_dtype, self.dtype, self.device
+        cast = udt != cdt
+        shapes = layout.shapes
+        check = self._check
+        full = torch.full
+        if not layout.is_tuple and tuple(shapes[0]) == (layout.n,) and not cast:
+            shape = shapes[0]
+
+            def call_at(tt, y):
                 stats.nfe += 1
-                out = func(full((), t, dtype=dtype, device=device), y)
-                if not self._checked:
-                    self._check(out, t)
+                out = func(tt, y)
+                if not self._checked or out.shape != shape or out.dtype != udt:
+                    check(out, tt)
                 return out
-        elif not layout.is_tuple:
-            shape = layout.shapes[0]
 
             def call(t, y):
                 stats.nfe += 1
-                out = func(full((), t, dtype=dtype, device=device), y.view(shape))
-                if not self._checked:
-                    self._check(out, t)
-                return out.reshape(-1)
+                tt = full((), t, dtype=cdt, device=device)
+                out = func(tt, y)
+                if not self._checked or out.shape != shape or out.dtype != udt:
+                    check(out, tt)
+                return out
+            return call_at, call
+        if not layout.is_tuple:
+            shape = shapes[0]
+
+            def call_at(tt, y):
+                stats.nfe += 1
+                out = func(tt, (y.to(udt) if cast else y).view(shape))
+                if not self._checked or out.shape != shape or out.dtype != udt:
+                    check(out, tt)
+                return (out.to(cdt) if cast else out).reshape(-1)
         else:
-            def call(t, y):
+            def call_at(tt, y):
                 stats.nfe += 1
-                out = func(full((), t, dtype=dtype, device=device), layout.unflatten(y))
-                if not self._checked:
-                    self._check(out, t)
-                return torch.cat([o.reshape(-1) for o in out])
-        return call
+                out = func(tt, layout.unflatten(y.to(udt) if cast else y))
+                check(out, tt)
+                flat = torch.cat([o.reshape(-1) for o in out])
+                return flat.to(cdt) if cast else flat
 
-    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        return self.call(t, y)
+        def call(t, y):
+            return call_at(full((), t, dtype=cdt, device=device), y)
+        return call_at, call
 
-    def _check(self, out, t: float) -> None:
+    # -- times handed to func -----------------------------------------------------------
+    def time(self, t: float) -> torch.Tensor:
+        return torch.full((), t, dtype=self.dtype, device=self.device)
+
+    def toward(self, t: float, toward: float) -> torch.Tensor:
+        """The time-tensor value (in the state's dtype) nearest to t strictly on the side of
+        ``toward``: f evaluated there sees the one-sided limit at a discontinuity at t,
+        also in float32 (a float64 nudge would be lost in the cast)."""
+        tt = self.time(t)
+        v = tt.item()
+        if (toward > t and v <= t) or (toward < t and v >= t):
+            tt = torch.nextafter(tt, self.time(toward))
+        return tt
+
+    def left_limit(self, t1: float, t: float) -> Callable[[float], torch.Tensor]:
+        """For a step from t ending at a discontinuity at t1: times of the step as tensors,
+        strictly on t's side of t1 in the state's dtype (stage times that round onto t1 in
+        float32 are moved off it)."""
+        edge = self.toward(t1, t)
+        e = edge.item()
+        fwd = t1 > t
+
+        def at(ti: float) -> torch.Tensor:
+            if (fwd and ti >= e) or (not fwd and ti <= e):
+                return edge
+            tt = self.time(ti)
+            v = tt.item()
+            return edge if (fwd and v > e) or (not fwd and v < e) else tt
+        return at
+
+    def user_state(self, y: torch.Tensor):
+        """The flat state in the user's structure and dtype."""
+        if y.dtype != self.user_dtype:
+            y = y.to(self.user_dtype)
+        return self.layout.unflatten(y)
+
+    def callback_args(self, t: float, y: torch.Tensor, h: float):
+        return (torch.tensor(t, dtype=torch.float64), self.user_state(y),
+                torch.tensor(h, dtype=torch.float64))
+
+    def _check(self, out, tt) -> None:
         layout = self.layout
+        t = float(tt)
         what = f"func(t, y) at t={t:g}"
         if layout.is_tuple:
             if not isinstance(out, (tuple, list)) or len(out) != len(layout.shapes):
@@ -146,69 +206,15 @@ class RHS:
             if o.shape != shape:
                 raise ODEFuncError(
                     f"{where} returned shape {tuple(o.shape)}, but the state has shape "
-                    f"{tuple(shape)}; dy/dt must have the same shape as y")
-            if o.dtype != self.dtype:
+                    f"{tuple(shape)}; dy/dt must have the same shape as y"
+                    + (" (it had it in earlier calls)" if self._checked else ""))
+            if o.dtype != self.user_dtype:
                 raise ODEFuncError(
-                    f"{where} returned dtype {o.dtype}, but the state has dtype {self.dtype}; "
-                    f"dy/dt must have the same dtype as y0")
+                    f"{where} returned dtype {o.dtype}, but the state has dtype "
+                    f"{self.user_dtype}; dy/dt must have the same dtype as y0"
+                    + (" (it had it in earlier calls)" if self._checked else ""))
             if o.device != self.device:
                 raise ODEFuncError(
                     f"{where} returned a tensor on {o.device}, but the state is on "
                     f"{self.device}")
         self._checked = True
-
-
-def check_options(method: str, given: dict, allowed: dict) -> dict:
-    """Fill defaults and reject unknown option names with the list of valid ones."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ODEInputError(
-            f"unknown option(s) {unknown} for method {method!r}; valid options are: "
-            f"{sorted(allowed)}")
-    opts = dict(allowed)
-    opts.update(given)
-    return opts
-
-
-def positive_float(method: str, name: str, value, allow_zero=False, allow_inf=False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ODEInputError(f"option {name!r} of {method!r} must be a number, got {value!r}")
-    bad = math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or (math.isinf(v) and not allow_inf)
-    if bad:
-        req = "a non-negative" if allow_zero else "a positive"
-        raise ODEInputError(
-            f"option {name!r} of {method!r} must be {req}"
-            f"{'' if allow_inf else ' finite'} number, got {value!r}")
-    return v
-
-
-class Solver:
-    """Base class: a solver integrates the flat state and returns it at every output time."""
-
-    name = ""
-    OPTIONS: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, rhs: RHS, y0: torch.Tensor, rtol, atol, norm, options: dict):
-        self.rhs = rhs
-        self.y0 = y0
-        self.rtol = rtol
-        self.atol = atol
-        self.norm = norm
-        self.options = check_options(self.name, options, self.OPTIONS)
-        self.stats = rhs.stats
-        self.stats.method = self.name
-
-    @classmethod
-    def describe(cls) -> str:
-        return cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.name
-
-    def integrate(self, ts: list[float]) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def fail_nonfinite(self, t: float, h: float | None = None) -> None:
-        span = f" (in the step from t={t:.10g} with h={h:.3g})" if h is not None else ""
-        raise FloatingPointError(
-            f"the ODE's derivative or state became non-finite (nan/inf) at t={t:.10g}{span}; "
-            f"check func for overflow, division by zero or a blow-up of the solution")

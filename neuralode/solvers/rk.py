@@ -1,5 +1,7 @@
-"""One generic explicit Runge–Kutta stepper, driven by a ``ButcherTableau``, and the two
-solvers built on it: fixed grid and adaptive (embedded pair with step-size control).
+"""One generic explicit Runge–Kutta stepper, driven by a ``ButcherTableau``.
+
+The stepper takes one step of the method; it knows nothing of step-size control, outputs,
+events or statistics (the integration loop in ``loop.py`` owns those).
 
 Two evaluation modes share the same tableau data:
 
@@ -9,21 +11,15 @@ Two evaluation modes share the same tableau data:
   out-of-place ops only, so the graph holds the stage values and nothing is overwritten.
 
 Dense output (``tableau.dense``) gives every method's interpolant as weights over the
-extended stages, so outputs at requested times never shorten steps.
+extended stages ``k_1..k_s, f(t1, y1)``, so outputs between steps never shorten steps.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import math
-from typing import Any, ClassVar
 
 import torch
 
-from neuralode.errors import MaxStepsError, ODEInputError, StepSizeError
-from neuralode.solvers.base import Solver, nudge, positive_float
-from neuralode.solvers.control import ErrorNorm, PIDController, initial_step
 from neuralode.solvers.tableau import ButcherTableau
 
 
@@ -40,8 +36,7 @@ def _python_coefficients(tab: ButcherTableau):
 @functools.lru_cache(maxsize=64)
 def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
     """A tableau's coefficients as tensors of the state's dtype and device, made once per
-    (tableau, dtype, device) rather than at every solve (the adjoint solves once per output
-    interval). Read-only: nothing writes into them."""
+    (tableau, dtype, device). Read-only: nothing writes into them."""
     s = tab.stages
     a_rows = [torch.tensor(tab.a[i, :i], dtype=dtype, device=device) for i in range(s)]
     b = torch.tensor(tab.b, dtype=dtype, device=device)
@@ -50,467 +45,182 @@ def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.
     return a_rows, b, b_err, dense_t
 
 
+def dense_weights(dense_t: torch.Tensor, thetas, degree: int) -> torch.Tensor:
+    """(m, s_ext) weights of the extended stages at the step fractions ``thetas``."""
+    powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
+                          dtype=dense_t.dtype, device=dense_t.device)
+    return powers @ dense_t
+
+
+class RKSegment:
+    """The interpolant of one accepted RK step, kept for a dense solution."""
+
+    __slots__ = ("K", "degree", "dense_t", "h", "y")
+
+    def __init__(self, y, h, K, dense_t, degree):
+        self.y, self.h, self.K, self.dense_t, self.degree = y, h, K, dense_t, degree
+
+    def evaluate(self, thetas) -> torch.Tensor:
+        w = dense_weights(self.dense_t, thetas, self.degree)
+        return torch.addmm(self.y.unsqueeze(0), w, self.K, alpha=self.h)
+
+
+def chord(y0, y1, thetas) -> list[torch.Tensor]:
+    """Linear interpolation between the ends of a step (torchdiffeq's ``interp='linear'``)."""
+    d = y1 - y0
+    return [y0 if th == 0 else (y1 if th == 1 else torch.add(y0, d, alpha=th)) for th in thetas]
+
+
+class ChordSegment:
+    __slots__ = ("y0", "y1")
+
+    def __init__(self, y0, y1):
+        self.y0, self.y1 = y0, y1
+
+    def evaluate(self, thetas) -> torch.Tensor:
+        return torch.stack(chord(self.y0, self.y1, thetas))
+
+
 class RKStepper:
-    """Evaluates the stages of one tableau on the flat state."""
+    """One step of an explicit RK method on the flat state.
 
-    def __init__(self, tab: ButcherTableau, rhs, y0: torch.Tensor):
+    Per solve: ``start(rhs, y0, f0, graph)``; then for each attempt ``step(t, y, h)`` ->
+    ``y1``; ``error()`` -> the embedded error estimate of the last attempt; after an
+    accepted step ``interpolate``/``end_derivative``/``segment`` use that step's stages,
+    and ``advance(f)`` makes ``f`` (or f(t1, y1)) the first stage of the next step.
+    """
+
+    def __init__(self, tab: ButcherTableau, linear: bool = False):
         self.tab = tab
-        self.rhs = rhs.call
-        s = tab.stages
-        self.s = s
+        self.linear = linear  # interp='linear': outputs between steps on the chord
+        self.s = tab.stages
         self.s_ext = tab.dense.shape[0]
-        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
-        self.a_rows, self.b, self.b_err, self.dense_t = _tensor_coefficients(
-            tab, y0.dtype, y0.device)
         self.degree = tab.dense.shape[1]
-        self.K = None
-        self.KT = None
-        self.stage_plan = None
+        self.fsal = tab.fsal
+        self.order = tab.order
+        self.error_order = tab.error_order
+        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
 
-    # -- no-autograd path ---------------------------------------------------------------
-    def buffer(self, y0: torch.Tensor) -> torch.Tensor:
-        if self.K is None:
-            self.K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
-            # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
-            self.KT = [self.K[:i].t() for i in range(self.s_ext + 1)]
-            self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], self.K[i])
-                               for i in range(1, self.s)]
-        return self.K
+    # -- per solve --------------------------------------------------------------------
+    def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
+        self.rhs = rhs
+        self.graph = graph
+        self.a_rows, self.b, self.b_err, self.dense_t = _tensor_coefficients(
+            self.tab, y0.dtype, y0.device)
+        self.f1_known = False
+        if graph:
+            self.f0 = f0
+            self.ks = None
+            return
+        K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
+        self.K = K
+        # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
+        self.KT = [K[:i].t() for i in range(self.s_ext + 1)]
+        self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
+                           for i in range(1, self.s)]
+        K[0].copy_(f0)
 
-    def step_buffer(self, t: float, y: torch.Tensor, h: float, t_last: float | None = None):
-        """Stages 2..s into the buffer (K[0] must hold f(t, y)); returns y1.
-
-        ``t_last`` replaces t + h for stages with c == 1 (left-sided evaluation before a
-        discontinuity)."""
-        rhs, addmv = self.rhs, torch.addmv
+    # -- one attempt ------------------------------------------------------------------
+    def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
+        """y1 after one step of size h from (t, y). ``left_end`` (a callable time -> time
+        tensor) is given when the step ends at a discontinuity: stage times are then handed
+        to f strictly before t + h, in the state's time dtype."""
+        self.f1_known = self.fsal
+        if self.graph:
+            self.y1 = y1 = self._step_graph(t, y, h, left_end)
+            return y1
+        addmv = torch.addmv
         yi = y
-        if t_last is None:
+        if left_end is None:
+            call = self.rhs.call
             for kt, a, c, k in self.stage_plan:
                 yi = addmv(y, kt, a, alpha=h)
-                k.copy_(rhs(t + c * h, yi))
+                k.copy_(call(t + c * h, yi))
         else:
+            call_at = self.rhs.call_at
             for kt, a, c, k in self.stage_plan:
                 yi = addmv(y, kt, a, alpha=h)
-                k.copy_(rhs(t_last if c == 1.0 else t + c * h, yi))
-        if self.tab.fsal:
-            return yi  # the last stage is evaluated at y1 itself
-        return addmv(y, self.KT[self.s], self.b, alpha=h)
+                k.copy_(call_at(left_end(t + c * h), yi))
+        if not self.fsal:
+            yi = addmv(y, self.KT[self.s], self.b, alpha=h)
+        self.y1 = yi  # FSAL: the last stage is evaluated at y1 itself
+        return yi
 
-    def error_buffer(self) -> torch.Tensor:
-        return torch.mv(self.KT[self.s], self.b_err)
-
-    # -- autograd path ----------------------------------------------------------------
-    def step_graph(self, t: float, y: torch.Tensor, f0: torch.Tensor, h: float,
-                   t_last: float | None = None):
-        """Out-of-place stages; returns (y1, list of stage derivatives)."""
-        ks = [f0]
+    def _step_graph(self, t, y, h, left_end):
+        ks = [self.f0]
         c, rhs = self.c, self.rhs
         yi = y
         for i in range(1, self.s):
             yi = y
             for j, aij in self.a_nz[i]:
                 yi = torch.add(yi, ks[j], alpha=h * aij)
-            ti = t + c[i] * h if (t_last is None or c[i] != 1.0) else t_last
-            ks.append(rhs(ti, yi))
-        if self.tab.fsal:
-            return yi, ks
+            ti = t + c[i] * h
+            ks.append(rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi))
+        self.ks = ks
+        if self.fsal:
+            return yi
         y1 = y
         for j, bj in self.b_nz:
             y1 = torch.add(y1, ks[j], alpha=h * bj)
-        return y1, ks
+        return y1
 
-    def error_graph(self, ks) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.mv(torch.stack(ks[: self.s], dim=1), self.b_err)
+    def error(self) -> torch.Tensor:
+        """sum_i b_err_i k_i of the last attempt (no graph); the local error estimate is h
+        times this (the controller applies the factor h to the norm)."""
+        if self.graph:
+            with torch.no_grad():
+                return torch.mv(torch.stack(self.ks[: self.s], dim=1), self.b_err)
+        return torch.mv(self.KT[self.s], self.b_err)
 
-    # -- dense output -----------------------------------------------------------------
-    def interpolate(self, y: torch.Tensor, K, thetas: list[float], h: float) -> list:
-        """States at t + theta h for each theta, from the extended stages K (a buffer
-        tensor (s_ext, n) or a list of s_ext tensors):
-        y(t + theta h) = y + h * (theta^1..theta^d) @ dense^T @ K."""
-        powers = torch.tensor([[th ** (m + 1) for m in range(self.degree)] for th in thetas],
-                              dtype=y.dtype, device=y.device)
-        w = powers @ self.dense_t  # (m, s_ext)
-        if isinstance(K, list):
-            K = torch.stack(K)
+    # -- after an accepted step ---------------------------------------------------------
+    def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:
+        """f(t1, y1): the FSAL stage, or one evaluation (kept as the extended stage).
+        ``t1_time`` is a float or a time tensor (a left limit at a discontinuity)."""
+        if self.graph:
+            if not self.f1_known:
+                f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+                      else self.rhs.call_at(t1_time, y1))
+                self.ks = self.ks + [f1]
+                self.f1_known = True
+            return self.ks[self.s_ext - 1]
+        k = self.K[self.s_ext - 1]
+        if not self.f1_known:
+            f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+                  else self.rhs.call_at(t1_time, y1))
+            k.copy_(f1)
+            self.f1_known = True
+        return k
+
+    def prepare_interp(self, t1_time, y1) -> None:
+        """Make the accepted step's interpolant available (may evaluate f(t1, y1))."""
+        if not self.linear:
+            self.end_derivative(t1_time, y1)
+
+    def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
+        """States at t + theta h on the accepted step (after ``prepare_interp``)."""
+        if self.linear:
+            return chord(y, self.y1, thetas)
+        w = dense_weights(self.dense_t, thetas, self.degree)
+        K = torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h)]
         return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
 
+    def segment(self, y: torch.Tensor, h: float):
+        if self.linear:
+            return ChordSegment(y, self.y1)
+        K = torch.stack(self.ks[: self.s_ext]) if self.graph else self.K.clone()
+        return RKSegment(y, h, K, self.dense_t, self.degree)
 
-def needs_graph(y0: torch.Tensor, f0: torch.Tensor) -> bool:
-    """Backpropagation through the solver is needed when autograd is on and the state or
-    f's output at the start depends on something that requires grad; otherwise the faster
-    buffer path runs (also for users who forget torch.no_grad() at inference)."""
-    return torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
+    def restart(self) -> None:
+        """Forget carried history (nothing for a one-step method)."""
 
-
-def _sorted_unique_times(method, name, value, t0, t1, direction) -> list[float]:
-    """step_t / jump_t: the times strictly inside (t0, t1), in the direction of travel."""
-    if value is None:
-        return []
-    try:
-        vals = torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()
-    except (TypeError, ValueError, RuntimeError):
-        raise ODEInputError(f"option {name!r} of {method!r} must be a 1-D tensor or sequence of "
-                            f"times, got {value!r}")
-    if any(not math.isfinite(v) for v in vals):
-        raise ODEInputError(f"option {name!r} of {method!r} contains non-finite times: {vals}")
-    inside = sorted({v for v in vals if direction * (v - t0) > 0 and direction * (t1 - v) > 0},
-                    key=lambda v: direction * v)
-    return inside
-
-
-class UniformGrid:
-    """The grid t0, t0 + h, ..., t0 + (n - 1) h, t1 computed on demand, so that memory does not
-    grow with the number of steps (a list of n floats would)."""
-
-    def __init__(self, t0: float, t1: float, h: float, n: int):
-        self.t0, self.t1, self.h, self.n = t0, t1, h, n
-
-    def __len__(self) -> int:
-        return self.n + 1
-
-    def __getitem__(self, k: int) -> float:
-        if k < 0:
-            k += self.n + 1
-        if not 0 <= k <= self.n:
-            raise IndexError(k)
-        return self.t1 if k == self.n else self.t0 + self.h * k
-
-
-class FixedGridRK(Solver):
-    """Fixed-grid explicit Runge–Kutta on a grid from ``step_size`` or ``grid_constructor``."""
-
-    tableau: ButcherTableau
-    OPTIONS: ClassVar[dict[str, Any]] = {"step_size": None, "grid_constructor": None, "perturb": False,
-               "interp": "cubic"}
-
-    @classmethod
-    def describe(cls) -> str:
-        t = cls.tableau
-        return f"fixed grid, order {t.order}, {t.stages} stages"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        o = self.options
-        if o["step_size"] is not None and o["grid_constructor"] is not None:
-            raise ODEInputError(f"{self.name}: give at most one of the options 'step_size' and "
-                                f"'grid_constructor'")
-        if o["step_size"] is not None:
-            self.step_size = positive_float(self.name, "step_size", o["step_size"])
-        if o["interp"] not in ("cubic", "linear"):
-            raise ODEInputError(f"option 'interp' of {self.name!r} must be 'cubic' (Hermite, the "
-                                f"default) or 'linear', got {o['interp']!r}")
-        # set by the front door: grid_constructor(func, y0, t) sees the user's objects
-        self.func_for_grid = None
-        self.y0_user = None
-        self.stepper = RKStepper(self.tableau, self.rhs, self.y0)
-
-    # -- grid ------------------------------------------------------------------------------
-    def make_grid(self, ts: list[float]) -> list[float]:
-        o = self.options
-        t0, t1 = ts[0], ts[-1]
-        if o["grid_constructor"] is not None:
-            tt = torch.tensor(ts, dtype=torch.float64)
-            grid = o["grid_constructor"](self.func_for_grid, self.y0_user, tt)
-            try:
-                grid = torch.as_tensor(grid).detach().to(torch.float64)
-            except (TypeError, ValueError, RuntimeError):
-                raise ODEInputError(f"{self.name}: grid_constructor must return a 1-D tensor of "
-                                    f"times, got {type(grid).__name__}")
-            if grid.dim() != 1:
-                raise ODEInputError(f"{self.name}: grid_constructor must return a 1-D tensor of "
-                                    f"times, got shape {tuple(grid.shape)}")
-            grid = grid.tolist()
-            if not all(math.isfinite(v) for v in grid):
-                raise ODEInputError(f"{self.name}: the grid from grid_constructor contains "
-                                    f"non-finite times: {[v for v in grid if not math.isfinite(v)]}")
-            direction = 1.0 if t1 > t0 else -1.0
-            if len(grid) < 2 or grid[0] != t0 or grid[-1] != t1:
-                raise ODEInputError(
-                    f"{self.name}: grid_constructor must return a grid starting at t[0]={t0} and "
-                    f"ending at t[-1]={t1}, got one from {grid[0] if grid else None} to "
-                    f"{grid[-1] if grid else None} with {len(grid)} points")
-            if any(direction * (b - a) <= 0 for a, b in itertools.pairwise(grid)):
-                raise ODEInputError(f"{self.name}: the grid from grid_constructor must be strictly "
-                                    f"monotonic in the direction of t")
-            return grid
-        if o["step_size"] is None:
-            return list(ts)
-        span = t1 - t0
-        h = self.step_size
-        n = max(1, math.ceil(abs(span) / h * (1 - 1e-12)))
-        return UniformGrid(t0, t1, math.copysign(h, span), n)
-
-    # -- integration -----------------------------------------------------------------------
-    def integrate(self, ts: list[float]) -> list[torch.Tensor]:
-        outs = [self.y0]
-        if len(ts) == 1:
-            self.stats.status = "success"
-            self.stats.t_final = ts[0]
-            return outs
-        grid = self.make_grid(ts)
-        perturb = bool(self.options["perturb"])
-        linear = self.options["interp"] == "linear"
-        st = self.stepper
-        rhs = self.rhs
-        y = self.y0
-        i_out = 1
-        direction = 1.0 if ts[-1] > ts[0] else -1.0
-        t = grid[0]
-        f0 = rhs(nudge(t, grid[1]) if perturb else t, y)
-        graph = needs_graph(y, f0)
-        K = None if graph else st.buffer(y)
-        for g in range(1, len(grid)):
-            t1 = grid[g]
-            h = t1 - t
-            t_last = nudge(t1, t) if perturb else None
-            if graph:
-                y1, ks = st.step_graph(t, y, f0, h, t_last)
-            else:
-                K[0].copy_(f0)
-                y1 = st.step_buffer(t, y, h, t_last)
-            self.stats.n_accepted += 1
-            if not math.isfinite(y1.sum().item()):
-                self.fail_nonfinite(t, h)
-            last = g == len(grid) - 1
-            # outputs strictly inside (t, t1) need the interpolant; those at t1 are y1
-            inside = []
-            while i_out < len(ts) and direction * (ts[i_out] - t1) < 0:
-                inside.append(ts[i_out])
-                i_out += 1
-            need_f1 = (not last) or (inside and not linear)
-            f1 = None
-            if need_f1:
-                if perturb:
-                    f1 = rhs(t_last, y1) if inside and not linear else None
-                else:
-                    f1 = rhs(t1, y1)
-            if inside:
-                thetas = [(x - t) / h for x in inside]
-                if linear:
-                    outs.extend(y + th * (y1 - y) for th in thetas)
-                elif graph:
-                    outs.extend(st.interpolate(y, ks + [f1], thetas, h))
-                else:
-                    K[st.s].copy_(f1)  # the extended stage f(t1, y1)
-                    outs.extend(st.interpolate(y, K, thetas, h))
-            while i_out < len(ts) and ts[i_out] == t1:
-                outs.append(y1)
-                i_out += 1
-            t, y = t1, y1
-            if not last:
-                f0 = rhs(nudge(t, grid[g + 1]), y) if perturb else f1
-        self.stats.status = "success"
-        self.stats.t_final = t
-        return outs
-
-
-class AdaptiveRK(Solver):
-    """Embedded Runge–Kutta pair with error control and dense output."""
-
-    tableau: ButcherTableau
-    OPTIONS: ClassVar[dict[str, Any]] = {"first_step": None, "safety": 0.9, "ifactor": 10.0, "dfactor": 0.2,
-               "min_step": 0.0, "max_step": math.inf, "max_num_steps": 2**31 - 1,
-               "step_t": None, "jump_t": None, "norm": None, "pcoeff": 0.0, "icoeff": 1.0,
-               "dcoeff": 0.0, "dtype": torch.float64}
-
-    @classmethod
-    def describe(cls) -> str:
-        t = cls.tableau
-        return (f"adaptive, order {t.order}({t.error_order}), {t.stages} stages"
-                f"{', FSAL' if t.fsal else ''}, dense output: {t.dense_name}")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        o = self.options
-        m = self.name
-        self.safety = positive_float(m, "safety", o["safety"])
-        self.ifactor = positive_float(m, "ifactor", o["ifactor"])
-        self.dfactor = positive_float(m, "dfactor", o["dfactor"])
-        if self.ifactor < 1 or self.dfactor > 1:
-            raise ODEInputError(f"{m}: need ifactor >= 1 and 0 < dfactor <= 1, got ifactor="
-                                f"{self.ifactor}, dfactor={self.dfactor}")
-        self.min_step = positive_float(m, "min_step", o["min_step"], allow_zero=True)
-        self.max_step = positive_float(m, "max_step", o["max_step"], allow_inf=True)
-        if self.min_step > self.max_step:
-            raise ODEInputError(f"{m}: min_step={self.min_step} exceeds max_step={self.max_step}")
-        self.first_step = (None if o["first_step"] is None
-                           else positive_float(m, "first_step", o["first_step"]))
-        mns = o["max_num_steps"]
-        if not isinstance(mns, int) or isinstance(mns, bool) or mns < 1:
-            raise ODEInputError(f"option 'max_num_steps' of {m!r} must be a positive int, got "
-                                f"{mns!r}")
-        self.max_num_steps = mns
-        for name in ("pcoeff", "icoeff", "dcoeff"):
-            positive_float(m, name, o[name], allow_zero=True)
-        if o["norm"] is not None and not callable(o["norm"]):
-            raise ODEInputError(f"option 'norm' of {m!r} must be a callable taking the scaled "
-                                f"error (a tensor, or a tuple of tensors for a tuple state) and "
-                                f"returning a scalar; got {o['norm']!r}")
-        if o["dtype"] not in (torch.float64, torch.float32):
-            raise ODEInputError(f"option 'dtype' of {m!r} (time dtype) must be torch.float64 or "
-                                f"torch.float32; neuralode always keeps time in float64")
-        self.error_norm = ErrorNorm(self.rhs.layout, self.rtol, self.atol, o["norm"])
-        self.stepper = RKStepper(self.tableau, self.rhs, self.y0)
-
-    def integrate(self, ts: list[float]) -> list[torch.Tensor]:
-        outs = [self.y0]
-        stats = self.stats
-        if len(ts) == 1:
-            stats.status = "success"
-            stats.t_final = ts[0]
-            return outs
-        o = self.options
-        tab = self.tableau
-        st = self.stepper
-        rhs = self.rhs
-        norm = self.error_norm
-        t0, t_end = ts[0], ts[-1]
-        direction = 1.0 if t_end > t0 else -1.0
-        step_t = _sorted_unique_times(self.name, "step_t", o["step_t"], t0, t_end, direction)
-        jump_t = _sorted_unique_times(self.name, "jump_t", o["jump_t"], t0, t_end, direction)
-        jumps = set(jump_t)
-        stops = sorted(set(step_t) | jumps, key=lambda v: direction * v) + [t_end]
-        controller = PIDController(tab.error_order, self.safety, self.ifactor, self.dfactor,
-                                   float(o["pcoeff"]), float(o["icoeff"]), float(o["dcoeff"]))
-
-        y = self.y0
-        t = t0
-        f0 = rhs(t, y)
-        graph = needs_graph(y, f0)
-        if not math.isfinite(f0.sum().item()):
-            self.fail_nonfinite(t)
-        if self.first_step is not None:
-            h = direction * self.first_step
+    def advance(self, f_next: torch.Tensor | None) -> None:
+        """Make ``f_next`` (default: f(t1, y1) of the accepted step) the next first stage."""
+        if self.graph:
+            self.f0 = f_next if f_next is not None else self.ks[self.s_ext - 1]
+            return
+        if f_next is not None:
+            self.K[0].copy_(f_next)
         else:
-            with torch.no_grad():
-                h = initial_step(rhs, t, y.detach(), f0.detach(), direction, tab.error_order,
-                                 norm)
-        h = direction * min(max(abs(h), self.min_step), self.max_step)
-
-        K = None if graph else st.buffer(y)
-        if K is not None:
-            K[0].copy_(f0)
-        absy = y.detach().abs()
-        i_out = 1
-        i_stop = 0
-        n_attempts = 0
-        span = t_end - t0
-        fsal = tab.fsal
-        s_ext, s = st.s_ext, st.s
-        nonfinite = False  # was the last attempt rejected for a nan/inf derivative?
-        while True:
-            stop = stops[i_stop]
-            h_proposed = h
-            # Land exactly on the next stop (output end, step_t or jump_t), stretching the
-            # step by up to 1% rather than leaving a sliver.
-            if direction * (stop - (t + h)) <= 0.01 * abs(h):
-                t1 = stop
-                h = t1 - t
-                at_stop = True
-            else:
-                t1 = t + h
-                at_stop = False
-            if abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))) or t1 == t:
-                if nonfinite:  # shrinking the step never made the derivative finite
-                    self.fail_nonfinite(t, h)
-                raise StepSizeError(
-                    f"{self.name}: step size underflow at t={t:.17g}: the step h={h:.3g} is "
-                    f"below what float64 time resolves there (the error could not be "
-                    f"controlled; the problem may be stiff or the solution may blow up). "
-                    f"Reached {100 * (t - t0) / span:.1f}% of the way from t0={t0} to "
-                    f"t1={t_end}")
-            n_attempts += 1
-            if n_attempts > self.max_num_steps:
-                raise MaxStepsError(
-                    f"{self.name}: max_num_steps={self.max_num_steps} exceeded at t={t:.10g}, "
-                    f"{100 * (t - t0) / span:.1f}% of the way from t0={t0} to t1={t_end} "
-                    f"(last step size {h:.3g}); raise options['max_num_steps'], loosen "
-                    f"rtol/atol, or use a method suited to the problem")
-            t_last = nudge(t1, t) if (at_stop and t1 in jumps) else None
-            if graph:
-                y1, ks = st.step_graph(t, y, f0, h, t_last)
-                err = st.error_graph(ks)
-                y1d = y1.detach()
-            else:
-                y1 = st.step_buffer(t, y, h, t_last)
-                err = st.error_buffer()
-                y1d = y1
-            absy1 = y1d.abs()
-            ratio = norm(err, norm.scale(torch.maximum(absy, absy1)), h)
-            if not math.isfinite(ratio):
-                # A derivative that is not finite at the current point cannot be helped by
-                # smaller steps; elsewhere in the step it may be (e.g. sqrt of a negative
-                # overshoot), so reject and shrink.
-                if abs(h) <= self.min_step:
-                    self.fail_nonfinite(t, h)
-                stats.n_rejected += 1
-                h = h * self.dfactor
-                nonfinite = True
-                continue
-            nonfinite = False
-            accept = ratio <= 1.0 or abs(h) <= self.min_step
-            factor = controller.factor(ratio, accept)
-            if accept:
-                stats.n_accepted += 1
-                # f1 = f(t1, y1): the FSAL stage, or a fresh evaluation (also next step's f0)
-                if fsal:
-                    f1 = ks[-1] if graph else None
-                else:
-                    f1 = None
-                    need_f1 = i_out < len(ts) and direction * (ts[i_out] - t1) < 0 or t1 != t_end
-                    if need_f1:
-                        f1 = rhs(t_last if t_last is not None else t1, y1)
-                        if K is not None:
-                            K[s_ext - 1].copy_(f1)
-                inside = []
-                while i_out < len(ts) and direction * (ts[i_out] - t1) < 0:
-                    inside.append(ts[i_out])
-                    i_out += 1
-                if inside:
-                    thetas = [(x - t) / h for x in inside]
-                    if graph:
-                        kext = ks if fsal else ks + [f1]
-                        outs.extend(st.interpolate(y, kext[:s_ext], thetas, h))
-                    else:
-                        outs.extend(st.interpolate(y, K, thetas, h))
-                while i_out < len(ts) and ts[i_out] == t1:
-                    outs.append(y1)
-                    i_out += 1
-                t, y, absy = t1, y1, absy1
-                if at_stop:
-                    if t1 == t_end:
-                        # what the next step would have been had the solve gone on
-                        stats.h_next = max(abs(h_proposed), abs(h) * factor)
-                        break
-                    i_stop += 1
-                    if t1 in jumps:
-                        # restart after a discontinuity: right-sided derivative, no FSAL
-                        f1 = rhs(nudge(t1, t_end), y)
-                        if K is not None:
-                            K[0].copy_(f1)
-                        f0 = f1
-                        h = h * factor
-                        h = direction * min(max(abs(h), self.min_step), self.max_step)
-                        continue
-                if graph:
-                    f0 = f1
-                elif fsal:
-                    K[0].copy_(K[s - 1])
-                else:
-                    K[0].copy_(K[s_ext - 1])
-            else:
-                stats.n_rejected += 1
-            h = h * factor
-            h = direction * min(max(abs(h), self.min_step), self.max_step)
-        stats.status = "success"
-        stats.t_final = t
-        return outs
-
-
-def make_rk_solver(tab: ButcherTableau, doc: str):
-    base = AdaptiveRK if tab.adaptive else FixedGridRK
-    return type(tab.name.title().replace("_", ""), (base,),
-                {"name": tab.name, "tableau": tab, "__doc__": doc})
+            self.K[0].copy_(self.K[self.s_ext - 1])

@@ -1,0 +1,290 @@
+"""THE integration loop: one driver for every method.
+
+The driver owns everything that is not one step of a method and not the choice of the step
+size: statistics, ``max_num_steps``, stop times (``step_t``, ``jump_t``, state jumps),
+non-finite handling, outputs at the requested times (from the stepper's dense output),
+events, callbacks, the dense record of the solution, and the final status. A *stepper*
+(``rk.RKStepper``, ``adams.AdamsStepper``) takes one step; a *controller*
+(``controllers.FixedGridController``, ``controllers.PIDController``) says where the step
+ends and whether it is accepted.
+
+The solver state is the flat 1-D tensor of the front door (``neuralode.odeint``); time is a
+Python float (float64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuralode.errors import EventError, MaxStepsError, NonFiniteError, StepSizeError
+
+SUCCESS = "success"
+EVENT = "event"
+MAX_STEPS = "max_steps_reached"
+STEP_SIZE = "step_size_underflow"
+NONFINITE = "nonfinite"
+STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE)
+_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError}
+
+@dataclass
+class Stop:
+    """A time the solve must land on exactly.
+
+    kind: "step" (land and go on), "jump" (a discontinuity of f: the step ends with f
+    evaluated from the left, the next starts with f from the right), "hook" (the state
+    jumps: ``hook(t, y) -> y_new``, used by the adjoint's backward solve)."""
+
+    time: float
+    kind: str = "step"
+    hook: Callable | None = None
+
+
+@dataclass
+class Callbacks:
+    """torchdiffeq's ``callback_step``, ``callback_accept_step``, ``callback_reject_step``,
+    each called as ``cb(t0, y0, dt)`` (tensors; y0 in the user's structure)."""
+
+    step: Callable | None = None
+    accept: Callable | None = None
+    reject: Callable | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.step or self.accept or self.reject)
+
+
+@dataclass
+class LoopResult:
+    outs: list[torch.Tensor]  # flat states at the output times reached
+    status: str = SUCCESS
+    message: str = ""
+    t_final: float = math.nan
+    y_final: torch.Tensor | None = None
+    event_t: float | None = None
+    event_y: torch.Tensor | None = None
+    segments: list[tuple[float, float, Any]] | None = None
+    h_next: float = math.nan
+
+
+class EventFunction:
+    """The user's ``event_fn(t, y)`` on the flat state, made positive at the start.
+
+    A vector-valued event_fn fires when any component changes sign (as torchdiffeq:
+    each component is multiplied by its initial sign and the minimum is watched)."""
+
+    def __init__(self, fn: Callable, rhs, t0: float, y0: torch.Tensor):
+        self.fn, self.rhs = fn, rhs
+        with torch.no_grad():
+            c = self._raw(t0, y0)
+            if not bool(torch.isfinite(c).all()):
+                raise EventError(f"event_fn(t0, y0) is not finite at t0={t0}: {c}")
+            self.signs = torch.sign(c)
+            if not bool((self.signs != 0).all()):
+                raise EventError(
+                    f"event_fn(t0, y0) is exactly zero at t0={t0}; an event at the initial "
+                    f"time cannot be located (start just after it, or shift event_fn)")
+
+    def _raw(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        out = self.fn(self.rhs.time(t), self.rhs.user_state(y))
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out)
+        return out.detach().reshape(-1).to(torch.float64)
+
+    def __call__(self, t: float, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(torch.min(self._raw(t, y) * self.signs))
+
+
+def _locate_event(event: EventFunction, stepper, t: float, y, h: float, g1: float) -> float:
+    """The event time in (t, t + h]: the last float64 time where the (positive at t) event
+    value is still > 0 before it turns <= 0 (or an exact zero), to adjacent float64 times.
+    Illinois regula falsi on the step's interpolant, with a bisection every fifth try."""
+    t_lo, g_lo = t, event(t, y)
+    t_hi, g_hi = t + h, g1
+    last = 0
+    for it in range(200):
+        if abs(t_hi - t_lo) <= 2 * math.ulp(max(abs(t_lo), abs(t_hi))):
+            break
+        tm = 0.5 * (t_lo + t_hi)
+        if g_lo > 0 > g_hi and it % 5 != 4:
+            tf = t_lo + (t_hi - t_lo) * (g_lo / (g_lo - g_hi))
+            if min(t_lo, t_hi) < tf < max(t_lo, t_hi):
+                tm = tf
+        ym = stepper.interpolate(y, h, [(tm - t) / h])[0]
+        gm = event(tm, ym)
+        if gm == 0:
+            return tm
+        if gm > 0:
+            t_lo, g_lo = tm, gm
+            if last == 1:
+                g_hi *= 0.5  # Illinois: halve the value at the end that stayed
+            last = 1
+        else:
+            t_hi, g_hi = tm, gm
+            if last == -1:
+                g_lo *= 0.5
+            last = -1
+    return t_lo
+
+
+def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
+              stops: list[Stop] = (), open_end: bool = False, event_fn: Callable | None = None,
+              callbacks: Callbacks | None = None, perturb: bool = False,
+              max_num_steps: int = 2**31 - 1, record: bool = False, throw: bool = True,
+              name: str = "") -> LoopResult:
+    """Integrate from (ts[0], y0) and return the states at the times ``ts``.
+
+    ``open_end``: ts[-1] only gives the direction; the solve runs until the event (event
+    mode of torchdiffeq) or ``max_num_steps``. ``stops``: times strictly inside the span to
+    land on (see ``Stop``). ``perturb``: every step hands f its start time from the right
+    and its end time from the left (fixed grids with discontinuities at grid points).
+    """
+    stats = rhs.stats
+    t0 = ts[0]
+    res = LoopResult(outs=[y0], t_final=t0, y_final=y0, segments=[] if record else None)
+    if len(ts) == 1 and event_fn is None:
+        return res
+    direction = 1.0 if ts[-1] > t0 else -1.0
+    t_end = direction * math.inf if open_end else ts[-1]
+    inside = sorted((s for s in stops if direction * (s.time - t0) > 0
+                     and direction * (t_end - s.time) > 0), key=lambda s: direction * s.time)
+    plan = inside + [Stop(t_end, "end")]
+    n_out = 1 if open_end else len(ts)
+    event = EventFunction(event_fn, rhs, t0, y0) if event_fn is not None else None
+    cbs = callbacks if callbacks else None
+    adaptive = controller.adaptive
+
+    def fail(status: str, message: str, t: float, y) -> LoopResult:
+        if throw:
+            raise _ERRORS[status](message)
+        res.status, res.message, res.t_final, res.y_final = status, message, t, y
+        return res
+
+    t, y = t0, y0
+    if perturb:
+        f0 = rhs.call_at(rhs.toward(t0, t0 + direction), y0)
+    else:
+        f0 = rhs.call(t0, y0)
+    if adaptive and not math.isfinite(f0.sum().item()):
+        return fail(NONFINITE, f"{name}: the ODE's derivative or state became non-finite "
+                               f"(nan/inf) at t={t0:.10g} (the initial time); check func for "
+                               f"overflow or division by zero", t, y)
+    graph = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
+    stepper.start(rhs, y0, f0, graph)
+    h = controller.first_step(rhs, t0, y0, f0, direction)
+    outs = res.outs
+    i_out, i_stop, n_attempts = 1, 0, 0
+    while True:
+        stop = plan[i_stop]
+        t1 = controller.propose(t, h, stop.time, direction)
+        at_stop = t1 == stop.time
+        h = t1 - t
+        if not math.isfinite(h) or abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))):
+            where = "" if open_end else (f"; reached {100 * (t - t0) / (ts[-1] - t0):.1f}% of "
+                                         f"the way from t0={t0} to t1={ts[-1]}")
+            if adaptive and controller.nonfinite:
+                return fail(NONFINITE, f"{name}: the ODE's derivative or state became "
+                                       f"non-finite (nan/inf) at t={t:.10g} and smaller steps "
+                                       f"did not help; check func for overflow, division by zero "
+                                       f"or a blow-up of the solution{where}", t, y)
+            return fail(STEP_SIZE, f"{name}: step size underflow at t={t:.17g}: the step "
+                                   f"h={h:.3g} is below what float64 time resolves there (the "
+                                   f"error could not be controlled; the problem may be stiff or "
+                                   f"the solution may blow up){where}", t, y)
+        if n_attempts >= max_num_steps:
+            where = ("before the event" if open_end else
+                     f"{100 * (t - t0) / (ts[-1] - t0):.1f}% of the way from t0={t0} to "
+                     f"t1={ts[-1]}")
+            return fail(MAX_STEPS, f"{name}: max_num_steps={max_num_steps} exceeded at "
+                                   f"t={t:.10g}, {where} (last step size {h:.3g}); raise "
+                                   f"options['max_num_steps'], loosen rtol/atol, or use a "
+                                   f"method suited to the problem", t, y)
+        n_attempts += 1
+        left = perturb or (at_stop and stop.kind == "jump")
+        left_end = rhs.left_limit(t1, t) if left else None
+        if cbs is not None and cbs.step is not None:
+            cbs.step(*rhs.callback_args(t, y, h))
+        y1 = stepper.step(t, y, h, left_end)
+        if adaptive:
+            accept, h_next = controller.judge(y1, stepper.error(), h, direction)
+            if not accept:
+                stats.n_rejected += 1
+                if cbs is not None and cbs.reject is not None:
+                    cbs.reject(*rhs.callback_args(t, y, h))
+                h = h_next
+                continue
+        else:
+            accept, h_next = controller.judge()
+        stats.n_accepted += 1
+        if cbs is not None and cbs.accept is not None:
+            cbs.accept(*rhs.callback_args(t, y, h))
+        t1_eval = left_end(t1) if left else t1
+
+        # event: the first sign change inside this step ends the solve there
+        if event is not None:
+            g1 = event(t1, y1)
+            if not math.isfinite(g1):
+                raise EventError(f"{name}: event_fn returned a non-finite value at t={t1:.10g}")
+            if g1 <= 0:
+                stepper.prepare_interp(t1_eval, y1)
+                with torch.no_grad():
+                    t_ev = _locate_event(event, stepper, t, y.detach(), h, g1)
+                y_ev = stepper.interpolate(y, h, [(t_ev - t) / h])[0] if t_ev != t else y
+                while i_out < n_out and direction * (ts[i_out] - t_ev) <= 0:
+                    out_t = ts[i_out]
+                    outs.append(stepper.interpolate(y, h, [(out_t - t) / h])[0])
+                    i_out += 1
+                if record:
+                    res.segments.append((t, t1, stepper.segment(y, h)))
+                res.status, res.event_t, res.event_y = EVENT, t_ev, y_ev
+                res.t_final, res.y_final = t_ev, y_ev
+                return res
+
+        # outputs strictly inside (t, t1) come from the interpolant; those at t1 are y1
+        if i_out < n_out and direction * (ts[i_out] - t1) < 0:
+            stepper.prepare_interp(t1_eval, y1)
+            thetas = []
+            while i_out < n_out and direction * (ts[i_out] - t1) < 0:
+                thetas.append((ts[i_out] - t) / h)
+                i_out += 1
+            outs.extend(stepper.interpolate(y, h, thetas))
+        while i_out < n_out and ts[i_out] == t1:
+            outs.append(y1)
+            i_out += 1
+        if record:
+            stepper.prepare_interp(t1_eval, y1)
+            res.segments.append((t, t1, stepper.segment(y, h)))
+        if not adaptive and not math.isfinite(y1.sum().item()):
+            return fail(NONFINITE, f"{name}: the ODE's derivative or state became non-finite "
+                                   f"(nan/inf) at t={t:.10g} (in the step from t={t:.10g} with "
+                                   f"h={h:.3g}); check func for overflow, division by zero or a "
+                                   f"blow-up of the solution", t, y)
+        t, y = t1, y1
+        f_next = None
+        if at_stop:
+            if stop.kind == "end":
+                res.t_final, res.y_final, res.h_next = t, y, h_next
+                return res
+            i_stop += 1
+            if stop.kind != "step":
+                stepper.restart()  # a multistep history does not survive a discontinuity
+            if stop.kind == "jump":
+                f_next = rhs.call_at(rhs.toward(t, t + direction), y)
+            elif stop.kind == "hook":
+                y = stop.hook(t, y)
+                f_next = rhs.call(t, y)
+                if adaptive:
+                    controller.absy = y.detach().abs()
+        if perturb and f_next is None:
+            f_next = rhs.call_at(rhs.toward(t, t + direction), y)
+        if f_next is None and not stepper.fsal:
+            stepper.end_derivative(t1_eval, y1)
+        stepper.advance(f_next)
+        h = h_next
+
+
+__all__ = ["STATUSES", "Callbacks", "EventFunction", "LoopResult", "Stop", "integrate"]
