@@ -75,6 +75,27 @@ def _backward_tolerance(tol, layout: StateLayout):
     return tol
 
 
+def _user_adjoint_norm(norm: Callable, layout: StateLayout, params):
+    """A user's adjoint norm, called as torchdiffeq calls it: with the tuple
+    ``(t, *y, *adj_y, *adj_params)`` (y and adj_y in the user's structure; t is the time
+    adjoint, which neuralode does not integrate: a zero)."""
+    shapes = [p.shape for p in params]
+
+    def wrapped(state):
+        y, a, gp = state
+        ys = layout.unflatten(y)
+        adj = layout.unflatten(a)
+        ys = ys if layout.is_tuple else (ys,)
+        adj = adj if layout.is_tuple else (adj,)
+        parts, k = [], 0
+        for s in shapes:
+            n = math.prod(s)
+            parts.append(gp[k:k + n].reshape(s))
+            k += n
+        return norm((y.new_zeros(()), *ys, *adj, *parts))
+    return wrapped
+
+
 class _Backward:
     """The backward solve, prepared (and so validated) before the forward pass."""
 
@@ -311,11 +332,17 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             raise ODEInputError(f"adjoint_options must be a dict, got "
                                 f"{type(adjoint_options).__name__}")
         adjoint_options = dict(adjoint_options)
+    user_adjoint_norm = None
     if adjoint_options.get("norm") == "seminorm":
         adjoint_options["norm"] = _seminorm
     elif isinstance(adjoint_options.get("norm"), str):
         raise ODEInputError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got "
                             f"{adjoint_options['norm']!r}")
+    elif adjoint_options.get("norm") is not None:
+        user_adjoint_norm = adjoint_options.pop("norm")
+        if not callable(user_adjoint_norm):
+            raise ODEInputError(f"adjoint_options['norm'] must be 'seminorm' or a callable, "
+                                f"got {user_adjoint_norm!r}")
     adj_method_name, adjoint_options = _resolve_method(adjoint_method, adjoint_options)
     adjoint_rtol = rtol if adjoint_rtol is None else adjoint_rtol
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
@@ -327,6 +354,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     stats = AdjointStats(method=method_name)
     dtype = torch.float32 if items[0].dtype in (torch.float16, torch.bfloat16) else items[0].dtype
     # the backward solve is prepared (validated) now, not deep inside .backward()
+    if user_adjoint_norm is not None:
+        adjoint_options["norm"] = _user_adjoint_norm(user_adjoint_norm, layout, params)
     backward = _Backward(func, layout, params, dtype, items[0].device, adjoint_rtol,
                          adjoint_atol, adj_method_name, adjoint_options, stats)
     cfg = {"func": func, "is_tuple": is_tuple, "rtol": rtol, "atol": atol,

@@ -566,3 +566,19 @@ def test_a_user_controller_object_is_used():
         odeint(lambda t, y: -y, y0, t, method="dopri5", options={"step_size_controller": 3})
     with pytest.raises(ODEInputError, match="safety"):
         PIDController(safety=2.0)
+
+
+def test_a_user_adjoint_norm_receives_torchdiffeqs_tuple():
+    seen = []
+    params = (torch.rand(7, requires_grad=True), torch.rand((), requires_grad=True))
+
+    def norm(state):
+        seen.append(tuple(tuple(v.shape) for v in state))
+        return max(v.abs().max() for v in state)
+
+    xs = odeint_adjoint(lambda t, s: (s[0] * params[1], s[1]),
+                        (torch.tensor(1.0), torch.full((2, 2), 0.5)), torch.tensor([0.0, 1.0]),
+                        adjoint_params=params, adjoint_options={"norm": norm})
+    xs[0].sum().backward()
+    assert seen and seen[0] == ((), (), (2, 2), (), (2, 2), (7,), ())
+    assert params[1].grad is not None and params[0].grad.abs().max() == 0
