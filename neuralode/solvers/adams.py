@@ -12,6 +12,7 @@ derivatives at the grid points (already in the history: no extra evaluations).
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 from functools import lru_cache
 
@@ -96,6 +97,7 @@ class AdamsStepper:
         self.f0 = f0
         self.f1 = None
         self.fresh = False
+        self.warned = False
 
     def step(self, t, y, h, left_end=None):
         self.t, self.h, self.f1 = t, h, None
@@ -125,6 +127,7 @@ class AdamsStepper:
         fs_past = hist_f[-k:] if k > 0 else []
         t_eval = left_end(t1) if left_end is not None else None
         y_new = y_pred
+        converged = False
         for _ in range(self.max_iters):
             f1 = self.rhs.call(t1, y_new) if t_eval is None else self.rhs.call_at(t_eval, y_new)
             y_next = _combine(y, w, fs_past + [f1], h)
@@ -133,6 +136,12 @@ class AdamsStepper:
             y_new = y_next
             if converged:
                 break
+        if not converged and not self.warned:
+            self.warned = True
+            warnings.warn(f"implicit_adams: the corrector did not converge to rtol/atol in "
+                          f"max_iters={self.max_iters} iterations (first at t={t1:.6g}); the "
+                          f"solution may be less accurate than the tolerances: use a smaller "
+                          f"step_size or more max_iters", stacklevel=2)
         return y_new
 
     def error(self):
