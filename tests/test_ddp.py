@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neuralode.cli import main
-from neuralode.experiments._common import load_checkpoint
+from neuralode.experiments.runner import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 # ODE-Net (width 8) with a fixed RK4 grid and the adjoint: every image's forward and backward
