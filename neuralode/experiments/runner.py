@@ -703,8 +703,7 @@ class Run:
             "steps_planned": self._total, "checkpoint_step": self.saved_step,
             "last": self.history[-1] if self.history else None, "config": self.config})
 
-    def _resume(self) -> None:
-        ck = load_checkpoint(self.out / CHECKPOINT_NAME)
+    def _resume(self, ck: dict[str, Any]) -> None:
         if ck.get("experiment") != self.exp.name or ck.get("format") != 2:
             raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is not a checkpoint of "
                                   f"'{self.prog}' (format {ck.get('format')!r}, experiment "
@@ -741,6 +740,8 @@ class Run:
             if args.threads:
                 torch.set_num_threads(args.threads)
             self.device = self.dist.init(parse_device(args.device))
+            # a damaged checkpoint is reported before any work is done
+            self._checkpoint = load_checkpoint(self.out / CHECKPOINT_NAME) if args.resume else None
         except UsageError as e:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -779,8 +780,9 @@ class Run:
         self.dist.barrier()
         seed_everything(self.config.get("seed", args.seed))
         exp.setup()
-        if args.resume:
-            self._resume()
+        if self._checkpoint is not None:
+            self._resume(self._checkpoint)
+            self._checkpoint = None
         self._total = total = exp.total_steps
         if self.step > total:
             raise UsageError(f"the checkpoint is at iteration {self.step}, beyond the "
