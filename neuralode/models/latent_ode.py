@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuralode import odeint
+from neuralode import odeint, odeint_adjoint
 
 __all__ = [
     "ELBOTerms",
@@ -162,14 +162,7 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
 
 
 def _solver(adjoint: bool):
-    if not adjoint:
-        return odeint
-    try:
-        from neuralode import odeint_adjoint
-    except ImportError:
-        raise ValueError("adjoint=True needs neuralode.odeint_adjoint, which this install does "
-                         "not have; use adjoint=False") from None
-    return odeint_adjoint
+    return odeint_adjoint if adjoint else odeint
 
 
 # ----------------------------------------------------------------------------
