@@ -564,7 +564,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
     default = exp.default_threads
     g.add_argument("--threads", type=threads, default=default,
                    help=f"torch CPU threads, 1 to the CPUs available "
-                        f"(default {default or 'torch's choice'})")
+                        f"(default {default or 'torch default'})")
     g.add_argument("--ckpt-every", "--checkpoint-every", dest="ckpt_every",
                    type=nonnegative_int, default=exp.default_ckpt_every,
                    help=f"checkpoint every N steps (default {exp.default_ckpt_every}; also "
