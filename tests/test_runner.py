@@ -139,6 +139,16 @@ def test_resume_with_other_threads_is_refused_and_says_which(tmp_path, capsys):
     assert "--threads 1, now 2" in capsys.readouterr().err
 
 
+def test_a_two_process_checkpoint_does_not_resume_silently_in_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--iters", "4", "--stop-after", "2", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt["world_size"] = 2  # as written by torchrun --nproc_per_node=2
+    save_checkpoint(ckpt, out / "checkpoint.pt")
+    assert main([*FAST, "--iters", "4", "--out", str(out), "--resume"]) == 2
+    assert "2 process(es), now 1" in capsys.readouterr().err
+
+
 def test_tolerance_below_the_dtype_resolution_is_rejected(tmp_path, capsys):
     assert main([*FAST, "--iters", "2", "--rtol", "1e-30", "--out", str(tmp_path / "r")]) == 2
     assert "--rtol 1e-30 is below what float32 can resolve" in capsys.readouterr().err

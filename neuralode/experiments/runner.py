@@ -549,11 +549,16 @@ class Experiment:
         return ""
 
 
+def _out_help(exp: Experiment) -> str:
+    default = exp.default_out(argparse.Namespace(model="MODEL"))
+    return f"output directory (default {default})" if default else "output directory (required)"
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
     """The options every training command shares."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None,
-                   help=f"output directory (default {exp.default_out(argparse.Namespace(model='MODEL')) or 'required'})")
+                   help=_out_help(exp))
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, exactly")
     g.add_argument("--overwrite", action="store_true",
