@@ -149,6 +149,17 @@ def test_a_two_process_checkpoint_does_not_resume_silently_in_one(tmp_path, caps
     assert "2 process(es), now 1" in capsys.readouterr().err
 
 
+def test_tensorboard_logs_the_metrics_or_says_what_is_missing(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main([*FAST, "--iters", "2", "--out", str(out), "--tensorboard"])
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert rc == 0 and any((out / "tensorboard").iterdir())
+
+
 def test_tolerance_below_the_dtype_resolution_is_rejected(tmp_path, capsys):
     assert main([*FAST, "--iters", "2", "--rtol", "1e-30", "--out", str(tmp_path / "r")]) == 2
     assert "--rtol 1e-30 is below what float32 can resolve" in capsys.readouterr().err

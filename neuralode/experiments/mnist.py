@@ -11,12 +11,12 @@ atomically after every epoch, every ``--checkpoint-every`` steps and at ``--max-
 ``--resume`` continues from it exactly: parameters, optimizer, schedule position, data order and
 RNG state) and ``training.png``.
 
-Runs under ``torchrun --nproc_per_node=N`` with DistributedDataParallel (gloo on CPU, nccl on
-CUDA): every rank takes its slice of each global batch of ``--batch-size`` images, and the
-loss is scaled so that the averaged gradient is the gradient of the mean over the global batch.
-With a fixed-grid solver (or ResNet/MLP) N processes therefore follow the 1-process run up to
-float rounding; an adaptive solver controls its error over each rank's own slice, so its steps
-(and the result, within the tolerance) can differ from the 1-process run.
+Runs under ``torchrun --nproc_per_node=N`` (gloo on CPU, nccl on CUDA), like every training
+command of the shared runner: every rank takes its slice of each global batch of
+``--batch-size`` images, its loss is its share of the global batch mean, and the gradients are
+summed over ranks. With a fixed-grid solver (or ResNet/MLP) N processes therefore follow the
+1-process run up to float rounding; an adaptive solver controls its error over each rank's own
+slice, so its steps (and the result, within the tolerance) can differ from the 1-process run.
 """
 
 from __future__ import annotations
