@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -745,6 +746,12 @@ class Run:
             if args.threads:
                 torch.set_num_threads(args.threads)
             self.device = self.dist.init(parse_device(args.device))
+            if args.tensorboard:
+                try:
+                    importlib.import_module("torch.utils.tensorboard")
+                except ImportError:
+                    raise UsageError("--tensorboard needs the tensorboard package "
+                                     "(pip install tensorboard)") from None
             # a damaged checkpoint is reported before any work is done
             self._checkpoint = load_checkpoint(self.out / CHECKPOINT_NAME) if args.resume else None
         except UsageError as e:
@@ -793,11 +800,8 @@ class Run:
             raise UsageError(f"the checkpoint is at iteration {self.step}, beyond the "
                              f"{total} this run has")
         if args.tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package "
-                                 "(pip install tensorboard)") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.out / "tensorboard"))
         self.log(f"{self.prog}: {self.dist.world_size} process(es) on {self.device}, "
                  f"{torch.get_num_threads()} thread(s); writing to {self.out}"
