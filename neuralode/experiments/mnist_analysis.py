@@ -44,6 +44,7 @@ from neuralode.experiments.runner import (
     UsageError,
     atomic_write_text,
     format_table,
+    load_checkpoint,
     parse_device,
     pyplot,
     write_csv,
@@ -217,6 +218,8 @@ def _table1(args: argparse.Namespace, out: Path) -> int:
         metrics = _read_json(run_dir / "metrics.json")
         ckpt = run_dir / CHECKPOINT_NAME
         checkpoint = str(ckpt) if ckpt.is_file() else None
+        if checkpoint:
+            load_checkpoint(ckpt)  # refuse a damaged or unsafe file here, in one line
         print(f"measuring a training step of {model} in a fresh process"
               + (f" (weights of {ckpt})" if checkpoint else " (initial weights)"),
               file=sys.stderr)
