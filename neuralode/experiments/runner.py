@@ -464,11 +464,13 @@ class DistEnv:
         if self.distributed:
             torch.distributed.barrier()
 
-    def close(self) -> None:
-        """Leave the process group together (a rank that tears down gloo while rank 0 still
-        writes can abort at exit)."""
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group, together with ``barrier`` (a rank that tears down gloo
+        while rank 0 still writes can abort at exit); without it after a failure, where the
+        other ranks may be stuck elsewhere and torchrun stops them."""
         if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if barrier:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -758,11 +760,17 @@ class Run:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         self._total = None
+        clean = False  # ranks leave the process group together only after a normal end
         try:
-            return self._main()
+            rc = self._main()
+            clean = True
+            return rc
         except (UsageError, ValueError, FileNotFoundError) as e:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as e:  # a full disk, a read-only folder, ...
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
         except TrainingFailed as e:
             self._write_status("failed", str(e))
             kept = (f"the last good checkpoint (iteration {self.saved_step}) is kept in "
@@ -777,7 +785,7 @@ class Run:
         finally:
             if self._tb is not None:
                 self._tb.close()
-            self.dist.close()
+            self.dist.close(barrier=clean)
 
     def _main(self) -> int:
         args, exp = self.args, self.exp
