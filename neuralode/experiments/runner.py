@@ -649,6 +649,10 @@ class Run:
         """Solver options with this run's step cap (see :func:`solver_options`)."""
         return solver_options(method, self.args.max_num_steps, options)
 
+    def _now_lr(self) -> str:
+        lr = self.config.get("lr")
+        return f" (now {lr:g})" if isinstance(lr, (int, float)) else ""
+
     def log(self, text: str) -> None:
         """A message on stderr (rank 0), above the progress bar."""
         if self.is_main:
@@ -691,7 +695,7 @@ class Run:
                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingFailed(f"the parameters became non-finite ({bad[0]}) at iteration "
-                                 f"{self.step}; lower --lr")
+                                 f"{self.step}; lower --lr{self._now_lr()}")
         if self.is_main:
             save_checkpoint({"format": 2, "experiment": self.exp.name, "config": self.config,
                              "step": self.step, "history": self.history,
@@ -824,19 +828,19 @@ class Run:
                 except (MaxStepsError, StepSizeError) as e:
                     raise TrainingFailed(
                         f"the learned dynamics became stiff at iteration {self.step + 1} "
-                        f"({str(e).split(';')[0]}); lower --lr (now {self.config.get('lr')}), "
+                        f"({str(e).split(';')[0]}); lower --lr{self._now_lr()}, "
                         f"or loosen the tolerances, or raise --max-num-steps") from None
                 except FloatingPointError as e:
                     raise TrainingFailed(
                         f"the learned dynamics blew up at iteration {self.step + 1} "
-                        f"({str(e).split(';')[0]}); lower --lr (now {self.config.get('lr')})"
+                        f"({str(e).split(';')[0]}); lower --lr{self._now_lr()}"
                     ) from None
                 self.step += 1
                 bad, signum = self.dist.all_reduce(
                     [0.0 if math.isfinite(res.loss) else 1.0, float(flag.signum)], op="max")
                 if bad:
                     raise TrainingFailed(f"the training loss became non-finite ({res.loss}) at "
-                                         f"iteration {self.step}; lower --lr")
+                                         f"iteration {self.step}; lower --lr{self._now_lr()}")
                 if res.row is not None:
                     self.history.append(res.row)
                     if self._tb is not None:
