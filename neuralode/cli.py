@@ -55,6 +55,7 @@ def _dispatch(kind: str, table: dict[str, str], argv: list[str]) -> int:
         module.build_parser(parser)
     args = parser.parse_args(rest)
     args.command_name = name
+    args.argv = rest  # to print the command that resumes an interrupted run
     return int(module.run(args) or 0)
 
 

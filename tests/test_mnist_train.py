@@ -12,13 +12,15 @@ import torch
 
 from neuralode.cli import main
 from neuralode.experiments import mnist as M
-from neuralode.experiments._common import (
-    MetricsWriter,
-    ProgressBar,
-    atomic_save,
+from neuralode.experiments.runner import (
+    UsageError,
     format_table,
     load_checkpoint,
     parse_device,
+    progress_bar,
+    save_checkpoint,
+    write_csv,
+    write_json,
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -129,7 +131,7 @@ def test_bad_arguments_are_rejected_with_the_valid_choices(tmp_path, capsys):
     assert "invalid choice: 'vgg'" in capsys.readouterr().err
     assert train(tmp_path / "r", "--model", "rknet", "--adjoint") == 2
     assert "--model rknet backpropagates through the solver" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="invalid device 'gpu0'; valid devices here are: cpu"):
+    with pytest.raises(UsageError, match="invalid device 'gpu0'; valid devices here are: cpu"):
         parse_device("gpu0")
 
 
@@ -145,31 +147,28 @@ def test_learning_rate_schedule_scales_the_papers_decays():
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
-    atomic_save({"x": torch.arange(3)}, tmp_path / "c.pt")
-    atomic_save({"x": torch.arange(4)}, tmp_path / "c.pt")
+    save_checkpoint({"x": torch.arange(3)}, tmp_path / "c.pt")
+    save_checkpoint({"x": torch.arange(4)}, tmp_path / "c.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.arange(4))
 
 
 def test_metrics_writer_and_table(tmp_path):
-    w = MetricsWriter(tmp_path)
-    w.write_rows([{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}])
+    write_csv(tmp_path / "metrics.csv", [{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}])
     assert (tmp_path / "metrics.csv").read_text() == "a,b,c\n1,0.5,\n2,,x\n"
-    w.write_json({"test_error": 0.1})
+    write_json(tmp_path / "metrics.json", {"test_error": 0.1})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"test_error": 0.1}
     assert format_table([[1, "x"]], ["n", "name"], markdown=True).splitlines()[2] == "| 1 | x    |"
 
 
-def test_progress_bar_renders_counts_and_postfix():
-    import io
-
-    stream = io.StringIO()
-    bar = ProgressBar(4, "ep", stream=stream)
-    bar.update(1, loss=0.5)
-    bar.update(3, loss=0.25)
+def test_progress_bar_renders_counts_and_postfix(capsys):
+    bar = progress_bar(4, desc="ep")
+    bar.update(1)
+    bar.set_postfix(loss=0.25, refresh=False)
+    bar.update(3)
     bar.close()
-    lines = stream.getvalue().splitlines()
-    assert lines[-1].startswith("ep 100% |") and "4/4" in lines[-1] and "loss=0.25" in lines[-1]
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("ep: 100%|") and "4/4" in last and "loss=0.25" in last
 
 
 # --------------------------------------------------------------------------- analyses

@@ -20,9 +20,7 @@ Output in ``--out DIR``:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +28,17 @@ import torch
 from torch import nn
 
 from neuralode.data.toy2d import TOY_DATASETS, sample_toy2d, toy2d_log_density
-from neuralode.experiments._common import atomic_save as atomic_torch_save
-from neuralode.experiments._common import atomic_write_text, pyplot
-from neuralode.experiments._common import positive_float as _positive_float
-from neuralode.experiments._common import positive_int as _positive_int
-from neuralode.experiments._training_io import ProgressBar, write_csv
+from neuralode.experiments import runner
+from neuralode.experiments.runner import (
+    DistEnv,
+    Experiment,
+    StepOutput,
+    UsageError,
+    check_rtol,
+    positive_float,
+    positive_int,
+    pyplot,
+)
 from neuralode.models.cnf import (
     ACTIVATIONS,
     CNF,
@@ -51,7 +55,7 @@ SCHEDULES = ("constant", "cosine")
 TEST_SEED = 20190101  # the test set is the same for every run, whatever --seed
 CHECKPOINT = "checkpoint.pt"
 # Settings that must agree between a checkpoint and a --resume call.
-_RESUME_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
+RUN_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
                 "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
                 "adjoint", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
 
@@ -77,23 +81,14 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"--device: invalid device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 # ---------------------------------------------------------------------------------------------
 # model construction
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: dict) -> nn.Module:
-    """The flow described by a config dict (the parsed arguments, see ``build_parser``)."""
+def build_model(cfg: dict, options: dict | None = None) -> nn.Module:
+    """The flow described by a config dict (the parsed arguments, see ``build_parser``);
+    ``options`` go to the CNF's solver."""
     if cfg["model"] == "planar":
         return PlanarFlow(2, cfg["layers"], mode="normalizing")
     if cfg["dynamics"] == "hypernet":
@@ -102,7 +97,7 @@ def build_model(cfg: dict) -> nn.Module:
         dyn = ConcatMLPDynamics(2, hidden=tuple(cfg["hidden"]), activation=cfg["activation"])
     return CNF(dyn, t1=cfg["t1"], train_time=cfg["train_time"], estimator=cfg["estimator"],
                noise=cfg["noise"], method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-               adjoint=cfg["adjoint"])
+               options=options, adjoint=cfg["adjoint"])
 
 
 def model_label(cfg: dict) -> str:
@@ -131,17 +126,15 @@ def evaluate_nll(model: nn.Module, x: torch.Tensor, batch_size: int = 2500) -> f
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Maximum-likelihood training of a continuous normalizing flow (or a "
-                          "planar flow baseline) on a 2-D toy density.")
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=TOY_DATASETS, default="moons", help="toy dataset")
     parser.add_argument("--model", choices=MODELS, default="cnf")
     g = parser.add_argument_group("CNF")
     g.add_argument("--dynamics", choices=DYNAMICS, default="concat",
                    help="hypernet: the paper's gated time-dependent units (width --width); "
                         "concat: MLP with t appended to every layer (--hidden)")
-    g.add_argument("--width", type=_positive_int, default=32, help="M, hypernet units")
-    g.add_argument("--hyper-hidden", type=_positive_int, default=32,
+    g.add_argument("--width", type=positive_int, default=32, help="M, hypernet units")
+    g.add_argument("--hyper-hidden", type=positive_int, default=32,
                    help="hidden width of the hypernetwork of t")
     g.add_argument("--hidden", type=parse_int_list, default=(64, 64, 64),
                    help="concat-MLP hidden widths, comma-separated")
@@ -150,46 +143,36 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                    help="divergence: exact trace or Hutchinson's estimator")
     g.add_argument("--noise", choices=NOISE_KINDS, default="gaussian",
                    help="Hutchinson probe distribution")
-    g.add_argument("--t1", type=_positive_float, default=0.5, help="integration time T")
+    g.add_argument("--t1", type=positive_float, default=0.5, help="integration time T")
     g.add_argument("--train-time", action="store_true", help="learn T")
     g.add_argument("--method", default="dopri5", help="ODE solver (see `neuralode methods`)")
-    g.add_argument("--rtol", type=_positive_float, default=1e-5)
-    g.add_argument("--atol", type=_positive_float, default=1e-5)
+    g.add_argument("--rtol", type=positive_float, default=1e-5)
+    g.add_argument("--atol", type=positive_float, default=1e-5)
     g.add_argument("--adjoint", action="store_true", help="gradients by the adjoint method")
     p = parser.add_argument_group("planar flow")
-    p.add_argument("--layers", type=_positive_int, default=64, help="K, planar layers")
+    p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
     t = parser.add_argument_group("training")
-    t.add_argument("--iters", type=_positive_int, default=1000)
-    t.add_argument("--batch-size", type=_positive_int, default=512)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--iters", type=positive_int, default=1000)
+    t.add_argument("--batch-size", type=positive_int, default=512)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
     t.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
-    t.add_argument("--test-size", type=_positive_int, default=5000)
-    t.add_argument("--eval-every", type=_positive_int, default=None,
+    t.add_argument("--test-size", type=positive_int, default=5000)
+    t.add_argument("--eval-every", type=positive_int, default=None,
                    help="iterations between test evaluations (default: iters/5)")
-    t.add_argument("--ckpt-every", type=_positive_int, default=100,
-                   help="iterations between checkpoints")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--out", type=Path, required=True, help="output folder")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt (must have the same settings)")
-    t.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
-    t.add_argument("--grid", type=_positive_int, default=100, help="plot grid resolution")
-    t.add_argument("--plot-samples", type=_positive_int, default=20000,
+    t.add_argument("--grid", type=positive_int, default=100, help="plot grid resolution")
+    t.add_argument("--plot-samples", type=positive_int, default=20000,
                    help="samples drawn for the sample histograms")
-    t.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_CSV_COLUMNS = ["iter", "loss", "nfe_forward", "nfe_backward", "iter_time_s", "lr", "end_time",
-                "test_nll"]
 
 
 def _config(args: argparse.Namespace) -> dict:
-    keys = list(_RESUME_KEYS) + ["iters"]
-    cfg = {k: getattr(args, k) for k in keys}
+    check_rtol(args.rtol, getattr(torch, args.dtype))
+    if args.batch_size < DistEnv.from_env().world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
+                         f"processes")
+    cfg = {k: getattr(args, k) for k in (*RUN_KEYS, "iters")}
     cfg["hidden"] = list(cfg["hidden"])
     return cfg
 
@@ -202,143 +185,135 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: dict):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
 
 
-def _check_resume(saved: dict, cfg: dict) -> None:
-    keys = list(_RESUME_KEYS) + (["iters"] if cfg["lr_schedule"] == "cosine" else [])
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {cfg.get(k)!r}" for k in keys
-            if saved.get(k) != cfg.get(k)]
-    if diff:
-        raise SystemExit("--resume: the checkpoint was made with different settings; use the "
-                         "same ones or a new --out folder:\n  " + "\n  ".join(diff))
+class CNFExperiment(Experiment):
+    """``neuralode train cnf`` on the shared runner."""
+
+    name = "cnf"
+    description = ("Maximum-likelihood training of a continuous normalizing flow (or a planar "
+                   "flow baseline) on a 2-D toy density.")
+
+    def default_out(self, args: argparse.Namespace) -> None:
+        return None  # --out is required
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
+
+    def configure(self, args: argparse.Namespace) -> dict:
+        cfg = _config(args)
+        # a cosine schedule depends on --iters; a constant one may be extended on resume
+        self.run_keys = RUN_KEYS + (("iters",) if cfg["lr_schedule"] == "cosine" else ())
+        return cfg
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.config["iters"]
+
+    def progress_label(self, steps_done: int) -> str:
+        return self.run.config["data"]
+
+    def setup(self) -> None:
+        run, cfg, device = self.run, self.run.config, self.run.device
+        self.dtype = getattr(torch, cfg["dtype"])
+        torch.manual_seed(cfg["seed"])
+        self.model = build_model(cfg, run.options(cfg["method"])).to(device=device,
+                                                                      dtype=self.dtype)
+        run.dist.broadcast_parameters(self.model)
+        self.is_cnf = isinstance(self.model, CNF)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.sched = _make_scheduler(self.opt, cfg)
+        self.data_gen = torch.Generator().manual_seed(cfg["seed"])
+        self.noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
+        self.test_x = sample_toy2d(cfg["data"], cfg["test_size"],
+                                   torch.Generator().manual_seed(TEST_SEED),
+                                   dtype=self.dtype).to(device)
+        self.eval_every = run.args.eval_every or max(cfg["iters"] // 5, 1)
+        self.model.train()
+
+    def train_step(self, step: int) -> StepOutput:
+        run, cfg, model = self.run, self.run.config, self.model
+        it = step + 1
+        t0 = time.perf_counter()
+        x = sample_toy2d(cfg["data"], cfg["batch_size"], self.data_gen, dtype=self.dtype)
+        mine = run.dist.shard(len(x))  # this rank's share of the batch
+        x = x[mine].to(run.device)
+        share = x.shape[0] / cfg["batch_size"]
+        if self.is_cnf:
+            gen = self.noise_gen
+            if run.dist.distributed and cfg["estimator"] == "hutchinson":
+                # independent probes per rank, from a seed every rank draws alike (so the
+                # generator in the checkpoint is every rank's)
+                seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+                gen = torch.Generator(device=gen.device).manual_seed(seed + run.dist.rank)
+            loss = -model.log_prob(x, generator=gen).mean() * share
+            nfe_fwd = model.last_stats.nfe
+        else:
+            loss = -model.log_prob(x).mean() * share
+            nfe_fwd = None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.dist.sum_gradients(model.parameters())
+        nfe_bwd = model.last_nfe - nfe_fwd if self.is_cnf and cfg["adjoint"] else None
+        (total,) = run.dist.all_reduce([float(loss.detach())])
+        if math.isfinite(total):  # the runner stops the run on a non-finite loss
+            self.opt.step()
+            self.sched.step()
+        dt = time.perf_counter() - t0
+        row = {"iter": it, "loss": total, "nfe_forward": nfe_fwd, "nfe_backward": nfe_bwd,
+               "iter_time_s": round(dt, 5), "lr": self.opt.param_groups[0]["lr"],
+               "end_time": float(model.end_time.detach()) if self.is_cnf else None,
+               "test_nll": None}
+        if it % self.eval_every == 0 or it == cfg["iters"]:
+            model.eval()
+            row["test_nll"] = evaluate_nll(model, self.test_x)
+            model.train()
+            self.last_test = row["test_nll"]
+        show: dict = {"loss": total}
+        if nfe_fwd is not None:
+            show["nfe"] = nfe_fwd
+        if getattr(self, "last_test", None) is not None:
+            show["test_nll"] = self.last_test
+        return StepOutput(total, row, show)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "data_gen": self.data_gen.get_state(),
+                "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+    def finish(self) -> dict:
+        return _summary(self.model, self.run.config, self.run.history, self.test_x,
+                        self.run.elapsed())
+
+    def plot(self, final: dict) -> list[str]:
+        cfg, args, out = self.run.config, self.run.args, self.run.out
+        self.model.eval()
+        plot_density_figure(self.model, cfg["data"], out / "density.png", n=args.grid,
+                            n_samples=args.plot_samples,
+                            title=f"{model_label(cfg)} on {cfg['data']}: test NLL "
+                                  f"{final['test_nll']:.3f} nats")
+        if not self.is_cnf:
+            return ["density.png"]
+        plot_evolution_figure(self.model, out / "evolution.png", n=args.grid,
+                              n_samples=args.plot_samples)
+        return ["density.png", "evolution.png"]
+
+    def report(self, final: dict) -> str:
+        return f"test NLL {final['test_nll']:.4f} nats"
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``neuralode train cnf`` (the experiment's and the runner's)."""
+    runner.build_parser(CNFExperiment(), parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return train(args)
-    except ValueError as err:  # bad model settings (e.g. an unknown --method)
-        print(f"neuralode train cnf: {err}", file=sys.stderr)
-        return 2
-
-
-def train(args: argparse.Namespace) -> int:
-    if args.model == "cnf" and args.method is not None:
-        from neuralode.solvers import ALIASES, SOLVERS
-
-        if args.method not in SOLVERS and args.method not in ALIASES:
-            raise ValueError(f"unknown --method {args.method!r}; valid methods are: "
-                             f"{', '.join(sorted(SOLVERS) + sorted(ALIASES))}")
-    if args.adjoint:
-        try:
-            from neuralode.adjoint import odeint_adjoint  # noqa: F401
-        except ImportError:
-            raise ValueError("--adjoint needs neuralode.odeint_adjoint, not in this install")
-    device = check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    cfg = _config(args)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    eval_every = args.eval_every or max(args.iters // 5, 1)
-
-    torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device=device, dtype=dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = _make_scheduler(opt, cfg)
-    data_gen = torch.Generator().manual_seed(args.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    test_x = sample_toy2d(args.data, args.test_size, torch.Generator().manual_seed(TEST_SEED),
-                          dtype=dtype).to(device)
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
-
-    if args.resume:
-        if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            _check_resume(state["config"], cfg)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            data_gen.set_state(state["data_gen"])
-            noise_gen.set_state(state["noise_gen"])
-            torch.set_rng_state(state["torch_rng"])
-            history, start, elapsed = state["history"], state["iteration"], state["elapsed_s"]
-            print(f"resuming from {ckpt_path} at iteration {start}", file=sys.stderr)
-        else:
-            print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch",
-                  file=sys.stderr)
-    if start > args.iters:
-        raise ValueError(f"the checkpoint is at iteration {start}, beyond --iters {args.iters}")
-
-    def save_checkpoint(iteration: int) -> None:
-        atomic_torch_save({
-            "config": cfg, "iteration": iteration, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "data_gen": data_gen.get_state(), "noise_gen": noise_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "elapsed_s": elapsed,
-        }, ckpt_path)
-        write_csv(out / "metrics.csv", history, _CSV_COLUMNS)
-
-    is_cnf = isinstance(model, CNF)
-    bar = None if args.quiet else ProgressBar(args.iters, start=start, label=f"{args.data} ")
-    model.train()
-    for it in range(start + 1, args.iters + 1):
-        t0 = time.perf_counter()
-        x = sample_toy2d(args.data, args.batch_size, data_gen, dtype=dtype).to(device)
-        if is_cnf:
-            loss = -model.log_prob(x, generator=noise_gen).mean()
-            nfe_fwd = model.last_stats.nfe
-        else:
-            loss = -model.log_prob(x).mean()
-            nfe_fwd = None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nfe_bwd = None
-        if is_cnf and args.adjoint:
-            nfe_bwd = model.last_nfe - nfe_fwd
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at iteration {it}; try a "
-                                     f"smaller --lr or tighter --rtol/--atol")
-        opt.step()
-        sched.step()
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        row = {"iter": it, "loss": float(loss.detach()), "nfe_forward": nfe_fwd, "nfe_backward": nfe_bwd,
-               "iter_time_s": round(dt, 5), "lr": opt.param_groups[0]["lr"],
-               "end_time": float(model.end_time.detach()) if is_cnf else None, "test_nll": None}
-        if it % eval_every == 0 or it == args.iters:
-            model.eval()
-            row["test_nll"] = evaluate_nll(model, test_x)
-            model.train()
-        history.append(row)
-        if it % args.ckpt_every == 0 or it == args.iters:
-            save_checkpoint(it)
-        if bar:
-            info = {"loss": row["loss"]}
-            if nfe_fwd is not None:
-                info["nfe"] = nfe_fwd
-            last_test = next((r["test_nll"] for r in reversed(history)
-                              if r["test_nll"] is not None), None)
-            if last_test is not None:
-                info["test_nll"] = last_test
-            bar.update(it, **info)
-
-    if not history:
-        raise ValueError("no iterations were run")
-    summary = _summary(model, cfg, history, test_x, elapsed)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    write_csv(out / "metrics.csv", history, _CSV_COLUMNS)
-    if not args.no_plot:
-        model.eval()
-        plot_density_figure(model, args.data, out / "density.png", n=args.grid,
-                            n_samples=args.plot_samples,
-                            title=f"{model_label(cfg)} on {args.data}: test NLL "
-                                  f"{summary['test_nll']:.3f} nats")
-        if is_cnf:
-            plot_evolution_figure(model, out / "evolution.png", n=args.grid,
-                                  n_samples=args.plot_samples)
-    print(f"test NLL {summary['test_nll']:.4f} nats; wrote {out}", file=sys.stderr)
-    return 0
+    return runner.run(CNFExperiment(), args)
 
 
 def _summary(model, cfg, history, test_x, elapsed) -> dict:

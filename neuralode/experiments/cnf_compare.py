@@ -35,17 +35,23 @@ import torch
 from torch import nn
 
 from neuralode.data.toy2d import POTENTIALS, potential_energy
-from neuralode.experiments.cnf import (
-    ProgressBar,
-    _positive_float,
-    _positive_int,
-    atomic_torch_save,
+from neuralode.errors import MaxStepsError, StepSizeError
+from neuralode.experiments.cnf import parameter_count, parse_int_list
+from neuralode.experiments.runner import (
+    UsageError,
     atomic_write_text,
-    check_device,
-    parameter_count,
-    parse_int_list,
+    check_rtol,
+    load_checkpoint,
+    parse_device,
+    progress_bar,
     pyplot,
+    save_checkpoint,
+    solver_options,
 )
+from neuralode.experiments.runner import nonnegative_int as _nonnegative_int
+from neuralode.experiments.runner import positive_float as _positive_float
+from neuralode.experiments.runner import positive_int as _positive_int
+from neuralode.experiments.runner import threads as _threads
 from neuralode.models.cnf import CNF, HyperNetDynamics
 from neuralode.models.planar import PlanarFlow
 
@@ -74,7 +80,7 @@ def build_flow(model: str, size: int, args: argparse.Namespace) -> nn.Module:
         return PlanarFlow(2, size, mode="generative")
     dyn = HyperNetDynamics(2, width=size, hidden=args.hyper_hidden)
     return CNF(dyn, t1=args.t1, estimator="exact", method=args.method, rtol=args.rtol,
-               atol=args.atol)
+               atol=args.atol, options=solver_options(args.method, args.max_num_steps))
 
 
 def _loss(flow: nn.Module, target: str, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -108,9 +114,11 @@ def build_parser(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--method", default="dopri5")
     parser.add_argument("--rtol", type=_positive_float, default=1e-5)
     parser.add_argument("--atol", type=_positive_float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_nonnegative_int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=_positive_int, default=None)
+    parser.add_argument("--threads", type=_threads, default=None)
+    parser.add_argument("--max-num-steps", type=_positive_int, default=10_000,
+                        help="step cap of every adaptive CNF solve (default 10000)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs from OUT/results.json, train the rest")
@@ -129,22 +137,29 @@ def _split_choices(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    name = getattr(args, "command_name", "cnf-compare")
     try:
-        targets = _split_choices(args.targets, POTENTIALS, "--targets")
-        models = _split_choices(args.models, MODELS, "--models")
-        from neuralode.solvers import ALIASES, SOLVERS
-
-        if args.method not in SOLVERS and args.method not in ALIASES:
-            raise ValueError(f"--method: unknown {args.method!r}; valid methods are: "
-                             f"{', '.join(sorted(SOLVERS) + sorted(ALIASES))}")
-    except ValueError as err:
-        print(f"neuralode analyze {getattr(args, 'command_name', 'cnf-compare')}: {err}",
-              file=sys.stderr)
+        return _run(args)
+    except (UsageError, ValueError) as err:  # CheckpointError is a UsageError
+        print(f"neuralode analyze {name}: error: {err}", file=sys.stderr)
         return 2
-    device = check_device(args.device)
+    except (MaxStepsError, StepSizeError, FloatingPointError) as err:
+        print(f"neuralode analyze {name}: error: a flow's dynamics became stiff or blew up "
+              f"({str(err).split(';')[0]}); lower --lr-cnf or raise --max-num-steps",
+              file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    targets = _split_choices(args.targets, POTENTIALS, "--targets")
+    models = _split_choices(args.models, MODELS, "--models")
+    check_rtol(args.rtol)
+    device = parse_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; choose a directory")
     (out / "models").mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results: dict[str, dict] = {}
@@ -190,7 +205,7 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
     lr = args.lr_planar if model == "planar" else args.lr_cnf
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     label = f"{target} {model} {'K' if model == 'planar' else 'M'}={size} "
-    bar = None if args.quiet else ProgressBar(iters, label=label)
+    bar = progress_bar(iters, desc=label, enabled=not args.quiet)
     t0 = time.perf_counter()
     nfe = []
     for it in range(1, iters + 1):
@@ -202,8 +217,9 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
         opt.step()
         if isinstance(flow, CNF):
             nfe.append(flow.last_stats.nfe)
-        if bar:
-            bar.update(it, loss=float(loss.detach()) + log_z)
+        bar.set_postfix(kl=f"{float(loss.detach()) + log_z:.4g}", refresh=False)
+        bar.update(1)
+    bar.close()
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         eval_gen = torch.Generator(device=device).manual_seed(12345)
@@ -211,7 +227,7 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
                   for n in _chunks(args.eval_samples, 4096)]
         sizes = _chunks(args.eval_samples, 4096)
         loss = sum(v * n for v, n in zip(losses, sizes)) / sum(sizes)
-    atomic_torch_save(flow.state_dict(), out / "models" / f"{_stem(f'{target}/{model}/{size}')}.pt")
+    save_checkpoint(flow.state_dict(), out / "models" / f"{_stem(f'{target}/{model}/{size}')}.pt")
     return {"target": target, "model": model, "size": size, "params": parameter_count(flow),
             "iters": iters, "loss": loss, "kl": loss + log_z, "train_time_s": train_s,
             "sec_per_iter": train_s / iters,
@@ -267,7 +283,7 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
                 ax.axis("off")
                 continue
             flow = build_flow(m, s, args).to(device)
-            flow.load_state_dict(torch.load(path, map_location=device))
+            flow.load_state_dict(load_checkpoint(path, map_location=device))
             gxs, gys, lp = flow.log_prob_grid(BOX, n)
             name = f"{'K' if m == 'planar' else 'M'}={s}"
             _density_panel(ax, gxs, gys, lp, BOX,

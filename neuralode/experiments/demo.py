@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from neuralode import odeint
 from neuralode.experiments import dynamics
+from neuralode.experiments.runner import Run, nonnegative_int, positive_int, threads
 
 TABLE_METHODS = (
     ("dopri5", None),
@@ -39,14 +39,14 @@ TABLE_RTOL, TABLE_ATOL = 1e-6, 1e-8
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--iters", type=dynamics._positive_int, default=800,
+    parser.add_argument("--iters", type=positive_int, default=800,
                         help="training iterations of the spiral recovery (default 800)")
     parser.add_argument("--model", choices=("mlp", "linear"), default="mlp",
                         help="learned field (default mlp)")
     parser.add_argument("--grad", choices=("adjoint", "backprop"), default="adjoint")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=dynamics._positive_int, default=1)
+    parser.add_argument("--threads", type=threads, default=1)
     parser.add_argument("--skip-table", action="store_true", help="skip the solver table")
     parser.add_argument("--resume", action="store_true", help="resume the training part")
     parser.add_argument("--no-plots", action="store_true")
@@ -143,7 +143,11 @@ def _training_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("resume", "no_plots", "quiet"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
-    return p.parse_args(argv)
+    if not args.resume:
+        argv.append("--overwrite")  # the demo's own folder: a rerun replaces the last demo
+    targs = p.parse_args(argv)
+    targs.command_name, targs.argv = "dynamics", argv
+    return targs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,11 +166,11 @@ def run(args: argparse.Namespace) -> int:
           f"{targs.n_points} noisy observations (noise std {targs.noise_std:g}) with a Neural ODE "
           f"({args.model} field, {args.iters} iterations, gradients by {args.grad}) ...",
           flush=True)
-    try:
-        m = dynamics.train(targs)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"neuralode demo: error: {exc}", file=sys.stderr)
-        return 2
+    training = Run(dynamics.DynamicsExperiment(), targs)
+    rc = training.main()
+    if training.final is None:  # stopped, interrupted or failed: the runner said why
+        return rc
+    m = training.final
     print()
     print(dynamics.summary(m))
     before, after = m.get("initial_traj_mse"), m["traj_mse"]

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neuralode import odeint
-from neuralode.experiments._common import positive_float as _pos_float
-from neuralode.experiments._common import positive_int as _positive_int
-from neuralode.experiments._training_io import (
-    ProgressBar,
-    atomic_save,
-    check_resume_config,
-    get_rng_state,
-    load_checkpoint,
+from neuralode import odeint, odeint_adjoint
+from neuralode.experiments import runner
+from neuralode.experiments.runner import (
+    DistEnv,
+    Experiment,
+    Run,
+    StepOutput,
+    UsageError,
+    check_rtol,
+    nonnegative_float,
+    positive_float,
+    positive_int,
     pyplot,
-    resolve_device,
-    seed_everything,
-    set_rng_state,
-    write_csv,
-    write_json,
 )
 from neuralode.models.dynamics import (
     FIELD_MODELS,
@@ -81,72 +78,48 @@ class Trajectory:
     z0: Tensor
 
 
-def _nonneg_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train dynamics``."""
-    parser.description = __doc__.split("\n\n")[0]
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", choices=sorted(TRUE_FIELDS), default="spiral",
                         help="true vector field that generates the data (default: spiral)")
     parser.add_argument("--model", choices=sorted(FIELD_MODELS), default="mlp",
                         help="learned field: linear dz/dt = W z, or an MLP (default: mlp)")
-    parser.add_argument("--iters", type=_positive_int, default=1000)
-    parser.add_argument("--batch-size", type=_positive_int, default=20,
+    parser.add_argument("--iters", type=positive_int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=20,
                         help="sub-trajectories per minibatch")
-    parser.add_argument("--batch-time", type=_positive_int, default=10,
+    parser.add_argument("--batch-time", type=positive_int, default=10,
                         help="points per sub-trajectory (>= 2)")
-    parser.add_argument("--batch-stride", type=_positive_int, default=8,
+    parser.add_argument("--batch-stride", type=positive_int, default=8,
                         help="use every k-th point of a sub-trajectory (longer windows at the "
                              "same cost; the adjoint's cost grows with the points per window)")
-    parser.add_argument("--n-points", type=_positive_int, default=1000,
+    parser.add_argument("--n-points", type=positive_int, default=1000,
                         help="observations on the uniform time grid")
-    parser.add_argument("--t-max", type=_pos_float, default=None,
+    parser.add_argument("--t-max", type=positive_float, default=None,
                         help="length of the trajectory (default: 25 for both fields)")
-    parser.add_argument("--noise-std", type=_nonneg_float, default=0.05)
-    parser.add_argument("--lr", type=_pos_float, default=None,
+    parser.add_argument("--noise-std", type=nonnegative_float, default=0.05)
+    parser.add_argument("--lr", type=positive_float, default=None,
                         help="Adam learning rate, cosine-decayed (default: 0.02 linear, "
                              "0.01 mlp)")
-    parser.add_argument("--hidden", type=_positive_int, default=64, help="MLP width")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="MLP width")
     parser.add_argument("--grad", choices=("adjoint", "backprop"), default="adjoint",
                         help="gradients by odeint_adjoint or by backprop through odeint")
     parser.add_argument("--method", default="dopri5", help="ODE solver for training")
-    parser.add_argument("--rtol", type=_pos_float, default=1e-5)
-    parser.add_argument("--atol", type=_pos_float, default=1e-6)
-    parser.add_argument("--eval-every", type=_positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=_positive_int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="runs/dynamics")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/checkpoint.pt (same settings)")
-    parser.add_argument("--stop-after", type=_positive_int, default=None,
-                        help="stop after this iteration, as if interrupted (resume later)")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch CPU threads (default 1: fastest for these small models)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--rtol", type=positive_float, default=1e-5)
+    parser.add_argument("--atol", type=positive_float, default=1e-6)
+    parser.add_argument("--eval-every", type=positive_int, default=100)
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_time < 2:
-        raise ValueError(f"--batch-time must be >= 2, got {args.batch_time}")
+        raise UsageError(f"--batch-time must be >= 2, got {args.batch_time}")
     span = (args.batch_time - 1) * args.batch_stride + 1
     if span > args.n_points:
-        raise ValueError(f"--batch-time ({args.batch_time}) with --batch-stride "
+        raise UsageError(f"--batch-time ({args.batch_time}) with --batch-stride "
                          f"({args.batch_stride}) spans {span} points, more than --n-points "
                          f"({args.n_points})")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    from neuralode.solvers import ALIASES, SOLVERS
-
-    if args.method not in SOLVERS and args.method not in ALIASES:
-        raise ValueError(f"unknown --method {args.method!r}; valid: "
-                         f"{', '.join(sorted(SOLVERS) + sorted(ALIASES))}")
+    check_rtol(args.rtol)
+    if args.batch_size < DistEnv.from_env().world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
+                         f"processes")
     cfg = {k: getattr(args, k) for k in RUN_KEYS if hasattr(args, k)}
     cfg["t_max"] = args.t_max if args.t_max is not None else FIELD_SETUPS[args.field]["t_max"]
     cfg["lr"] = args.lr if args.lr is not None else (0.02 if args.model == "linear" else 0.01)
@@ -176,17 +149,6 @@ def make_trajectory(field: str, n_points: int = 1000, t_max: float | None = None
     return Trajectory(t=t.float(), clean=clean.float(), noisy=noisy.float(), z0=z0.float())
 
 
-def _integrator(grad: str):
-    if grad == "backprop":
-        return odeint
-    try:
-        from neuralode import odeint_adjoint
-    except ImportError:
-        raise ValueError("--grad adjoint needs neuralode.odeint_adjoint, which this install "
-                         "does not have; use --grad backprop") from None
-    return odeint_adjoint
-
-
 def sample_batch(data: Trajectory, batch_size: int, batch_time: int,
                  generator: torch.Generator, stride: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Random sub-trajectories: ``y0`` (B, 2), relative times (batch_time,), targets
@@ -206,11 +168,12 @@ def sample_batch(data: Trajectory, batch_size: int, batch_time: int,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, field: str, data: Trajectory,
-             method: str = "dopri5") -> dict[str, float]:
-    """Trajectory MSE (vs clean and vs noisy) and vector-field error of a learned field."""
+             method: str = "dopri5", options: dict | None = None) -> dict[str, float]:
+    """Trajectory MSE (vs clean and vs noisy) and vector-field error of a learned field
+    (solved with ``method`` and ``options``, default a cap of 100,000 steps)."""
     dev = next(model.parameters()).device
     pred = odeint(model, data.z0.to(dev), data.t.to(dev), rtol=1e-6, atol=1e-8,
-                  method=method, options={"max_num_steps": 100_000}).cpu()
+                  method=method, options=options or {"max_num_steps": 100_000}).cpu()
     low, high = _field_box(data)
     err = vector_field_error(model, make_true_field(field), low, high, near=data.clean)
     out = {"traj_mse": float(((pred - data.clean) ** 2).sum(-1).mean()),
@@ -229,14 +192,14 @@ def _field_box(data: Trajectory) -> tuple[Tensor, Tensor]:
 
 
 def plot(model: torch.nn.Module, field: str, data: Trajectory, path: str | Path,
-         title: str = "") -> None:
+         title: str = "", options: dict | None = None) -> None:
     """Left: noisy observations, true and learned trajectory. Right: true (grey) and learned
     (red) vector field on the trajectory's box."""
     plt = pyplot()
     dev = next(model.parameters()).device
     with torch.no_grad():
         pred = odeint(model, data.z0.to(dev), data.t.to(dev), rtol=1e-6, atol=1e-8,
-                      method="dopri5", options={"max_num_steps": 100_000}).cpu()
+                      method="dopri5", options=options or {"max_num_steps": 100_000}).cpu()
     true = make_true_field(field)
     low, high = _field_box(data)
     n = 17
@@ -287,102 +250,123 @@ def plot(model: torch.nn.Module, field: str, data: Trajectory, path: str | Path,
     plt.close(fig)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume) one dynamics-recovery run; returns the final metrics dict."""
-    cfg = _config(args)
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    integrate = _integrator(cfg["grad"])
+class DynamicsExperiment(Experiment):
+    """``neuralode train dynamics`` on the shared runner."""
 
-    data = make_trajectory(cfg["field"], cfg["n_points"], cfg["t_max"], cfg["noise_std"],
-                           seed=cfg["seed"])
-    seed_everything(cfg["seed"])
-    model = make_field_model(cfg["model"], 2, hidden=cfg["hidden"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["iters"],
-                                                       eta_min=0.05 * cfg["lr"])
-    sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
-    rows: list[dict[str, Any]] = []
-    start_iter, elapsed_before = 0, 0.0
-    initial_traj_mse = math.nan
+    name = "dynamics"
+    description = __doc__.split("\n\n")[0]
+    run_keys = RUN_KEYS
+    default_threads = 1
 
-    if args.resume:
-        ck = load_checkpoint(ckpt_path)
-        check_resume_config(ck["config"], cfg, RUN_KEYS)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sampler.set_state(ck["sampler"])
-        set_rng_state(ck["rng"])
-        rows, start_iter, elapsed_before = ck["rows"], ck["iter"], ck["elapsed_s"]
-        initial_traj_mse = ck["initial_traj_mse"]
-    else:
-        initial_traj_mse = evaluate(model, cfg["field"], data)["traj_mse"]
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
 
-    def save(it: int, elapsed: float) -> None:
-        atomic_save({"config": cfg, "iter": it, "model": model.state_dict(),
-                     "initial_traj_mse": initial_traj_mse,
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "sampler": sampler.get_state(), "rng": get_rng_state(), "rows": rows,
-                     "elapsed_s": elapsed}, ckpt_path)
-        write_csv(out / "metrics.csv", rows, CSV_FIELDS)
+    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return _config(args)
 
-    t_dev = data.t.to(device)
-    data_dev = Trajectory(t=t_dev, clean=data.clean.to(device), noisy=data.noisy.to(device),
-                           z0=data.z0.to(device))
-    bar = None if args.quiet else ProgressBar(cfg["iters"], start=start_iter,
-                                              label=f"dynamics {cfg['field']}/{cfg['model']}")
-    t_start = time.perf_counter()
-    it = start_iter
-    for it in range(start_iter + 1, cfg["iters"] + 1):
-        y0, t_rel, target = sample_batch(data_dev, cfg["batch_size"], cfg["batch_time"],
-                                         sampler, cfg["batch_stride"])
-        pred = integrate(model, y0, t_rel, rtol=cfg["rtol"], atol=cfg["atol"],
-                         method=cfg["method"])
-        loss = ((pred - target) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
+    @property
+    def total_steps(self) -> int:
+        return self.run.config["iters"]
+
+    def progress_label(self, steps_done: int) -> str:
+        cfg = self.run.config
+        return f"dynamics {cfg['field']}/{cfg['model']}"
+
+    def setup(self) -> None:
+        run, cfg = self.run, self.run.config
+        device = run.device
+        self.data = make_trajectory(cfg["field"], cfg["n_points"], cfg["t_max"],
+                                    cfg["noise_std"], seed=cfg["seed"])
+        self.model = make_field_model(cfg["model"], 2, hidden=cfg["hidden"]).to(device)
+        run.dist.broadcast_parameters(self.model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg["iters"], eta_min=0.05 * cfg["lr"])
+        self.sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
+        self.integrate = odeint_adjoint if cfg["grad"] == "adjoint" else odeint
+        self.data_dev = Trajectory(t=self.data.t.to(device), clean=self.data.clean.to(device),
+                                   noisy=self.data.noisy.to(device), z0=self.data.z0.to(device))
+        self.eval_options = run.options("dopri5")
+        self.initial_traj_mse = self._evaluate()["traj_mse"]
+
+    def _evaluate(self) -> dict[str, Any]:
+        return evaluate(self.model, self.run.config["field"], self.data,
+                        options=self.eval_options)
+
+    def train_step(self, step: int) -> StepOutput:
+        run, cfg = self.run, self.run.config
+        y0, t_rel, target = sample_batch(self.data_dev, cfg["batch_size"], cfg["batch_time"],
+                                         self.sampler, cfg["batch_stride"])
+        mine = run.dist.shard(cfg["batch_size"])  # this rank's sub-trajectories
+        pred = self.integrate(self.model, y0[mine], t_rel, rtol=cfg["rtol"], atol=cfg["atol"],
+                              method=cfg["method"], options=run.options(cfg["method"]))
+        loss = ((pred - target[:, mine]) ** 2).sum() / target.numel()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        row = {"iter": it, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-        sched.step()
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        row["elapsed_s"] = round(elapsed, 3)
-        if it % args.eval_every == 0 or it == cfg["iters"]:
-            ev = evaluate(model, cfg["field"], data)
+        run.dist.sum_gradients(self.model.parameters())
+        self.opt.step()
+        (total,) = run.dist.all_reduce([loss.item()])
+        it = step + 1
+        row: dict[str, Any] = {"iter": it, "loss": total, "lr": self.sched.get_last_lr()[0]}
+        self.sched.step()
+        row["elapsed_s"] = round(run.elapsed(), 3)
+        if it % run.args.eval_every == 0 or it == cfg["iters"]:
+            ev = self._evaluate()
             row.update({k: ev[k] for k in CSV_FIELDS[4:]})
-        rows.append(row)
-        if bar:
-            bar.update(it, loss=row["loss"], **({"traj_mse": row["traj_mse"]}
-                                                if "traj_mse" in row else {}))
-        stopping = args.stop_after is not None and it >= args.stop_after
-        if it % args.ckpt_every == 0 or it == cfg["iters"] or stopping:
-            save(it, elapsed)
-        if stopping and it < cfg["iters"]:
-            if bar:
-                bar.close()
-            return {"stopped_at": it}
-    if bar:
-        bar.close()
-    train_time = elapsed_before + time.perf_counter() - t_start
+        show = {"loss": total, **({"traj_mse": row["traj_mse"]} if "traj_mse" in row else {})}
+        return StepOutput(total, row, show)
 
-    final = evaluate(model, cfg["field"], data)
-    final.update({"iters": cfg["iters"], "train_time_s": round(train_time, 2),
-                  "final_loss": rows[-1]["loss"] if rows else math.nan,
-                  "noise_var": cfg["noise_std"] ** 2, "true_A": None, "config": cfg,
-                  "initial_traj_mse": initial_traj_mse})
-    true = make_true_field(cfg["field"])
-    if hasattr(true, "A") and cfg["field"] == "spiral":
-        final["true_A"] = true.A.tolist()
-    write_json(out / "metrics.json", final)
-    write_csv(out / "metrics.csv", rows, CSV_FIELDS)
-    if not args.no_plots:
-        plot(model, cfg["field"], data, out / "dynamics.png",
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "sampler": self.sampler.get_state(),
+                "initial_traj_mse": self.initial_traj_mse}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.sampler.set_state(state["sampler"])
+        self.initial_traj_mse = state["initial_traj_mse"]
+
+    def finish(self) -> dict[str, Any]:
+        cfg, rows = self.run.config, self.run.history
+        final = self._evaluate()
+        final.update({"iters": cfg["iters"], "train_time_s": round(self.run.elapsed(), 2),
+                      "final_loss": rows[-1]["loss"] if rows else math.nan,
+                      "noise_var": cfg["noise_std"] ** 2, "true_A": None, "config": cfg,
+                      "initial_traj_mse": self.initial_traj_mse})
+        true = make_true_field(cfg["field"])
+        if hasattr(true, "A") and cfg["field"] == "spiral":
+            final["true_A"] = true.A.tolist()
+        return final
+
+    def plot(self, final: dict[str, Any]) -> list[str]:
+        cfg = self.run.config
+        plot(self.model, cfg["field"], self.data, self.run.out / "dynamics.png",
              title=f"{cfg['field']} field, {cfg['model']} model: trajectory MSE "
-                   f"{final['traj_mse']:.2e}, field rel. error {final['field_rel_err']:.1%}")
-        final["plot"] = str(out / "dynamics.png")
-    final["model_obj"] = model
+                   f"{final['traj_mse']:.2e}, field rel. error {final['field_rel_err']:.1%}",
+             options=self.eval_options)
+        return ["dynamics.png"]
+
+    def report(self, final: dict[str, Any]) -> str:
+        return summary(final)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``neuralode train dynamics`` (the experiment's and the runner's)."""
+    runner.build_parser(DynamicsExperiment(), parser)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one run as ``args`` say; the final metrics, with the trained model
+    under ``"model_obj"``. Raises ``RuntimeError`` when the run did not finish."""
+    exp = DynamicsExperiment()
+    run = Run(exp, args)
+    rc = run.main()
+    if rc != 0 or run.final is None:
+        raise RuntimeError(f"the training run did not finish (exit status {rc})")
+    final = dict(run.final)
+    final["model_obj"] = exp.model
     return final
 
 
@@ -410,16 +394,4 @@ def summary(m: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    try:
-        m = train(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"neuralode train dynamics: error: {exc}", file=sys.stderr)
-        return 2
-    if "stopped_at" in m:
-        print(f"stopped after iteration {m['stopped_at']}; continue with --resume")
-        return 0
-    print(summary(m))
-    print(f"wrote {args.out}/metrics.json, metrics.csv, checkpoint.pt"
-          + ("" if args.no_plots else ", dynamics.png"))
-    return 0
+    return runner.run(DynamicsExperiment(), args)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,18 @@ import torch
 from torch import Tensor, nn
 
 from neuralode.data.spirals import SpiralData, gather_points, make_spirals, train_test_split
-from neuralode.experiments._common import nonnegative_int as _nonneg_int
-from neuralode.experiments._common import positive_float as _pos_float
-from neuralode.experiments._common import positive_int as _positive_int
-from neuralode.experiments._training_io import (
-    ProgressBar,
-    atomic_save,
-    check_resume_config,
-    get_rng_state,
-    load_checkpoint,
+from neuralode.experiments import runner
+from neuralode.experiments.runner import (
+    DistEnv,
+    Experiment,
+    StepOutput,
+    UsageError,
+    check_rtol,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    positive_int,
     pyplot,
-    resolve_device,
-    seed_everything,
-    set_rng_state,
-    write_csv,
-    write_json,
 )
 from neuralode.models.latent_ode import LatentODE, RNNBaseline
 
@@ -64,69 +61,49 @@ CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rm
               "rmse_obs"]
 
 
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return v
-
-
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train latent-ode``."""
-    parser.description = __doc__.split("\n\n")[0]
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", choices=MODELS, default="latent-ode")
     a("--encoder", choices=("gru", "ode-rnn"), default="gru",
       help="latent ODE recognition network (default gru)")
-    a("--n-obs", type=_positive_int, default=100,
+    a("--n-obs", type=positive_int, default=100,
       help="observed points per spiral (the paper: 30, 50, 100)")
-    a("--n-spirals", type=_positive_int, default=1000)
-    a("--n-total", type=_positive_int, default=500, help="dense grid points per spiral")
-    a("--noise-std", type=_pos_float, default=0.1, help="observation noise (known to the ELBO)")
-    a("--data-seed", type=_nonneg_int, default=0, help="seed of the data set and split")
-    a("--test-fraction", type=_fraction, default=0.2)
-    a("--iters", type=_positive_int, default=1000)
-    a("--batch-size", type=_positive_int, default=50)
-    a("--lr", type=_pos_float, default=0.01, help="Adam learning rate, cosine-decayed")
-    a("--latent-dim", type=_positive_int, default=4)
-    a("--enc-hidden", type=_positive_int, default=25)
-    a("--ode-hidden", type=_positive_int, default=20)
-    a("--dec-hidden", type=_nonneg_int, default=0,
+    a("--n-spirals", type=positive_int, default=1000)
+    a("--n-total", type=positive_int, default=500, help="dense grid points per spiral")
+    a("--noise-std", type=positive_float, default=0.1, help="observation noise (known to the ELBO)")
+    a("--data-seed", type=nonnegative_int, default=0, help="seed of the data set and split")
+    a("--test-fraction", type=fraction, default=0.2)
+    a("--iters", type=positive_int, default=1000)
+    a("--batch-size", type=positive_int, default=50)
+    a("--lr", type=positive_float, default=0.01, help="Adam learning rate, cosine-decayed")
+    a("--latent-dim", type=positive_int, default=4)
+    a("--enc-hidden", type=positive_int, default=25)
+    a("--ode-hidden", type=positive_int, default=20)
+    a("--dec-hidden", type=nonnegative_int, default=0,
       help="latent ODE readout MLP width (default 0: linear readout, which extrapolates "
            "better than a ReLU MLP here)")
     a("--readout-act", choices=("relu", "elu", "tanh"), default="relu",
       help="activation of the readout MLP")
-    a("--rnn-hidden", type=_positive_int, default=25,
+    a("--rnn-hidden", type=positive_int, default=25,
       help="RNN baseline: GRU hidden size and readout MLP width")
     a("--method", default="dopri5", help="solver of the latent ODE")
-    a("--rtol", type=_pos_float, default=1e-3)
-    a("--atol", type=_pos_float, default=1e-4)
+    a("--rtol", type=positive_float, default=1e-3)
+    a("--atol", type=positive_float, default=1e-4)
     a("--grad", choices=("backprop", "adjoint"), default="backprop",
       help="latent ODE gradients: backprop through the solver (default) or odeint_adjoint")
-    a("--kl-warmup", type=_nonneg_int, default=0,
+    a("--kl-warmup", type=nonnegative_int, default=0,
       help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")
-    a("--eval-every", type=_positive_int, default=250)
-    a("--ckpt-every", type=_positive_int, default=250)
-    a("--n-plot", type=_positive_int, default=6, help="test spirals in reconstructions.png")
-    a("--seed", type=_nonneg_int, default=0, help="model initialisation and minibatch seed")
-    a("--device", default="cpu")
-    a("--threads", type=_positive_int, default=1, help="torch CPU threads")
-    a("--out", default="runs/latent_ode")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings)")
-    a("--stop-after", type=_positive_int, default=None,
-      help="stop after this iteration, as if interrupted (resume later with --resume)")
-    a("--no-plots", action="store_true")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--eval-every", type=positive_int, default=250)
+    a("--n-plot", type=positive_int, default=6, help="test spirals in reconstructions.png")
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    from neuralode.solvers import ALIASES, SOLVERS
-
-    if args.method not in SOLVERS and args.method not in ALIASES:
-        raise ValueError(f"unknown --method {args.method!r}; valid: "
-                         f"{', '.join(sorted(SOLVERS) + sorted(ALIASES))}")
     if args.model == "rnn" and args.encoder != "gru":
-        raise ValueError(f"--encoder {args.encoder} applies to --model latent-ode only")
+        raise UsageError(f"--encoder {args.encoder} applies to --model latent-ode only")
+    check_rtol(args.rtol)
+    if args.batch_size < DistEnv.from_env().world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
+                         f"processes")
     return {k: getattr(args, k) for k in RUN_KEYS}
 
 
@@ -137,24 +114,30 @@ def load_data(cfg: dict[str, Any]) -> tuple[SpiralData, SpiralData]:
     return train_test_split(data, cfg["test_fraction"], seed=cfg["data_seed"])
 
 
-def build_model(cfg: dict[str, Any]) -> nn.Module:
+def build_model(cfg: dict[str, Any], options: dict | None = None) -> nn.Module:
+    """The model of a run's config; ``options`` go to the latent ODE's solver."""
     if cfg["model"] == "rnn":
         return RNNBaseline(2, hidden=cfg["rnn_hidden"], readout_hidden=cfg["rnn_hidden"])
     return LatentODE(2, cfg["latent_dim"], encoder=cfg["encoder"], enc_hidden=cfg["enc_hidden"],
                      ode_hidden=cfg["ode_hidden"], dec_hidden=cfg["dec_hidden"],
                      readout_act=cfg["readout_act"], obs_std=cfg["noise_std"],
                      method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-                     adjoint=cfg["grad"] == "adjoint")
+                     options=options, adjoint=cfg["grad"] == "adjoint")
 
 
-def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: float
-                  ) -> Tensor:
+def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: float,
+                  part: slice = slice(None)) -> Tensor:
     """Minibatch loss on the observed points of spirals ``idx``: the negative ELBO per
-    sequence (latent ODE) or the one-step-ahead MSE (RNN)."""
-    b = gather_points(data, "obs", idx)
+    sequence (latent ODE) or the one-step-ahead MSE (RNN). With ``part``, the share of the
+    spirals ``idx[part]`` in that loss (the shares of a partition of ``idx`` sum to it)."""
     if isinstance(model, LatentODE):
-        return -model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight).elbo
-    return model.loss(b.times, b.values, b.mask)
+        noise = torch.randn(len(idx), model.latent_dim)  # for the whole batch, on every rank
+        b = gather_points(data, "obs", idx[part])
+        terms = model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight, noise=noise[part])
+        return -terms.elbo * (len(b.times) / len(idx))
+    mask = data.obs_mask[idx]
+    b = gather_points(data, "obs", idx[part])
+    return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / mask.sum())
 
 
 @torch.no_grad()
@@ -294,117 +277,118 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = ""
 # ----------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume) one run; returns the final metrics."""
-    cfg = _config(args)
-    device = resolve_device(args.device)
-    if device.type != "cpu":
-        raise ValueError(f"--device {args.device}: this experiment runs on cpu only "
-                         f"(its models are tiny; valid choice: cpu)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    train_set, test_set = load_data(cfg)
+class LatentODEExperiment(Experiment):
+    """``neuralode train latent-ode`` on the shared runner."""
 
-    seed_everything(cfg["seed"])
-    model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["iters"],
-                                                       eta_min=0.02 * cfg["lr"])
-    sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
-    rows: list[dict[str, Any]] = []
-    start_iter, elapsed_before = 0, 0.0
-    if args.resume:
-        ck = load_checkpoint(ckpt_path)
-        check_resume_config(ck["config"], cfg, RUN_KEYS)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sampler.set_state(ck["sampler"])
-        set_rng_state(ck["rng"])
-        rows, start_iter, elapsed_before = ck["rows"], ck["iter"], ck["elapsed_s"]
+    name = "latent-ode"
+    description = __doc__.split("\n\n")[0]
+    run_keys = RUN_KEYS
+    default_ckpt_every = 250
+    default_threads = 1
 
-    def save(it: int, elapsed: float) -> None:
-        atomic_save({"config": cfg, "iter": it, "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "sampler": sampler.get_state(), "rng": get_rng_state(), "rows": rows,
-                     "elapsed_s": elapsed}, ckpt_path)
-        write_csv(out / "metrics.csv", rows, CSV_FIELDS)
+    def default_out(self, args: argparse.Namespace) -> str:
+        return "runs/latent_ode"
 
-    label = cfg["model"] + (f"/{cfg['encoder']}" if cfg["model"] == "latent-ode" else "")
-    bar = None if args.quiet else ProgressBar(cfg["iters"], start=start_iter,
-                                              label=f"{label} n_obs={cfg['n_obs']}")
-    n_train = len(train_set)
-    t_start = time.perf_counter()
-    for it in range(start_iter + 1, cfg["iters"] + 1):
-        idx = torch.randperm(n_train, generator=sampler)[:cfg["batch_size"]]
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
+
+    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return _config(args)
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.config["iters"]
+
+    def progress_label(self, steps_done: int) -> str:
+        cfg = self.run.config
+        label = cfg["model"] + (f"/{cfg['encoder']}" if cfg["model"] == "latent-ode" else "")
+        return f"{label} n_obs={cfg['n_obs']}"
+
+    def setup(self) -> None:
+        run, cfg = self.run, self.run.config
+        if run.device.type != "cpu":
+            raise UsageError(f"--device {run.device}: this experiment runs on cpu only (its "
+                             f"models are tiny; valid choice: cpu)")
+        self.train_set, self.test_set = load_data(cfg)
+        self.model = build_model(cfg, run.options(cfg["method"]))
+        run.dist.broadcast_parameters(self.model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg["iters"], eta_min=0.02 * cfg["lr"])
+        self.sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
+
+    def train_step(self, step: int) -> StepOutput:
+        run, cfg = self.run, self.run.config
+        it = step + 1
+        idx = torch.randperm(len(self.train_set), generator=self.sampler)[:cfg["batch_size"]]
         kl_w = min(1.0, it / cfg["kl_warmup"]) if cfg["kl_warmup"] else 1.0
-        loss = training_loss(model, train_set, idx, kl_w)
-        opt.zero_grad(set_to_none=True)
+        loss = training_loss(self.model, self.train_set, idx, kl_w,
+                             run.dist.shard(len(idx)))
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        row = {"iter": it, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-        sched.step()
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"training loss became {row['loss']} at iteration {it}; "
-                                     f"lower --lr or tighten --rtol/--atol")
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        row["elapsed_s"] = round(elapsed, 3)
-        if it % args.eval_every == 0 or it == cfg["iters"]:
-            row.update(evaluate(model, test_set))
-        rows.append(row)
-        if bar:
-            show = {"loss": row["loss"]}
-            if "test_rmse" in row:
-                show["test_rmse"] = row["test_rmse"]
-            bar.update(it, **show)
-        stopping = args.stop_after is not None and it >= args.stop_after
-        if it % args.ckpt_every == 0 or it == cfg["iters"] or stopping:
-            save(it, elapsed)
-        if stopping and it < cfg["iters"]:
-            if bar:
-                bar.close()
-            return {"stopped_at": it}
-    if bar:
-        bar.close()
-    train_time = elapsed_before + time.perf_counter() - t_start
+        run.dist.sum_gradients(self.model.parameters())
+        self.opt.step()
+        (total,) = run.dist.all_reduce([loss.item()])
+        row: dict[str, Any] = {"iter": it, "loss": total, "lr": self.sched.get_last_lr()[0]}
+        self.sched.step()
+        row["elapsed_s"] = round(run.elapsed(), 3)
+        if it % run.args.eval_every == 0 or it == cfg["iters"]:
+            row.update(evaluate(self.model, self.test_set))
+        show = {"loss": total}
+        if "test_rmse" in row:
+            show["test_rmse"] = row["test_rmse"]
+        return StepOutput(total, row, show)
 
-    final: dict[str, Any] = dict(evaluate(model, test_set))
-    final.update({"model": cfg["model"], "encoder": cfg["encoder"], "n_obs": cfg["n_obs"],
-                  "seed": cfg["seed"], "iters": cfg["iters"],
-                  "train_time_s": round(train_time, 2),
-                  "final_loss": rows[-1]["loss"] if rows else math.nan,
-                  "n_params": sum(p.numel() for p in model.parameters()),
-                  "n_train": n_train, "n_test": len(test_set), "config": cfg})
-    write_json(out / "metrics.json", final)
-    write_csv(out / "metrics.csv", rows, CSV_FIELDS)
-    if not args.no_plots:
-        title = (f"{label}, n_obs={cfg['n_obs']}: test RMSE {final['test_rmse']:.3f} "
-                 f"(interp {final['rmse_interp']:.3f}, extrap {final['rmse_extrap']:.3f})")
-        plot_reconstructions(model, test_set, out / "reconstructions.png", args.n_plot, title)
-        plot_training_curves(rows, out / "training_curves.png", title)
-        if isinstance(model, LatentODE):
-            plot_latent_interpolation(model, test_set, out / "latent_interpolation.png")
-    return final
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "sampler": self.sampler.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.sampler.set_state(state["sampler"])
+
+    def finish(self) -> dict[str, Any]:
+        cfg, rows = self.run.config, self.run.history
+        final: dict[str, Any] = dict(evaluate(self.model, self.test_set))
+        final.update({"model": cfg["model"], "encoder": cfg["encoder"], "n_obs": cfg["n_obs"],
+                      "seed": cfg["seed"], "iters": cfg["iters"],
+                      "train_time_s": round(self.run.elapsed(), 2),
+                      "final_loss": rows[-1]["loss"] if rows else math.nan,
+                      "n_params": sum(p.numel() for p in self.model.parameters()),
+                      "n_train": len(self.train_set), "n_test": len(self.test_set),
+                      "config": cfg})
+        return final
+
+    def plot(self, final: dict[str, Any]) -> list[str]:
+        out, cfg = self.run.out, self.run.config
+        title = (f"{self.progress_label(0).split(' ')[0]}, n_obs={cfg['n_obs']}: test RMSE "
+                 f"{final['test_rmse']:.3f} (interp {final['rmse_interp']:.3f}, extrap "
+                 f"{final['rmse_extrap']:.3f})")
+        plot_reconstructions(self.model, self.test_set, out / "reconstructions.png",
+                             self.run.args.n_plot, title)
+        plot_training_curves(self.run.history, out / "training_curves.png", title)
+        names = ["reconstructions.png", "training_curves.png"]
+        if isinstance(self.model, LatentODE):
+            plot_latent_interpolation(self.model, self.test_set, out / "latent_interpolation.png")
+            names.append("latent_interpolation.png")
+        return names
+
+    def report(self, m: dict[str, Any]) -> str:
+        return (f"{m['model']} n_obs={m['n_obs']} seed={m['seed']} iters={m['iters']} "
+                f"({m['train_time_s']:.0f}s): test RMSE {m['test_rmse']:.4f} "
+                f"(interp {m['rmse_interp']:.4f}, extrap {m['rmse_extrap']:.4f}, "
+                f"obs {m['rmse_obs']:.4f})")
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``neuralode train latent-ode`` (the experiment's and the runner's)."""
+    runner.build_parser(LatentODEExperiment(), parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    try:
-        m = train(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"neuralode train latent-ode: error: {exc}", file=sys.stderr)
-        return 2
-    if "stopped_at" in m:
-        print(f"stopped after iteration {m['stopped_at']}; continue with --resume")
-        return 0
-    print(f"{m['model']} n_obs={m['n_obs']} seed={m['seed']} iters={m['iters']} "
-          f"({m['train_time_s']:.0f}s): test RMSE {m['test_rmse']:.4f} "
-          f"(interp {m['rmse_interp']:.4f}, extrap {m['rmse_extrap']:.4f}, "
-          f"obs {m['rmse_obs']:.4f})")
-    print(f"wrote {args.out}/metrics.json, metrics.csv, checkpoint.pt"
-          + ("" if args.no_plots else ", reconstructions.png, training_curves.png"))
-    return 0
+    return runner.run(LatentODEExperiment(), args)
 
 
 # ----------------------------------------------------------------------------

@@ -11,12 +11,12 @@ atomically after every epoch, every ``--checkpoint-every`` steps and at ``--max-
 ``--resume`` continues from it exactly: parameters, optimizer, schedule position, data order and
 RNG state) and ``training.png``.
 
-Runs under ``torchrun --nproc_per_node=N`` with DistributedDataParallel (gloo on CPU, nccl on
-CUDA): every rank takes its slice of each global batch of ``--batch-size`` images, and the
-loss is scaled so that the averaged gradient is the gradient of the mean over the global batch.
-With a fixed-grid solver (or ResNet/MLP) N processes therefore follow the 1-process run up to
-float rounding; an adaptive solver controls its error over each rank's own slice, so its steps
-(and the result, within the tolerance) can differ from the 1-process run.
+Runs under ``torchrun --nproc_per_node=N`` (gloo on CPU, nccl on CUDA), like every training
+command of the shared runner: every rank takes its slice of each global batch of
+``--batch-size`` images, its loss is its share of the global batch mean, and the gradients are
+summed over ranks. With a fixed-grid solver (or ResNet/MLP) N processes therefore follow the
+1-process run up to float rounding; an adaptive solver controls its error over each rank's own
+slice, so its steps (and the result, within the tolerance) can differ from the 1-process run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +34,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuralode.data.mnist import MNIST, SPLITS, BatchLoader, default_root, shared_data_dir
-from neuralode.experiments._common import (
+from neuralode.experiments import runner
+from neuralode.experiments.runner import (
+    CHECKPOINT_NAME,
     DistEnv,
-    MetricsWriter,
-    ProgressBar,
-    atomic_save,
+    Experiment,
+    StepOutput,
+    UsageError,
+    check_rtol,
     format_table,
-    get_rng_state,
     load_checkpoint,
-    parse_device,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    progress_bar,
     pyplot,
-    seed_everything,
-    set_rng_state,
-)
-from neuralode.experiments._common import (
-    nonnegative_int as _nonneg_int,
-)
-from neuralode.experiments._common import (
-    positive_float as _positive_float,
-)
-from neuralode.experiments._common import (
-    positive_int as _positive_int,
 )
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
-from neuralode.solvers import ALIASES, SOLVERS
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -70,8 +63,6 @@ __all__ = [
     "run",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
 PAPER_DECAY_EPOCHS = (60, 100, 140)
 PAPER_EPOCHS = 160
 TRAIN_SPLITS = ("train", "train-5k")
@@ -95,48 +86,43 @@ def _epoch_list(text: str) -> list[float]:
     return values
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``neuralode train mnist`` to ``parser``."""
-    parser.description = ("Train ODE-Net / RK-Net / ResNet / MLP on MNIST (Chen et al. 2018, "
-                          "Table 1). Also runs under torchrun --nproc_per_node=N.")
-    methods = sorted(set(SOLVERS) | set(ALIASES))
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--model", choices=MODEL_NAMES, default="odenet",
                    help="odenet: ODE block + adjoint; rknet: ODE block, backprop through the "
                         "solver; resnet: 6 residual blocks; mlp: 784-300-10 (default odenet)")
-    m.add_argument("--method", choices=methods, default="dopri5", metavar="METHOD",
-                   help=f"ODE solver of the ODE block (default dopri5); one of {', '.join(methods)}")
-    m.add_argument("--tol", type=_positive_float, default=1e-3,
+    m.add_argument("--method", default="dopri5",
+                   help="ODE solver of the ODE block (default dopri5; see `neuralode methods`)")
+    m.add_argument("--tol", type=positive_float, default=1e-3,
                    help="rtol = atol of the ODE block's solver (default 1e-3)")
-    m.add_argument("--step-size", type=_positive_float, default=None,
+    m.add_argument("--step-size", type=positive_float, default=None,
                    help="step size for fixed-grid methods (euler, rk4, ...)")
     m.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None,
                    help="gradients by the adjoint method (default: on for odenet; rknet never)")
-    m.add_argument("--width", type=_positive_int, default=64,
+    m.add_argument("--width", type=positive_int, default=64,
                    help="channels of the convolutional models (default 64)")
     t = parser.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int, default=PAPER_EPOCHS,
+    t.add_argument("--epochs", type=positive_int, default=PAPER_EPOCHS,
                    help=f"epochs (default {PAPER_EPOCHS}, the paper's)")
-    t.add_argument("--batch-size", type=_positive_int, default=128,
+    t.add_argument("--batch-size", type=positive_int, default=128,
                    help="global batch size over all processes (default 128)")
-    t.add_argument("--test-batch-size", type=_positive_int, default=1000,
+    t.add_argument("--test-batch-size", type=positive_int, default=1000,
                    help="evaluation batch size (default 1000)")
-    t.add_argument("--lr", type=_positive_float, default=None,
+    t.add_argument("--lr", type=positive_float, default=None,
                    help="initial learning rate (default 0.1 * batch_size / 128)")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default 0)")
+    t.add_argument("--momentum", type=nonnegative_float, default=0.9,
+                   help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
+                   help="SGD weight decay (default 0)")
     t.add_argument("--decay-epochs", type=_epoch_list, default=None,
                    help="epochs (may be fractional) at which the learning rate is multiplied by "
                         "--decay-factor (default 60,100,140 scaled by epochs/160)")
-    t.add_argument("--decay-factor", type=_positive_float, default=0.1,
+    t.add_argument("--decay-factor", type=positive_float, default=0.1,
                    help="learning-rate decay factor (default 0.1)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random 28x28 crops of the 4-pixel padded images (default on)")
-    t.add_argument("--eval-every", type=_positive_int, default=1,
+    t.add_argument("--eval-every", type=positive_int, default=1,
                    help="evaluate on the test set every N epochs and after the last (default 1)")
-    t.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop (with a checkpoint) once this many optimizer steps are done in "
-                        "total; --resume continues")
     d = parser.add_argument_group("data")
     d.add_argument("--data-dir", default=None,
                    help=f"directory of the MNIST IDX files (default $NEURALODE_DATA or "
@@ -147,22 +133,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--train-split", choices=TRAIN_SPLITS, default="train",
                    help="train: the official 60,000 images; train-5k: the 5,000-image offline "
                         "subset (default train)")
-    d.add_argument("--train-limit", type=_positive_int, default=None,
+    d.add_argument("--train-limit", type=positive_int, default=None,
                    help="train on a fixed random subset of this many images (for quick runs)")
-    d.add_argument("--test-limit", type=_positive_int, default=None,
+    d.add_argument("--test-limit", type=positive_int, default=None,
                    help="evaluate on the first N test images (default: all 10,000)")
-    o = parser.add_argument_group("run")
-    o.add_argument("--out", default=None, help="output directory (default runs/mnist/MODEL)")
-    o.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint")
-    o.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
-                   help="also checkpoint every N optimizer steps (default 0: once per epoch)")
-    o.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
-    o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    o.add_argument("--threads", type=_nonneg_int, default=0,
-                   help="torch CPU threads (default 0: torch's default)")
-    o.add_argument("--no-plot", action="store_true", help="do not write training.png")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------- model
@@ -185,7 +159,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt = load_checkpoint(path, map_location=device)  # tensors and plain values only
     config = ckpt["config"]
     model = build_classifier(config["model"], **model_kwargs(config))
     model.load_state_dict(ckpt["model"])
@@ -270,7 +244,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     n = len(labels)
     lo, hi = env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size
     loader = BatchLoader((images[lo:hi], labels[lo:hi]), batch_size, shuffle=False)
-    bar = ProgressBar(len(loader), "  eval", enabled=progress)
+    bar = progress_bar(len(loader), desc="  eval", enabled=progress, leave=False)
     loss_sum = correct = nfe_sum = batches = 0.0
     block = getattr(net, "ode_block", None)
     for x, y in loader:
@@ -284,8 +258,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         bar.update(1)
     bar.close()
     net.train(was_training)
-    loss_sum, correct, nfe_sum, batches, count = env.all_reduce_sum(
-        [loss_sum, correct, nfe_sum, batches, hi - lo], device)
+    loss_sum, correct, nfe_sum, batches, count = env.all_reduce(
+        [loss_sum, correct, nfe_sum, batches, hi - lo])
     return {"test_loss": loss_sum / count, "test_error": 1.0 - correct / count,
             "test_nfe_forward": nfe_sum / batches if block is not None else float("nan")}
 
@@ -293,18 +267,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 # --------------------------------------------------------------------------- training
 
 
-class _UsageError(Exception):
-    """A problem with the arguments or the run directory, reported without a traceback."""
-
-
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k != "command_name"}
+    config = {k: v for k, v in vars(args).items() if k not in ("command_name", "argv")}
     if args.model == "rknet" and args.adjoint:
-        raise _UsageError("--model rknet backpropagates through the solver; --adjoint is for "
-                          "--model odenet (or leave --adjoint out)")
+        raise UsageError("--model rknet backpropagates through the solver; --adjoint is for "
+                         "--model odenet (or leave --adjoint out)")
     if args.model in ("resnet", "mlp") and (args.adjoint or args.step_size is not None):
-        raise _UsageError(f"--adjoint/--step-size apply to the ODE models (odenet, rknet), not "
-                          f"to --model {args.model}")
+        raise UsageError(f"--adjoint/--step-size apply to the ODE models (odenet, rknet), not "
+                         f"to --model {args.model}")
+    check_rtol(args.tol, flag="--tol")
+    world = DistEnv.from_env().world_size
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of "
+                         f"processes ({world})")
     return config
 
 
@@ -358,211 +333,174 @@ def _plot(out: Path, history: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say; returns the exit status."""
-    try:
-        return _train(args)
-    except (_UsageError, FileNotFoundError, ValueError) as e:
-        print(f"neuralode train mnist: error: {e}", file=sys.stderr)
-        return 2
+class MNISTExperiment(Experiment):
+    """``neuralode train mnist`` on the shared runner: one step is one optimizer step; the
+    test set is evaluated (and a checkpoint written) at the end of every epoch."""
 
+    name = "mnist"
+    description = ("Train ODE-Net / RK-Net / ResNet / MLP on MNIST (Chen et al. 2018, Table 1). "
+                   "Also runs under torchrun --nproc_per_node=N.")
+    run_keys = RUN_DEFINING
+    default_ckpt_every = 0
 
-def _train(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    env = DistEnv.from_env()
-    device = env.init(parse_device(args.device))
-    try:
-        return _train_loop(args, config, env, device)
-    finally:
-        env.close()
+    def default_out(self, args: argparse.Namespace) -> str:
+        return f"runs/mnist/{args.model}"
 
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_arguments(parser)
 
-def _train_loop(args, config: dict[str, Any], env: DistEnv, device: torch.device) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size % env.world_size:
-        raise _UsageError(f"--batch-size {args.batch_size} must be divisible by the number of "
-                          f"processes ({env.world_size})")
-    out = Path(args.out) if args.out else Path("runs") / "mnist" / args.model
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise _UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise _UsageError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
-        changed = [k for k in RUN_DEFINING if ckpt["config"].get(k) != config.get(k)]
-        if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)!r} -> "
-                              f"{config.get(k)!r}" for k in changed)
-            raise _UsageError(f"--resume: the run in {out} was started with different settings "
-                              f"({diffs}); resume with the same ones")
-    elif ckpt_path.exists():
-        raise _UsageError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue "
-                          f"it or choose another --out")
-    progress = env.is_main and not args.quiet
+    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return _config_from_args(args)
 
-    # data
-    train_ds = load_split(args.train_split, args.data_dir, args.download, env)
-    test_ds = load_split("test", args.data_dir, args.download, env)
-    train_images, train_labels = _subset(train_ds, args.train_limit, random_subset=True)
-    test_images, test_labels = _subset(test_ds, args.test_limit, random_subset=False)
-    n_train = len(train_labels)
-    # Every rank needs at least one image of every batch: drop a too-small last batch.
-    drop_last = 0 < n_train % args.batch_size < env.world_size
-    loader = BatchLoader((train_images, train_labels), args.batch_size, shuffle=True,
-                         augment=args.augment, seed=args.seed, drop_last=drop_last,
-                         rank=env.rank, world_size=env.world_size)
-    sizes = _batch_sizes(n_train, args.batch_size, drop_last)
-    steps_per_epoch = len(sizes)
-    if steps_per_epoch == 0:
-        raise _UsageError(f"no training batches: {n_train} images, batch size {args.batch_size}")
+    def setup(self) -> None:
+        run, args, config = self.run, self.run.args, self.run.config
+        env, device = run.dist, run.device
+        self.train_ds = load_split(args.train_split, args.data_dir, args.download, env)
+        self.test_ds = load_split("test", args.data_dir, args.download, env)
+        train_images, train_labels = _subset(self.train_ds, args.train_limit, random_subset=True)
+        self.test_images, self.test_labels = _subset(self.test_ds, args.test_limit,
+                                                     random_subset=False)
+        self.n_train = n_train = len(train_labels)
+        # Every rank needs at least one image of every batch: drop a too-small last batch.
+        drop_last = 0 < n_train % args.batch_size < env.world_size
+        self.loader = BatchLoader((train_images, train_labels), args.batch_size, shuffle=True,
+                                  augment=args.augment, seed=args.seed, drop_last=drop_last,
+                                  rank=env.rank, world_size=env.world_size)
+        self.sizes = _batch_sizes(n_train, args.batch_size, drop_last)
+        self.steps_per_epoch = len(self.sizes)
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"no training batches: {n_train} images, batch size "
+                             f"{args.batch_size}")
+        kw = model_kwargs(config)
+        if "method" in kw:
+            kw["options"] = run.options(config["method"], kw.get("options"))
+        self.net = build_classifier(args.model, **kw).to(device)
+        env.broadcast_parameters(self.net)
+        self.n_params = count_parameters(self.net)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=base_lr(config),
+                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.block = self.net.ode_block
+        self.acc, self.train_time = _new_acc(), 0.0
+        self._batches = None  # the data iterator of the current epoch
+        self._next_step = -1
+        kind = f"{args.model} ({self.n_params:,} parameters"
+        if self.block is not None:
+            kind += f", {args.method} tol {args.tol:g}, adjoint {self.block.adjoint}"
+        run.log(f"{kind}); {n_train} training images ({args.train_split}), "
+                f"{len(self.test_labels)} test images")
+        self.net.train()
 
-    # model and optimizer
-    seed_everything(args.seed)
-    net = build_classifier(args.model, **model_kwargs(config)).to(device)
-    n_params = count_parameters(net)
-    optimizer = torch.optim.SGD(net.parameters(), lr=base_lr(config), momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    epoch, batch, step, train_time = 0, 0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    acc = _new_acc()
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        train_time, history, acc = ckpt["train_time"], ckpt["history"], ckpt["acc"]
-        set_rng_state(ckpt["rng"])
-    model: nn.Module = net
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    block = net.ode_block
-    writer = MetricsWriter(out)
+    @property
+    def total_steps(self) -> int:
+        return self.run.args.epochs * self.steps_per_epoch
 
-    def save_checkpoint() -> None:
-        if env.is_main:
-            atomic_save({"format": CHECKPOINT_FORMAT, "config": config, "model": net.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-                         "step": step, "train_time": train_time, "history": history,
-                         "acc": acc, "rng": get_rng_state(), "params": n_params,
-                         "world_size": env.world_size}, ckpt_path)
+    def progress_label(self, steps_done: int) -> str:
+        epoch = min(steps_done // self.steps_per_epoch, self.run.args.epochs - 1)
+        return f"epoch {epoch + 1}/{self.run.args.epochs}"
 
-    def write_metrics(finished: bool) -> None:
-        if not env.is_main:
-            return
-        if history:
-            writer.write_rows(history)
+    def checkpoint_due(self, steps_done: int) -> bool:
+        return steps_done % self.steps_per_epoch == 0
+
+    def train_step(self, step: int) -> StepOutput:
+        run, args, env, block = self.run, self.run.args, self.run.dist, self.block
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        if self._batches is None or batch == 0 or step != self._next_step:
+            self._batches = self.loader.iter_epoch(epoch, start_batch=batch)
+        x, y = next(self._batches)
+        self._next_step = step + 1
+        acc, config = self.acc, run.config
+        t_start = time.perf_counter()
+        lr = learning_rate(step, self.steps_per_epoch, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(run.device), y.to(run.device)
+        logits = self.net(x)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        # each rank's share of the global batch mean; the runner sums gradients over ranks
+        (loss_sum / self.sizes[batch]).backward()
+        env.sum_gradients(self.net.parameters())
+        loss_value = float(loss_sum.detach())
+        (global_loss,) = env.all_reduce([loss_value / self.sizes[batch]])
+        if math.isfinite(global_loss):  # the runner stops the run on a non-finite loss
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t_start
+        self.train_time += elapsed
+        acc["time"] += elapsed
+        acc["loss"] += loss_value
+        acc["correct"] += float((logits.argmax(1) == y).sum())
+        acc["count"] += len(y)
+        acc["steps"] += 1
+        show: dict[str, Any] = {"loss": global_loss, "acc": acc["correct"] / acc["count"]}
+        if block is not None:
+            acc["nfe_f"] += block.nfe_forward
+            acc["nfe_b"] += block.nfe_backward
+            show.update(nfe_f=block.nfe_forward, nfe_b=block.nfe_backward)
+        show["img/s"] = round(acc["count"] * env.world_size / max(acc["time"], 1e-9))
+        if batch + 1 < self.steps_per_epoch:
+            return StepOutput(global_loss, None, show)
+        # epoch done: gather the training sums over ranks and evaluate
+        keys = ("loss", "correct", "count", "nfe_f", "nfe_b", "steps")
+        epoch_acc = dict(zip(keys, env.all_reduce([acc[k] for k in keys])))
+        epoch_acc["time"] = acc["time"]
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test = evaluate(self.net, self.test_images, self.test_labels, args.test_batch_size,
+                            run.device, env, progress=run.is_main and not args.quiet)
+        else:
+            test = {"test_loss": math.nan, "test_error": math.nan, "test_nfe_forward": math.nan}
+        row = _history_row(epoch + 1, step + 1, lr, epoch_acc, test, self.train_time,
+                           block is not None)
+        if block is not None:
+            block.reset_nfe()
+        self.acc = _new_acc()
+        nfe = (f", NFE forward {row['nfe_forward']:.1f} backward {row['nfe_backward']:.1f}"
+               if block is not None else "")
+        test_text = ("" if math.isnan(row["test_error"])
+                     else f", test error {100 * row['test_error']:.2f}%")
+        run.log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}{test_text}{nfe}")
+        return StepOutput(global_loss, row, show)
+
+    def state_dict(self) -> dict[str, Any]:
+        step = self.run.step
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch,
+                "train_time": self.train_time, "acc": dict(self.acc), "params": self.n_params}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_time, self.acc = state["train_time"], dict(state["acc"])
+
+    def finish(self) -> dict[str, Any]:
+        args, history, block = self.run.args, self.run.history, self.block
         evaluated = [r for r in history if not math.isnan(r["test_error"])]
         last = history[-1] if history else {}
         last_eval = evaluated[-1] if evaluated else {}
-        writer.write_json({
-            "model": args.model, "params": n_params, "epochs": len(history),
-            "epochs_planned": args.epochs, "step": step, "finished": finished,
+        return {
+            "model": args.model, "params": self.n_params, "epochs": len(history),
+            "epochs_planned": args.epochs, "step": self.run.step,
             "test_error": last_eval.get("test_error"), "test_loss": last_eval.get("test_loss"),
             "test_error_epoch": last_eval.get("epoch"),
             "train_loss": last.get("train_loss"), "train_error": last.get("train_error"),
             "nfe_forward": last.get("nfe_forward"), "nfe_backward": last.get("nfe_backward"),
             "test_nfe_forward": last_eval.get("test_nfe_forward"),
             "best_test_error": min((r["test_error"] for r in evaluated), default=None),
-            "train_time_s": train_time, "images_per_s": last.get("images_per_s"),
+            "train_time_s": self.train_time, "images_per_s": last.get("images_per_s"),
             "method": args.method if block is not None else None,
             "tol": args.tol if block is not None else None,
             "adjoint": block.adjoint if block is not None else None,
-            "train_split": args.train_split, "n_train": n_train, "n_test": len(test_labels),
-            "batch_size": args.batch_size, "world_size": env.world_size, "seed": args.seed,
-            "device": str(device), "torch_threads": torch.get_num_threads(),
-            "data_dirs": sorted({str(train_ds.root), str(test_ds.root)})})
+            "train_split": args.train_split, "n_train": self.n_train,
+            "n_test": len(self.test_labels), "batch_size": args.batch_size,
+            "seed": args.seed, "device": str(self.run.device),
+            "data_dirs": sorted({str(self.train_ds.root), str(self.test_ds.root)})}
 
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        kind = f"{args.model} ({n_params:,} parameters"
-        if block is not None:
-            kind += f", {args.method} tol {args.tol:g}, adjoint {block.adjoint}"
-        print(f"{kind}); {n_train} training images ({args.train_split}), {len(test_labels)} "
-              f"test images, {env.world_size} process(es) on {device}; writing to {out}"
-              + (f"; resuming at epoch {epoch + 1}, step {step}" if ckpt else ""),
-              file=sys.stderr)
+    def plot(self, final: dict[str, Any]) -> list[str]:
+        _plot(self.run.out, self.run.history,
+              f"MNIST {self.run.args.model} ({self.n_params:,} parameters)")
+        return ["training.png"]
 
-    net.train()
-    while epoch < args.epochs:
-        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=progress,
-                          start=batch)
-        for x, y in loader.iter_epoch(epoch, start_batch=batch):
-            t_start = time.perf_counter()
-            lr = learning_rate(step, steps_per_epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum = F.cross_entropy(logits, y, reduction="sum")
-            # DDP averages gradients over ranks: scale so that this is the global batch mean.
-            (loss_sum * (env.world_size / sizes[batch])).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t_start
-            train_time += elapsed
-            acc["time"] += elapsed
-            acc["loss"] += float(loss_sum.detach())
-            acc["correct"] += float((logits.argmax(1) == y).sum())
-            acc["count"] += len(y)
-            acc["steps"] += 1
-            postfix: dict[str, Any] = {"loss": float(loss_sum.detach()) / max(len(y), 1),
-                                       "acc": acc["correct"] / acc["count"]}
-            if block is not None:
-                acc["nfe_f"] += block.nfe_forward
-                acc["nfe_b"] += block.nfe_backward
-                postfix.update(nfe_f=block.nfe_forward, nfe_b=block.nfe_backward)
-            postfix["img/s"] = round(acc["count"] * env.world_size / max(acc["time"], 1e-9))
-            bar.update(1, **postfix)
-            batch += 1
-            step += 1
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
-            if args.max_steps is not None and step >= args.max_steps and batch < steps_per_epoch:
-                bar.close()
-                save_checkpoint()
-                write_metrics(finished=False)
-                if env.is_main:
-                    print(f"stopped at step {step} (--max-steps); continue with --resume",
-                          file=sys.stderr)
-                return 0
-        bar.close()
-        # epoch done: gather the training sums over ranks and evaluate
-        totals = env.all_reduce_sum([acc[k] for k in ("loss", "correct", "count", "nfe_f",
-                                                      "nfe_b", "steps")], device)
-        epoch_acc = dict(zip(("loss", "correct", "count", "nfe_f", "nfe_b", "steps"), totals))
-        epoch_acc["time"] = acc["time"]
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test = evaluate(model, test_images, test_labels, args.test_batch_size, device, env,
-                            progress=progress)
-        else:
-            test = {"test_loss": math.nan, "test_error": math.nan, "test_nfe_forward": math.nan}
-        history.append(_history_row(epoch + 1, step, lr, epoch_acc, test, train_time,
-                                    block is not None))
-        if block is not None:
-            block.reset_nfe()
-        epoch, batch, acc = epoch + 1, 0, _new_acc()
-        save_checkpoint()
-        write_metrics(finished=epoch >= args.epochs)
-        if env.is_main:
-            r = history[-1]
-            nfe = (f", NFE forward {r['nfe_forward']:.1f} backward {r['nfe_backward']:.1f}"
-                   if block is not None else "")
-            test_text = ("" if math.isnan(r["test_error"])
-                         else f", test error {100 * r['test_error']:.2f}%")
-            print(f"epoch {epoch}: train loss {r['train_loss']:.4f}{test_text}{nfe}",
-                  file=sys.stderr)
-        if args.max_steps is not None and step >= args.max_steps and epoch < args.epochs:
-            if env.is_main:
-                print(f"stopped at step {step} (--max-steps); continue with --resume",
-                      file=sys.stderr)
-            return 0
-
-    if env.is_main:
-        if not args.no_plot:
-            _plot(out, history, f"MNIST {args.model} ({n_params:,} parameters)")
+    def report(self, final: dict[str, Any]) -> str:
+        history, block = self.run.history, self.block
         headers = ["epoch", "train loss", "train err %", "test err %", "NFE fwd", "NFE bwd",
                    "img/s", "time s"]
         rows = [[r["epoch"], round(r["train_loss"], 4), round(100 * r["train_error"], 2),
@@ -570,8 +508,16 @@ def _train_loop(args, config: dict[str, Any], env: DistEnv, device: torch.device
                  "-" if block is None else round(r["nfe_forward"], 1),
                  "-" if block is None else round(r["nfe_backward"], 1),
                  round(r["images_per_s"]), round(r["train_time_s"], 1)] for r in history]
-        print(format_table(rows, headers))
-        print(f"{args.model}: test error {100 * history[-1]['test_error']:.2f}% with "
-              f"{n_params:,} parameters after {len(history)} epochs; metrics in "
-              f"{writer.json_path}")
-    return 0
+        return (format_table(rows, headers) + f"\n{self.run.args.model}: test error "
+                f"{100 * history[-1]['test_error']:.2f}% with {self.n_params:,} parameters "
+                f"after {len(history)} epochs")
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``neuralode train mnist`` to ``parser``."""
+    runner.build_parser(MNISTExperiment(), parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; returns the exit status."""
+    return runner.run(MNISTExperiment(), args)

@@ -33,14 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from neuralode.data.mnist import BatchLoader
-from neuralode.experiments._common import (
-    MetricsWriter,
-    atomic_write_text,
-    format_table,
-    parse_device,
-    pyplot,
-)
-from neuralode.experiments._common import positive_int as _positive_int
 from neuralode.experiments.mnist import (
     CHECKPOINT_NAME,
     evaluate,
@@ -48,6 +40,17 @@ from neuralode.experiments.mnist import (
     model_from_checkpoint,
     model_kwargs,
 )
+from neuralode.experiments.runner import (
+    UsageError,
+    atomic_write_text,
+    format_table,
+    load_checkpoint,
+    parse_device,
+    pyplot,
+    write_csv,
+)
+from neuralode.experiments.runner import positive_int as _positive_int
+from neuralode.experiments.runner import threads as _threads
 from neuralode.models.classifiers import (
     MODEL_NAMES,
     PAPER_TABLE1,
@@ -88,7 +91,7 @@ def build_parser(parser: argparse.ArgumentParser, name: str) -> None:
         raise ValueError(f"unknown analysis {name!r}; valid names are: {', '.join(COMMANDS)}")
     parser.add_argument("--out", default=None,
                         help="output directory (default runs/mnist/analysis)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=_threads, default=1,
                         help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--data-dir", default=None, help="MNIST directory (as for train)")
@@ -215,6 +218,8 @@ def _table1(args: argparse.Namespace, out: Path) -> int:
         metrics = _read_json(run_dir / "metrics.json")
         ckpt = run_dir / CHECKPOINT_NAME
         checkpoint = str(ckpt) if ckpt.is_file() else None
+        if checkpoint:
+            load_checkpoint(ckpt)  # refuse a damaged or unsafe file here, in one line
         print(f"measuring a training step of {model} in a fresh process"
               + (f" (weights of {ckpt})" if checkpoint else " (initial weights)"),
               file=sys.stderr)
@@ -233,7 +238,7 @@ def _table1(args: argparse.Namespace, out: Path) -> int:
             "paper_test_error_pct": paper["test_error_pct"], "paper_params_m": paper["params_m"],
             "paper_memory": paper["memory"], "batch_size": args.batch_size,
             "threads": m["threads"]})
-    MetricsWriter(out, "table1.csv").write_rows(rows)
+    write_csv(out / "table1.csv", rows)
     headers = ["model", "test error %", "params (M)", "step memory (MiB)", "peak RSS (MiB)",
                "time/step (s)", "NFE f/b", "epochs", "paper error %", "paper params (M)",
                "paper memory"]
@@ -319,7 +324,7 @@ def _fig3(args: argparse.Namespace, out: Path) -> int:
               file=sys.stderr)
     block.set_tolerance(trained_tol)
     history = _read_history(run_dir / "metrics.csv")
-    MetricsWriter(out, "fig3.csv").write_rows(rows)
+    write_csv(out / "fig3.csv", rows)
     headers = ["tol", "test error %", "NFE forward", "time/batch (s)", "train NFE fwd",
                "train NFE bwd"]
     table = format_table([[f"{r['tol']:g}", f"{r['test_error_pct']:.2f}",
@@ -392,10 +397,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("runs") / "mnist" / "analysis"
+    if out.exists() and not out.is_dir():
+        print(f"neuralode analyze {name}: error: --out {out} is a file, not a directory",
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _table1(args, out) if name == "mnist-table1" else _fig3(args, out)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, UsageError) as e:
         print(f"neuralode analyze {name}: error: {e}", file=sys.stderr)
         return 2
 

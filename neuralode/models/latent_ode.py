@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuralode import odeint
+from neuralode import odeint, odeint_adjoint
 
 __all__ = [
     "ELBOTerms",
@@ -162,14 +162,7 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
 
 
 def _solver(adjoint: bool):
-    if not adjoint:
-        return odeint
-    try:
-        from neuralode import odeint_adjoint
-    except ImportError:
-        raise ValueError("adjoint=True needs neuralode.odeint_adjoint, which this install does "
-                         "not have; use adjoint=False") from None
-    return odeint_adjoint
+    return odeint_adjoint if adjoint else odeint
 
 
 # ----------------------------------------------------------------------------
@@ -367,16 +360,22 @@ class LatentODE(nn.Module):
         return out.gather(1, pos[..., None].expand(*pos.shape, self.obs_dim))
 
     def elbo(self, times: Tensor, values: Tensor, mask: Tensor | None = None, *,
-             kl_weight: float = 1.0) -> ELBOTerms:
+             kl_weight: float = 1.0, noise: Tensor | None = None) -> ELBOTerms:
         """One-sample reparameterised ELBO of the observations, averaged over the batch.
 
         ``log_lik`` sums ``log N(x; readout(z(t)), obs_std^2)`` over the observed points and
-        dims of each sequence; ``elbo = log_lik - kl_weight * kl``.
+        dims of each sequence; ``elbo = log_lik - kl_weight * kl``. ``noise`` (B, latent_dim)
+        is the standard normal sample of the reparameterisation (default: drawn with
+        ``torch.randn``).
         """
         times, values, mask = check_sequences(times, values, mask, obs_dim=self.obs_dim,
                                               t0=self.t0)
         mu, logvar = self.encode(times, values, mask)
-        z0 = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        if noise is None:
+            noise = torch.randn_like(mu)
+        elif noise.shape != mu.shape:
+            raise ValueError(f"noise must have shape {tuple(mu.shape)}, got {tuple(noise.shape)}")
+        z0 = mu + noise.to(mu) * (0.5 * logvar).exp()
         x_hat = self.decode_at(z0, times, mask)
         var = self.obs_std ** 2
         log_p = -0.5 * ((values - x_hat) ** 2 / var + math.log(2 * math.pi * var))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode.adjoint import odeint_adjoint
 from neuralode.odeint import odeint
 from neuralode.solvers import ALIASES, SOLVERS
 
@@ -98,16 +99,6 @@ def _check_method(name: str, method) -> str | None:
     return method
 
 
-def _load_odeint_adjoint():
-    try:
-        from neuralode import odeint_adjoint
-    except ImportError as e:  # pragma: no cover - only before the adjoint exists
-        raise RuntimeError("adjoint=True needs neuralode.odeint_adjoint, which this install "
-                           "lacks; use adjoint=False (backpropagation through the solver)"
-                           ) from e
-    return odeint_adjoint
-
-
 class NeuralODE(nn.Module):
     """``y(t) = y0 + int_{t[0]}^{t} func(s, y(s)) ds`` for a learned ``func``.
 
@@ -180,7 +171,6 @@ class NeuralODE(nn.Module):
     def _solve(self, y0, t: torch.Tensor):
         self.reset_nfe()
         if self.adjoint:
-            odeint_adjoint = _load_odeint_adjoint()
             ys, stats = odeint_adjoint(
                 self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
                 options=self.options, adjoint_rtol=self.adjoint_rtol,
