@@ -122,7 +122,10 @@ class _Backward:
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             f = self.flat_func(t, y_)
-            grads = torch.autograd.grad(f, (y_, *self.params), -a, allow_unused=True)
+            if f.requires_grad:
+                grads = torch.autograd.grad(f, (y_, *self.params), -a, allow_unused=True)
+            else:  # f depends on neither y nor the parameters
+                grads = (None,) * (1 + len(self.params))
         da = grads[0] if grads[0] is not None else torch.zeros_like(y)
         if self.params:
             dg = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -136,7 +139,20 @@ class _Backward:
         [t0, t_last], walked backwards): the reconstruction of y lands where the forward
         solve stepped. None for adaptive methods and grids given by a constructor."""
         p = self.problem
-        if p.method.adaptive or p.opts.get("step_size") is None:
+        if p.method.adaptive:
+            return None
+        if p.opts.get("grid_constructor") is not None:
+            # as torchdiffeq: the constructor is asked for the backward grid, with t reversed
+            from neuralode.solvers.methods import check_grid
+            tt = torch.tensor([t_last, t0], dtype=torch.float64)
+            grid = p.opts["grid_constructor"](self._dynamics, None, tt)
+            try:
+                grid = torch.as_tensor(grid).detach().to(torch.float64).reshape(-1).tolist()
+            except (TypeError, ValueError, RuntimeError):
+                raise ODEInputError(f"{p.name}: grid_constructor must return a 1-D tensor of "
+                                    f"times, got {type(grid).__name__}") from None
+            return check_grid(p.name, grid, t_last, t0)
+        if p.opts.get("step_size") is None:
             return None
         h = math.copysign(float(p.opts["step_size"]), t_last - t0)
         n = max(1, math.ceil(abs(t_last - t0) / abs(h) * (1 - 1e-12)))
@@ -325,8 +341,9 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                 f"adjoint_method={adjoint_method!r} differs from method={method_name!r} and "
                 f"options were given for the forward solve; pass adjoint_options for the "
                 f"backward solve explicitly (e.g. adjoint_options={{}})")
-        adjoint_options = {k: v for k, v in opts.items()
-                           if k not in ("norm", "grid_constructor", "step_t", "jump_t")}
+        # the backward solve inherits the forward options (step_t/jump_t too: the
+        # discontinuities are the same), except the forward state's norm
+        adjoint_options = {k: v for k, v in opts.items() if k != "norm"}
     else:
         if not isinstance(adjoint_options, dict):
             raise ODEInputError(f"adjoint_options must be a dict, got "

@@ -185,6 +185,13 @@ class AdamsStepper:
 
 
 def _combine(y, coefs, fs, h):
+    """y + h * sum_j w_j f_j; below float64 the terms are summed first and added to y once
+    (term-by-term addition into y drifts in float32)."""
+    if y.dtype != torch.float64 and fs:
+        incr = fs[0] * (h * coefs[0])
+        for w, f in zip(coefs[1:], fs[1:]):
+            incr = torch.add(incr, f, alpha=h * w)
+        return y + incr
     out = y
     for w, f in zip(coefs, fs):
         out = torch.add(out, f, alpha=h * w)

@@ -52,6 +52,31 @@ def dense_weights(dense_t: torch.Tensor, thetas, degree: int) -> torch.Tensor:
     return powers @ dense_t
 
 
+def _combine(y, ks, coefs, h):
+    """y + h * sum_j c_j k_j, adding term by term (out of place: autograd keeps the stages)."""
+    out = y
+    for j, cj in coefs:
+        out = torch.add(out, ks[j], alpha=h * cj)
+    return out
+
+
+def _combine_then_add(y, ks, coefs, h):
+    """As ``_combine``, but the stage terms are summed first and added to y once (one
+    rounding at |y|'s magnitude: below float64 the term-by-term sum drifts)."""
+    if not coefs:
+        return y
+    (j0, c0), rest = coefs[0], coefs[1:]
+    incr = ks[j0] * (h * c0)
+    for j, cj in rest:
+        incr = torch.add(incr, ks[j], alpha=h * cj)
+    return y + incr
+
+
+def _mv_then_add(y, mat, vec, alpha):
+    """y + alpha * (mat @ vec), rounding y's sum once."""
+    return torch.add(y, torch.mv(mat, vec), alpha=alpha)
+
+
 class RKSegment:
     """The interpolant of one accepted RK step, kept for a dense solution."""
 
@@ -62,7 +87,7 @@ class RKSegment:
 
     def evaluate(self, thetas) -> torch.Tensor:
         w = dense_weights(self.dense_t, thetas, self.degree)
-        return torch.addmm(self.y.unsqueeze(0), w, self.K, alpha=self.h)
+        return torch.add(self.y.unsqueeze(0), torch.mm(w, self.K), alpha=self.h)
 
 
 def chord(y0, y1, thetas) -> list[torch.Tensor]:
@@ -114,6 +139,10 @@ class RKStepper:
             return
         K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
         self.K = K
+        # y + h * K^T a: one fused addmv in float64; below float64 the product is formed
+        # first and added once, because the fused kernel adds each stage's term into y
+        # separately (s roundings at |y|'s magnitude per stage: a visible drift in float32)
+        self.addmv = torch.addmv if y0.dtype == torch.float64 else _mv_then_add
         # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
         self.KT = [K[:i].t() for i in range(self.s_ext + 1)]
         self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
@@ -129,7 +158,7 @@ class RKStepper:
         if self.graph:
             self.y1 = y1 = self._step_graph(t, y, h, left_end)
             return y1
-        addmv = torch.addmv
+        addmv = self.addmv
         yi = y
         if left_end is None:
             call = self.rhs.call
@@ -149,20 +178,16 @@ class RKStepper:
     def _step_graph(self, t, y, h, left_end):
         ks = [self.f0]
         c, rhs = self.c, self.rhs
+        combine = _combine if y.dtype == torch.float64 else _combine_then_add
         yi = y
         for i in range(1, self.s):
-            yi = y
-            for j, aij in self.a_nz[i]:
-                yi = torch.add(yi, ks[j], alpha=h * aij)
+            yi = combine(y, ks, self.a_nz[i], h)
             ti = t + c[i] * h
             ks.append(rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi))
         self.ks = ks
         if self.fsal:
             return yi
-        y1 = y
-        for j, bj in self.b_nz:
-            y1 = torch.add(y1, ks[j], alpha=h * bj)
-        return y1
+        return combine(y, ks, self.b_nz, h)
 
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (no graph); the local error estimate is h
@@ -203,8 +228,11 @@ class RKStepper:
         w = dense_weights(self.dense_t, thetas, self.degree)
         K = torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
         if len(thetas) == 1:
-            return [torch.addmv(y, K.t(), w[0], alpha=h)]
-        return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
+            return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
+                    else _mv_then_add(y, K.t(), w[0], alpha=h)]
+        if y.dtype == torch.float64:
+            return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
+        return list(torch.add(y.unsqueeze(0), torch.mm(w, K), alpha=h).unbind(0))
 
     def segment(self, y: torch.Tensor, h: float):
         if self.linear:
