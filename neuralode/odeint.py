@@ -109,6 +109,11 @@ def _times(t: torch.Tensor) -> list[float]:
 def _tolerance(name: str, tol, layout: StateLayout, dtype, device):
     """A float, or a flat (n,) tensor for per-element tolerances: a tensor broadcastable to
     the state (or, for a tuple state, one value or tensor per element)."""
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):  # the common case, fast
+        v = float(tol)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ODEInputError(f"{name} must be a non-negative finite number, got {tol!r}")
+        return v
 
     def tensor_of(v, shape, where):
         if isinstance(v, torch.Tensor):

@@ -148,6 +148,8 @@ class RKStepper:
         self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
                            for i in range(1, self.s)]
         K[0].copy_(f0)
+        self.f1 = K[self.s - 1] if self.fsal else None  # FSAL: f(t1, y1) is the last stage
+        self.ext_filled = self.fsal
 
     # -- one attempt ------------------------------------------------------------------
     def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
@@ -175,6 +177,8 @@ class RKStepper:
         self.y1 = yi  # FSAL: the last stage is evaluated at y1 itself
         return yi
 
+
+
     def _step_graph(self, t, y, h, left_end):
         ks = [self.f0]
         c, rhs = self.c, self.rhs
@@ -199,27 +203,28 @@ class RKStepper:
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:
-        """f(t1, y1): the FSAL stage, or one evaluation (kept as the extended stage).
-        ``t1_time`` is a float or a time tensor (a left limit at a discontinuity)."""
+        """f(t1, y1): the FSAL stage, or one evaluation. ``t1_time`` is a float or a time
+        tensor (a left limit at a discontinuity)."""
+        if self.f1_known:
+            return self.ks[self.s_ext - 1] if self.graph else self.f1
+        f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+              else self.rhs.call_at(t1_time, y1))
+        self.f1_known = True
         if self.graph:
-            if not self.f1_known:
-                f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
-                      else self.rhs.call_at(t1_time, y1))
-                self.ks = self.ks + [f1]
-                self.f1_known = True
-            return self.ks[self.s_ext - 1]
-        k = self.K[self.s_ext - 1]
-        if not self.f1_known:
-            f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
-                  else self.rhs.call_at(t1_time, y1))
-            k.copy_(f1)
-            self.f1_known = True
-        return k
+            self.ks = self.ks + [f1]
+        else:
+            self.f1 = f1
+            self.ext_filled = False
+        return f1
 
     def prepare_interp(self, t1_time, y1) -> None:
         """Make the accepted step's interpolant available (may evaluate f(t1, y1))."""
-        if not self.linear:
-            self.end_derivative(t1_time, y1)
+        if self.linear:
+            return
+        self.end_derivative(t1_time, y1)
+        if not self.graph and not self.ext_filled:
+            self.K[self.s_ext - 1].copy_(self.f1)  # the extended stage
+            self.ext_filled = True
 
     def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
         """States at t + theta h on the accepted step (after ``prepare_interp``)."""
@@ -244,11 +249,9 @@ class RKStepper:
         """Forget carried history (nothing for a one-step method)."""
 
     def advance(self, f_next: torch.Tensor | None) -> None:
-        """Make ``f_next`` (default: f(t1, y1) of the accepted step) the next first stage."""
+        """Make ``f_next`` (default: f(t1, y1) of the accepted step, see
+        ``end_derivative``) the next first stage."""
         if self.graph:
             self.f0 = f_next if f_next is not None else self.ks[self.s_ext - 1]
             return
-        if f_next is not None:
-            self.K[0].copy_(f_next)
-        else:
-            self.K[0].copy_(self.K[self.s_ext - 1])
+        self.K[0].copy_(f_next if f_next is not None else self.f1)
