@@ -2,7 +2,8 @@
 and torchdyn, in one interleaved run (the libraries alternate every repetition; medians; one
 thread).
 
-Overhead ratio = time / (NFE x cost of one f); 1.0 is the limit. For forward + backward the
+Overhead ratio = time / (NFE x cost of one f); 1.0 is the limit; f is timed in batches of
+NFE evaluations inside the same interleaved rounds. For forward + backward the
 cost of one f is f plus its backward; for the adjoint it is forward NFE x f + backward NFE x
 (f plus its backward).
 
@@ -233,7 +234,10 @@ def bench_adaptive(p, mode, libs, repeats):
         rows.append({"problem": p["name"], "mode": mode, "solver": name, "nfe": nfe_f,
                      "nfe_bwd": nfe_b, "max_error": err})
         fns[name] = partial(run_one, solve, f)
-    inner = 50 if y0.numel() < 10 else 5
+    # f is timed in batches as long as one solve (NFE evaluations), so that machine noise
+    # (preemption on a shared machine) hits the numerator and the denominator alike
+    nfes = [r["nfe"] for r in rows if "nfe" in r]
+    inner = max(5, max(nfes, default=5))
     fns["f"] = lambda: [f_eval() for _ in range(inner)]
     fb = None
     if mode == "adj":  # f plus its backward, for the backward NFE
