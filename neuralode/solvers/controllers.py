@@ -50,7 +50,8 @@ class ErrorNorm:
         """atol + rtol * absmax, elementwise."""
         if self.scalar_tol:
             return absmax.mul(self.rtol).add_(self.atol)
-        return absmax * self.rtol + self.atol
+        return torch.addcmul(self.atol, self.rtol, absmax) if isinstance(self.atol, torch.Tensor) \
+            else (absmax * self.rtol).add_(self.atol)
 
     def __call__(self, err: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) -> float:
         """The norm of ``factor * err / scale`` as a Python float."""
@@ -273,7 +274,7 @@ class _PIDRun:
     def judge(self, y1: torch.Tensor, err: torch.Tensor, h: float,
               direction: float) -> tuple[bool, float]:
         """(accept, next step) from the error estimate of an attempt of size h."""
-        absy1 = y1.detach().abs()
+        absy1 = (y1.detach() if y1.requires_grad else y1).abs()
         ratio = self.norm(err, self.norm.scale(torch.maximum(self.absy, absy1)), h)
         if not math.isfinite(ratio):
             if self.norm.user_norm is not None and bool(torch.isfinite(err).all()) \

@@ -184,9 +184,11 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
     h = controller.first_step(rhs, t0, y0, f0, direction)
     outs = res.outs
     i_out, i_stop, n_attempts = 1, 0, 0
+    propose, judge, step, error = controller.propose, controller.judge, stepper.step, \
+        stepper.error if adaptive else None
     while True:
         stop = plan[i_stop]
-        t1 = controller.propose(t, h, stop.time, direction)
+        t1 = propose(t, h, stop.time, direction)
         at_stop = t1 == stop.time
         h = t1 - t
         if not math.isfinite(h) or abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))):
@@ -214,9 +216,9 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         left_end = rhs.left_limit(t1, t) if left else None
         if cbs is not None and cbs.step is not None:
             cbs.step(*rhs.callback_args(t, y, h))
-        y1 = stepper.step(t, y, h, left_end)
+        y1 = step(t, y, h, left_end)
         if adaptive:
-            accept, h_next = controller.judge(y1, stepper.error(), h, direction)
+            accept, h_next = judge(y1, error(), h, direction)
             if not accept:
                 stats.n_rejected += 1
                 if cbs is not None and cbs.reject is not None:
@@ -224,7 +226,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                 h = h_next
                 continue
         else:
-            accept, h_next = controller.judge()
+            accept, h_next = judge()
         stats.n_accepted += 1
         if cbs is not None and cbs.accept is not None:
             cbs.accept(*rhs.callback_args(t, y, h))
