@@ -757,7 +757,8 @@ def test_per_element_tolerances_of_a_tuple_state():
     mixed = solve(_two_speed_tuple, (slow0, fast0), t, rtol=[1e-10, 1e-4], atol=[1e-10, 1e-4],
                   method="dopri5")
     loose = solve(_two_speed_tuple, (slow0, fast0), t, rtol=1e-4, atol=1e-4, method="dopri5")
-    assert loose.stats.nfe < mixed.stats.nfe < tight.stats.nfe
+    # the fast element sets the step: loose on it is as cheap as loose everywhere
+    assert loose.stats.nfe <= mixed.stats.nfe < tight.stats.nfe / 5
     assert max_err(mixed.ys[0][-1], slow0 * math.exp(-1.0)) < 1e-9  # tight element
     fast_err = max_err(mixed.ys[1][-1], fast_exact)
     assert 1e-8 < fast_err < 1e-2  # loose element: accurate to its own tolerance only
