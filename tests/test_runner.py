@@ -255,3 +255,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cap
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     with pytest.raises(SystemExit):
         main(["train", "mnist", "--momentum", "nan", "--out", str(tmp_path / "m")])
+
+
+def test_step_cap_goes_to_adaptive_methods_only():
+    from neuralode.experiments.runner import solver_options
+    assert solver_options("dopri5", 10) == {"max_num_steps": 10}
+    assert solver_options("rk4", 10, {"step_size": 0.1}) == {"step_size": 0.1}
+    assert solver_options("implicit_adams", 10) is None

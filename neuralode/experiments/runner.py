@@ -157,7 +157,7 @@ def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] |
 
     out = dict(options or {})
     solver = SOLVERS.get(ALIASES.get(method, method))
-    if solver is not None and "max_num_steps" in solver.OPTIONS:
+    if solver is not None and solver.adaptive:
         out["max_num_steps"] = int(max_num_steps)
     return out or None
 
