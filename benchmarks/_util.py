@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from torch import nn
+
 
 def median_time(fn, repeats: int) -> float:
     times = []
@@ -35,3 +37,17 @@ def torchdiffeq_or_none():
         return torchdiffeq
     except ImportError:
         return None
+
+
+class Counting(nn.Module):
+    """Wraps f (module or function) and counts its evaluations in ``n``; keeps f's
+    parameters."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.n = 0
+
+    def forward(self, t, y):
+        self.n += 1
+        return self.f(t, y)

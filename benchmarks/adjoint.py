@@ -26,10 +26,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import interleaved, torchdiffeq_or_none
+from _util import Counting, interleaved, torchdiffeq_or_none
 from solver_overhead import ConvBlock, MLPDynamics
 
 import neuralode
@@ -102,22 +101,9 @@ def bench_memory(libs):
     return rows
 
 
-class _Counted(nn.Module):
-    """Counts evaluations of the wrapped dynamics."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-        self.n = 0
-
-    def forward(self, t, y):
-        self.n += 1
-        return self.f(t, y)
-
-
 def _count_nfe(adjoint, f, y0, t, tol, seminorm=False):
     """(forward, backward) evaluations of f in one training step with ``adjoint``."""
-    cf = _Counted(f)
+    cf = Counting(f)
     kw = {"adjoint_options": {"norm": "seminorm"}} if seminorm else {}
     ys = adjoint(cf, y0, t, rtol=tol, atol=tol, method="dopri5", **kw)
     fwd = cf.n

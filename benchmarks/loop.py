@@ -55,7 +55,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import interleaved
+from _util import Counting, interleaved
 from solver_overhead import problem_a, problem_b, problem_c
 
 import neuralode
@@ -99,19 +99,6 @@ def optional(name):
     except Exception as exc:  # noqa: BLE001 - any import failure just drops the column
         print(f"# {name} not available: {type(exc).__name__}: {exc}")
         return None
-
-
-class Counting(nn.Module):
-    """Wraps f (module or function) and counts its evaluations; keeps f's parameters."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-        self.n = 0
-
-    def forward(self, t, y):
-        self.n += 1
-        return self.f(t, y)
 
 
 class Flat(nn.Module):
