@@ -567,15 +567,16 @@ def test_dtype_is_preserved(method, dtype):
 
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
 def test_float32_accuracy(method):
-    # rtol = atol = 1e-6 in float32 (unit roundoff 6e-8): measured error 1.5e-6 (dopri5),
-    # 1.2e-6 (tsit5), 2.6e-6 (dopri8) against the exact solution
+    # rtol = atol = 1e-6 in float32 (unit roundoff 6e-8): measured error 2.4e-6 (dopri5),
+    # 1.6e-6 (tsit5), 1.8e-6 (dopri8) against the exact solution. dopri8's interpolation
+    # weights are formed in float64: in float32 they alone cost up to 1.2e-5
     ts = torch.linspace(0.0, 5.0, 11, dtype=F64)
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
     a32 = DAMPED.float()
     ys = odeint(lambda t, y: y @ a32.T, y0.float(), ts.float(), rtol=1e-6, atol=1e-6,
                 method=method)
     assert ys.dtype == torch.float32
-    assert max_err(ys, damped_exact(ts, y0)) < 1e-5
+    assert max_err(ys, damped_exact(ts, y0)) < 5e-6
 
 
 def test_float32_state_with_long_time_span_keeps_time_in_float64():

@@ -277,8 +277,20 @@ class _PIDRun:
     def judge(self, y1: torch.Tensor, err: torch.Tensor, h: float,
               direction: float) -> tuple[bool, float]:
         """(accept, next step) from the error estimate of an attempt of size h."""
+        norm = self.norm
         absy1 = (y1.detach() if y1.requires_grad else y1).abs()
-        ratio = self.norm(err, self.norm.scale(torch.maximum(self.absy, absy1)), h)
+        ratio = norm(err, norm.scale(torch.maximum(self.absy, absy1)), h)
+        if ratio <= 1.0 and self.b2 == 0.0 and self.b3 == 0.0 and ratio > 0.0:
+            # the common case, an accepted step of the I controller, without the general path
+            f = self.safety * ratio ** (-self.b1)
+            f = self.ifactor if f > self.ifactor else (1.0 if f < 1.0 else f)
+            self.prev2, self.prev1 = self.prev1, max(ratio, 1e-10)
+            self.absy = absy1
+            hn = abs(h) * f
+            hn = self.max_step if hn > self.max_step else (self.min_step if hn < self.min_step
+                                                           else hn)
+            self.nonfinite = False
+            return True, direction * hn
         if not math.isfinite(ratio):
             if self.norm.user_norm is not None and bool(torch.isfinite(err).all()) \
                     and bool(torch.isfinite(y1).all()):

@@ -41,15 +41,19 @@ def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.
     a_rows = [torch.tensor(tab.a[i, :i], dtype=dtype, device=device) for i in range(s)]
     b = torch.tensor(tab.b, dtype=dtype, device=device)
     b_err = None if tab.b_err is None else torch.tensor(tab.b_err, dtype=dtype, device=device)
-    dense_t = torch.tensor(tab.dense.T, dtype=dtype, device=device)  # (degree, s_ext)
+    # the interpolant's weights are polynomials in theta with large coefficients of both
+    # signs (dopri8): they are formed in float64 and cast, or float32 loses ~1e-5 to them
+    dense_t = torch.tensor(tab.dense.T, dtype=torch.float64, device=device)  # (degree, s_ext)
     return a_rows, b, b_err, dense_t
 
 
-def dense_weights(dense_t: torch.Tensor, thetas, degree: int) -> torch.Tensor:
-    """(m, s_ext) weights of the extended stages at the step fractions ``thetas``."""
+def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Tensor:
+    """(m, s_ext) weights of the extended stages at the step fractions ``thetas``, computed
+    in float64 (``dense_t``) and returned in ``dtype``."""
     powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
-                          dtype=dense_t.dtype, device=dense_t.device)
-    return powers @ dense_t
+                          dtype=torch.float64, device=dense_t.device)
+    w = powers @ dense_t
+    return w if dtype == torch.float64 else w.to(dtype)
 
 
 def _combine(y, ks, coefs, h):
@@ -86,7 +90,7 @@ class RKSegment:
         self.y, self.h, self.K, self.dense_t, self.degree = y, h, K, dense_t, degree
 
     def evaluate(self, thetas) -> torch.Tensor:
-        w = dense_weights(self.dense_t, thetas, self.degree)
+        w = dense_weights(self.dense_t, thetas, self.degree, self.K.dtype)
         return torch.add(self.y.unsqueeze(0), torch.mm(w, self.K), alpha=self.h)
 
 
@@ -139,10 +143,14 @@ class RKStepper:
             return
         K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
         self.K = K
-        # y + h * K^T a: one fused addmv in float64; below float64 the product is formed
+        # y1 = y + h * K^T b: one fused addmv in float64; below float64 the product is formed
         # first and added once, because the fused kernel adds each stage's term into y
-        # separately (s roundings at |y|'s magnitude per stage: a visible drift in float32)
-        self.addmv = torch.addmv if y0.dtype == torch.float64 else _mv_then_add
+        # separately (s roundings at |y|'s magnitude per step: a visible drift in float32).
+        # Intermediate stage states only feed f, so they keep the fused kernel.
+        # (one nonzero weight, as Euler's or the midpoint rule's, is one rounding anyway)
+        precise = y0.dtype != torch.float64 and len(self.b_nz) > 1
+        self.addmv = _mv_then_add if precise else torch.addmv
+        self.last_stage = K[self.s - 1] if self.fsal else None  # its state is y1
         # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
         self.KT = [K[:i].t() for i in range(self.s_ext + 1)]
         self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
@@ -160,38 +168,38 @@ class RKStepper:
         if self.graph:
             self.y1 = y1 = self._step_graph(t, y, h, left_end)
             return y1
-        addmv = self.addmv
+        addmv, last = torch.addmv, self.last_stage
         yi = y
         if left_end is None:
             call = self.rhs.call
             for kt, a, c, k in self.stage_plan:
-                yi = addmv(y, kt, a, alpha=h)
+                yi = (addmv if k is not last else self.addmv)(y, kt, a, alpha=h)
                 k.copy_(call(t + c * h, yi))
         else:
             call_at = self.rhs.call_at
             for kt, a, c, k in self.stage_plan:
-                yi = addmv(y, kt, a, alpha=h)
+                yi = (addmv if k is not last else self.addmv)(y, kt, a, alpha=h)
                 k.copy_(call_at(left_end(t + c * h), yi))
         if not self.fsal:
-            yi = addmv(y, self.KT[self.s], self.b, alpha=h)
+            yi = self.addmv(y, self.KT[self.s], self.b, alpha=h)
         self.y1 = yi  # FSAL: the last stage is evaluated at y1 itself
         return yi
-
 
 
     def _step_graph(self, t, y, h, left_end):
         ks = [self.f0]
         c, rhs = self.c, self.rhs
-        combine = _combine if y.dtype == torch.float64 else _combine_then_add
+        precise = _combine if y.dtype == torch.float64 else _combine_then_add
         yi = y
         for i in range(1, self.s):
-            yi = combine(y, ks, self.a_nz[i], h)
+            # the stage that is y1 (FSAL) is summed precisely; the others only feed f
+            yi = (precise if self.fsal and i == self.s - 1 else _combine)(y, ks, self.a_nz[i], h)
             ti = t + c[i] * h
             ks.append(rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi))
         self.ks = ks
         if self.fsal:
             return yi
-        return combine(y, ks, self.b_nz, h)
+        return precise(y, ks, self.b_nz, h)
 
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (no graph); the local error estimate is h
@@ -230,7 +238,7 @@ class RKStepper:
         """States at t + theta h on the accepted step (after ``prepare_interp``)."""
         if self.linear:
             return chord(y, self.y1, thetas)
-        w = dense_weights(self.dense_t, thetas, self.degree)
+        w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
         K = torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
