@@ -283,12 +283,11 @@ class _PIDRun:
         if ratio <= 1.0 and self.b2 == 0.0 and self.b3 == 0.0 and ratio > 0.0:
             # the common case, an accepted step of the I controller, without the general path
             f = self.safety * ratio ** (-self.b1)
-            f = self.ifactor if f > self.ifactor else (1.0 if f < 1.0 else f)
+            f = self.ifactor if f > self.ifactor else (max(f, 1.0))
             self.prev2, self.prev1 = self.prev1, max(ratio, 1e-10)
             self.absy = absy1
             hn = abs(h) * f
-            hn = self.max_step if hn > self.max_step else (self.min_step if hn < self.min_step
-                                                           else hn)
+            hn = self.max_step if hn > self.max_step else (max(hn, self.min_step))
             self.nonfinite = False
             return True, direction * hn
         if not math.isfinite(ratio):
