@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from neuralode.errors import ODEInputError
+from neuralode.errors import EventError, ODEInputError
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers.base import RHS, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
@@ -35,6 +35,7 @@ from neuralode.solvers.methods import (
     Method,
     controller_or_default,
     make_controller,
+    times_inside,
 )
 
 Tolerance = float | torch.Tensor | Sequence[float]
@@ -294,9 +295,10 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
     stops = list(stops)
     if cls.adaptive:
         end = direction * math.inf if open_end else ts[-1]
-        stops += [Stop(v) for v in _inside(cls, o, "step_t", ts[0], end, direction)]
-        jumps = _inside(cls, o, "jump_t", ts[0], end, direction)
-        stops = [s for s in stops if s.time not in set(jumps)] + [Stop(v, "jump") for v in jumps]
+        stops += [Stop(v) for v in times_inside(cls.name, "step_t", o["step_t"], ts[0], end,
+                                                direction)]
+        jumps = times_inside(cls.name, "jump_t", o["jump_t"], ts[0], end, direction)
+        stops += [Stop(v, "jump") for v in jumps]  # the loop merges stops at equal times
     controller = make_controller(cls, o, p.norm, ts, p.func, p.y0_user, open_end, grid,
                                  [s.time for s in stops]) if len(ts) > 1 else None
     res = integrate(p.rhs, p.y0_flat if y0_flat is None else y0_flat, ts, stepper, controller,
@@ -308,11 +310,6 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
     p.stats.t_final = res.t_final
     p.stats.h_next = res.h_next
     return res
-
-
-def _inside(cls, o, key, t0, t1, direction):
-    from neuralode.solvers.methods import _times_inside
-    return _times_inside(cls.name, key, o[key], t0, t1, direction)
 
 
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
@@ -445,7 +442,6 @@ def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callback
               callbacks=callbacks if callbacks is not None else _callbacks(func, p.method),
               throw=False)
     if res.status != "event":
-        from neuralode.errors import EventError
         raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
                          f"stopped at t={res.t_final:.10g} without an event ({res.message})")
     ys = torch.stack([p.y0_flat, res.event_y])

@@ -633,3 +633,17 @@ def test_adjoint_of_dynamics_independent_of_the_state():
                         torch.tensor([0.0, 2.0], dtype=F64), adjoint_params=())
     ys[-1].backward()
     assert y0.grad.item() == pytest.approx(1.0)
+
+
+def test_adjoint_with_a_jump_at_an_output_time():
+    # the backward solve's state jump (output time) and f's jump (jump_t) at the same time
+    def f(t, x):
+        return -0.5 * x if t < 0.5 else -2.0 * x
+
+    x0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    xs = odeint_adjoint(f, x0, t, method="dopri5", options={"jump_t": [0.5]}, rtol=1e-10,
+                        atol=1e-10, adjoint_params=())
+    xs.sum().backward()
+    exact = 1.0 + math.exp(-0.25) + math.exp(-0.25 - 1.0)
+    assert abs(x0.grad.item() - exact) < 1e-8

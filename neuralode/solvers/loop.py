@@ -42,7 +42,8 @@ class Stop:
 
     kind: "step" (land and go on), "jump" (a discontinuity of f: the step ends with f
     evaluated from the left, the next starts with f from the right), "hook" (the state
-    jumps: ``hook(t, y) -> y_new``, used by the adjoint's backward solve)."""
+    jumps). ``hook(t, y) -> y_new`` (the adjoint's backward solve) may come with either
+    "hook" or "jump" (a state jump at a discontinuity of f)."""
 
     time: float
     kind: str = "step"
@@ -104,6 +105,20 @@ class EventFunction:
             return float(torch.min(self._raw(t, y) * self.signs))
 
 
+def _merge_stops(stops: list[Stop]) -> list[Stop]:
+    """One stop per time (sorted input): a jump wins over a plain stop, a hook is kept."""
+    out: list[Stop] = []
+    for s in stops:
+        if out and out[-1].time == s.time:
+            prev = out[-1]
+            kind = "jump" if "jump" in (prev.kind, s.kind) else (
+                "hook" if "hook" in (prev.kind, s.kind) else "step")
+            out[-1] = Stop(s.time, kind, prev.hook or s.hook)
+        else:
+            out.append(s)
+    return out
+
+
 def _locate_event(event: EventFunction, stepper, t: float, y, h: float, g1: float) -> float:
     """The event time in (t, t + h]: the last float64 time where the (positive at t) event
     value is still > 0 before it turns <= 0 (or an exact zero), to adjacent float64 times.
@@ -155,8 +170,9 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         return res
     direction = 1.0 if ts[-1] > t0 else -1.0
     t_end = direction * math.inf if open_end else ts[-1]
-    inside = sorted((s for s in stops if direction * (s.time - t0) > 0
-                     and direction * (t_end - s.time) > 0), key=lambda s: direction * s.time)
+    inside = _merge_stops(sorted((s for s in stops if direction * (s.time - t0) > 0
+                                  and direction * (t_end - s.time) > 0),
+                                 key=lambda s: direction * s.time))
     plan = inside + [Stop(t_end, "end")]
     n_out = 1 if open_end else len(ts)
     event = EventFunction(event_fn, rhs, t0, y0) if event_fn is not None else None
@@ -285,13 +301,14 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
             i_stop += 1
             if stop.kind != "step":
                 stepper.restart()  # a multistep history does not survive a discontinuity
-            if stop.kind == "jump":
-                f_next = rhs.call_at(rhs.toward(t, t + direction), y)
-            elif stop.kind == "hook":
+            if stop.hook is not None:
                 y = stop.hook(t, y)
-                f_next = rhs.call(t, y)
                 if adaptive:
                     controller.absy = y.detach().abs()
+            if stop.kind == "jump":
+                f_next = rhs.call_at(rhs.toward(t, t + direction), y)
+            elif stop.hook is not None:
+                f_next = rhs.call(t, y)
         if perturb and f_next is None:
             f_next = rhs.call_at(rhs.toward(t, t + direction), y)
         if f_next is None and not stepper.fsal:

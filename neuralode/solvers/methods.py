@@ -35,7 +35,7 @@ def _positive_int(method: str, name: str, value, high: int | None = None) -> int
     return value
 
 
-def _times_inside(method, name, value, t0, t1, direction) -> list[float]:
+def times_inside(method, name, value, t0, t1, direction) -> list[float]:
     """step_t / jump_t: the distinct times strictly inside (t0, t1), in the direction of
     travel (t1 may be infinite in event mode)."""
     if value is None:
