@@ -125,15 +125,33 @@ class RHS:
                     check(out, tt)
                 return out
             return call_at, call
+        if not layout.is_tuple and not cast:
+            shape = shapes[0]
+
+            def call_at(tt, y):
+                stats.nfe += 1
+                out = func(tt, y.view(shape))
+                if not self._checked or out.shape != shape or out.dtype != udt:
+                    check(out, tt)
+                return out.reshape(-1)
+
+            def call(t, y):
+                stats.nfe += 1
+                tt = full((), t, dtype=cdt, device=device)
+                out = func(tt, y.view(shape))
+                if not self._checked or out.shape != shape or out.dtype != udt:
+                    check(out, tt)
+                return out.reshape(-1)
+            return call_at, call
         if not layout.is_tuple:
             shape = shapes[0]
 
             def call_at(tt, y):
                 stats.nfe += 1
-                out = func(tt, (y.to(udt) if cast else y).view(shape))
+                out = func(tt, y.to(udt).view(shape))
                 if not self._checked or out.shape != shape or out.dtype != udt:
                     check(out, tt)
-                return (out.to(cdt) if cast else out).reshape(-1)
+                return out.to(cdt).reshape(-1)
         else:
             def call_at(tt, y):
                 stats.nfe += 1

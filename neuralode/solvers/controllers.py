@@ -225,8 +225,11 @@ class PIDController:
                                 f"{s['icoeff']}, {s['dcoeff']}")
         return s
 
-    def bind(self, norm: ErrorNorm, error_order: int, options: dict) -> _PIDRun:
-        return _PIDRun(norm, error_order, self.settings(options))
+    def bind(self, norm: ErrorNorm, error_order: int, options: dict,
+             settings: dict | None = None) -> _PIDRun:
+        """The per-solve state (``settings``: the result of ``settings(options)`` when the
+        caller already has it)."""
+        return _PIDRun(norm, error_order, settings or self.settings(options))
 
 
 class _PIDRun:

@@ -220,15 +220,19 @@ class AdaptiveRK(Method):
         if ctrl is not None and not isinstance(ctrl, PIDController):
             raise ODEInputError(f"option 'step_size_controller' of {cls.name!r} must be a "
                                 f"neuralode.PIDController, got {type(ctrl).__name__}")
-        controller_or_default(o).settings(o, cls.name)  # validates safety, ifactor, ...
+        # validates safety, ifactor, ... once; ``make_controller`` reuses the result
+        o["_pid_settings"] = controller_or_default(o).settings(o, cls.name)
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         return RKStepper(cls.tableau)
 
 
+_DEFAULT_CONTROLLER = PIDController()
+
+
 def controller_or_default(o: dict) -> PIDController:
-    return o.get("step_size_controller") or PIDController()
+    return o.get("step_size_controller") or _DEFAULT_CONTROLLER
 
 
 class ExplicitAdams(FixedGridMethod):
@@ -306,7 +310,8 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     """The step-size controller of a solve. Fixed grids: ``grid`` (else the method's grid
     from its options), with ``stop_times`` merged in so that every stop is a grid point."""
     if method.adaptive:
-        return controller_or_default(o).bind(norm, method.tableau.error_order, o)
+        return controller_or_default(o).bind(norm, method.tableau.error_order, o,
+                                             o.get("_pid_settings"))
     if grid is None:
         grid = method.grid(o, ts, func, y0_user, open_end)
     if stop_times:
