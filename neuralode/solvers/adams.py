@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from neuralode.solvers.rk import ChordSegment, RKStepper, chord
+from neuralode.solvers.rk import ChordSegment, RKStepper, add_terms, chord
 from neuralode.solvers.tableau import RK4_38
 
 MAX_ADAMS_ORDER = 12
@@ -185,14 +185,5 @@ class AdamsStepper:
 
 
 def _combine(y, coefs, fs, h):
-    """y + h * sum_j w_j f_j; below float64 the terms are summed first and added to y once
-    (term-by-term addition into y drifts in float32)."""
-    if y.dtype != torch.float64 and fs:
-        incr = fs[0] * (h * coefs[0])
-        for w, f in zip(coefs[1:], fs[1:]):
-            incr = torch.add(incr, f, alpha=h * w)
-        return y + incr
-    out = y
-    for w, f in zip(coefs, fs):
-        out = torch.add(out, f, alpha=h * w)
-    return out
+    """y + h * sum_j w_j f_j, summed precisely below float64 (the result is a state)."""
+    return add_terms(y, list(zip(fs, coefs)), h, y.dtype != torch.float64)

@@ -56,24 +56,23 @@ def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Te
     return w if dtype == torch.float64 else w.to(dtype)
 
 
-def _combine(y, ks, coefs, h):
-    """y + h * sum_j c_j k_j, adding term by term (out of place: autograd keeps the stages)."""
-    out = y
-    for j, cj in coefs:
-        out = torch.add(out, ks[j], alpha=h * cj)
-    return out
-
-
-def _combine_then_add(y, ks, coefs, h):
-    """As ``_combine``, but the stage terms are summed first and added to y once (one
-    rounding at |y|'s magnitude: below float64 the term-by-term sum drifts)."""
-    if not coefs:
+def add_terms(y, terms, h, precise: bool):
+    """y + h * sum_j c_j k_j for ``terms`` = [(k_j, c_j), ...], out of place (autograd keeps
+    the stages). ``precise``: the terms are summed first and added to y once (one rounding
+    at |y|'s magnitude); otherwise they are added into y one by one (below float64 that
+    drifts: use it for values that only feed f)."""
+    if not terms:
         return y
-    (j0, c0), rest = coefs[0], coefs[1:]
-    incr = ks[j0] * (h * c0)
-    for j, cj in rest:
-        incr = torch.add(incr, ks[j], alpha=h * cj)
-    return y + incr
+    if precise:
+        (k0, c0), rest = terms[0], terms[1:]
+        incr = k0 * (h * c0)
+        for k, c in rest:
+            incr = torch.add(incr, k, alpha=h * c)
+        return y + incr
+    out = y
+    for k, c in terms:
+        out = torch.add(out, k, alpha=h * c)
+    return out
 
 
 def _mv_then_add(y, mat, vec, alpha):
@@ -189,17 +188,18 @@ class RKStepper:
     def _step_graph(self, t, y, h, left_end):
         ks = [self.f0]
         c, rhs = self.c, self.rhs
-        precise = _combine if y.dtype == torch.float64 else _combine_then_add
+        low = y.dtype != torch.float64
         yi = y
         for i in range(1, self.s):
             # the stage that is y1 (FSAL) is summed precisely; the others only feed f
-            yi = (precise if self.fsal and i == self.s - 1 else _combine)(y, ks, self.a_nz[i], h)
+            yi = add_terms(y, [(ks[j], a) for j, a in self.a_nz[i]], h,
+                           low and self.fsal and i == self.s - 1)
             ti = t + c[i] * h
             ks.append(rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi))
         self.ks = ks
         if self.fsal:
             return yi
-        return precise(y, ks, self.b_nz, h)
+        return add_terms(y, [(ks[j], b) for j, b in self.b_nz], h, low)
 
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (no graph); the local error estimate is h
