@@ -17,6 +17,15 @@ split         files                                                      images
 digit) shipped with the project's shared data (``shared/data/mnist`` next to the repository);
 it cannot be downloaded. A file may also be stored decompressed, without the ``.gz`` suffix.
 
+Trust
+-----
+Every file is checked when loaded (``verify_sha256=True``): the SHA-256 of the decompressed
+bytes for the test set and the offline subset, the MD5 of the official archive for the training
+files; a pass is remembered in a ``.verified-<name>`` stamp so unchanged files are not hashed
+again. An explicit ``root`` that does not exist is an error (:class:`DataDirNotFoundError`),
+never replaced by another directory. :func:`download_mnist` has an overall wall-clock deadline
+and a size cap, and only ever renames a complete, MD5-checked temp file to the real name.
+
 Batching
 --------
 :class:`BatchLoader` yields ``(images, labels)``: float32 ``N x 1 x 28 x 28`` images normalized
