@@ -10,10 +10,15 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +32,15 @@ from neuralode.data.mnist import (
     MNIST_SHA256,
     MNIST_STD,
     BatchLoader,
+    ChecksumError,
+    DataDirNotFoundError,
+    DownloadError,
     default_root,
     download_mnist,
     normalize,
     random_crop,
     read_idx,
+    resolve_data_dir,
     verify_sha256,
 )
 
@@ -266,9 +275,10 @@ def test_sha256_fails_on_modified_copy(shared_dir, tmp_path):
     with pytest.raises(ValueError, match="SHA-256") as e:
         verify_sha256(tmp_path / lbl)
     assert MNIST_SHA256[lbl.removesuffix(".gz")] in str(e.value)
-    assert MNIST(tmp_path, split="train-5k").labels[-1] != 9  # loads without the check...
-    with pytest.raises(ValueError, match="SHA-256"):  # ...and is caught with it
-        MNIST(tmp_path, split="train-5k", verify_sha256=True)
+    # loads only with the check switched off...
+    assert MNIST(tmp_path, split="train-5k", verify_sha256=False).labels[-1] != 9
+    with pytest.raises(ChecksumError, match="SHA-256"):  # ...and is caught by default
+        MNIST(tmp_path, split="train-5k")
     with pytest.raises(KeyError, match="no known SHA-256"):
         verify_sha256(tmp_path / "something-else.gz")
 
@@ -419,6 +429,236 @@ def test_dataset_download_end_to_end(server, shared_dir, tmp_path, monkeypatch):
         monkeypatch.setitem(M.MNIST_MD5, name, digest)
     ds = MNIST(tmp_path / "cache", split="test", download=True, verify_sha256=True)
     assert len(ds) == 10000 and ds.labels[:3].tolist() == [7, 2, 1]
+
+
+# --------------------------------------------------------------------------- data you can trust
+
+
+def test_nonexistent_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALODE_DATA", str(tmp_path / "cache"))  # default root: empty
+    missing = tmp_path / "typo"
+    for call in (lambda: MNIST(missing, split="test"),
+                 lambda: resolve_data_dir("test", missing)):
+        with pytest.raises(DataDirNotFoundError) as e:
+            call()
+        assert not isinstance(e.value, FileNotFoundError)  # a fallback can't swallow it
+        msg = str(e.value)
+        assert str(missing) in msg and "does not exist" in msg and "--download" in msg
+        assert "t10k-images-idx3-ubyte.gz" in msg
+    a_file = write(tmp_path / "file", b"x")
+    with pytest.raises(DataDirNotFoundError, match="is not a directory"):
+        MNIST(a_file, split="test")
+    with pytest.raises(DataDirNotFoundError, match="offline subset"):
+        resolve_data_dir("train-5k", missing)
+    # an explicit existing directory is returned as is, even without the files
+    (tmp_path / "empty").mkdir()
+    assert resolve_data_dir("test", tmp_path / "empty") == tmp_path / "empty"
+    assert resolve_data_dir("test", missing, download=True) == missing  # download creates it
+    # only the default location falls back to the shared copy
+    assert resolve_data_dir("test") == M.shared_data_dir()
+    assert resolve_data_dir("train") == tmp_path / "cache"  # not in shared: default reported
+    with pytest.raises(FileNotFoundError, match="missing file"):  # default root: missing files
+        MNIST(split="test")
+
+
+def altered_copy(shared_dir: Path, dest: Path, split: str) -> Path:
+    """Copy a split and change one pixel of its last image: still a valid IDX file."""
+    img, lbl, _ = M.SPLITS[split]
+    shutil.copyfile(shared_dir / lbl, dest / lbl)
+    raw = bytearray(gzip.decompress((shared_dir / img).read_bytes()))
+    raw[-400] ^= 0xFF
+    return write(dest / img.removesuffix(".gz"), bytes(raw), gz=False)  # gzip is slow
+
+
+def test_altered_image_is_rejected(shared_dir, tmp_path):
+    path = altered_copy(shared_dir, tmp_path, "test")
+    assert read_idx(path).shape == (10000, 28, 28)  # structurally fine
+    with pytest.raises(ChecksumError) as e:
+        MNIST(tmp_path, split="test")
+    msg = str(e.value)
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(path) in msg and MNIST_SHA256["t10k-images-idx3-ubyte"] in msg and actual in msg
+    assert not (tmp_path / f".verified-{path.name}").exists()
+
+
+def test_verification_stamp_skips_the_hash_until_the_file_changes(shared_dir, tmp_path,
+                                                                   monkeypatch):
+    for name in M.SPLITS["train-5k"][:2]:  # decompressed, so an edit keeps the size
+        write(tmp_path / name.removesuffix(".gz"), gzip.decompress((shared_dir / name)
+                                                                   .read_bytes()), gz=False)
+    MNIST(tmp_path, split="train-5k")
+    img = tmp_path / M.SPLITS["train-5k"][0].removesuffix(".gz")
+    stamp = json.loads((tmp_path / f".verified-{img.name}").read_text())
+    assert stamp["digest"] == MNIST_SHA256["train-5k-images-idx3-ubyte"]
+    assert stamp["size"] == img.stat().st_size
+    calls = []
+    real = M._check_sha256
+    monkeypatch.setattr(M, "_check_sha256", lambda *a: calls.append(a[1]) or real(*a))
+    MNIST(tmp_path, split="train-5k")
+    assert calls == []  # both files stamped: no hashing
+    # alter an image, then put size and mtime back: the stamp must not be trusted
+    st = img.stat()
+    raw = bytearray(img.read_bytes())
+    raw[-1] ^= 0xFF
+    img.write_bytes(bytes(raw))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (img.stat().st_size, img.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(ChecksumError, match=str(img)):
+        MNIST(tmp_path, split="train-5k")
+    assert calls == [img]
+    # the read-only shared copy gets no stamps
+    MNIST(shared_dir, split="train-5k")
+    assert not list(shared_dir.glob(".verified-*"))
+
+
+def test_official_train_archive_checked_by_md5(tmp_path, monkeypatch):
+    monkeypatch.setitem(M.SPLITS, "train", (*M.SPLITS["train"][:2], 20))
+    write_split(tmp_path, "train", 20)
+    for name in M.SPLITS["train"][:2]:
+        monkeypatch.setitem(M.MNIST_MD5, name, hashlib.md5((tmp_path / name).read_bytes())
+                            .hexdigest())
+    assert len(MNIST(tmp_path, split="train")) == 20
+    assert (tmp_path / ".verified-train-labels-idx1-ubyte.gz").is_file()
+    write_split(tmp_path, "train", 20, seed=1)  # same shapes, other content
+    with pytest.raises(ChecksumError, match="MD5 of the archive is [0-9a-f]{32}, expected"):
+        MNIST(tmp_path, split="train")
+
+
+PAYLOAD = {n: bytes(range(256)) * 8 for n in M.SPLITS["test"][:2]}
+
+
+class _TrickyHandler(http.server.BaseHTTPRequestHandler):
+    """/good/F serves PAYLOAD; /slow/ 1 byte/s; /slowhead/ headers at 1 byte/s;
+    /biglength/ announces 10**9 bytes; /flood/ streams without Content-Length;
+    /short/ closes before Content-Length bytes."""
+    protocol_version = "HTTP/1.0"
+    stop: threading.Event
+
+    def log_message(self, *args):
+        pass
+
+    def _trickle(self, data: bytes) -> None:
+        for i in range(len(data)):
+            if self.stop.wait(1.0):
+                return
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+
+    def do_GET(self):
+        kind, _, name = self.path.strip("/").partition("/")
+        body = PAYLOAD.get(name, b"")
+        try:
+            if kind == "slowhead":
+                self._trickle(b"HTTP/1.0 200 OK\r\nContent-Length: 2048\r\n\r\n")
+                return
+            self.send_response(200)
+            if kind == "flood":
+                self.end_headers()
+                while not self.stop.is_set():
+                    self.wfile.write(b"\0" * 65536)
+                return
+            length = {"biglength": 10**9, "short": len(body) + 100}.get(kind, len(body))
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            if kind == "slow":
+                self._trickle(body)
+            elif kind in ("good", "short", "biglength"):
+                self.wfile.write(body)
+        except OSError:  # the client went away
+            pass
+
+
+@pytest.fixture
+def tricky(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    stop = threading.Event()
+    handler = type("Handler", (_TrickyHandler,), {"stop": stop})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def no_files_left(root: Path) -> bool:
+    return not root.exists() or list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["slow", "slowhead"])
+def test_download_deadline_stops_a_trickling_server(tricky, tmp_path, kind):
+    root = tmp_path / "root"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as e:  # two mirrors, one deadline for the whole call
+        download_mnist(root, splits="test", mirrors=[f"{tricky}/{kind}", f"{tricky}/{kind}"],
+                       checksums=md5s(PAYLOAD), timeout=30, deadline=2.0)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 4.0, elapsed  # per-read timeout 30 s never fired: the deadline did
+    assert "deadline" in str(e.value) and "If you are offline" in str(e.value)
+    assert no_files_left(root)
+
+
+def test_download_size_cap(tricky, tmp_path):
+    root = tmp_path / "root"
+    for kind, needle in (("biglength", "Content-Length 1000000000 exceeds the size cap"),
+                         ("flood", "more than the size cap of 100000 bytes")):
+        t0 = time.monotonic()
+        with pytest.raises(DownloadError, match=needle):
+            download_mnist(root, splits="test", mirrors=[f"{tricky}/{kind}"],
+                           checksums=md5s(PAYLOAD), max_bytes=100_000, deadline=20)
+        assert time.monotonic() - t0 < 5
+        assert no_files_left(root)
+    # the default caps are the per-file table
+    with pytest.raises(DownloadError, match="exceeds the size cap of 2000000 bytes"):
+        download_mnist(root, splits="test", mirrors=[f"{tricky}/biglength"],
+                       checksums=md5s(PAYLOAD), deadline=20)
+
+
+def test_download_truncated_or_corrupt_is_rejected(tricky, tmp_path):
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="incomplete transfer: got 2048 of 2148 bytes"):
+        download_mnist(root, splits="test", mirrors=[f"{tricky}/short"],
+                       checksums=md5s(PAYLOAD), deadline=20)
+    assert no_files_left(root)
+    wrong = {n: "0" * 32 for n in PAYLOAD}
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download_mnist(root, splits="test", mirrors=[f"{tricky}/good"], checksums=wrong,
+                       deadline=20)
+    assert no_files_left(root)
+    download_mnist(root, splits="test", mirrors=[f"{tricky}/good"], checksums=md5s(PAYLOAD))
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == PAYLOAD
+
+
+def test_killed_download_leaves_no_file_and_its_temp_is_cleaned(tricky, tmp_path):
+    root = tmp_path / "root"
+    name = M.SPLITS["test"][0]
+    code = ("import sys; from neuralode.data.mnist import download_mnist; "
+            "download_mnist(sys.argv[1], splits='test', mirrors=[sys.argv[2]], "
+            "checksums=dict.fromkeys(['t10k-images-idx3-ubyte.gz', "
+            "'t10k-labels-idx1-ubyte.gz'], '0' * 32), deadline=120)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), f"{tricky}/slow"], env=env)
+    try:
+        t0 = time.monotonic()
+        while not list(root.glob(f".{name}.*.part")):
+            assert proc.poll() is None, "the download ended early"
+            assert time.monotonic() - t0 < 45, "the download never started"
+            time.sleep(0.1)
+        time.sleep(1.5)  # a byte or so has arrived
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    parts = list(root.glob(f".{name}.*.part"))
+    assert len(parts) == 1 and not (root / name).exists()  # no file under the real name
+    live = root / f".{name}.{os.getppid()}.abc.part"  # a live process's download: kept
+    live.write_bytes(b"")
+    download_mnist(root, splits="test", mirrors=[f"{tricky}/good"], checksums=md5s(PAYLOAD))
+    assert sorted(p.name for p in root.iterdir()) == sorted([*PAYLOAD, live.name])
+    assert (root / name).read_bytes() == PAYLOAD[name]
 
 
 # --------------------------------------------------------------------------- normalize / crop

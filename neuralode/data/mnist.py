@@ -17,6 +17,15 @@ split         files                                                      images
 digit) shipped with the project's shared data (``shared/data/mnist`` next to the repository);
 it cannot be downloaded. A file may also be stored decompressed, without the ``.gz`` suffix.
 
+Trust
+-----
+Every file is checked when loaded (``verify_sha256=True``): the SHA-256 of the decompressed
+bytes for the test set and the offline subset, the MD5 of the official archive for the training
+files; a pass is remembered in a ``.verified-<name>`` stamp so unchanged files are not hashed
+again. An explicit ``root`` that does not exist is an error (:class:`DataDirNotFoundError`),
+never replaced by another directory. :func:`download_mnist` has an overall wall-clock deadline
+and a size cap, and only ever renames a complete, MD5-checked temp file to the real name.
+
 Batching
 --------
 :class:`BatchLoader` yields ``(images, labels)``: float32 ``N x 1 x 28 x 28`` images normalized
@@ -32,9 +41,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import json
 import math
 import os
+import re
+import socket
+import stat
 import tempfile
+import threading
+import time
+import urllib.parse
 import urllib.request
 import warnings
 import zlib
@@ -47,18 +63,23 @@ import torch
 __all__ = [
     "MIRRORS",
     "MNIST",
+    "MNIST_MAX_BYTES",
     "MNIST_MD5",
     "MNIST_MEAN",
     "MNIST_SHA256",
     "MNIST_STD",
     "SPLITS",
     "BatchLoader",
+    "ChecksumError",
+    "DataDirNotFoundError",
+    "DownloadError",
     "default_root",
     "denormalize",
     "download_mnist",
     "normalize",
     "random_crop",
     "read_idx",
+    "resolve_data_dir",
     "shared_data_dir",
     "split_files",
     "verify_sha256",
@@ -79,14 +100,28 @@ MNIST_MD5: dict[str, str] = {
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 
-# SHA-256 of the *decompressed* IDX bytes, keyed by file name without ``.gz``
-# (from shared/data/README.md; the official training files are not listed there).
+# SHA-256 of the *decompressed* IDX bytes, keyed by file name without ``.gz``, from
+# shared/data/README.md and checked against the shared copies. The official 60k training files
+# are not listed: no local copy exists to confirm a digest, so they are checked by the MD5 of
+# their official archive (MNIST_MD5) instead.
 MNIST_SHA256: dict[str, str] = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     "train-5k-images-idx3-ubyte": "a4a9358b9ba319305e7cd69b2c7410e463401e152d7e9e60189b94a3f159d012",
     "train-5k-labels-idx1-ubyte": "704256e87519240fd1d7ecdf681fe209864691e252c6642aeadc21f3c4d44b41",
 }
+
+# Upper bounds on the size of each downloaded archive: a download is aborted as soon as more
+# bytes arrive (or Content-Length announces more). The official archives are 9,912,422,
+# 28,881, 1,648,877 and 4,542 bytes (the t10k sizes are those of the shared copies; the train
+# sizes could not be checked offline), so each bound leaves >= 20% headroom.
+MNIST_MAX_BYTES: dict[str, int] = {
+    "train-images-idx3-ubyte.gz": 12_000_000,
+    "train-labels-idx1-ubyte.gz": 64_000,
+    "t10k-images-idx3-ubyte.gz": 2_000_000,
+    "t10k-labels-idx1-ubyte.gz": 16_000,
+}
+_DEFAULT_MAX_BYTES = 64 << 20  # for files not in MNIST_MAX_BYTES (custom checksum tables)
 
 # split -> (images file, labels file, number of images)
 SPLITS: dict[str, tuple[str, str, int]] = {
@@ -114,6 +149,23 @@ _MAGIC_LABELS = 0x00000801
 _MAGIC_IMAGES = 0x00000803
 _DOWNLOAD_HINT = "MNIST(root, split=..., download=True), download_mnist(root) " \
                  "or the --download flag of `neuralode train mnist`"
+
+
+
+
+class ChecksumError(ValueError):
+    """A file's digest differs from the known one (altered, corrupt or not the MNIST file)."""
+
+
+class DataDirNotFoundError(ValueError):
+    """An explicitly given data directory does not exist (or is not a directory).
+
+    Deliberately *not* a ``FileNotFoundError``: code that falls back to another directory when
+    files are missing must not swallow a mistyped path."""
+
+
+class DownloadError(RuntimeError):
+    """No mirror delivered a file (offline, deadline exceeded, too large, bad checksum...)."""
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -197,8 +249,9 @@ def verify_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
 def _check_sha256(data: bytes, path: str | os.PathLike, expected: str) -> str:
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected.lower():
-        raise ValueError(f"{path}: SHA-256 of the decompressed data is {digest}, expected "
-                         f"{expected}; the file is corrupt or not the expected MNIST file")
+        raise ChecksumError(f"{path}: SHA-256 of the decompressed data is {digest}, expected "
+                            f"{expected.lower()}; the file was altered, is corrupt or is not the "
+                            "expected MNIST file: delete it and download or copy it again")
     return digest
 
 
@@ -208,6 +261,87 @@ def _md5_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Verification stamps: ``.verified-<file name>`` beside a file records the file's size, mtime,
+# ctime and inode at the time its digest matched; while all four are unchanged a later load
+# skips the hash. Any write to the file changes its ctime, which cannot be set back by hand.
+_STAMP_PREFIX = ".verified-"
+_STAMP_VERSION = 1
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(_STAMP_PREFIX + path.name)
+
+
+def _stat_key(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
+
+
+def _stamp_record(path: Path, st: os.stat_result, algorithm: str, digest: str) -> dict:
+    return {"version": _STAMP_VERSION, "file": path.name, **_stat_key(st),
+            "algorithm": algorithm, "digest": digest}
+
+
+def _stamp_matches(path: Path, st: os.stat_result, algorithm: str, digest: str) -> bool:
+    try:
+        with open(_stamp_path(path), encoding="utf-8") as f:
+            return json.load(f) == _stamp_record(path, st, algorithm, digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(path: Path, st: os.stat_result, algorithm: str, digest: str) -> None:
+    """Best effort: nothing is written into a directory without write permission bits (such as
+    the read-only shared data), even for root; any OSError just leaves the file unstamped."""
+    directory = path.parent
+    try:
+        if not stat.S_IMODE(directory.stat().st_mode) & 0o222 or not os.access(directory,
+                                                                                os.W_OK):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=_stamp_path(path).name + ".", suffix=".tmp",
+                                   dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(_stamp_record(path, st, algorithm, digest), f)
+            os.replace(tmp, _stamp_path(path))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
+
+
+def _verify_file(path: Path, data: bytes | None = None) -> bool:
+    """Check ``path`` against the known digest for its name; return False if none is known.
+
+    Files listed in :data:`MNIST_SHA256` are checked by the SHA-256 of their decompressed bytes
+    (``data``, read if not given), official archives by the MD5 in :data:`MNIST_MD5`. A valid
+    stamp skips the hash; a successful check writes one. Raises :class:`ChecksumError`.
+    """
+    path = Path(path)
+    key = _sha256_name(path)
+    if key in MNIST_SHA256:
+        algorithm, expected = "sha256-decompressed", MNIST_SHA256[key].lower()
+    elif path.name in MNIST_MD5:
+        algorithm, expected = "md5-archive", MNIST_MD5[path.name].lower()
+    else:
+        return False
+    before = path.stat()
+    if _stamp_matches(path, before, algorithm, expected):
+        return True
+    if algorithm == "sha256-decompressed":
+        _check_sha256(_read_bytes(path) if data is None else data, path, expected)
+    else:
+        digest = _md5_file(path)
+        if digest != expected:
+            raise ChecksumError(f"{path}: MD5 of the archive is {digest}, expected {expected} "
+                                "(the official file's); the file was altered or is corrupt: "
+                                "delete it and download it again")
+    if _stat_key(path.stat()) == _stat_key(before):  # unchanged while we read it
+        _write_stamp(path, before, algorithm, expected)
+    return True
 
 
 # --------------------------------------------------------------------------- locations
@@ -239,6 +373,53 @@ def split_files(split: str) -> tuple[str, str]:
     return images, labels
 
 
+def _missing_files_hint(split: str, root: Path) -> str:
+    if split in DOWNLOADABLE_SPLITS:
+        return (f"Get them with {_DOWNLOAD_HINT}; offline, copy the official files "
+                f"({', '.join(SPLITS['train'][:2] + SPLITS['test'][:2])}) into that "
+                "directory or point root / $NEURALODE_DATA at a directory holding them")
+    return _offline_subset_message(root)
+
+
+def _check_data_dir(root: Path, split: str, download: bool) -> None:
+    """Raise :class:`DataDirNotFoundError` if ``root`` is not a directory (a missing one is
+    fine when ``download`` will create it)."""
+    if root.is_dir() or (download and not root.exists()):
+        return
+    what = "is not a directory" if root.exists() else "does not exist"
+    files = ", ".join(SPLITS[split][:2]) if split in SPLITS else "the MNIST files"
+    raise DataDirNotFoundError(
+        f"MNIST data directory {root} {what} (split {split!r}: missing file(s) {files}). "
+        "Check the path for a typo, or create the directory and put the files there; no other "
+        f"directory is used in its place. {_missing_files_hint(split, root)}")
+
+
+def resolve_data_dir(split: str, data_dir: str | os.PathLike | None = None,
+                     download: bool = False) -> Path:
+    """The directory to read ``split`` from.
+
+    An explicit ``data_dir`` is used as it is, never replaced by another directory: if it does
+    not exist (and ``download`` is false) :class:`DataDirNotFoundError` is raised; missing
+    files in it are left for :class:`MNIST` to report. Without ``data_dir``: the per-user
+    :func:`default_root` if it holds the split's files or ``download`` is set, else the
+    project's offline copy (:func:`shared_data_dir`) if *it* holds them, else
+    :func:`default_root` (whose missing files :class:`MNIST` then reports).
+    """
+    split_files(split)  # validates the split name
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        _check_data_dir(root, split, download)
+        return root
+    root = default_root()
+    names = SPLITS[split][:2]
+    if download or all(_find(root, n) for n in names):
+        return root
+    shared = shared_data_dir()
+    if all(_find(shared, n) for n in names):
+        return shared
+    return root
+
+
 def _find(root: Path, name: str) -> Path | None:
     """``root/name`` or its decompressed twin (``name`` without ``.gz``)."""
     for candidate in (root / name, root / name.removesuffix(".gz")):
@@ -266,11 +447,22 @@ class MNIST(torch.utils.data.Dataset):
         root: directory holding the files (default :func:`default_root`).
         split: ``"train"`` (60,000 official), ``"test"`` (10,000 official) or ``"train-5k"``
             (5,000-image offline subset).
-        download: download missing ``train``/``test`` files from :data:`MIRRORS`.
-        verify_sha256: also check the decompressed SHA-256 (:data:`MNIST_SHA256`) of the files
-            that table lists; for other files (the official training set) the MD5 of the official
-            archive (:data:`MNIST_MD5`) is checked instead, and a file with neither (a
-            decompressed training file) only warns. Headers and counts are always checked.
+        download: download missing ``train``/``test`` files from :data:`MIRRORS` (creating
+            ``root`` if needed).
+        verify_sha256: check every file against its known digest (default on): the
+            SHA-256 of the decompressed bytes for the files :data:`MNIST_SHA256` lists (test set
+            and the offline subset), the MD5 of the official archive (:data:`MNIST_MD5`) for the
+            compressed official training files; a file with neither (a decompressed training
+            file) only warns. A file that passed gets a stamp ``.verified-<name>`` beside it
+            (size, mtime, ctime, inode, digest) and is not hashed again while it is unchanged.
+            Headers, shapes and counts are always checked.
+
+    Raises:
+        DataDirNotFoundError: ``root`` was given but is not an existing directory (unless
+            ``download`` creates it); the default root is exempt (missing files are reported).
+        FileNotFoundError: a file of the split is missing.
+        ChecksumError: a file's digest differs from the known one (a ``ValueError``).
+        ValueError: a malformed IDX file, wrong counts.
 
     Attributes:
         images: uint8 tensor ``N x 28 x 28``; labels: int64 tensor ``N``.
@@ -279,10 +471,12 @@ class MNIST(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
-                 download: bool = False, verify_sha256: bool = False):
+                 download: bool = False, verify_sha256: bool = True):
         images_name, labels_name = split_files(split)
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.split = split
+        if self.root != default_root():
+            _check_data_dir(self.root, split, download)
         paths = {n: _find(self.root, n) for n in (images_name, labels_name)}
         missing = [n for n, p in paths.items() if p is None]
         if missing and download:
@@ -293,38 +487,22 @@ class MNIST(torch.utils.data.Dataset):
             paths = {n: _find(self.root, n) for n in (images_name, labels_name)}
             missing = [n for n, p in paths.items() if p is None]
         if missing:
-            if split in DOWNLOADABLE_SPLITS:
-                how = (f"Get them with {_DOWNLOAD_HINT}; offline, copy the official files "
-                       f"({', '.join(SPLITS['train'][:2] + SPLITS['test'][:2])}) into that "
-                       "directory or point root / $NEURALODE_DATA at a directory holding them")
-            else:
-                how = _offline_subset_message(self.root)
             raise FileNotFoundError(f"MNIST split {split!r}: missing file(s) "
-                                    f"{', '.join(missing)} in directory {self.root}. {how}")
+                                    f"{', '.join(missing)} in directory {self.root}. "
+                                    + _missing_files_hint(split, self.root))
         self.images_path = paths[images_name]
         self.labels_path = paths[labels_name]
-        images = self._load(self.images_path, verify_sha256)
-        labels = self._load(self.labels_path, verify_sha256)
+        raw = {p: _read_bytes(p) for p in (self.images_path, self.labels_path)}
+        images = _parse_idx(raw[self.images_path], self.images_path)
+        labels = _parse_idx(raw[self.labels_path], self.labels_path)
         self._validate(images, labels, SPLITS[split][2])
+        if verify_sha256:
+            for path, data in raw.items():
+                if not _verify_file(path, data):
+                    warnings.warn(f"{path}: no checksum known for this file; only its IDX "
+                                  "header and size were checked", stacklevel=2)
         self.images = images
         self.labels = labels.to(torch.int64)
-
-    @staticmethod
-    def _load(path: Path, verify: bool) -> torch.Tensor:
-        data = _read_bytes(path)
-        if verify:
-            key = _sha256_name(path)
-            if key in MNIST_SHA256:
-                _check_sha256(data, path, MNIST_SHA256[key])
-            elif path.name in MNIST_MD5:
-                digest = _md5_file(path)
-                if digest != MNIST_MD5[path.name]:
-                    raise ValueError(f"{path}: MD5 {digest} differs from the official archive's "
-                                     f"{MNIST_MD5[path.name]}; the file is corrupt")
-            else:
-                warnings.warn(f"{path}: no checksum known for this file; only its IDX header "
-                              "and size were checked", stacklevel=3)
-        return _parse_idx(data, path)
 
     def _validate(self, images: torch.Tensor, labels: torch.Tensor, count: int) -> None:
         if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
@@ -357,40 +535,180 @@ class MNIST(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- download
 
 
-def _fetch(url: str, dest_dir: Path, name: str, timeout: float) -> tuple[Path, str]:
-    """Download ``url`` into a temp file in ``dest_dir``; return (temp path, md5)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
-    tmp_path = Path(tmp)
+_PART_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.part$")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 5
+
+
+class _DeadlineExceeded(OSError):
+    pass
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        h = hashlib.md5()
-        n = 0
-        request = urllib.request.Request(url, headers={"User-Agent": "neuralode"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as r:
-            length = r.headers.get("Content-Length")
-            for chunk in iter(lambda: r.read(1 << 16), b""):
-                out.write(chunk)
-                h.update(chunk)
-                n += len(chunk)
-        if length is not None and length.isdigit() and int(length) != n:
-            raise OSError(f"incomplete transfer: got {n} of {length} bytes")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_parts(root: Path, name: str) -> list[Path]:
+    """Delete temp files of ``name`` left by downloads whose process is gone (killed, crashed);
+    those of a live process (a concurrent download) are kept. Returns the deleted paths."""
+    removed = []
+    for part in root.glob(f".{name}.*.part"):
+        m = _PART_RE.match(part.name)
+        if m is None or m["name"] != name:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):  # ours (another thread) or a live download
+            continue
+        try:
+            part.unlink()
+            removed.append(part)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """An unopened connection for ``url`` (through $http_proxy / $https_proxy unless
+    $no_proxy exempts the host) and the request target to send."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"unsupported URL {url!r}: only http:// and https:// are supported")
+    https = parts.scheme == "https"
+    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if https:
+            conn = cls(p.hostname, p.port or 8080, timeout=timeout)
+            conn.set_tunnel(parts.hostname, parts.port or 443)
+            return conn, target
+        return http.client.HTTPConnection(p.hostname, p.port or 8080, timeout=timeout), url
+    return cls(parts.hostname, parts.port, timeout=timeout), target
+
+
+def _fetch(url: str, dest_dir: Path, name: str, timeout: float, deadline: float,
+           max_bytes: int) -> tuple[Path, str]:
+    """Download ``url`` into a temp file in ``dest_dir``; return (temp path, md5).
+
+    ``deadline`` is a ``time.monotonic()`` instant by which everything (connecting, headers,
+    body, redirects) must be done: a watchdog shuts the socket down when it passes, so a
+    server trickling bytes cannot keep the download alive. ``timeout`` bounds each blocking
+    socket operation. More than ``max_bytes`` (announced or received) aborts the download.
+    The temp file is ``.<name>.<pid>.<random>.part``: removed on any error here, and by
+    :func:`_remove_stale_parts` on a later attempt if this process is killed.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".part", dir=dest_dir)
+    tmp_path = Path(tmp)
+    expired = threading.Event()
+    current: list[http.client.HTTPConnection] = []
+
+    def on_deadline() -> None:
+        expired.set()
+        for conn in current:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0 or expired.is_set():
+            raise _DeadlineExceeded("overall download deadline exceeded")
+        return left
+
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), on_deadline)
+    watchdog.daemon = True
+    watchdog.start()
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            h = hashlib.md5()
+            for _ in range(_MAX_REDIRECTS + 1):
+                conn, target = _connection(url, min(timeout, remaining()))
+                current[:] = [conn]
+                try:
+                    conn.connect()
+                    if expired.is_set():
+                        on_deadline()
+                    remaining()
+                    conn.request("GET", target, headers={"User-Agent": "neuralode",
+                                                         "Accept-Encoding": "identity"})
+                    r = conn.getresponse()
+                    if r.status in _REDIRECTS and r.getheader("Location"):
+                        url = urllib.parse.urljoin(url, r.getheader("Location"))
+                        continue
+                    if r.status != 200:
+                        raise OSError(f"HTTP {r.status} {r.reason}")
+                    length = r.getheader("Content-Length")
+                    length = int(length) if length and length.strip().isdigit() else None
+                    if length is not None and length > max_bytes:
+                        raise OSError(f"Content-Length {length} exceeds the size cap of "
+                                      f"{max_bytes} bytes for {name}; aborted before reading")
+                    while True:
+                        remaining()
+                        chunk = r.read1(min(1 << 16, max_bytes - n + 1))
+                        if not chunk:
+                            break
+                        n += len(chunk)
+                        if n > max_bytes:
+                            raise OSError(f"received more than the size cap of {max_bytes} "
+                                          f"bytes for {name}; aborted")
+                        out.write(chunk)
+                        h.update(chunk)
+                    remaining()  # EOF may come from the watchdog's shutdown
+                    if length is not None and length != n:
+                        raise OSError(f"incomplete transfer: got {n} of {length} bytes")
+                    break
+                finally:
+                    conn.close()
+            else:
+                raise OSError(f"more than {_MAX_REDIRECTS} redirects")
+            out.flush()
+            os.fsync(out.fileno())
         return tmp_path, h.hexdigest()
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if expired.is_set() and isinstance(e, (OSError, http.client.HTTPException)):
+            raise _DeadlineExceeded(f"overall download deadline exceeded after {n} bytes "
+                                    "of the body") from e
         raise
+    finally:
+        watchdog.cancel()
 
 
 def download_mnist(root: str | os.PathLike | None = None,
                    splits: Sequence[str] = ("train", "test"),
                    mirrors: Sequence[str] | None = None, timeout: float = 30.0,
                    checksums: Mapping[str, str] | None = None,
-                   force: bool = False) -> list[Path]:
+                   force: bool = False, deadline: float = 900.0,
+                   max_bytes: Mapping[str, int] | int | None = None) -> list[Path]:
     """Download the official MNIST archives of ``splits`` into ``root``; return their paths.
 
     Each file is tried on every mirror in order (``mirrors`` defaults to :data:`MIRRORS`),
-    written to a temporary file in ``root`` and atomically renamed once its MD5 matches
-    ``checksums`` (default :data:`MNIST_MD5`); on a mismatch or any error the next mirror is
-    tried. Files already present are kept unless ``force``. Raises ``RuntimeError`` if no mirror
-    delivers a file.
+    written to a temporary file ``.<name>.<pid>.<random>.part`` in ``root``, checked against
+    its MD5 in ``checksums`` (default :data:`MNIST_MD5`) and only then renamed atomically to
+    its name, so a file under the real name is always complete and checked. On a mismatch or
+    any error the temp file is deleted and the next mirror is tried; temp files left by a
+    download that was killed (its process is gone) are deleted on the next attempt. Files
+    already present are kept unless ``force`` (:class:`MNIST` verifies them when loading).
+
+    Limits: ``deadline`` seconds of wall-clock time for the whole call (connecting, headers,
+    body, every mirror and file), enforced even against a server that trickles bytes;
+    ``timeout`` seconds for any single blocking socket operation; ``max_bytes`` per file
+    (default :data:`MNIST_MAX_BYTES`; an int applies to every file): a larger Content-Length
+    or more received bytes abort the download. Raises :class:`DownloadError` (a
+    ``RuntimeError``) naming every URL tried and its error if no mirror delivers a file.
     """
     root = Path(root).expanduser() if root is not None else default_root()
     if isinstance(splits, str):
@@ -401,6 +719,10 @@ def download_mnist(root: str | os.PathLike | None = None,
         mirrors = [mirrors]
     if not mirrors:
         raise ValueError("download_mnist: no mirrors given")
+    for value, what in ((deadline, "deadline"), (timeout, "timeout")):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"download_mnist: {what} must be a positive number of seconds, "
+                             f"got {value!r}")
     table = MNIST_MD5 if checksums is None else checksums
     names: list[str] = []
     for split in splits:
@@ -410,23 +732,36 @@ def download_mnist(root: str | os.PathLike | None = None,
         if split not in DOWNLOADABLE_SPLITS:
             raise ValueError(_offline_subset_message(root))
         names.extend(split_files(split))
+    end = time.monotonic() + deadline
     root.mkdir(parents=True, exist_ok=True)
     official = ", ".join(SPLITS["train"][:2] + SPLITS["test"][:2])
     done = []
     for name in names:
         dest = root / name
+        _remove_stale_parts(root, name)
         if dest.is_file() and not force:
             done.append(dest)
             continue
         if name not in table:
             raise ValueError(f"download_mnist: no MD5 checksum given for {name}")
         expected = table[name].lower()
+        if isinstance(max_bytes, int):
+            cap = max_bytes
+        else:
+            cap = (max_bytes or MNIST_MAX_BYTES).get(name, _DEFAULT_MAX_BYTES)
         tried, errors = [], []
         for mirror in mirrors:
             url = mirror.rstrip("/") + "/" + name
+            if time.monotonic() >= end:
+                errors.append(f"{url}: not tried, the overall deadline of {deadline:g} s "
+                              "had passed")
+                continue
             tried.append(url)
             try:
-                tmp, digest = _fetch(url, root, name, timeout)
+                tmp, digest = _fetch(url, root, name, timeout, end, cap)
+            except _DeadlineExceeded as e:
+                errors.append(f"{url}: {e} ({deadline:g} s for the whole download)")
+                continue
             except (OSError, http.client.HTTPException, ValueError) as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 continue
@@ -438,9 +773,10 @@ def download_mnist(root: str | os.PathLike | None = None,
             done.append(dest)
             break
         else:
-            raise RuntimeError(f"could not download {name} from any mirror (tried: "
-                               f"{', '.join(tried)}; errors: {'; '.join(errors)}). If you are "
-                               f"offline, copy the four files ({official}) into {root}")
+            raise DownloadError(f"could not download {name} from any mirror (tried: "
+                                f"{', '.join(tried) or 'none'}; errors: {'; '.join(errors)}). "
+                                f"If you are offline, copy the four files ({official}) into "
+                                f"{root}")
     return done
 
 
