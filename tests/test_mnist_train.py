@@ -210,3 +210,13 @@ def test_fig3_needs_an_ode_model(tmp_path, capsys):
     assert train(run, "--model", "mlp", "--epochs", "1") == 0
     assert main(["analyze", "mnist-fig3", "--run", str(run), "--out", str(tmp_path)]) == 2
     assert "needs an ODE model" in capsys.readouterr().err
+
+
+def test_an_empty_data_dir_is_an_error_not_a_fallback_to_the_shared_copy(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        M.load_split("train-5k", str(empty))
+    # without --data-dir the shared offline copy may serve (it holds the 5k subset)
+    if (SHARED / "train-5k-images-idx3-ubyte.gz").is_file():
+        assert len(M.load_split("test", str(SHARED))) == 10000

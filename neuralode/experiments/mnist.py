@@ -188,9 +188,10 @@ def _subset(ds: MNIST, limit: int | None, random_subset: bool) -> tuple[torch.Te
 
 def load_split(split: str, data_dir: str | None, download: bool = False,
                env: DistEnv | None = None) -> MNIST:
-    """The MNIST split from ``data_dir`` (default per-user cache), downloading missing official
-    files if ``download`` (rank 0 only, the others wait), else falling back to the offline
-    copy in shared/data/mnist when it holds the files."""
+    """The MNIST split from ``data_dir``, downloading missing official files if ``download``
+    (rank 0 only, the others wait). Without ``--data-dir`` the per-user cache is used, or the
+    offline copy in shared/data/mnist when the cache lacks the files; a given ``--data-dir``
+    is used alone (a missing or incomplete one is an error, never silently replaced)."""
     env = env or DistEnv()
     root = Path(data_dir).expanduser() if data_dir else default_root()
     if download and split in ("train", "test"):
@@ -200,6 +201,8 @@ def load_split(split: str, data_dir: str | None, download: bool = False,
     try:
         return MNIST(root, split)
     except FileNotFoundError:
+        if data_dir is not None:
+            raise
         shared = shared_data_dir()
         if all((shared / name).is_file() for name in SPLITS[split][:2]):
             return MNIST(shared, split)
