@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuralode.data.mnist import MNIST, SPLITS, BatchLoader, default_root, shared_data_dir
+from neuralode.data.mnist import MNIST, BatchLoader, default_root, resolve_data_dir
 from neuralode.experiments import runner
 from neuralode.experiments.runner import (
     CHECKPOINT_NAME,
@@ -193,20 +193,12 @@ def load_split(split: str, data_dir: str | None, download: bool = False,
     offline copy in shared/data/mnist when the cache lacks the files; a given ``--data-dir``
     is used alone (a missing or incomplete one is an error, never silently replaced)."""
     env = env or DistEnv()
-    root = Path(data_dir).expanduser() if data_dir else default_root()
+    root = resolve_data_dir(split, data_dir, download)
     if download and split in ("train", "test"):
         if env.is_main:
             MNIST(root, split, download=True)
         env.barrier()
-    try:
-        return MNIST(root, split)
-    except FileNotFoundError:
-        if data_dir is not None:
-            raise
-        shared = shared_data_dir()
-        if all((shared / name).is_file() for name in SPLITS[split][:2]):
-            return MNIST(shared, split)
-        raise
+    return MNIST(root, split)
 
 
 # --------------------------------------------------------------------------- schedule
