@@ -170,9 +170,7 @@ def run(args: argparse.Namespace) -> int:
     rc = training.main()
     if training.final is None:  # stopped, interrupted or failed: the runner said why
         return rc
-    m = training.final
-    print()
-    print(dynamics.summary(m))
+    m = training.final  # the runner has printed the summary of the fit
     before, after = m.get("initial_traj_mse"), m["traj_mse"]
     noise2 = 2 * m["noise_var"]
     if before is not None and math.isfinite(before):
