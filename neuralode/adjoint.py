@@ -135,34 +135,20 @@ class _Backward:
         return f.detach(), da, dg
 
     def _grid(self, t0: float, t_last: float):
-        """Fixed-grid backward solves step on the forward grid (its points inside
-        [t0, t_last], walked backwards): the reconstruction of y lands where the forward
-        solve stepped. None for adaptive methods and grids given by a constructor."""
+        """The backward grid of a fixed-grid method, or None (adaptive methods, and grids
+        that are the output times). With ``step_size``: the forward grid's points (anchored
+        at t0) walked backwards, so the reconstruction of y lands where the forward solve
+        stepped. With a ``grid_constructor``: the constructor asked for [t_last, t0], as
+        torchdiffeq asks it."""
         p = self.problem
         if p.method.adaptive:
             return None
         if p.opts.get("grid_constructor") is not None:
-            # as torchdiffeq: the constructor is asked for the backward grid, with t reversed
-            from neuralode.solvers.methods import check_grid
-            tt = torch.tensor([t_last, t0], dtype=torch.float64)
-            grid = p.opts["grid_constructor"](self._dynamics, None, tt)
-            try:
-                grid = torch.as_tensor(grid).detach().to(torch.float64).reshape(-1).tolist()
-            except (TypeError, ValueError, RuntimeError):
-                raise ODEInputError(f"{p.name}: grid_constructor must return a 1-D tensor of "
-                                    f"times, got {type(grid).__name__}") from None
-            return check_grid(p.name, grid, t_last, t0)
+            return p.method.grid(p.opts, [t_last, t0], self._dynamics, None, False)
         if p.opts.get("step_size") is None:
             return None
-        h = math.copysign(float(p.opts["step_size"]), t_last - t0)
-        n = max(1, math.ceil(abs(t_last - t0) / abs(h) * (1 - 1e-12)))
-
-        def points():
-            yield t_last
-            for k in range(n - 1, 0, -1):
-                yield t0 + h * k
-            yield t0
-        return points()
+        forward = p.method.grid(p.opts, [t0, t_last], None, None, False)
+        return (forward[k] for k in range(len(forward) - 1, -1, -1))
 
     def __call__(self, ts: torch.Tensor, ys_flat: torch.Tensor, g_flat: torch.Tensor):
         """(dL/dy0 flat, dL/dparams flat, adjoint at t0 from the later outputs only)."""

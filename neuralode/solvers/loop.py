@@ -185,6 +185,9 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         res.status, res.message, res.t_final, res.y_final = status, message, t, y
         return res
 
+    def progress(t: float) -> str:
+        return f"{100 * (t - t0) / (ts[-1] - t0):.1f}% of the way from t0={t0} to t1={ts[-1]}"
+
     t, y = t0, y0
     t_good, y_good = t0, y0  # the last state checked to be finite (fixed grids)
     if perturb:
@@ -208,8 +211,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         at_stop = t1 == stop.time
         h = t1 - t
         if not math.isfinite(h) or abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))):
-            where = "" if open_end else (f"; reached {100 * (t - t0) / (ts[-1] - t0):.1f}% of "
-                                         f"the way from t0={t0} to t1={ts[-1]}")
+            where = "" if open_end else f"; reached {progress(t)}"
             if adaptive and controller.nonfinite:
                 return fail(NONFINITE, f"{name}: the ODE's derivative or state became "
                                        f"non-finite (nan/inf) at t={t:.10g} and smaller steps "
@@ -220,9 +222,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                                    f"error could not be controlled; the problem may be stiff or "
                                    f"the solution may blow up){where}", t, y)
         if n_attempts >= max_num_steps:
-            where = ("before the event" if open_end else
-                     f"{100 * (t - t0) / (ts[-1] - t0):.1f}% of the way from t0={t0} to "
-                     f"t1={ts[-1]}")
+            where = "before the event" if open_end else progress(t)
             return fail(MAX_STEPS, f"{name}: max_num_steps={max_num_steps} exceeded at "
                                    f"t={t:.10g}, {where} (last step size {h:.3g}); raise "
                                    f"options['max_num_steps'], loosen rtol/atol, or use a "
