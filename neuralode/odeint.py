@@ -312,6 +312,16 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
     return res
 
 
+def _start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
+    """(y0 plus a zero-valued term that carries d y(t_i)/d t_0 = -Phi f(t_0, y_0), the
+    zero-valued time offsets t - t.detach() in the state's dtype)."""
+    t_state = t.to(p.rhs.dtype)
+    dt = t_state - t_state.detach()
+    with torch.no_grad():
+        f_start = p.rhs.call(ts[0], p.y0_flat.detach())
+    return p.y0_flat - dt[0] * f_start, dt
+
+
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
           method: str | None = None, options: dict | None = None,
           event_fn: Callable | None = None, dense: bool = False,
@@ -337,15 +347,7 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
                             f"{type(event_fn).__name__}")
     t_grad = t.requires_grad and torch.is_grad_enabled()
     y0_flat = p.y0_flat
-    if t_grad:
-        # d y(t_i)/d t_0 = -Phi f(t_0, y_0): shift y0 by a zero-valued term that carries it
-        t_state = t.to(p.rhs.dtype)
-        dt = t_state - t_state.detach()
-        with torch.no_grad():
-            f_start = p.rhs.call(ts[0], y0_flat.detach())
-        y0_solve = y0_flat - dt[0] * f_start
-    else:
-        y0_solve = y0_flat
+    y0_solve, dt = _start_carrying_t0(p, t, ts) if t_grad else (y0_flat, None)
     res = run(p, ts, y0_solve, event_fn=event_fn, callbacks=_callbacks(func, p.method),
               record=dense, throw=throw)
     outs = res.outs
@@ -433,11 +435,7 @@ def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callback
                             "t[1] gives the direction of integration")
     y0_solve = p.y0_flat
     if t.requires_grad and torch.is_grad_enabled():
-        # y(t*) at a fixed t* moves with t0 as d y/d t0 = -Phi f(t0, y0) (see ``solve``)
-        dt0 = (t[0] - t[0].detach()).to(p.rhs.dtype)
-        with torch.no_grad():
-            f_start = p.rhs.call(ts[0], p.y0_flat.detach())
-        y0_solve = p.y0_flat - dt0 * f_start
+        y0_solve, _ = _start_carrying_t0(p, t, ts)  # y(t*) at a fixed t* moves with t0
     res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else _callbacks(func, p.method),
               throw=False)
