@@ -204,10 +204,6 @@ class CNFExperiment(Experiment):
         self.run_keys = RUN_KEYS + (("iters",) if cfg["lr_schedule"] == "cosine" else ())
         return cfg
 
-    @property
-    def total_steps(self) -> int:
-        return self.run.config["iters"]
-
     def progress_label(self, steps_done: int) -> str:
         return self.run.config["data"]
 

@@ -264,10 +264,6 @@ class DynamicsExperiment(Experiment):
     def configure(self, args: argparse.Namespace) -> dict[str, Any]:
         return _config(args)
 
-    @property
-    def total_steps(self) -> int:
-        return self.run.config["iters"]
-
     def progress_label(self, steps_done: int) -> str:
         cfg = self.run.config
         return f"dynamics {cfg['field']}/{cfg['model']}"

@@ -295,10 +295,6 @@ class LatentODEExperiment(Experiment):
     def configure(self, args: argparse.Namespace) -> dict[str, Any]:
         return _config(args)
 
-    @property
-    def total_steps(self) -> int:
-        return self.run.config["iters"]
-
     def progress_label(self, steps_done: int) -> str:
         cfg = self.run.config
         label = cfg["model"] + (f"/{cfg['encoder']}" if cfg["model"] == "latent-ode" else "")

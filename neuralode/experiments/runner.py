@@ -519,7 +519,8 @@ class Experiment:
 
     @property
     def total_steps(self) -> int:
-        raise NotImplementedError
+        """Optimizer steps of the whole run (default: the config's ``iters``)."""
+        return self.run.config["iters"]
 
     def train_step(self, step: int) -> StepOutput:
         """Optimizer step number ``step + 1`` (``step`` is 0-based)."""
