@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import RHS, SolverStats
@@ -119,7 +120,9 @@ class _Recorder:
         return getattr(self._inner, name)
 
     def start(self, rhs, y0, f0, graph):
-        self._inner.start(rhs, y0, f0, graph)
+        # the arithmetic of backpropagation (out of place), without a graph (no_grad): the
+        # same values bit for bit, so the error control takes the same steps
+        self._inner.start(rhs, y0, f0, True)
 
     def step(self, t, y, h, left_end=None):
         self._pending = _Step(t, t + h, left=left_end is not None)
@@ -193,14 +196,16 @@ class _Tape:
         """Steps k0..k1-1 from (y, carry) (carry None: the solve's start at y). Returns
         (y, carry after the last step or None when it was not advanced, {slot: state})."""
         rhs, st = self.rhs, self.make_stepper()
+        # always the out-of-place arithmetic of backpropagation (``graph`` only says whether
+        # autograd records it): recomputed states equal the forward solve's bit for bit
         if carry is None:
             if self.perturb:
                 f0 = rhs.call_at(rhs.toward(self.t0, self.t0 + self.direction), y)
             else:
                 f0 = rhs.call(self.t0, y)
-            st.start(rhs, y, f0, graph)
+            st.start(rhs, y, f0, True)
         else:
-            st.resume(rhs, y, carry, graph)
+            st.resume(rhs, y, carry, True)
         outs = {}
         carry_out = None
         for k in range(k0, k1):
@@ -383,6 +388,15 @@ class _CheckpointFunction(torch.autograd.Function):
 
 
 # -- the entry point ----------------------------------------------------------------------------
+def _unique(tensors) -> tuple[torch.Tensor, ...]:
+    seen, out = set(), []
+    for p in tensors:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return tuple(out)
+
+
 def find_params(func, y0_user_detached, t0_tensor) -> tuple[torch.Tensor, ...]:
     """The tensors ``func`` is differentiable in: the leaves of the graph of one evaluation
     at the start (parameters of an nn.Module and tensors a closure uses alike)."""
@@ -418,7 +432,9 @@ def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float]
     result, whose output states (``outs[1:]``, ``event_y``, ``y_final`` where it is an
     output) carry the gradient of backpropagation through the solver."""
     if strategy.params is not None:
-        params = tuple(p for p in strategy.params if p.requires_grad)
+        params = _unique(p for p in strategy.params if p.requires_grad)
+    elif isinstance(func, nn.Module):  # as odeint_adjoint: the module's parameters
+        params = _unique(p for p in func.parameters() if p.requires_grad)
     else:
         with torch.no_grad():
             y_user = rhs.user_state(y0.detach())

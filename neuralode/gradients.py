@@ -42,8 +42,9 @@ class Checkpoint:
     budget: None keeps every accepted step's start state (backward: each step redone once);
         an int k >= 1 keeps at most k states at a time (binomial schedule, more steps
         redone; the recomputation factor is in ``stats.extra["checkpoint"]``).
-    params: the tensors to differentiate besides y0 and t; default: the leaves of func's
-        graph (parameters of an nn.Module, tensors a closure uses)."""
+    params: the tensors to differentiate besides y0 and t; default: an nn.Module's
+        parameters (as ``odeint_adjoint``), for any other callable the leaf tensors its
+        graph reaches in one evaluation at the start (tensors a closure uses)."""
 
     budget: int | None = None
     params: Any = None
