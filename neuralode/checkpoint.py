@@ -41,7 +41,8 @@ class CheckpointStats:
     steps: accepted steps of the forward solve; recomputed: steps redone without a graph to
     rebuild states (0 without a budget); replayed: steps redone with autograd (each step
     once, up to the last one an output with a gradient depends on); max_stored: the most
-    step states kept at once (without a budget: every step's); nfe: evaluations of f in the
+    step states kept at once (without a budget: every step's); from_start: replays that
+    began at the initial state (each evaluates f(t0, y0) once); nfe: evaluations of f in the
     backward pass; recompute_factor: (steps + recomputed + replayed) / steps, step
     computations relative to backpropagation's one (unbounded: 2)."""
 
@@ -50,6 +51,7 @@ class CheckpointStats:
     recomputed: int = 0
     replayed: int = 0
     max_stored: int = 0
+    from_start: int = 0
     nfe: int = 0
 
     @property
@@ -123,6 +125,7 @@ class _Recorder:
         # the arithmetic of backpropagation (out of place), without a graph (no_grad): the
         # same values bit for bit, so the error control takes the same steps
         self._inner.start(rhs, y0, f0, True)
+        self.carry0 = self._inner.carry()  # what a pass from y0 without a graph starts from
 
     def step(self, t, y, h, left_end=None):
         self._pending = _Step(t, t + h, left=left_end is not None)
@@ -182,6 +185,7 @@ class _Tape:
                  t0: float, params, budget, n_slots: int):
         self.steps = rec.steps
         self.states = [s for s in rec.states if s is not None]
+        self.carry0 = rec.carry0
         self.make_stepper = make_stepper
         self.rhs = rhs
         self.direction = direction
@@ -199,6 +203,7 @@ class _Tape:
         # always the out-of-place arithmetic of backpropagation (``graph`` only says whether
         # autograd records it): recomputed states equal the forward solve's bit for bit
         if carry is None:
+            self.stats.from_start += 1
             if self.perturb:
                 f0 = rhs.call_at(rhs.toward(self.t0, self.t0 + self.direction), y)
             else:
@@ -310,6 +315,8 @@ class _Reverser:
                 self.backprop_step(k, y, carry)
 
     def advance(self, k0: int, m: int, y, carry):
+        if carry is None:  # from y0: the forward solve's first derivative, no evaluation
+            carry = self.tape.carry0
         with torch.no_grad():
             y, carry, _ = self.tape.run(k0, k0 + m, y, carry, False, False)
         self.tape.stats.recomputed += m
