@@ -116,7 +116,6 @@ class _Recorder:
         self.steps: list[_Step] = []
         self.states: list[tuple[torch.Tensor, Any]] = []  # start of step k >= 1: (y, carry)
         self._pending: _Step | None = None
-        self._y = None
 
     def __getattr__(self, name):  # error(), interpolate(), segment(), order, ...
         return getattr(self._inner, name)
@@ -129,7 +128,6 @@ class _Recorder:
 
     def step(self, t, y, h, left_end=None):
         self._pending = _Step(t, t + h, left=left_end is not None)
-        self._y = y
         return self._inner.step(t, y, h, left_end)
 
     def prepare_interp(self, t1_time, y1):
@@ -152,7 +150,7 @@ class _Recorder:
         self._pending = None
         self._inner.advance(f_next)
         if self.keep:
-            self.states.append(None)  # filled by the next step's start state (see step_y)
+            self.states.append(None)  # filled by the next step's start state
             self._carry = self._inner.carry()
 
     def finish(self, n_accepted: int, res: LoopResult) -> None:
@@ -182,7 +180,7 @@ class _Tape:
     """Everything the backward pass needs to redo steps of one solve."""
 
     def __init__(self, rec: _Recorder, make_stepper, rhs: RHS, direction: float, perturb: bool,
-                 t0: float, params, budget, n_slots: int):
+                 t0: float, params, budget):
         self.steps = rec.steps
         self.states = [s for s in rec.states if s is not None]
         self.carry0 = rec.carry0
@@ -193,7 +191,6 @@ class _Tape:
         self.t0 = t0
         self.params = params
         self.budget = budget
-        self.n_slots = n_slots
         self.stats = CheckpointStats(budget=budget, steps=len(rec.steps))
 
     def run(self, k0: int, k1: int, y, carry, graph: bool, slots: bool):
@@ -498,8 +495,7 @@ def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float]
 
     bstats = SolverStats(method=rhs.stats.method)
     replay_rhs = RHS(rhs.func, rhs.layout, rhs.user_dtype, rhs.device, bstats)
-    tape = _Tape(rec, make_stepper, replay_rhs, direction, perturb, ts[0], params, budget,
-                 len(values))
+    tape = _Tape(rec, make_stepper, replay_rhs, direction, perturb, ts[0], params, budget)
     rhs.stats.extra["checkpoint"] = tape.stats
     got = _CheckpointFunction.apply(tape, values, y0, *params) if values else ()
     outs = [y0 if j < 0 else got[j] for j in where]
