@@ -8,8 +8,10 @@ dopri5 at rtol = atol = 1e-5.
   memory  peak resident memory of one training step, each in a fresh process: one warm-up
           step, malloc_trim(0), VmHWM reset through /proc/self/clear_refs, then the measured
           step; peak = VmHWM minus the resident memory just before it (MiB).
-  time    median seconds per training step (forward + backward), the strategies interleaved
-          round by round in one process, one thread; also the forward/backward NFE, the
+  time    median CPU seconds (``time.process_time``: this process's own CPU time, which the
+          other jobs on a shared machine disturb far less than wall time) and median wall
+          seconds per training step (forward + backward), the strategies interleaved round
+          by round in one process, one thread; also the forward/backward NFE, the
           recomputation factor, and the largest relative difference of the checkpointed
           gradients from backprop's.
   accuracy  relative error of dL/d(y0, params) against the ODE's true gradient (checkpoint
@@ -25,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import Counting, interleaved
+from _util import Counting
 from solver_overhead import MLPDynamics
 
 import neuralode
@@ -134,26 +138,33 @@ def bench_time(repeats: int):
                 if ck is not None:
                     info[mode]["recompute_factor"] = ck.recompute_factor
                 grads[mode] = [p.grad.clone() for p in f.parameters()]
-            times = interleaved({m: (lambda m=m, f=f, y0=y0, T=T, s=solve: _step(f, y0, T, s, m))
-                                 for m in MODES},
-                                repeats)
+            cpu = {m: [] for m in MODES}
+            wall = {m: [] for m in MODES}
+            for _ in range(repeats):  # interleaved rounds
+                for m in MODES:
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    _step(f, y0, T, solve, m)
+                    cpu[m].append(time.process_time() - c0)
+                    wall[m].append(time.perf_counter() - w0)
+            times = {m: statistics.median(v) for m, v in cpu.items()}
             for mode in MODES:
                 row = {"solve": solve, "T": T, "mode": mode, "time_s": times[mode],
+                       "wall_s": statistics.median(wall[mode]),
                        "time_vs_backprop": times[mode] / times["backprop"], **info[mode]}
                 if mode.startswith("checkpoint"):
                     row["grad_rel_diff_vs_backprop"] = _rel_diff(grads[mode], grads["backprop"])
                 rows.append(row)
     print("\n### Time of one training step (median, 1 thread) and work\n")
-    print("| solve | T | gradient | time (s) | vs backprop | NFE fwd/bwd | recompute factor | "
-          "grad rel. diff vs backprop |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| solve | T | gradient | CPU time (s) | vs backprop | wall (s) | NFE fwd/bwd | "
+          "recompute factor | grad rel. diff vs backprop |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rf = f"{r['recompute_factor']:.2f}" if "recompute_factor" in r else ""
         gd = (f"{r['grad_rel_diff_vs_backprop']:.1e}" if "grad_rel_diff_vs_backprop" in r
               else "")
         print(f"| {r['solve']} | {r['T']:g} | {r['mode']} | {r['time_s']:.3f} | "
-              f"{r['time_vs_backprop']:.2f} | {r['nfe_forward']}/{r['nfe_backward']} | {rf} | "
-              f"{gd} |")
+              f"{r['time_vs_backprop']:.2f} | {r['wall_s']:.3f} | "
+              f"{r['nfe_forward']}/{r['nfe_backward']} | {rf} | {gd} |")
     return rows
 
 
