@@ -233,3 +233,38 @@ def test_statistics_are_filled():
     # the Jacobian is reused across steps
     assert st.n_jac < st.n_accepted
     assert "jac=" in str(st)
+
+
+# -- gradients of the discrete solution (implicit function theorem) ----------------------
+def _grad_problem(method, jacobian="autograd"):
+    if method in ADAPTIVE:  # steps pinned (min_step = max_step), so only the values move
+        options = {"first_step": 0.1, "min_step": 0.1, "max_step": 0.1}
+    else:
+        options = {"step_size": 0.1}
+    options["jacobian"] = jacobian
+
+    def solution(y0, theta):
+        def f(t, y):
+            return torch.stack([theta[0] * y[1] - y[0] ** 3,
+                                -theta[1] * y[0] + 0.5 * torch.sin(t) * y[1]])
+        return odeint(f, y0, torch.tensor([0.0, 0.15, 0.2]), method=method, options=options,
+                      rtol=1e-12, atol=1e-12)
+    y0 = torch.tensor([0.8, -0.3], requires_grad=True)
+    theta = torch.tensor([1.5, 2.0], requires_grad=True)
+    return solution, (y0, theta)
+
+
+@pytest.mark.parametrize("method", FIXED + ADAPTIVE)
+def test_gradient_of_the_discrete_solution_gradcheck(method):
+    solution, inputs = _grad_problem(method)
+    assert torch.autograd.gradcheck(solution, inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sdirk2", "radauIIA3"])
+def test_gradients_agree_across_jacobian_options(method):
+    grads = []
+    for jac in ("autograd", "matrix_free"):
+        solution, (y0, theta) = _grad_problem(method, jac)
+        solution(y0, theta)[-1].sum().backward()
+        grads.append(torch.cat([y0.grad, theta.grad]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-8

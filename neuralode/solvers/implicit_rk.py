@@ -231,7 +231,7 @@ class _OperatorSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, b, op):
         ctx.op = op
-        return op.solve(b)
+        return op.solve(b.detach())
 
     @staticmethod
     def backward(ctx, g):
