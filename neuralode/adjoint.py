@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from neuralode.adjoint_jacobian import AdjointJacobian
 from neuralode.errors import ODEInputError
 from neuralode.odeint import (
     CALLBACK_NAMES,
@@ -103,6 +104,22 @@ def _user_adjoint_norm(norm: Callable, layout: StateLayout, params):
     return wrapped
 
 
+class _BackwardDynamics:
+    """The backward system's right-hand side; implicit methods ask it for their Jacobian
+    (``implicit_jacobian``: built from the user's f, see ``neuralode.adjoint_jacobian``) and
+    solve only the (y, a) head by Newton (the parameter adjoint is a quadrature)."""
+
+    def __init__(self, backward: _Backward):
+        self.backward = backward
+
+    def __call__(self, t, state):
+        return self.backward._dynamics(t, state)
+
+    def implicit_jacobian(self, spec, rhs, name: str):
+        b = self.backward
+        return AdjointJacobian(spec, b.func, b.layout, rhs, name), 2 * b.n
+
+
 class _Backward:
     """The backward solve, prepared (and so validated) before the forward pass."""
 
@@ -118,7 +135,8 @@ class _Backward:
         aug0 = (torch.zeros(self.n, dtype=dtype, device=device),
                 torch.zeros(self.n, dtype=dtype, device=device),
                 torch.zeros(self.n_par, dtype=dtype, device=device))
-        self.problem = prepare(self._dynamics, aug0, rtol=_backward_tolerance(rtol, layout),
+        self.problem = prepare(_BackwardDynamics(self), aug0,
+                               rtol=_backward_tolerance(rtol, layout),
                                atol=_backward_tolerance(atol, layout), method=method,
                                options=options, stats=SolverStats())
         self.callbacks = _callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
