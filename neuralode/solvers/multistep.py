@@ -172,12 +172,13 @@ class MultistepError:
     (absolute, state-shaped tensors; None where not available) and how many steps the
     current order and step size have been held. The controller writes back ``next_order``."""
 
-    __slots__ = ("err", "err_hi", "err_lo", "held", "max_order", "next_order", "q")
+    __slots__ = ("err", "err_hi", "err_lo", "held", "max_order", "next_order", "orders", "q")
 
     def __init__(self, q, err, err_lo, err_hi, held, max_order):
         self.q, self.err, self.err_lo, self.err_hi = q, err, err_lo, err_hi
         self.held, self.max_order = held, max_order
         self.next_order = q
+        self.orders: dict[int, int] = {}  # the solve's count of accepted steps per order
 
 
 # -- the shared stepper ------------------------------------------------------------------------
@@ -285,6 +286,7 @@ class NordsieckStepper:
         same = self.Z is not None and self.q == q and h == self.hZ
         held = self.held + 1 if same else 1
         self.record = MultistepError(q, err, err_lo, err_hi, held, self.max_order)
+        self.record.orders = self.orders_used
         return self.record
 
     # -- after an accepted attempt ---------------------------------------------------------
@@ -314,7 +316,6 @@ class NordsieckStepper:
     def advance(self, f_next) -> None:
         Zn, Zp, q, h, delta = self.pending
         self.pending_retry = False
-        self.orders_used[q] = self.orders_used.get(q, 0) + 1
         rec = self.record
         same = self.Z is not None and self.q == q and h == self.hZ
         if getattr(self, "_restart", False) or f_next is not None:
@@ -454,6 +455,7 @@ class MultistepController:
             return False, self.clamp(h * fac, direction)
         self.n_fail = 0
         self.absy = absy1
+        rec.orders[q] = rec.orders.get(q, 0) + 1
         nq = q
         if rec.held < q + 1:
             return True, h  # hold h and q for q+1 steps after a change
