@@ -67,7 +67,14 @@ class BDFStepper(NordsieckStepper):
         super().start(rhs, y0, f0, graph)
         n = y0.numel()
         self.n = n
-        self.jac = JacobianSource(self.jac_spec, rhs, n, head=self.head, name="bdf")
+        # a right-hand side may bring its own Jacobian structure (odeint_adjoint's
+        # augmented system: ``func.implicit_jacobian(spec, rhs, name) -> (source, head)``)
+        own = getattr(rhs.func, "implicit_jacobian", None)
+        if own is not None:
+            self.jac, self.head = own(self.jac_spec, rhs, "bdf")
+        else:
+            self.jac = JacobianSource(self.jac_spec, rhs, n, head=self.head, name="bdf")
+            self.head = self.jac.head
         eps = torch.finfo(y0.dtype).eps
         self.tol = max(10 * eps / max(self.rtol, 1e-300), min(0.03, math.sqrt(self.rtol)))
         self.J = None
@@ -86,20 +93,19 @@ class BDFStepper(NordsieckStepper):
         t1 = t + h
         gamma = c["l0"]
         yp, z1p = Zp[0], Zp[1]
-        head = self.n if self.head is None else self.head
+        head, n = self.head, self.n
+
+        def full(yh, tail):
+            return yh if head == n else torch.cat([yh, tail])
+
         with torch.no_grad():
             yp_d, z1p_d = yp.detach(), z1p.detach()
+            tail_d = yp_d[head:]  # f does not depend on the quadrature tail
             scale = self.norm.scale(yp_d.abs())[:head]
 
-            if head == self.n:
-                def residual(y):
-                    return y - yp_d - gamma * (h * self._f(t1, y, left_end) - z1p_d)
-            else:
-                tail = yp_d[head:]
-
-                def residual(y):
-                    f = self._f(t1, torch.cat([y, tail]), left_end)[:head]
-                    return y - yp_d[:head] - gamma * (h * f - z1p_d[:head])
+            def residual(yh):
+                f = self._f(t1, full(yh, tail_d), left_end)[:head]
+                return yh - yp_d[:head] - gamma * (h * f - z1p_d[:head])
 
             res = None
             for _ in range(2):
@@ -117,29 +123,22 @@ class BDFStepper(NordsieckStepper):
                                       f"{res.reason}", factor=0.5)
                 self.J = None  # retry once with a Jacobian at this step
             ys = res.z
-        if head != self.n:
-            # quadratures: the same formula, explicit in the converged head
-            with torch.set_grad_enabled(self.graph):
-                y_full = torch.cat([ys, yp[head:]])
-                f = self._f(t1, y_full if not self.graph else torch.cat([ys, yp[head:]]),
-                            left_end)
-                tail = yp[head:] + gamma * (h * f[head:] - z1p[head:])
-            ys_head = ys
-        else:
-            ys_head = ys
+        f = None
         if self.graph:
             # one exact Newton step with graph at the converged solution (implicit function
-            # theorem): value y*, derivative -M*^{-1} dR/d(inputs)
-            Jx = self.jac(t1, torch.cat([ys_head, yp.detach()[head:]]) if head != self.n
-                          else ys_head)
-            Mx = NewtonMatrix(Jx, h, gamma, self.stats)
-            y_in = ys_head if head == self.n else torch.cat([ys_head, yp.detach()[head:]])
-            f = self._f(t1, y_in, left_end)[:head]
-            R = ys_head - yp[:head] - gamma * (h * f - z1p[:head])
-            y_head = ys_head - Mx.solve(R)
+            # theorem): value y*, derivative -M*^{-1} dR/d(history, parameters)
+            Mx = NewtonMatrix(self.jac(t1, full(ys, tail_d)), h, gamma, self.stats)
+            fx = self._f(t1, full(ys, yp[head:]), left_end)[:head]
+            yh = ys - Mx.solve(ys - yp[:head] - gamma * (h * fx - z1p[:head]))
+            if head < n:
+                f = self._f(t1, full(yh, yp[head:]), left_end)
         else:
-            y_head = ys_head
-        y = y_head if head == self.n else torch.cat([y_head, tail])
+            yh = ys
+            if head < n:
+                f = self._f(t1, full(ys, tail_d), left_end)
+        # quadratures: the same formula, explicit in the converged head
+        y = yh if head == n else torch.cat(
+            [yh, yp[head:] + gamma * (h * f[head:] - z1p[head:])])
         e = (y - yp) / gamma
         return Zp + c["l_col"] * e.unsqueeze(0), e
 
