@@ -379,11 +379,14 @@ class MultistepController:
     when the order-q error estimate is within the tolerances (RMS norm of
     err / (atol + rtol max(|y_n|, |y_n+1|))); after q+1 steps with the same order and step
     size, the next order is the one of q-1, q, q+1 that allows the largest step
-    (factor 1 / (b_k r_k)^(1/(k+1)) with biases b = 1.3, 1.2, 1.4); a step-size change
-    below 10% is not made (the history and, for BDF, the Newton matrix stay valid)."""
+    (factor 1 / (b_k r_k)^(1/(k+1)) with biases b = 1.3, 1.2, 1.4); a step-size increase
+    below 10% is not made (the history and, for BDF, the Newton matrix stay valid); after
+    the q+1 held steps an accepted step whose error asks for a smaller step (factor < 1)
+    shrinks the next one (cheaper than the rejection that would likely follow)."""
 
     adaptive = True
     BIAS_LO, BIAS, BIAS_HI = 1.3, 1.2, 1.4
+    KEEP_BELOW = 1.0  # after the hold, a step factor in [KEEP_BELOW, 1.1) keeps h
     STRETCH = 0.1
 
     def __init__(self, norm: ErrorNorm, s: dict, order: int = 1):
@@ -469,8 +472,8 @@ class MultistepController:
             fac_hi = 1.0 / ((self.BIAS_HI * r_hi) ** (1.0 / (q + 2)) + 1e-6)
             if fac_hi > fac:
                 fac, nq = fac_hi, q + 1
-        if fac < 1.1 and nq == q:
-            return True, h
+        if self.KEEP_BELOW <= fac < 1.1 and nq == q:
+            return True, h  # a change below 10% is not worth a new history and LU
         fac = min(self.ifactor, max(self.dfactor, fac))
         rec.next_order = nq
         hn = self.clamp(h * fac, direction)
