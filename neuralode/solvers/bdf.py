@@ -36,8 +36,10 @@ from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
     JacobianSource,
+    MatrixFree,
     NewtonMatrix,
     check_jacobian_option,
+    gmres,
     newton,
 )
 from neuralode.solvers.methods import _positive_int
@@ -127,9 +129,14 @@ class BDFStepper(NordsieckStepper):
         if self.graph:
             # one exact Newton step with graph at the converged solution (implicit function
             # theorem): value y*, derivative -M*^{-1} dR/d(history, parameters)
-            Mx = NewtonMatrix(self.jac(t1, full(ys, tail_d)), h, gamma, self.stats)
+            Jx = self.jac(t1, full(ys, tail_d))
             fx = self._f(t1, full(ys, yp[head:]), left_end)[:head]
-            yh = ys - Mx.solve(ys - yp[:head] - gamma * (h * fx - z1p[:head]))
+            R = ys - yp[:head] - gamma * (h * fx - z1p[:head])
+            if isinstance(Jx, MatrixFree):
+                rtol = 1e-10 if ys.dtype == torch.float64 else 1e-6
+                yh = ys - _MatrixFreeSolve.apply(R, Jx, h * gamma, rtol)
+            else:
+                yh = ys - NewtonMatrix(Jx, h, gamma, self.stats).solve(R)
             if head < n:
                 f = self._f(t1, full(yh, yp[head:]), left_end)
         else:
@@ -148,6 +155,34 @@ class BDFStepper(NordsieckStepper):
         if f_next is not None:
             self.J = None  # after a discontinuity the old Jacobian may be wrong
             self.M = None
+
+
+def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
+    """w^T J at J's point (reverse-mode autograd)."""
+    try:
+        return torch.func.vjp(J.f, J.y)[1](w)[0]
+    except (RuntimeError, NotImplementedError, TypeError):
+        with torch.enable_grad():
+            y = J.y.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(J.f(y), y, w, allow_unused=True)
+        return torch.zeros_like(J.y) if g is None else g
+
+
+class _MatrixFreeSolve(torch.autograd.Function):
+    """x = (I - c J)^{-1} b by GMRES for a matrix-free J; the gradient with respect to b is
+    (I - c J)^{-T} g (GMRES with vector–Jacobian products)."""
+
+    @staticmethod
+    def forward(ctx, b, J, c, rtol):
+        ctx.J, ctx.c, ctx.rtol = J, c, rtol
+        x, _ = gmres(lambda v: v - c * J.mv(v), b.detach(), rtol=rtol, max_restarts=50)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        J, c = ctx.J, ctx.c
+        x, _ = gmres(lambda w: w - c * _vjp(J, w), g.detach(), rtol=ctx.rtol, max_restarts=50)
+        return x, None, None, None
 
 
 class BDF(MultistepMethod):
