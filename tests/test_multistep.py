@@ -447,3 +447,22 @@ def test_bdf_quadrature_tail_is_integrated_explicitly():
     (g_full,) = torch.autograd.grad(full.ys[-1, 1], k)
     (g_part,) = torch.autograd.grad(part.ys[-1, 1], k)
     assert abs(float(g_part) - float(g_full)) < 1e-5 * abs(float(g_full))
+
+
+@pytest.mark.parametrize("method", ["adams", "bdf"])
+def test_a_first_step_that_leaves_the_domain_of_f_is_retried_smaller(method):
+    """y' = -sqrt(y), y = (1 - t/2)^2: a first step of 1.8 predicts y < 0, where f (and
+    bdf's Jacobian) is nan; the attempt is rejected and retried with a smaller step."""
+    sol = solve(lambda t, y: -torch.sqrt(y), torch.tensor([1.0], dtype=F64),
+                torch.tensor([0.0, 1.9], dtype=F64), rtol=1e-8, atol=1e-10, method=method,
+                options={"first_step": 1.8})
+    assert sol.stats.n_rejected >= 1
+    assert abs(float(sol.ys[-1, 0]) - 0.05 ** 2) < 1e-7  # measured 8.4e-10 / 2.6e-9
+
+
+@pytest.mark.parametrize("method", ["adams", "bdf"])
+def test_backward_in_time(method):
+    ts = torch.tensor([0.0, -1.0, -2.5], dtype=F64)
+    ys = odeint(oscillator, torch.tensor([1.0, 0.0], dtype=F64), ts, rtol=1e-9, atol=1e-9,
+                method=method)
+    assert max_err(ys, oscillator_exact(ts)) < 1e-6

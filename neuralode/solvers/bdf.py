@@ -112,9 +112,12 @@ class BDFStepper(NordsieckStepper):
             res = None
             for _ in range(2):
                 if self.J is None:
-                    self.J = self.jac(t1, yp_d)
-                    self.J_current = True
-                    self.M = None
+                    J = self.jac(t1, yp_d)
+                    if isinstance(J, torch.Tensor) and not bool(torch.isfinite(J).all()):
+                        # e.g. the prediction left f's domain: a smaller step may not
+                        raise StepFailure(f"bdf: the Jacobian df/dy is not finite (nan/inf) "
+                                          f"at the predicted state at t={t1:.10g}")
+                    self.J, self.J_current, self.M = J, True, None
                 res = newton(residual, yp_d[:head], self._matrix(h, gamma), scale,
                              tol=self.tol, max_iters=self.max_iters, stats=self.stats)
                 if res.converged:
