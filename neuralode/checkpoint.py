@@ -451,7 +451,14 @@ def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float]
                             "dense output would not be differentiable); use "
                             "gradient='backprop' for a differentiable dense solution")
     budget = strategy.budget
-    rec = (_KeepingRecorder if budget is None else _Recorder)(make_stepper(), budget is None)
+    stepper = make_stepper()
+    if not (callable(getattr(stepper, "carry", None)) and callable(getattr(stepper, "resume",
+                                                                             None))):
+        raise ODEInputError(f"{loop_kwargs.get('name', 'this method')}: its stepper "
+                            f"({type(stepper).__name__}) cannot be replayed (it has no carry()/"
+                            f"resume()), so gradient='checkpoint' is not available for it; use "
+                            f"gradient='backprop' or 'adjoint'")
+    rec = (_KeepingRecorder if budget is None else _Recorder)(stepper, budget is None)
     n_before = rhs.stats.n_accepted
     with torch.no_grad():
         res = integrate(rhs, y0.detach(), ts, rec, controller, perturb=perturb, record=False,

@@ -320,3 +320,19 @@ def test_no_graph_needed_no_tape():
     ys, stats = odeint(func, y0, torch.tensor([0.0, 1.0], dtype=F64), gradient="checkpoint",
                        return_stats=True)
     assert not ys.requires_grad and "checkpoint" not in stats.extra
+
+
+def test_a_stepper_that_cannot_be_replayed_is_refused(monkeypatch):
+    cls = SOLVERS["rk4"]
+    make = cls.make_stepper
+
+    def without_carry(o, norm):
+        stepper = make(o, norm)
+        stepper.carry = None  # a stepper outside the carry()/resume() protocol
+        return stepper
+
+    monkeypatch.setattr(cls, "make_stepper", without_carry)
+    y0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    with pytest.raises(ODEInputError, match="cannot be replayed .* gradient='backprop'"):
+        odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), method="rk4",
+               options={"step_size": 0.5}, gradient="checkpoint")
