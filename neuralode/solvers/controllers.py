@@ -313,7 +313,9 @@ class _PIDRun:
                 return False, math.nan
             return False, self.clamp(h * self.dfactor, direction)
         self.nonfinite = False
-        accept = ratio <= 1.0 or abs(h) <= self.min_step
+        # a step at min_step is accepted; h = t1 - t of a step of min_step may exceed it
+        # by rounding, which must not make it rejectable (the retry would be the same step)
+        accept = ratio <= 1.0 or abs(h) <= self.min_step * (1.0 + 1e-9)
         if ratio == 0.0:
             f = self.ifactor
         else:

@@ -317,3 +317,8 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     if stop_times:
         grid = merge_times(grid, stop_times, 1.0 if ts[-1] > ts[0] else -1.0)
     return FixedGridController(grid)
+
+
+from neuralode.solvers.rosenbrock import METHODS as _ROSENBROCK
+
+SOLVERS.update(_ROSENBROCK)
