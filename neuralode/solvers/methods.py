@@ -322,3 +322,6 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
 from neuralode.solvers.rosenbrock import METHODS as _ROSENBROCK
 
 SOLVERS.update(_ROSENBROCK)
+from neuralode.solvers.scipy_solver import METHODS as _SCIPY
+
+SOLVERS.update(_SCIPY)
