@@ -397,6 +397,10 @@ class RosenbrockMethod(AdaptiveRK):
 
     tableau: RosenbrockTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS)
+    # odeint_adjoint's backward solve by default (first one registered): its stages need
+    # the exact Jacobian of the backward system, with second derivatives of func; an ESDIRK
+    # method (Newton, where an approximate Jacobian costs iterations, not order) does not
+    adjoint_method: ClassVar[tuple[str, ...]] = ("kvaerno5", "dopri5")
 
     @classmethod
     def describe(cls) -> str:
