@@ -50,6 +50,7 @@ from neuralode.odeint import (
 )
 from neuralode.solvers.base import SolverStats, StateLayout
 from neuralode.solvers.loop import Stop
+from neuralode.solvers.methods import SOLVERS
 
 ADJOINT_CALLBACK_NAMES = tuple(n + "_adjoint" for n in CALLBACK_NAMES)
 
@@ -307,6 +308,16 @@ class _AdjointFunction(torch.autograd.Function):
         return (None, grad_t, None, *grad_y0, *grad_params)
 
 
+def _default_adjoint_method(method_name: str) -> str:
+    """The backward method of ``odeint_adjoint`` when none is given: the forward method, or
+    the first registered of the methods it names (``adjoint_method`` of Rosenbrock methods,
+    which cannot integrate the backward system exactly)."""
+    preferred = getattr(SOLVERS[method_name], "adjoint_method", None)
+    if preferred is None:
+        return method_name
+    return next(m for m in preferred if m in SOLVERS)
+
+
 def _find_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
@@ -373,10 +384,11 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                             "dense output); use the plain adjoint or gradient='checkpoint'")
     params = _find_params(func, adjoint_params)
     method_name, opts = _resolve_method(method, options)
+    default_backward = adjoint_method is None
     if adjoint_method is None:
-        adjoint_method = method_name
+        adjoint_method = _default_adjoint_method(method_name)
     if adjoint_options is None:
-        if options and adjoint_method != method_name:
+        if options and adjoint_method != method_name and not default_backward:
             raise ODEInputError(
                 f"adjoint_method={adjoint_method!r} differs from method={method_name!r} and "
                 f"options were given for the forward solve; pass adjoint_options for the "
@@ -384,6 +396,9 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         # the backward solve inherits the forward options (step_t/jump_t too: the
         # discontinuities are the same), except the forward state's norm
         adjoint_options = {k: v for k, v in opts.items() if k != "norm"}
+        if adjoint_method != method_name:  # the forward method's choice of backward method
+            valid = SOLVERS[adjoint_method].OPTIONS
+            adjoint_options = {k: v for k, v in adjoint_options.items() if k in valid}
     else:
         if not isinstance(adjoint_options, dict):
             raise ODEInputError(f"adjoint_options must be a dict, got "
@@ -401,6 +416,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             raise ODEInputError(f"adjoint_options['norm'] must be 'seminorm' or a callable, "
                                 f"got {user_adjoint_norm!r}")
     adj_method_name, adjoint_options = _resolve_method(adjoint_method, adjoint_options)
+    if getattr(SOLVERS[adj_method_name], "adjoint_method", None) is not None:
+        raise ODEInputError(
+            f"adjoint_method={adj_method_name!r} cannot run odeint_adjoint's backward solve: a "
+            f"Rosenbrock method needs the exact Jacobian of the backward system (second "
+            f"derivatives of func), which is not formed; use e.g. "
+            f"adjoint_method={_default_adjoint_method(adj_method_name)!r} (the default)")
     adjoint_rtol = rtol if adjoint_rtol is None else adjoint_rtol
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
 

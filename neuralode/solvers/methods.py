@@ -321,9 +321,11 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     return FixedGridController(grid)
 
 
-# the implicit and multistep methods subclass the bases above, so they register last
+# the implicit, multistep and external methods subclass the bases above: they register last
 from neuralode.solvers.bdf import METHODS as _MULTISTEP_METHODS
 from neuralode.solvers.implicit_rk import METHODS as _IMPLICIT_RK
+from neuralode.solvers.rosenbrock import METHODS as _ROSENBROCK
+from neuralode.solvers.scipy_solver import METHODS as _SCIPY
 
-SOLVERS.update(_IMPLICIT_RK)
-SOLVERS.update(_MULTISTEP_METHODS)
+for _methods in (_IMPLICIT_RK, _MULTISTEP_METHODS, _ROSENBROCK, _SCIPY):
+    SOLVERS.update(_methods)
