@@ -8,6 +8,7 @@
 
 from neuralode.adjoint import AdjointStats, odeint_adjoint
 from neuralode.errors import (
+    ConvergenceError,
     EventError,
     MaxStepsError,
     NeuralODEError,
@@ -27,6 +28,7 @@ __all__ = [
     "SOLVERS",
     "AdjointStats",
     "DenseSolution",
+    "ConvergenceError",
     "EventError",
     "MaxStepsError",
     "NeuralODEError",

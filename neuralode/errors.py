@@ -31,5 +31,9 @@ class NonFiniteError(NeuralODEError, FloatingPointError):
     """The state or its derivative became non-finite (nan/inf)."""
 
 
+class ConvergenceError(NeuralODEError, RuntimeError):
+    """The nonlinear (Newton) or linear iterations of an implicit method did not converge."""
+
+
 class EventError(NeuralODEError, RuntimeError):
     """An event search ended without the event (torchdiffeq-style event mode only)."""

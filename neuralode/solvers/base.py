@@ -24,7 +24,10 @@ class SolverStats:
     nfe: evaluations of the user's function; n_accepted / n_rejected: step attempts
     (fixed-grid methods only accept); status: "success" once the final time is reached,
     "event" when an event ended the solve, or (with ``throw=False``) "max_steps_reached",
-    "step_size_underflow", "nonfinite"; message: what happened, for a failure.
+    "step_size_underflow", "nonfinite", "convergence_failure"; message: what happened, for a
+    failure. Implicit methods also count ``n_jac`` (Jacobian evaluations), ``n_lu`` (matrix
+    factorisations), ``n_newton`` (Newton iterations) and ``n_newton_fail`` (Newton solves
+    that did not converge; each rejects the step in an adaptive solve).
     """
 
     method: str = ""
@@ -35,6 +38,10 @@ class SolverStats:
     message: str = ""
     t_final: float = math.nan
     h_next: float = math.nan  # adaptive methods: the step the controller proposed last
+    n_jac: int = 0
+    n_lu: int = 0
+    n_newton: int = 0
+    n_newton_fail: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -42,8 +49,23 @@ class SolverStats:
         return self.n_accepted + self.n_rejected
 
     def __str__(self) -> str:
+        implicit = (f" jac={self.n_jac} lu={self.n_lu} newton={self.n_newton} "
+                    f"newton_fail={self.n_newton_fail}" if self.n_jac or self.n_lu
+                    or self.n_newton else "")
         return (f"{self.method}: nfe={self.nfe} accepted={self.n_accepted} "
-                f"rejected={self.n_rejected} status={self.status}")
+                f"rejected={self.n_rejected}{implicit} status={self.status}")
+
+
+class StepFailure(Exception):
+    """Raised by a stepper's ``step`` when the attempt cannot produce a state (an implicit
+    method's Newton iterations failed). An adaptive solve rejects the attempt and retries
+    with the step multiplied by ``factor``; a fixed-grid solve ends with a
+    ``ConvergenceError`` (status "convergence_failure") whose message includes ``reason``."""
+
+    def __init__(self, reason: str, factor: float = 0.25):
+        super().__init__(reason)
+        self.reason = reason
+        self.factor = factor
 
 
 class StateLayout:

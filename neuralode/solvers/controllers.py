@@ -268,6 +268,13 @@ class _PIDRun:
                 "y0 = 0?) or the state or derivative is not finite; use atol > 0")
         return self.clamp(h, direction)
 
+    def shrink(self, h: float, factor: float, direction: float) -> float:
+        """The next attempt after a failed one (an implicit method's Newton solve did not
+        converge): h * factor, or nan (the loop reports it) below min_step."""
+        if abs(h) <= self.min_step:
+            return math.nan
+        return self.clamp(h * factor, direction)
+
     def propose(self, t: float, h: float, stop: float, direction: float) -> float:
         """Where the attempt ends: t + h, or the next stop when it lies within ``STRETCH``
         of a step beyond t + h. Stretching by up to 10% rather than leaving a sliver saves a

@@ -21,15 +21,24 @@ from typing import Any
 
 import torch
 
-from neuralode.errors import EventError, MaxStepsError, NonFiniteError, StepSizeError
+from neuralode.errors import (
+    ConvergenceError,
+    EventError,
+    MaxStepsError,
+    NonFiniteError,
+    StepSizeError,
+)
+from neuralode.solvers.base import StepFailure
 
 SUCCESS = "success"
 EVENT = "event"
 MAX_STEPS = "max_steps_reached"
 STEP_SIZE = "step_size_underflow"
 NONFINITE = "nonfinite"
-STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE)
-_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError}
+CONVERGENCE = "convergence_failure"
+STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE, CONVERGENCE)
+_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError,
+           CONVERGENCE: ConvergenceError}
 
 # fixed-grid solves check the state for nan/inf every this many steps (and at outputs,
 # stops and the end) rather than synchronising with the device at every step
@@ -203,6 +212,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
     h = controller.first_step(rhs, t0, y0, f0, direction)
     outs = res.outs
     i_out, i_stop, n_attempts = 1, 0, 0
+    failure = ""  # why the last attempt of an implicit method failed (for messages)
     propose, judge, step, error = controller.propose, controller.judge, stepper.step, \
         stepper.error if adaptive else None
     while True:
@@ -217,10 +227,12 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                                        f"non-finite (nan/inf) at t={t:.10g} and smaller steps "
                                        f"did not help; check func for overflow, division by zero "
                                        f"or a blow-up of the solution{where}", t, y)
+            why = (f"the last attempt failed: {failure}" if failure else
+                   "the error could not be controlled; the problem may be stiff or the "
+                   "solution may blow up")
             return fail(STEP_SIZE, f"{name}: step size underflow at t={t:.17g}: the step "
-                                   f"h={h:.3g} is below what float64 time resolves there (the "
-                                   f"error could not be controlled; the problem may be stiff or "
-                                   f"the solution may blow up){where}", t, y)
+                                   f"h={h:.3g} is below what float64 time resolves there "
+                                   f"({why}){where}", t, y)
         if n_attempts >= max_num_steps:
             where = "before the event" if open_end else progress(t)
             return fail(MAX_STEPS, f"{name}: max_num_steps={max_num_steps} exceeded at "
@@ -232,7 +244,20 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         left_end = rhs.left_limit(t1, t) if left else None
         if cbs is not None and cbs.step is not None:
             cbs.step(*rhs.callback_args(t, y, h))
-        y1 = step(t, y, h, left_end)
+        try:
+            y1 = step(t, y, h, left_end)
+        except StepFailure as e:
+            if not adaptive:
+                return fail(CONVERGENCE, f"{name}: the step from t={t:.10g} to t={t1:.10g} "
+                                         f"(h={h:.3g}) failed: {e.reason}; use a smaller "
+                                         f"step_size or an adaptive method", t, y)
+            failure = e.reason
+            stats.n_rejected += 1
+            if cbs is not None and cbs.reject is not None:
+                cbs.reject(*rhs.callback_args(t, y, h))
+            h = controller.shrink(h, e.factor, direction)
+            continue
+        failure = ""
         if adaptive:
             accept, h_next = judge(y1, error(), h, direction)
             if not accept:

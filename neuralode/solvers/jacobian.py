@@ -1,0 +1,357 @@
+"""Jacobians of the right-hand side and the linear algebra of implicit methods.
+
+Every implicit method (implicit Runge–Kutta, ESDIRK, Rosenbrock, BDF) needs J = df/dy and
+solves linear systems with a Newton matrix ``I - h (A ⊗ J)`` (``A`` a scalar for one stage
+at a time, an s x s matrix for fully implicit Runge–Kutta stages). This module is the one
+place that knows how J is obtained and how those systems are solved:
+
+* ``options={"jacobian": "autograd"}`` (default): the dense n x n matrix by reverse-mode
+  autograd (``torch.func.jacrev``; a row-by-row ``torch.autograd.grad`` loop for functions
+  that ``torch.func`` cannot transform); LU factorisation.
+* ``"block"``: the state is a batch of B independent systems along its first dimension
+  (a tensor state of shape (B, ...)); J is block diagonal with B blocks of m x m
+  (m = numel / B), all obtained by one ``jacrev`` of the batch-summed f; batched LU.
+* ``"matrix_free"``: J is never formed; products J v come from forward-mode autograd
+  (``torch.func.jvp``, one evaluation of f each) and the systems are solved by restarted
+  GMRES (Newton–Krylov), for large states.
+* a callable ``jacobian(t, y) -> J`` in the flat layout: a (n, n) tensor, or a (B, m, m)
+  tensor of diagonal blocks (B * m = n); ``y`` is handed over in the user's structure.
+
+``head``: only the first ``head`` components of the flat state enter the implicit solve;
+the rest are quadratures (f does not depend on them, as the parameter adjoint of
+``odeint_adjoint``), which a stepper integrates explicitly from the converged stages.
+
+Statistics go to the solve's ``SolverStats``: ``n_jac`` per Jacobian, ``n_lu`` per
+factorisation (or GMRES set-up), ``n_newton`` per Newton iteration, ``n_newton_fail`` per
+Newton solve that did not converge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from neuralode.errors import ODEFuncError, ODEInputError
+
+JACOBIAN_MODES = ("autograd", "block", "matrix_free")
+JACOBIAN_OPTIONS = {"jacobian": "autograd"}
+
+
+def check_jacobian_option(method: str, value) -> None:
+    if callable(value) or value in JACOBIAN_MODES:
+        return
+    raise ODEInputError(
+        f"option 'jacobian' of {method!r} must be one of {JACOBIAN_MODES} or a callable "
+        f"jacobian(t, y) returning the (n, n) matrix df/dy in the flat layout (n = y0.numel()) "
+        f"or (B, m, m) diagonal blocks; got {value!r}")
+
+
+class MatrixFree:
+    """J at (t, y) as an operator: ``mv(v)`` = J v by forward-mode autograd."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor):
+        self.f, self.y = f, y
+        self._forward_ok = True
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        if self._forward_ok:
+            try:
+                return torch.func.jvp(self.f, (self.y,), (v,))[1]
+            except (RuntimeError, NotImplementedError, TypeError):
+                self._forward_ok = False  # an op without forward-mode AD: double-vjp trick
+        with torch.enable_grad():
+            y = self.y.detach().requires_grad_(True)
+            out = self.f(y)
+            u = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, y, u, create_graph=True)
+            (jv,) = torch.autograd.grad(g, u, v)
+        return jv
+
+
+class JacobianSource:
+    """df/dy of the flat right-hand side ``rhs`` at (t, y), restricted to the first ``head``
+    components (rows and columns)."""
+
+    def __init__(self, spec, rhs, n: int, head: int | None = None, name: str = ""):
+        self.spec = spec
+        self.rhs = rhs
+        self.n = n
+        self.head = n if head is None else head
+        self.name = name
+        self.stats = rhs.stats
+        self._functorch = True
+        self.blocks = None
+        if spec == "block":
+            shapes = rhs.layout.shapes
+            if rhs.layout.is_tuple or len(shapes[0]) == 0 or shapes[0][0] < 1:
+                raise ODEInputError(
+                    f"{name}: options['jacobian']='block' needs a tensor state whose first "
+                    f"dimension indexes independent systems, got shapes "
+                    f"{[tuple(s) for s in shapes]}")
+            if self.head != n:
+                raise ODEInputError(f"{name}: options['jacobian']='block' cannot be combined "
+                                    f"with quadrature components (e.g. odeint_adjoint); use "
+                                    f"'autograd' or 'matrix_free'")
+            self.blocks = shapes[0][0]
+
+    @property
+    def matrix_free(self) -> bool:
+        return self.spec == "matrix_free"
+
+    def _f(self, t: float, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """y_head -> f(t, y)_head with the quadrature tail of y held fixed."""
+        call, head, n = self.rhs.call, self.head, self.n
+        if head == n:
+            return lambda yh: call(t, yh)
+        tail = y[head:].detach()
+        return lambda yh: call(t, torch.cat([yh, tail]))[:head]
+
+    def __call__(self, t: float, y: torch.Tensor, graph: bool = False):
+        """J at (t, y): a (head, head) tensor, (B, m, m) blocks, or a ``MatrixFree``.
+        ``graph``: keep J differentiable with respect to y and f's parameters (a
+        Rosenbrock method's gradient needs it); otherwise J is computed without a graph."""
+        self.stats.n_jac += 1
+        yh = y[: self.head] if graph else y[: self.head].detach()
+        if callable(self.spec):
+            return self._user(t, y, graph)
+        f = self._f(t, y)
+        if self.spec == "matrix_free":
+            return MatrixFree(f, yh)
+        with torch.set_grad_enabled(graph):
+            if self.spec == "block":
+                return self._block(f, yh)
+            return self._dense(f, yh, graph)
+
+    def _dense(self, f, yh, graph):
+        if self._functorch:
+            try:
+                return torch.func.jacrev(f)(yh)
+            except (RuntimeError, NotImplementedError, TypeError):
+                # e.g. func calls torch.autograd.grad, .item() or in-place ops on inputs
+                self._functorch = False
+        with torch.enable_grad():
+            y_in = yh if graph and yh.requires_grad else yh.detach().requires_grad_(True)
+            out = f(y_in)
+            rows = []
+            for i in range(out.numel()):
+                (g,) = torch.autograd.grad(out[i], y_in, retain_graph=True,
+                                           create_graph=graph, allow_unused=True)
+                rows.append(torch.zeros_like(y_in) if g is None else g)
+        return torch.stack(rows)
+
+    def _block(self, f, yh):
+        b = self.blocks
+        m = yh.numel() // b
+
+        def summed(y):
+            return f(y).reshape(b, m).sum(0)
+        jb = torch.func.jacrev(summed)(yh)  # (m, B*m): row i = d(sum_b f_bi)/dy
+        return jb.reshape(m, b, m).permute(1, 0, 2)
+
+    def _user(self, t, y, graph):
+        with torch.set_grad_enabled(graph):
+            J = self.spec(self.rhs.time(t), self.rhs.user_state(y if graph else y.detach()))
+        if not isinstance(J, torch.Tensor):
+            raise ODEFuncError(f"{self.name}: options['jacobian'](t, y) must return a tensor, "
+                               f"got {type(J).__name__}")
+        n = self.head
+        square = J.dim() == 2 and tuple(J.shape) == (n, n)
+        blocks = J.dim() == 3 and J.shape[1] == J.shape[2] and J.shape[0] * J.shape[1] == n
+        if not (square or blocks) and J.numel() == n * n:
+            J = J.reshape(n, n)  # the user's structure twice, e.g. (d, d) for a (d,) state
+        elif not (square or blocks):
+            raise ODEFuncError(
+                f"{self.name}: options['jacobian'](t, y) returned shape {tuple(J.shape)}; "
+                f"expected ({n}, {n}) (df/dy in the flat layout) or (B, m, m) diagonal blocks "
+                f"with B * m = {n}")
+        return J.to(self.rhs.dtype)
+
+
+def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *, rtol: float,
+          restart: int = 30, max_restarts: int = 10) -> tuple[torch.Tensor, bool]:
+    """Solve ``matvec(x) = b`` (1-D) by restarted GMRES from x = 0; stops when the residual is
+    at most ``rtol * ||b||``. Returns (x, converged)."""
+    x = torch.zeros_like(b)
+    bnorm = float(torch.linalg.vector_norm(b))
+    if bnorm == 0.0:
+        return x, True
+    target = rtol * bnorm
+    n = b.numel()
+    m = min(restart, n)
+    for _ in range(max_restarts):
+        r = b - matvec(x) if x.abs().sum() > 0 else b.clone()
+        beta = float(torch.linalg.vector_norm(r))
+        if beta <= target:
+            return x, True
+        V = [r / beta]
+        H = torch.zeros(m + 1, m, dtype=torch.float64)
+        k_used = 0
+        for k in range(m):
+            w = matvec(V[k])
+            for i in range(k + 1):  # modified Gram–Schmidt
+                H[i, k] = torch.dot(w, V[i]).double()
+                w = w - H[i, k].to(w.dtype) * V[i]
+            H[k + 1, k] = torch.linalg.vector_norm(w).double()
+            k_used = k + 1
+            # residual of the least-squares problem so far
+            e1 = torch.zeros(k + 2, dtype=torch.float64)
+            e1[0] = beta
+            yk = torch.linalg.lstsq(H[: k + 2, : k + 1], e1.unsqueeze(1)).solution[:, 0]
+            res = float(torch.linalg.vector_norm(H[: k + 2, : k + 1] @ yk - e1))
+            if res <= target or H[k + 1, k] <= 1e-300:
+                break
+            V.append(w / H[k + 1, k].to(w.dtype))
+        x = x + torch.stack(V[:k_used], 1) @ yk.to(b.dtype)
+        if res <= target:
+            return x, True
+    return x, False
+
+
+class NewtonMatrix:
+    """The factorised matrix ``I - h (A ⊗ J)`` of a Newton iteration, for J as returned by
+    ``JacobianSource`` (dense, blocks, or matrix-free), ``A`` a scalar gamma or an (s, s)
+    matrix of stage coefficients (fully implicit Runge–Kutta).
+
+    ``solve(b)``: b of shape (n,) for a scalar A, (s, n) for a matrix A (stage-major),
+    returns x of the same shape. Gradients do not flow through the matrix: it is an
+    iteration matrix (for exact gradients a stepper applies the implicit function theorem
+    with the Jacobian at the converged stages)."""
+
+    def __init__(self, J, h: float, A, stats, *, gmres_rtol: float = 1e-3):
+        self.h, self.stats = h, stats
+        self.scalar = not isinstance(A, torch.Tensor)
+        self.A = A
+        self.J = J
+        self.gmres_rtol = gmres_rtol
+        stats.n_lu += 1
+        if isinstance(J, MatrixFree):
+            self.kind = "matfree"
+            return
+        J = J.detach()
+        if self.scalar:
+            if J.dim() == 2:
+                self.kind = "dense"
+                M = torch.eye(J.shape[0], dtype=J.dtype, device=J.device) - (h * A) * J
+            else:
+                self.kind = "block"
+                M = torch.eye(J.shape[1], dtype=J.dtype, device=J.device) - (h * A) * J
+        else:
+            A = A.to(J.dtype).to(J.device)
+            s = A.shape[0]
+            if J.dim() == 2:
+                self.kind = "dense"
+                n = J.shape[0]
+                # stage-major unknowns: z = (z_1, ..., z_s), each of length n
+                M = torch.eye(s * n, dtype=J.dtype, device=J.device) - h * torch.kron(A, J)
+            else:
+                self.kind = "block"
+                B, m, _ = J.shape
+                # per system b: unknowns (z_1b, ..., z_sb) of length s*m
+                kr = (A[None, :, None, :, None] * J[:, None, :, None, :]).reshape(B, s * m,
+                                                                                 s * m)
+                M = torch.eye(s * m, dtype=J.dtype, device=J.device) - h * kr
+        self.lu, self.piv = torch.linalg.lu_factor(M)
+        if not bool(torch.isfinite(self.lu).all()):
+            raise ODEFuncError("the Jacobian df/dy is not finite (nan/inf) at the current state")
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matfree":
+            return self._solve_matfree(b)
+        if self.kind == "dense":
+            flat = b.reshape(-1, 1)
+            return torch.linalg.lu_solve(self.lu, self.piv, flat).reshape(b.shape)
+        # blocks: b (n,) or (s, n) with n = B * m
+        B, sm = self.lu.shape[0], self.lu.shape[1]
+        if self.scalar:
+            rhs = b.reshape(B, sm, 1)
+            return torch.linalg.lu_solve(self.lu, self.piv, rhs).reshape(b.shape)
+        s = b.shape[0]
+        m = sm // s
+        rhs = b.reshape(s, B, m).permute(1, 0, 2).reshape(B, sm, 1)
+        x = torch.linalg.lu_solve(self.lu, self.piv, rhs)
+        return x.reshape(B, s, m).permute(1, 0, 2).reshape(b.shape)
+
+    def _solve_matfree(self, b: torch.Tensor) -> torch.Tensor:
+        h, A, J = self.h, self.A, self.J
+        if self.scalar:
+            def mv(v):
+                return v - (h * A) * J.mv(v)
+        else:
+            s = A.shape[0]
+            Ad = A.to(b.dtype).to(b.device)
+
+            def mv(v):
+                V = v.reshape(s, -1)
+                JV = torch.stack([J.mv(V[i]) for i in range(s)])
+                return (V - h * (Ad @ JV)).reshape(-1)
+        x, ok = gmres(mv, b.reshape(-1), rtol=self.gmres_rtol)
+        if not ok:
+            # an inexact Newton direction: the Newton iteration's own convergence test
+            # decides whether the step can be used
+            self.stats.extra["gmres_not_converged"] = \
+                self.stats.extra.get("gmres_not_converged", 0) + 1
+        return x.reshape(b.shape)
+
+
+@dataclass
+class NewtonResult:
+    z: torch.Tensor
+    converged: bool
+    iterations: int
+    rate: float  # the last observed contraction factor (nan after one iteration)
+    reason: str = ""
+
+
+def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
+           matrix: NewtonMatrix, scale: torch.Tensor, *, tol: float, max_iters: int,
+           stats, eta: float | None = None) -> NewtonResult:
+    """Simplified Newton for ``residual(z) = 0`` with the factorised ``matrix`` ~ d residual/dz:
+    z <- z - matrix^{-1} residual(z).
+
+    Convergence is measured in the RMS norm of dz / ``scale`` (``scale`` = atol + rtol |y|,
+    the step's error tolerances) with the contraction-rate test of Hairer & Wanner (Solving
+    ODEs II, IV.8): converged when eta * ||dz|| <= tol, eta = theta / (1 - theta) from the
+    observed rate theta (``eta``, carried from the previous solve, serves the first
+    iteration). Fails (never raises) when the rate is >= 1, the iterate is not finite, or the
+    predicted error after ``max_iters`` exceeds ``tol``."""
+    z = z0
+    inv_sqrt = 1.0 / math.sqrt(max(z.numel(), 1))
+    prev = math.nan
+    theta = math.nan
+    eta_k = max(eta, 1e-16) ** 0.8 if eta is not None else 1.0
+    for k in range(max_iters):
+        stats.n_newton += 1
+        r = residual(z)
+        dz = matrix.solve(-r)
+        nrm = float(torch.linalg.vector_norm(dz / scale)) * inv_sqrt
+        if not math.isfinite(nrm):
+            stats.n_newton_fail += 1
+            return NewtonResult(z, False, k + 1, theta, "the Newton iterate became non-finite")
+        z = z + dz
+        if k > 0:
+            theta = nrm / prev if prev > 0 else 0.0
+            if theta >= 1.0:
+                stats.n_newton_fail += 1
+                return NewtonResult(z, False, k + 1, theta,
+                                    f"Newton iterations diverge (contraction rate {theta:.3g})")
+            eta_k = theta / (1.0 - theta)
+            remaining = max_iters - 1 - k
+            if remaining > 0 and theta ** remaining * eta_k * nrm > tol:
+                stats.n_newton_fail += 1
+                return NewtonResult(z, False, k + 1, theta,
+                                    f"Newton iterations converge too slowly (rate {theta:.3g}, "
+                                    f"would not reach the tolerance in {max_iters} iterations)")
+        if eta_k * nrm <= tol or nrm == 0.0:
+            return NewtonResult(z, True, k + 1, theta)
+        prev = nrm
+    stats.n_newton_fail += 1
+    return NewtonResult(z, False, max_iters, theta,
+                        f"Newton iterations did not converge in {max_iters} iterations "
+                        f"(last scaled correction {prev:.3g}, tolerance {tol:.3g})")
+
+
+__all__ = ["JACOBIAN_MODES", "JACOBIAN_OPTIONS", "JacobianSource", "MatrixFree", "NewtonMatrix",
+           "NewtonResult", "check_jacobian_option", "gmres", "newton"]
