@@ -64,7 +64,8 @@ def _matrix(rows: list[list], like: Tensor) -> Tensor:
 class StiffProblem(nn.Module):
     """Base of the test problems. Subclasses set the class attributes and implement
     ``_f(c, y)``, ``_jac(c, y)`` (torch, ``c`` the constants unbound along their last dim,
-    ``y`` the state's components) and ``_np_f``, ``_np_jac`` (NumPy, one system)."""
+    ``y`` the state's components; or override ``func`` / ``jacobian`` with fewer tensor
+    operations) and ``_np_f``, ``_np_jac`` (NumPy, one system)."""
 
     name: ClassVar[str] = ""
     #: names of the state's components and of the constants
@@ -136,7 +137,9 @@ class StiffProblem(nn.Module):
         """``(rtol, atol)`` as the benchmarks pair them for this problem."""
         return rtol, self.atol_ratio * rtol
 
-    def _checked(self, y: Tensor) -> tuple[Tensor, ...]:
+    def _checked(self, y: Tensor) -> Tensor:
+        """The constants ``(P,)`` or ``(B, P)`` in ``y``'s dtype and device, after checking
+        the state's shape."""
         if not isinstance(y, Tensor) or y.dim() not in (1, 2) or y.shape[-1] != self.n:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ODEInputError(f"{self.name}: the state must have shape ({self.n},) or "
@@ -149,7 +152,7 @@ class StiffProblem(nn.Module):
         c = self.constants
         if c.dtype != y.dtype or c.device != y.device:
             c = c.to(dtype=y.dtype, device=y.device)
-        return c.unbind(-1)
+        return c
 
     # ------------------------------------------------------------------ the ODE
     def forward(self, t, y: Tensor) -> Tensor:
@@ -158,13 +161,13 @@ class StiffProblem(nn.Module):
     def func(self, t, y: Tensor) -> Tensor:
         """dy/dt at ``y`` of shape ``(n,)`` or ``(B, n)``."""
         c = self._checked(y)
-        return torch.stack(self._f(c, y.unbind(-1)), -1)
+        return torch.stack(self._f(c.unbind(-1), y.unbind(-1)), -1)
 
     def jacobian(self, t, y: Tensor) -> Tensor:
         """df/dy at ``y``: ``(n, n)`` for ``(n,)``; ``(B, n, n)`` (one block per system) for
         ``(B, n)``."""
         c = self._checked(y)
-        return _matrix(self._jac(c, y.unbind(-1)), y[..., 0])
+        return _matrix(self._jac(c.unbind(-1), y.unbind(-1)), y[..., 0])
 
     def _f(self, c, y) -> list[Tensor]:
         raise NotImplementedError
@@ -296,12 +299,17 @@ class Robertson(StiffProblem):
                  dtype: torch.dtype = torch.float64):
         ks = torch.broadcast_tensors(*(torch.as_tensor(k, dtype=dtype) for k in (k1, k2, k3)))
         super().__init__(torch.stack(ks, -1), log=log, learnable=learnable, dtype=dtype)
+        # f = rates @ S^T, rates = (k1 y1, k2 y2^2, k3 y2 y3): one row per reaction
+        self.register_buffer("stoich_t", torch.tensor(
+            [[-1.0, 1.0, 0.0], [0.0, -1.0, 1.0], [1.0, -1.0, 0.0]], dtype=dtype),
+            persistent=False)
 
-    def _f(self, c, y):
-        k1, k2, k3 = c
-        y1, y2, y3 = y
-        a, b, r = k1 * y1, k2 * y2 * y2, k3 * y2 * y3
-        return [r - a, a - r - b, b]
+    def func(self, t, y: Tensor) -> Tensor:
+        c = self._checked(y)
+        y2 = y[..., 1:2]
+        rates = c * torch.cat([y[..., :1], y2 * y2, y2 * y[..., 2:]], -1)
+        s = self.stoich_t
+        return rates @ (s if s.dtype == y.dtype and s.device == y.device else s.to(y))
 
     def _jac(self, c, y):
         k1, k2, k3 = c
@@ -374,34 +382,52 @@ class Hires(StiffProblem):
     t_span = (0.0, 321.8122)
     reference_atol = 1e-16
     atol_ratio = 1e-4
+    # f = L y + oks e1 + k7 y6 y8 d: the linear part L (8 x 8) is linear in the constants,
+    # L = (LINEAR @ c).reshape(8, 8); d = (0, 0, 0, 0, 0, -1, 1, -1)
+    _LINEAR_TERMS = (  # (row, column, constant, sign), 0-based, constants k1..k9 = 0..8
+        (0, 0, 0, -1), (0, 1, 1, 1), (0, 2, 5, 1),
+        (1, 0, 0, 1), (1, 1, 1, -1), (1, 1, 2, -1),
+        (2, 2, 5, -1), (2, 2, 0, -1), (2, 3, 1, 1), (2, 4, 4, 1),
+        (3, 1, 2, 1), (3, 2, 0, 1), (3, 3, 3, -1), (3, 3, 1, -1),
+        (4, 4, 4, -1), (4, 4, 0, -1), (4, 5, 1, 1), (4, 6, 1, 1),
+        (5, 3, 7, 1), (5, 4, 0, 1), (5, 5, 1, -1), (5, 6, 7, 1),
+        (6, 6, 1, -1), (6, 6, 7, -1), (6, 6, 8, -1),
+        (7, 6, 1, 1), (7, 6, 7, 1), (7, 6, 8, 1))
 
-    def _f(self, c, y):
-        k1, k2, k3, k4, k5, k6, k7, k8, k9, oks = c
-        y1, y2, y3, y4, y5, y6, y7, y8 = y
-        r = k7 * y6 * y8
-        f7 = r - (k2 + k8 + k9) * y7
-        return [-k1 * y1 + k2 * y2 + k6 * y3 + oks,
-                k1 * y1 - (k2 + k3) * y2,
-                -(k6 + k1) * y3 + k2 * y4 + k5 * y5,
-                k3 * y2 + k1 * y3 - (k4 + k2) * y4,
-                -(k5 + k1) * y5 + k2 * (y6 + y7),
-                -r + k8 * y4 + k1 * y5 - k2 * y6 + k8 * y7,
-                f7,
-                -f7]
+    def __init__(self, constants=None, *, log: bool = False, learnable: bool = False,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__(constants, log=log, learnable=learnable, dtype=dtype)
+        lin = torch.zeros(64, 10, dtype=dtype)
+        for i, j, k, sign in self._LINEAR_TERMS:
+            lin[8 * i + j, k] += sign
+        self.register_buffer("linear", lin, persistent=False)
+        self.register_buffer("direction", torch.tensor([0.0] * 5 + [-1.0, 1.0, -1.0],
+                                                       dtype=dtype), persistent=False)
 
-    def _jac(self, c, y):
-        k1, k2, k3, k4, k5, k6, k7, k8, k9, _ = c
-        y6, y8 = y[5], y[7]
-        z = 0.0
-        s = k2 + k8 + k9
-        return [[-k1, k2, k6, z, z, z, z, z],
-                [k1, -(k2 + k3), z, z, z, z, z, z],
-                [z, z, -(k6 + k1), k2, k5, z, z, z],
-                [z, k3, k1, -(k4 + k2), z, z, z, z],
-                [z, z, z, z, -(k5 + k1), k2, k2, z],
-                [z, z, z, k8, k1, -k7 * y8 - k2, k8, -k7 * y6],
-                [z, z, z, z, z, k7 * y8, -s, k7 * y6],
-                [z, z, z, z, z, -k7 * y8, s, -k7 * y6]]
+    def _linear_part(self, c: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        lin, d = self.linear, self.direction
+        if lin.dtype != y.dtype or lin.device != y.device:
+            lin, d = lin.to(y), d.to(y)
+        L = (c @ lin.T).reshape(*c.shape[:-1], 8, 8)
+        return L, d, c[..., 6]
+
+    def func(self, t, y: Tensor) -> Tensor:
+        c = self._checked(y)
+        L, d, k7 = self._linear_part(c, y)
+        ly = y @ L.T if L.dim() == 2 else (L @ y[..., None])[..., 0]
+        r = k7 * y[..., 5] * y[..., 7]
+        src = c[..., 9]
+        out = ly + r[..., None] * d
+        return torch.cat([out[..., :1] + src[..., None], out[..., 1:]], -1)
+
+    def jacobian(self, t, y: Tensor) -> Tensor:
+        c = self._checked(y)
+        L, d, k7 = self._linear_part(c, y)
+        # d/dy of k7 y6 y8 d: column 6 gets k7 y8 d, column 8 gets k7 y6 d (1-based)
+        g = torch.zeros_like(y)
+        g[..., 5] = k7 * y[..., 7]
+        g[..., 7] = k7 * y[..., 5]
+        return L + d[:, None] * g[..., None, :]
 
     @staticmethod
     def _np_f(c, y):
