@@ -310,6 +310,8 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     """The step-size controller of a solve. Fixed grids: ``grid`` (else the method's grid
     from its options), with ``stop_times`` merged in so that every stop is a grid point."""
     if method.adaptive:
+        if hasattr(method, "make_controller"):  # methods with their own controller (bdf)
+            return method.make_controller(o, norm)
         return controller_or_default(o).bind(norm, method.tableau.error_order, o,
                                              o.get("_pid_settings"))
     if grid is None:
@@ -317,3 +319,6 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     if stop_times:
         grid = merge_times(grid, stop_times, 1.0 if ts[-1] > ts[0] else -1.0)
     return FixedGridController(grid)
+from neuralode.solvers.bdf import METHODS as _MULTISTEP_METHODS
+
+SOLVERS.update(_MULTISTEP_METHODS)
