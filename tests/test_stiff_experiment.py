@@ -62,7 +62,7 @@ def test_std_errors_agree_with_autograd_sensitivities_of_our_solver():
     def residuals(lk):
         model = Robertson(*lk.exp().unbind())
         ys = odeint(model, model.initial_state(), times, rtol=1e-9, atol=1e-15)[1:]
-        return (ys / (0.01 * data.noisy)).reshape(-1)
+        return (ys.log() / 0.01).reshape(-1)
 
     J = torch.autograd.functional.jacobian(residuals, log_k)
     se_autograd = torch.linalg.inv(J.T @ J).diagonal().sqrt()
@@ -71,9 +71,9 @@ def test_std_errors_agree_with_autograd_sensitivities_of_our_solver():
 
 
 def test_loss_falls_and_the_constants_approach_the_truth(tmp_path):
-    # noise-free data, 20 Adam steps on the short span: the fit must improve a lot (k3 is
+    # noise-free data, 30 Adam steps on the short span: the fit must improve a lot (k3 is
     # weakly determined by t <= 0.05, so only k1 and k2 are checked)
-    rc = main(["train", "stiff", *TINY, "--iters", "20", "--lr", "0.1", "--noise", "0",
+    rc = main(["train", "stiff", *TINY, "--iters", "30", "--lr", "0.1", "--noise", "0",
                "--init-spread", "0.3", "--no-plot", "--out", str(tmp_path)])
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
