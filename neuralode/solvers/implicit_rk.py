@@ -360,9 +360,12 @@ class ImplicitRKStepper:
     def _fresh(self, t, y) -> bool:
         return self.J is not None and self.J_t == t and self.J_y is y
 
-    def _evaluate_jacobian(self, t, y) -> None:
+    def _evaluate_jacobian(self, t, y, inside: float | None = None) -> None:
+        """J at (t, y); ``inside``: the step's end, when f must be evaluated strictly inside
+        the step (``perturb``, a discontinuity): J is then taken just after t."""
+        tj = t if inside is None else float(self.rhs.toward(t, inside))
         with torch.no_grad():
-            self.J = self.jac(t, y)
+            self.J = self.jac(tj, y)
         self.J_t, self.J_y = t, y
         self.J_stale = False
         self.mats = {}
@@ -396,15 +399,16 @@ class ImplicitRKStepper:
     def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
         times = self._times(t, h, left_end)
         self.f1_known = False
+        inside = None if left_end is None else t + h
         if self.J is None or (self.J_stale and not self._fresh(t, y)):
-            self._evaluate_jacobian(t, y)
+            self._evaluate_jacobian(t, y, inside)
         for attempt in range(2):
             with torch.no_grad():
                 failure = self._solve_stages(t, y.detach(), h, times)
             if failure is None:
                 break
             if attempt == 0 and not self._fresh(t, y):
-                self._evaluate_jacobian(t, y)  # a Jacobian from an earlier step: refresh
+                self._evaluate_jacobian(t, y, inside)  # a Jacobian from an earlier step
                 continue
             self.J_stale = True
             raise StepFailure(f"{failure} (t={t:.10g}, h={h:.3g}, Jacobian evaluated at the "
