@@ -139,8 +139,8 @@ def test_max_step_bounds_the_steps(solver):
     ts = torch.tensor([0.0, 8.0], dtype=F64)
     free = solve(forced, y0, ts, method="scipy_solver", options={"solver": solver})
     bounded = solve(forced, y0, ts, method="scipy_solver",
-                    options={"solver": solver, "max_step": 0.1})
-    assert free.stats.n_accepted < 80 <= bounded.stats.n_accepted
+                    options={"solver": solver, "max_step": 0.02})
+    assert free.stats.n_accepted < 400 <= bounded.stats.n_accepted
 
 
 def test_options_are_checked():

@@ -309,7 +309,7 @@ class _PIDRun:
             # Smaller steps may avoid a non-finite derivative inside the step (e.g. sqrt of
             # a negative overshoot): reject and shrink; the loop reports it if h vanishes.
             self.nonfinite = True
-            if abs(h) <= self.min_step:
+            if abs(h) <= self.min_step * (1.0 + self.STRETCH + 1e-9):  # as for ``accept``
                 return False, math.nan
             return False, self.clamp(h * self.dfactor, direction)
         self.nonfinite = False

@@ -137,7 +137,7 @@ class _Engine:
         self.pieces.append([s.t_old, s.t, None])
         self.t = s.t
         self.y = None
-        self.h_next = getattr(s, "h_abs", None) or s.step_size or math.nan
+        self.h_next = float(getattr(s, "h_abs", None) or s.step_size or math.nan)
 
     def interpolants(self) -> list:
         """(t_old, t_new, interpolant) of the scipy steps of the current loop step (the
