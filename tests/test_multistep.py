@@ -495,3 +495,51 @@ def test_backward_in_time(method):
     ys = odeint(oscillator, torch.tensor([1.0, 0.0], dtype=F64), ts, rtol=1e-9, atol=1e-9,
                 method=method)
     assert max_err(ys, oscillator_exact(ts)) < 1e-6
+
+
+@pytest.mark.parametrize("jacobian", ["autograd", "matrix_free"])
+def test_bdf_adjoint_matches_finite_differences_on_robertson(jacobian):
+    """odeint_adjoint with bdf: the backward (stiff) system is solved by bdf with Newton on
+    the (state, adjoint) head and the parameter adjoint as a quadrature. Needs the adjoint's
+    Jacobian of the backward system (``neuralode.adjoint_jacobian``, branch stiff-irk): this
+    test runs once that branch is merged with this one."""
+    pytest.importorskip("neuralode.adjoint_jacobian")
+    from neuralode import odeint_adjoint
+
+    class Robertson(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logk = torch.nn.Parameter(torch.log(torch.tensor([0.04, 3e7, 1e4], dtype=F64)))
+
+        def forward(self, t, y):
+            k1, k2, k3 = self.logk.exp()
+            a, b, c = y[..., 0], y[..., 1], y[..., 2]
+            return torch.stack([-k1 * a + k3 * b * c, k1 * a - k3 * b * c - k2 * b * b,
+                                k2 * b * b], -1)
+
+    T = 3e-3
+    w = np.array([[1.0, 1e4, 2.0], [0.5, 3e4, -1.0]])
+
+    def loss_scipy(y0, logk):
+        k = np.exp(logk)
+
+        def rhs(t, y):
+            a, b, c = y
+            return [-k[0] * a + k[2] * b * c, k[0] * a - k[2] * b * c - k[1] * b * b,
+                    k[1] * b * b]
+        sol = solve_ivp(rhs, (0, T), y0, method="Radau", rtol=1e-11, atol=1e-15,
+                        t_eval=[T / 3, T])
+        return float((sol.y.T * w).sum())
+
+    f = Robertson()
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+    ys = odeint_adjoint(f, y0, torch.tensor([0.0, T / 3, T], dtype=F64), rtol=1e-8,
+                        atol=1e-12, method="bdf", options={"jacobian": jacobian})
+    gy, gk = torch.autograd.grad((ys[1:] * torch.tensor(w)).sum(), (y0, f.logk))
+    rng = np.random.default_rng(0)
+    vy, vk = rng.random(3) * [1.0, 1e-4, 1.0], rng.standard_normal(3)
+    y0n, lk = np.array([1.0, 0.0, 0.0]), f.logk.detach().numpy()
+    fd_y = (loss_scipy(y0n + 1e-7 * vy, lk) - loss_scipy(y0n - 1e-7 * vy, lk)) / 2e-7
+    fd_k = (loss_scipy(y0n, lk + 1e-5 * vk) - loss_scipy(y0n, lk - 1e-5 * vk)) / 2e-5
+    assert abs(float(gy.numpy() @ vy) - fd_y) < 1e-4 * abs(fd_y)
+    assert abs(float(gk.numpy() @ vk) - fd_k) < 1e-4 * abs(fd_k)
