@@ -4,6 +4,8 @@
 
 ``odeint`` is a drop-in replacement for ``torchdiffeq.odeint`` (events included);
 ``solve`` returns a ``Solution`` with statistics, status, event and dense output.
+``gradient="backprop" | "checkpoint" | "adjoint"`` (or ``Checkpoint(budget=16)``,
+``Adjoint(...)``) chooses how a solve is differentiated.
 """
 
 from neuralode.adjoint import AdjointStats, odeint_adjoint
@@ -18,6 +20,7 @@ from neuralode.errors import (
     StepSizeError,
 )
 from neuralode.events import odeint_event
+from neuralode.gradients import Adjoint, Backprop, Checkpoint
 from neuralode.odeint import odeint, odeint_dense, solve
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers import SOLVERS, PIDController, SolverStats
@@ -26,9 +29,12 @@ __version__ = "0.2.0"
 
 __all__ = [
     "SOLVERS",
+    "Adjoint",
     "AdjointStats",
-    "DenseSolution",
+    "Backprop",
+    "Checkpoint",
     "ConvergenceError",
+    "DenseSolution",
     "EventError",
     "MaxStepsError",
     "NeuralODEError",

@@ -16,16 +16,24 @@ separate time-adjoint integral is needed.
 Memory does not grow with the number of solver steps: nothing inside a solve is recorded.
 The backward configuration (method, options, tolerances) is validated before the forward
 solve, not inside ``.backward()``.
+
+``interpolated=True`` (the interpolated adjoint, as in Daulbaev et al. 2020 and ACA/MALI's
+motivation): the forward solve keeps its dense output, and the backward solve reads y(t)
+from it instead of integrating y backwards, so the gradient does not suffer from an
+unstable backward reconstruction (dissipative dynamics); memory grows with the forward
+steps (one interpolant per step), not with the graph.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from neuralode.adjoint_jacobian import AdjointJacobian
 from neuralode.errors import ODEInputError
 from neuralode.odeint import (
     CALLBACK_NAMES,
@@ -42,6 +50,7 @@ from neuralode.odeint import (
 )
 from neuralode.solvers.base import SolverStats, StateLayout
 from neuralode.solvers.loop import Stop
+from neuralode.solvers.methods import SOLVERS
 
 ADJOINT_CALLBACK_NAMES = tuple(n + "_adjoint" for n in CALLBACK_NAMES)
 
@@ -96,12 +105,30 @@ def _user_adjoint_norm(norm: Callable, layout: StateLayout, params):
     return wrapped
 
 
+class _BackwardDynamics:
+    """The backward system's right-hand side; implicit methods ask it for their Jacobian
+    (``implicit_jacobian``: built from the user's f, see ``neuralode.adjoint_jacobian``) and
+    solve only the (y, a) head by Newton (the parameter adjoint is a quadrature)."""
+
+    def __init__(self, backward: _Backward):
+        self.backward = backward
+
+    def __call__(self, t, state):
+        return self.backward._dynamics(t, state)
+
+    def implicit_jacobian(self, spec, rhs, name: str):
+        b = self.backward
+        return AdjointJacobian(spec, b.func, b.layout, rhs, name), 2 * b.n
+
+
 class _Backward:
     """The backward solve, prepared (and so validated) before the forward pass."""
 
     def __init__(self, func, layout: StateLayout, params, dtype, device, rtol, atol, method,
-                 options, stats: AdjointStats):
+                 options, stats: AdjointStats, interpolated: bool = False):
         self.func, self.layout, self.params = func, layout, params
+        self.interpolated = interpolated
+        self.dense = None  # the forward solve's dense output (interpolated adjoint)
         self.n = layout.n
         self.n_par = sum(p.numel() for p in params)
         self.dtype, self.device = dtype, device
@@ -109,7 +136,8 @@ class _Backward:
         aug0 = (torch.zeros(self.n, dtype=dtype, device=device),
                 torch.zeros(self.n, dtype=dtype, device=device),
                 torch.zeros(self.n_par, dtype=dtype, device=device))
-        self.problem = prepare(self._dynamics, aug0, rtol=_backward_tolerance(rtol, layout),
+        self.problem = prepare(_BackwardDynamics(self), aug0,
+                               rtol=_backward_tolerance(rtol, layout),
                                atol=_backward_tolerance(atol, layout), method=method,
                                options=options, stats=SolverStats())
         self.callbacks = _callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
@@ -117,8 +145,19 @@ class _Backward:
     def flat_func(self, t, y):
         return self.layout.flatten(self.func(t, self.layout.unflatten(y)))
 
+    def _y_at(self, t) -> torch.Tensor:
+        """y(t) from the forward solve's dense output (flat)."""
+        d = self.dense
+        v = float(t)
+        k = bisect.bisect_right(d._keys, d.direction * v) - 1
+        k = min(max(k, 0), len(d.segments) - 1)
+        ta, tb, seg = d.segments[k]
+        return seg.evaluate([(v - ta) / (tb - ta)])[0].to(self.dtype)
+
     def _dynamics(self, t, state):
         y, a, _ = state
+        if self.dense is not None:
+            y = self._y_at(t)
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             f = self.flat_func(t, y_)
@@ -132,6 +171,8 @@ class _Backward:
                             for g, p in zip(grads[1:], self.params)])
         else:
             dg = y.new_zeros(0)
+        if self.dense is not None:  # y is read from the dense output, not integrated
+            return torch.zeros_like(y), da, dg
         return f.detach(), da, dg
 
     def _grid(self, t0: float, t_last: float):
@@ -191,8 +232,10 @@ class _AdjointFunction(torch.autograd.Function):
         with torch.no_grad():
             if cfg["event_fn"] is None:
                 sol = solve(cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
-                            method=cfg["method"], options=cfg["options"])
+                            method=cfg["method"], options=cfg["options"],
+                            dense=cfg["backward"].interpolated)
                 ys, fstats = sol.ys, sol.stats
+                ctx.dense = sol.dense
                 t_out = t
                 event_t = None
             else:
@@ -234,7 +277,11 @@ class _AdjointFunction(torch.autograd.Function):
         g_flat = torch.cat([g.reshape(n_t, -1) for g in grad_ys], dim=1)
         ys_c = ys_flat.to(backward.dtype)
         g_c = g_flat.to(backward.dtype)
-        a, gp, a_t0 = backward(ts, ys_c, g_c)
+        backward.dense = getattr(ctx, "dense", None)
+        try:
+            a, gp, a_t0 = backward(ts, ys_c, g_c)
+        finally:
+            backward.dense = None
 
         grad_t = None
         if ctx.needs_input_grad[1]:
@@ -259,6 +306,16 @@ class _AdjointFunction(torch.autograd.Function):
             grad_params.append(gp[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
         return (None, grad_t, None, *grad_y0, *grad_params)
+
+
+def _default_adjoint_method(method_name: str) -> str:
+    """The backward method of ``odeint_adjoint`` when none is given: the forward method, or
+    the first registered of the methods it names (``adjoint_method`` of Rosenbrock methods,
+    which cannot integrate the backward system exactly)."""
+    preferred = getattr(SOLVERS[method_name], "adjoint_method", None)
+    if preferred is None:
+        return method_name
+    return next(m for m in preferred if m in SOLVERS)
 
 
 def _find_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
@@ -297,7 +354,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False):
+                   return_stats: bool = False, interpolated: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
     ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
@@ -316,13 +373,22 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             parameters of ``func``, which must then be an ``nn.Module``, that require grad).
         return_stats: also return an ``AdjointStats``; its ``backward`` field is filled
             with the backward-solve statistics once ``.backward()`` has run.
+        interpolated: the interpolated adjoint: the backward solve reads y(t) from the
+            forward solve's dense output (kept until the backward pass: memory grows with
+            the forward steps) instead of integrating y backwards. Not with ``event_fn``.
     """
+    if not isinstance(interpolated, bool):
+        raise ODEInputError(f"interpolated must be True or False, got {interpolated!r}")
+    if interpolated and event_fn is not None:
+        raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
+                            "dense output); use the plain adjoint or gradient='checkpoint'")
     params = _find_params(func, adjoint_params)
     method_name, opts = _resolve_method(method, options)
+    default_backward = adjoint_method is None
     if adjoint_method is None:
-        adjoint_method = method_name
+        adjoint_method = _default_adjoint_method(method_name)
     if adjoint_options is None:
-        if options and adjoint_method != method_name:
+        if options and adjoint_method != method_name and not default_backward:
             raise ODEInputError(
                 f"adjoint_method={adjoint_method!r} differs from method={method_name!r} and "
                 f"options were given for the forward solve; pass adjoint_options for the "
@@ -330,6 +396,9 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         # the backward solve inherits the forward options (step_t/jump_t too: the
         # discontinuities are the same), except the forward state's norm
         adjoint_options = {k: v for k, v in opts.items() if k != "norm"}
+        if adjoint_method != method_name:  # the forward method's choice of backward method
+            valid = SOLVERS[adjoint_method].OPTIONS
+            adjoint_options = {k: v for k, v in adjoint_options.items() if k in valid}
     else:
         if not isinstance(adjoint_options, dict):
             raise ODEInputError(f"adjoint_options must be a dict, got "
@@ -347,6 +416,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             raise ODEInputError(f"adjoint_options['norm'] must be 'seminorm' or a callable, "
                                 f"got {user_adjoint_norm!r}")
     adj_method_name, adjoint_options = _resolve_method(adjoint_method, adjoint_options)
+    if getattr(SOLVERS[adj_method_name], "adjoint_method", None) is not None:
+        raise ODEInputError(
+            f"adjoint_method={adj_method_name!r} cannot run odeint_adjoint's backward solve: a "
+            f"Rosenbrock method needs the exact Jacobian of the backward system (second "
+            f"derivatives of func), which is not formed; use e.g. "
+            f"adjoint_method={_default_adjoint_method(adj_method_name)!r} (the default)")
     adjoint_rtol = rtol if adjoint_rtol is None else adjoint_rtol
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
 
@@ -360,7 +435,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     if user_adjoint_norm is not None:
         adjoint_options["norm"] = _user_adjoint_norm(user_adjoint_norm, layout, params)
     backward = _Backward(func, layout, params, dtype, items[0].device, adjoint_rtol,
-                         adjoint_atol, adj_method_name, adjoint_options, stats)
+                         adjoint_atol, adj_method_name, adjoint_options, stats, interpolated)
     cfg = {"func": func, "is_tuple": is_tuple, "rtol": rtol, "atol": atol,
            "method": method_name, "options": opts, "stats": stats, "event_fn": event_fn,
            "backward": backward}

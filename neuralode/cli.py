@@ -23,6 +23,7 @@ TRAINERS = {
     "dynamics": "neuralode.experiments.dynamics",
     "latent-ode": "neuralode.experiments.latent_ode",
     "cnf": "neuralode.experiments.cnf",
+    "stiff": "neuralode.experiments.stiff",
 }
 ANALYSES = {
     "mnist-table1": "neuralode.experiments.mnist_analysis",

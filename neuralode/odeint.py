@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from neuralode.errors import EventError, ODEInputError
+from neuralode.gradients import Adjoint, Checkpoint, Gradient, gradient_strategy
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers.base import RHS, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
@@ -286,8 +287,9 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None) -> Problem:
 
 def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
         open_end=False, event_fn=None, stops=(), callbacks: Callbacks | None = None,
-        record=False, throw=True, grid=None) -> LoopResult:
-    """Run the loop for a prepared problem."""
+        record=False, throw=True, grid=None, checkpoint=None) -> LoopResult:
+    """Run the loop for a prepared problem (``checkpoint``: a ``gradients.Checkpoint``, to
+    differentiate by checkpointing instead of through the recorded graph)."""
     o = p.opts
     cls = p.method
     stepper = cls.make_stepper(o, p.norm)
@@ -301,10 +303,22 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
         stops += [Stop(v, "jump") for v in jumps]  # the loop merges stops at equal times
     controller = make_controller(cls, o, p.norm, ts, p.func, p.y0_user, open_end, grid,
                                  [s.time for s in stops]) if len(ts) > 1 else None
-    res = integrate(p.rhs, p.y0_flat if y0_flat is None else y0_flat, ts, stepper, controller,
-                    stops=stops, open_end=open_end, event_fn=event_fn, callbacks=callbacks,
-                    perturb=bool(o.get("perturb", False)), max_num_steps=o["max_num_steps"],
-                    record=record, throw=throw, name=p.name)
+    y_start = p.y0_flat if y0_flat is None else y0_flat
+    if checkpoint is not None and torch.is_grad_enabled():
+        from neuralode.checkpoint import integrate_checkpointed
+
+        res = integrate_checkpointed(
+            checkpoint, p.rhs, y_start, ts, lambda: cls.make_stepper(o, p.norm), controller,
+            func=p.func, perturb=bool(o.get("perturb", False)), record=record,
+            loop_kwargs={"stops": stops, "open_end": open_end, "event_fn": event_fn,
+                         "callbacks": callbacks, "max_num_steps": o["max_num_steps"],
+                         "throw": throw, "name": p.name})
+    else:
+        res = integrate(p.rhs, y_start, ts, stepper, controller, stops=stops,
+                        open_end=open_end, event_fn=event_fn, callbacks=callbacks,
+                        perturb=bool(o.get("perturb", False)),
+                        max_num_steps=o["max_num_steps"], record=record, throw=throw,
+                        name=p.name)
     p.stats.status = res.status
     p.stats.message = res.message
     p.stats.t_final = res.t_final
@@ -325,7 +339,7 @@ def _start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
           method: str | None = None, options: dict | None = None,
           event_fn: Callable | None = None, dense: bool = False,
-          throw: bool = True) -> Solution:
+          throw: bool = True, gradient: str | Gradient | None = None) -> Solution:
     """Solve dy/dt = func(t, y), y(t[0]) = y0, and return a ``Solution``: the states at the
     times ``t`` with statistics and status. Arguments as for ``odeint``, plus:
 
@@ -338,7 +352,16 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
     throw: False returns the solution computed so far with a failure status
         ("max_steps_reached", "step_size_underflow", "nonfinite") and a message instead of
         raising; invalid input still raises.
+    gradient: how the solve is differentiated (``neuralode.gradients``): "backprop"
+        (default), "checkpoint" (the same gradient in little memory; ``Checkpoint(budget=k)``
+        bounds it), "adjoint" / "interpolated_adjoint" (or an ``Adjoint`` object; not with
+        ``event_fn`` or ``dense``: use ``odeint``'s event mode).
     """
+    g = gradient_strategy(gradient)
+    if isinstance(g, Adjoint):
+        return _solve_adjoint(func, y0, t, g, rtol=rtol, atol=atol, method=method,
+                              options=options, event_fn=event_fn, dense=dense, throw=throw)
+    checkpoint = g if isinstance(g, Checkpoint) else None
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=options)
     t = _check_t(t)
     ts = _times(t)
@@ -349,7 +372,7 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
     y0_flat = p.y0_flat
     y0_solve, dt = _start_carrying_t0(p, t, ts) if t_grad else (y0_flat, None)
     res = run(p, ts, y0_solve, event_fn=event_fn, callbacks=_callbacks(func, p.method),
-              record=dense, throw=throw)
+              record=dense, throw=throw, checkpoint=checkpoint)
     outs = res.outs
     outs[0] = y0_flat
     ys = torch.stack(outs)
@@ -371,13 +394,33 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
                     dense=dense_sol)
 
 
+def _solve_adjoint(func, y0, t, g: Adjoint, *, rtol, atol, method, options, event_fn, dense,
+                   throw) -> Solution:
+    """``solve`` with the adjoint's gradient: the outputs of ``odeint_adjoint`` as a
+    ``Solution``."""
+    if event_fn is not None or dense or not throw:
+        raise ODEInputError("solve(..., gradient='adjoint') supports neither event_fn, dense=True "
+                            "nor throw=False; use odeint(..., event_fn=..., gradient='adjoint') "
+                            "for events, or gradient='checkpoint' (exact gradients in little "
+                            "memory)")
+    from neuralode.adjoint import odeint_adjoint
+
+    t = _check_t(t)
+    ys, stats = odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
+                               options=options, return_stats=True, **g.kwargs())
+    last = tuple(y[-1] for y in ys) if isinstance(ys, tuple) else ys[-1]
+    return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
+                    t_final=stats.t_final, y_final=last)
+
+
 def _to_user(y: torch.Tensor, p: Problem) -> torch.Tensor:
     return y if y.dtype == p.rhs.user_dtype else y.to(p.rhs.user_dtype)
 
 
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
            method: str | None = None, options: dict | None = None,
-           event_fn: Callable | None = None, return_stats: bool = False):
+           event_fn: Callable | None = None, return_stats: bool = False,
+           gradient: str | Gradient | None = None):
     """Integrate dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
 
     Drop-in compatible with ``torchdiffeq.odeint``.
@@ -401,17 +444,29 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             return ``(event_t, solution)`` with solution = y at ``t[0]`` and at ``event_t``.
             Bounded by ``max_num_steps`` (default 1e6 steps here), then an EventError.
         return_stats: also return a ``SolverStats`` (NFE, accepted and rejected steps).
+        gradient: how the solve is differentiated: "backprop" (default: autograd through
+            the solver), "checkpoint" (the same gradient, to rounding, with memory of one
+            step's graph; ``neuralode.Checkpoint(budget=k)`` keeps at most k states),
+            "adjoint" (``odeint_adjoint``; ``neuralode.Adjoint(...)`` carries its options),
+            "interpolated_adjoint". See ``neuralode.gradients``.
 
     Returns:
         Tensor of shape ``(len(t), *y0.shape)`` (a tuple of those for tuple states), whose
         first entry is ``y0``; in event mode ``(event_t, solution)``; and the stats if
         ``return_stats``.
     """
+    g = gradient_strategy(gradient)
+    if isinstance(g, Adjoint):
+        from neuralode.adjoint import odeint_adjoint
+
+        return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
+                              options=options, event_fn=event_fn, return_stats=return_stats,
+                              **g.kwargs())
     if event_fn is not None:
         event_t, sol, stats = _event_solve(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                           options=options, event_fn=event_fn)
+                                           options=options, event_fn=event_fn, gradient=g)
         return ((event_t, sol), stats) if return_stats else (event_t, sol)
-    sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+    sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, gradient=g)
     return (sol.ys, sol.stats) if return_stats else sol.ys
 
 
@@ -419,7 +474,7 @@ EVENT_MAX_STEPS = 10**6
 
 
 def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks=None,
-                 stats=None):
+                 stats=None, gradient=None):
     """torchdiffeq's event mode; returns (event_t, solution of y0 and y(event_t), stats)."""
     if not callable(event_fn):
         raise ODEInputError(f"event_fn must be a callable event_fn(t, y), got "
@@ -438,7 +493,7 @@ def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callback
         y0_solve, _ = _start_carrying_t0(p, t, ts)  # y(t*) at a fixed t* moves with t0
     res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else _callbacks(func, p.method),
-              throw=False)
+              throw=False, checkpoint=gradient if isinstance(gradient, Checkpoint) else None)
     if res.status != "event":
         raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
                          f"stopped at t={res.t_final:.10g} without an event ({res.message})")

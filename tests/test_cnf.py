@@ -259,12 +259,13 @@ def test_trainable_time_gets_the_finite_difference_gradient():
 def test_adjoint_gradients_match_backprop_through_the_solver():
     x = torch.tensor([[0.5, -0.3], [1.0, 1.2], [-2.0, 0.1]], dtype=F64)
     grads = []
-    for adjoint in (False, True):
-        cnf = _nonlinear_cnf(rtol=1e-9, atol=1e-10, adjoint=adjoint)
+    for gradient in ("backprop", "adjoint", "checkpoint"):
+        cnf = _nonlinear_cnf(rtol=1e-9, atol=1e-10, gradient=gradient)
         loss = -cnf.log_prob(x).mean()
         grads.append(torch.autograd.grad(loss, list(cnf.parameters())))
-    for g_bp, g_adj in zip(*grads):
+    for g_bp, g_adj, g_ck in zip(*grads):
         torch.testing.assert_close(g_adj, g_bp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ck, g_bp, rtol=1e-10, atol=1e-12)  # to rounding
 
 
 def test_sample_noise_kinds():

@@ -67,7 +67,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
 # solve independent of the rest of the batch, so 2 processes must follow 1 process.
 OTHERS = {
     "dynamics": ["train", "dynamics", "--model", "mlp", "--hidden", "16", "--method", "rk4",
-                 "--grad", "adjoint", "--iters", "4", "--batch-size", "4", "--batch-time", "5",
+                 "--gradient", "adjoint", "--iters", "4", "--batch-size", "4", "--batch-time", "5",
                  "--n-points", "100", "--eval-every", "2", "--ckpt-every", "2"],
     "latent-ode": ["train", "latent-ode", "--method", "rk4", "--iters", "4", "--n-spirals", "16",
                    "--n-total", "60", "--n-obs", "12", "--batch-size", "6", "--latent-dim", "3",

@@ -59,7 +59,7 @@ def test_demo_command_runs_end_to_end_and_writes_plot(tmp_path, capsys):
     assert (out / "dynamics.png").stat().st_size > 1000
     assert (out / "solver_table.txt").read_text().startswith("Solver table")
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["field"] == "spiral" and m["config"]["grad"] == "adjoint"
+    assert m["config"]["field"] == "spiral" and m["config"]["gradient"] == "adjoint"
     assert m["iters"] == 6 and m["traj_mse"] > 0
 
 

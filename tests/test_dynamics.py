@@ -138,7 +138,7 @@ def test_adjoint_and_backprop_gradients_agree():
 
 
 def test_linear_model_recovers_spiral_matrix(tmp_path):
-    m = exp.train(_args("--model", "linear", "--iters", "120", "--lr", "0.05", "--grad",
+    m = exp.train(_args("--model", "linear", "--iters", "120", "--lr", "0.05", "--gradient",
                         "backprop", "--batch-time", "20", "--batch-stride", "1", "--n-points",
                         "300", "--out", str(tmp_path), "--no-plots", "--quiet", "--eval-every",
                         "120", "--ckpt-every", "120"))
@@ -157,7 +157,7 @@ def test_train_command_tiny_run(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     for k in ("traj_mse", "traj_mse_obs", "field_rel_err", "field_rel_err_near"):
         assert math.isfinite(m[k]), k
-    assert m["config"]["grad"] == "adjoint"  # the default
+    assert m["config"]["gradient"] == "adjoint"  # the default
     lines = (out / "metrics.csv").read_text().strip().splitlines()
     assert lines[0].startswith("iter,loss") and len(lines) == 5
     assert (out / "dynamics.png").stat().st_size > 1000
@@ -166,7 +166,7 @@ def test_train_command_tiny_run(tmp_path, capsys):
 
 
 def test_train_command_resume_continues_exactly(tmp_path):
-    args = ["train", "dynamics", "--iters", "6", "--grad", "backprop", "--no-plots"] + TINY
+    args = ["train", "dynamics", "--iters", "6", "--gradient", "backprop", "--no-plots"] + TINY
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--stop-after", "3"]) == 0
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3

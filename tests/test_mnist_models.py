@@ -72,8 +72,10 @@ def test_ode_models_use_the_adjoint_as_the_paper_says():
 def test_build_classifier_rejects_bad_choices():
     with pytest.raises(ValueError, match="unknown model 'vgg'; valid models are: odenet, rknet"):
         build_classifier("vgg")
-    with pytest.raises(ValueError, match="rknet backpropagates through the solver"):
-        build_classifier("rknet", adjoint=True)
+    with pytest.raises(ValueError, match="rknet's gradient is the solver's own"):
+        build_classifier("rknet", gradient="adjoint")
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        build_classifier("odenet", gradient="exact")
     with pytest.raises(ValueError, match="n_blocks must be a positive integer, got 0"):
         build_classifier("resnet", n_blocks=0)
 

@@ -75,7 +75,7 @@ def test_ode_run_records_forward_and_backward_nfe(tmp_path):
     assert float(row["nfe_forward"]) == 8.0
     assert float(row["nfe_backward"]) > 0
     assert float(row["test_nfe_forward"]) == 8.0
-    assert json.loads((out / "metrics.json").read_text())["adjoint"] is True
+    assert json.loads((out / "metrics.json").read_text())["gradient"] == "adjoint"
 
 
 def test_resume_continues_bit_identically(tmp_path):
@@ -129,8 +129,11 @@ def test_bad_arguments_are_rejected_with_the_valid_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "mnist", "--model", "vgg"])
     assert "invalid choice: 'vgg'" in capsys.readouterr().err
-    assert train(tmp_path / "r", "--model", "rknet", "--adjoint") == 2
-    assert "--model rknet backpropagates through the solver" in capsys.readouterr().err
+    assert train(tmp_path / "r", "--model", "rknet", "--gradient", "adjoint") == 2
+    assert "--model rknet's gradient is the solver's own" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "mnist", "--gradient", "exact"])
+    assert "gradient must be one of" in capsys.readouterr().err
     with pytest.raises(UsageError, match="invalid device 'gpu0'; valid devices here are: cpu"):
         parse_device("gpu0")
 

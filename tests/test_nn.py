@@ -154,7 +154,7 @@ def test_odeblock_nfe_forward_matches_solver_stats_and_resets_each_call():
 
 
 def test_backprop_block_counts_backward_evaluations():
-    block = ODEBlock(SmallMLPFunc(), rtol=1e-4, atol=1e-4, adjoint=False)
+    block = ODEBlock(SmallMLPFunc(), rtol=1e-4, atol=1e-4, gradient="backprop")
     block(torch.randn(4, 3)).pow(2).sum().backward()
     assert 0 < block.nfe_backward <= block.nfe_forward
 
@@ -164,14 +164,17 @@ def test_adjoint_block_counts_backward_evaluations_and_matches_backprop_gradient
     func = SmallMLPFunc().double()
     x = torch.randn(4, 3, dtype=torch.float64)
     grads = {}
-    for adjoint in (False, True):
+    for gradient in ("backprop", "adjoint", "checkpoint"):
         func.zero_grad()
-        block = ODEBlock(func, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+        block = ODEBlock(func, rtol=1e-10, atol=1e-10, gradient=gradient)
         block(x).pow(2).sum().backward()
-        grads[adjoint] = [p.grad.clone() for p in func.parameters()]
-        if adjoint:
+        grads[gradient] = [p.grad.clone() for p in func.parameters()]
+        if gradient != "backprop":
             assert block.nfe_backward > 0
             assert block.func.nfe == block.nfe_forward + block.nfe_backward
+    for a, b in zip(grads["backprop"], grads["checkpoint"]):  # the same gradient, to rounding
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    grads[True], grads[False] = grads["adjoint"], grads["backprop"]
     for a, b in zip(grads[False], grads[True]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
 
@@ -206,8 +209,8 @@ def test_odeblock_validates_its_arguments():
         ODEBlock(SmallMLPFunc(), 1.0, 1.0)
     with pytest.raises(TypeError, match="func must be an nn.Module"):
         ODEBlock(lambda t, y: -y)
-    with pytest.raises(TypeError, match="adjoint must be True or False"):
-        ODEBlock(SmallMLPFunc(), adjoint="yes")
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        ODEBlock(SmallMLPFunc(), gradient="yes")
 
 
 def test_set_tolerance_changes_the_work_done():
@@ -238,7 +241,7 @@ def test_neural_ode_returns_the_trajectory():
 def test_neural_ode_gradient_of_decay_rate():
     # y(T) = y0 exp(-k T)  =>  d y(T) / dk = -T y(T)
     func = Decay(0.3)
-    model = NeuralODE(func, rtol=1e-10, atol=1e-12, adjoint=True)
+    model = NeuralODE(func, rtol=1e-10, atol=1e-12, gradient="adjoint")
     t = torch.tensor([0.0, 1.5], dtype=torch.float64)
     y0 = torch.tensor([2.0], dtype=torch.float64)
     yT = model(y0, t)[-1].sum()

@@ -28,7 +28,7 @@ from neuralode.experiments.runner import (
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "mnist"
 # A linear field on a fixed RK4 grid: a few milliseconds per iteration.
-FAST = ["train", "dynamics", "--model", "linear", "--method", "rk4", "--grad", "backprop",
+FAST = ["train", "dynamics", "--model", "linear", "--method", "rk4", "--gradient", "backprop",
         "--n-points", "50", "--batch-size", "4", "--batch-time", "3", "--batch-stride", "1",
         "--eval-every", "1000", "--no-plot", "--quiet", "--threads", "1"]
 

@@ -7,7 +7,8 @@ takes one Adam step on the negative log-likelihood. A fixed test set (the same p
 run, independent of ``--seed``) gives ``test_nll`` in nats, always with the exact trace.
 
 Output in ``--out DIR``:
-  metrics.csv       one row per iteration: loss, NFE (forward and, with --adjoint, backward),
+  metrics.csv       one row per iteration: loss, NFE (forward and, with --gradient other than
+                    backprop, backward),
                     seconds, learning rate; test NLL on evaluation rows
   metrics.json      final summary: test_nll, NFE and time per iteration, parameter count...
   checkpoint.pt     model, optimizer, schedule, iteration and RNG states (atomic, regular)
@@ -34,6 +35,7 @@ from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
     UsageError,
+    add_gradient_argument,
     check_rtol,
     positive_float,
     positive_int,
@@ -57,7 +59,7 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that must agree between a checkpoint and a --resume call.
 RUN_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
                 "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
-                "adjoint", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
+                "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def build_model(cfg: dict, options: dict | None = None) -> nn.Module:
         dyn = ConcatMLPDynamics(2, hidden=tuple(cfg["hidden"]), activation=cfg["activation"])
     return CNF(dyn, t1=cfg["t1"], train_time=cfg["train_time"], estimator=cfg["estimator"],
                noise=cfg["noise"], method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-               options=options, adjoint=cfg["adjoint"])
+               options=options, gradient=cfg["gradient"])
 
 
 def model_label(cfg: dict) -> str:
@@ -148,7 +150,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="dopri5", help="ODE solver (see `neuralode methods`)")
     g.add_argument("--rtol", type=positive_float, default=1e-5)
     g.add_argument("--atol", type=positive_float, default=1e-5)
-    g.add_argument("--adjoint", action="store_true", help="gradients by the adjoint method")
+    add_gradient_argument(g, "backprop")
     p = parser.add_argument_group("planar flow")
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
     t = parser.add_argument_group("training")
@@ -248,7 +250,8 @@ class CNFExperiment(Experiment):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.dist.sum_gradients(model.parameters())
-        nfe_bwd = model.last_nfe - nfe_fwd if self.is_cnf and cfg["adjoint"] else None
+        nfe_bwd = (model.last_nfe - nfe_fwd if self.is_cnf and cfg["gradient"] != "backprop"
+                   else None)
         (total,) = run.dist.all_reduce([float(loss.detach())])
         if math.isfinite(total):  # the runner stops the run on a non-finite loss
             self.opt.step()

@@ -23,7 +23,13 @@ import torch
 
 from neuralode import odeint
 from neuralode.experiments import dynamics
-from neuralode.experiments.runner import Run, nonnegative_int, positive_int, threads
+from neuralode.experiments.runner import (
+    Run,
+    add_gradient_argument,
+    nonnegative_int,
+    positive_int,
+    threads,
+)
 
 TABLE_METHODS = (
     ("dopri5", None),
@@ -43,7 +49,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="training iterations of the spiral recovery (default 800)")
     parser.add_argument("--model", choices=("mlp", "linear"), default="mlp",
                         help="learned field (default mlp)")
-    parser.add_argument("--grad", choices=("adjoint", "backprop"), default="adjoint")
+    add_gradient_argument(parser, "adjoint")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=threads, default=1)
@@ -136,7 +142,7 @@ def _training_args(args: argparse.Namespace) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     dynamics.build_parser(p)
     argv = ["--field", "spiral", "--model", args.model, "--iters", str(args.iters),
-            "--grad", args.grad, "--seed", str(args.seed), "--device", args.device,
+            "--gradient", args.gradient, "--seed", str(args.seed), "--device", args.device,
             "--out", args.out, "--threads", str(args.threads),
             "--eval-every", str(max(1, args.iters // 4)),
             "--ckpt-every", str(max(1, args.iters // 4))]
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     targs = _training_args(args)
     print(f"Learning the spiral dz/dt = A z, A = [[-0.1, -1], [1, -0.1]], from "
           f"{targs.n_points} noisy observations (noise std {targs.noise_std:g}) with a Neural ODE "
-          f"({args.model} field, {args.iters} iterations, gradients by {args.grad}) ...",
+          f"({args.model} field, {args.iters} iterations, gradients by {args.gradient}) ...",
           flush=True)
     training = Run(dynamics.DynamicsExperiment(), targs)
     rc = training.main()

@@ -43,6 +43,7 @@ from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
     UsageError,
+    add_gradient_argument,
     check_rtol,
     fraction,
     nonnegative_int,
@@ -56,7 +57,7 @@ MODELS = ("latent-ode", "rnn")
 RUN_KEYS = ("model", "encoder", "n_obs", "n_spirals", "n_total", "noise_std", "data_seed",
             "test_fraction", "iters", "batch_size", "lr", "latent_dim", "enc_hidden",
             "ode_hidden", "dec_hidden", "readout_act", "rnn_hidden", "method", "rtol", "atol",
-            "grad", "kl_warmup", "seed")
+            "gradient", "kl_warmup", "seed")
 CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rmse_extrap",
               "rmse_obs"]
 
@@ -89,8 +90,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--method", default="dopri5", help="solver of the latent ODE")
     a("--rtol", type=positive_float, default=1e-3)
     a("--atol", type=positive_float, default=1e-4)
-    a("--grad", choices=("backprop", "adjoint"), default="backprop",
-      help="latent ODE gradients: backprop through the solver (default) or odeint_adjoint")
+    add_gradient_argument(parser, "backprop", " of the latent ODE")
     a("--kl-warmup", type=nonnegative_int, default=0,
       help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")
     a("--eval-every", type=positive_int, default=250)
@@ -122,7 +122,7 @@ def build_model(cfg: dict[str, Any], options: dict | None = None) -> nn.Module:
                      ode_hidden=cfg["ode_hidden"], dec_hidden=cfg["dec_hidden"],
                      readout_act=cfg["readout_act"], obs_std=cfg["noise_std"],
                      method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-                     options=options, adjoint=cfg["grad"] == "adjoint")
+                     options=options, gradient=cfg["gradient"])
 
 
 def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: float,

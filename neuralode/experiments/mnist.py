@@ -41,6 +41,7 @@ from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
     UsageError,
+    add_gradient_argument,
     check_rtol,
     format_table,
     load_checkpoint,
@@ -50,6 +51,7 @@ from neuralode.experiments.runner import (
     progress_bar,
     pyplot,
 )
+from neuralode.gradients import describe
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
 
 __all__ = [
@@ -67,7 +69,7 @@ PAPER_DECAY_EPOCHS = (60, 100, 140)
 PAPER_EPOCHS = 160
 TRAIN_SPLITS = ("train", "train-5k")
 # Arguments that define the model and the run; a resumed run must not change them.
-RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "adjoint", "width", "batch_size", "lr",
+RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "gradient", "width", "batch_size", "lr",
                 "momentum", "weight_decay", "decay_epochs", "decay_factor", "augment",
                 "train_split", "train_limit", "seed")
 
@@ -89,16 +91,16 @@ def _epoch_list(text: str) -> list[float]:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--model", choices=MODEL_NAMES, default="odenet",
-                   help="odenet: ODE block + adjoint; rknet: ODE block, backprop through the "
-                        "solver; resnet: 6 residual blocks; mlp: 784-300-10 (default odenet)")
+                   help="odenet: ODE block + adjoint; rknet: ODE block, the solver's own "
+                        "gradient (backprop or checkpoint); resnet: 6 residual blocks; mlp: 784-300-10 (default odenet)")
     m.add_argument("--method", default="dopri5",
                    help="ODE solver of the ODE block (default dopri5; see `neuralode methods`)")
     m.add_argument("--tol", type=positive_float, default=1e-3,
                    help="rtol = atol of the ODE block's solver (default 1e-3)")
     m.add_argument("--step-size", type=positive_float, default=None,
                    help="step size for fixed-grid methods (euler, rk4, ...)")
-    m.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradients by the adjoint method (default: on for odenet; rknet never)")
+    add_gradient_argument(m, None, default_text="adjoint for odenet, backprop for rknet",
+                          extra="; rknet takes backprop or checkpoint")
     m.add_argument("--width", type=positive_int, default=64,
                    help="channels of the convolutional models (default 64)")
     t = parser.add_argument_group("training")
@@ -147,8 +149,11 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = {"width": config.get("width", 64)}
     if config["model"] in ("odenet", "rknet"):
         options = {"step_size": config["step_size"]} if config.get("step_size") else None
+        gradient = config.get("gradient")
+        if gradient is None and config.get("adjoint") is not None:  # runs saved before --gradient
+            gradient = "adjoint" if config["adjoint"] else "backprop"
         kw.update(method=config["method"], rtol=config["tol"], atol=config["tol"],
-                  options=options, adjoint=config.get("adjoint"))
+                  options=options, gradient=gradient)
     return kw
 
 
@@ -264,12 +269,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("command_name", "argv")}
-    if args.model == "rknet" and args.adjoint:
-        raise UsageError("--model rknet backpropagates through the solver; --adjoint is for "
-                         "--model odenet (or leave --adjoint out)")
-    if args.model in ("resnet", "mlp") and (args.adjoint or args.step_size is not None):
-        raise UsageError(f"--adjoint/--step-size apply to the ODE models (odenet, rknet), not "
+    if args.model == "rknet" and args.gradient in ("adjoint", "interpolated_adjoint"):
+        raise UsageError("--model rknet's gradient is the solver's own: --gradient backprop or "
+                         "checkpoint[:N]; the adjoint is for --model odenet")
+    if args.model in ("resnet", "mlp") and (args.gradient is not None
+                                             or args.step_size is not None):
+        raise UsageError(f"--gradient/--step-size apply to the ODE models (odenet, rknet), not "
                          f"to --model {args.model}")
+    if args.model in ("odenet", "rknet") and args.gradient is None:
+        config["gradient"] = "adjoint" if args.model == "odenet" else "backprop"
     check_rtol(args.tol, flag="--tol")
     world = DistEnv.from_env().world_size
     if args.batch_size % world:
@@ -380,7 +388,7 @@ class MNISTExperiment(Experiment):
         self._next_step = -1
         kind = f"{args.model} ({self.n_params:,} parameters"
         if self.block is not None:
-            kind += f", {args.method} tol {args.tol:g}, adjoint {self.block.adjoint}"
+            kind += f", {args.method} tol {args.tol:g}, gradient {describe(self.block.gradient)}"
         run.log(f"{kind}); {n_train} training images ({args.train_split}), "
                 f"{len(self.test_labels)} test images")
         self.net.train()
@@ -483,7 +491,7 @@ class MNISTExperiment(Experiment):
             "train_time_s": self.train_time, "images_per_s": last.get("images_per_s"),
             "method": args.method if block is not None else None,
             "tol": args.tol if block is not None else None,
-            "adjoint": block.adjoint if block is not None else None,
+            "gradient": describe(block.gradient) if block is not None else None,
             "train_split": args.train_split, "n_train": self.n_train,
             "n_test": len(self.test_labels), "batch_size": args.batch_size,
             "seed": args.seed, "device": str(self.run.device),

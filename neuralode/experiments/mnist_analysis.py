@@ -148,7 +148,7 @@ def measure_training_step(model: str, config: dict[str, Any], batch_size: int, s
     if checkpoint:
         net, _ = model_from_checkpoint(checkpoint)
     else:
-        defaults = {"method": "dopri5", "tol": 1e-3, "step_size": None, "adjoint": None,
+        defaults = {"method": "dopri5", "tol": 1e-3, "step_size": None, "gradient": None,
                     "width": 64}
         net = build_classifier(model, **model_kwargs({**defaults, **config, "model": model}))
     net.train()

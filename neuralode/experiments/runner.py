@@ -149,6 +149,30 @@ def check_rtol(rtol: float, dtype: torch.dtype = torch.float32, flag: str = "--r
                          f"can resolve (10 x eps = {floor:.3g}); use {flag} >= {floor:.2g}")
 
 
+GRADIENT_HELP = ("how the solve is differentiated: backprop (through the solver), checkpoint "
+                 "(the same gradient in little memory), checkpoint:N (at most N states kept), "
+                 "adjoint, interpolated_adjoint")
+
+
+def gradient_choice(text: str) -> str:
+    """A ``--gradient`` value, in its canonical spelling (``neuralode.gradients``)."""
+    from neuralode.errors import ODEInputError
+    from neuralode.gradients import describe
+
+    try:
+        return describe(text)
+    except ODEInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_gradient_argument(parser, default: str | None, extra: str = "",
+                          default_text: str | None = None) -> None:
+    """The one ``--gradient`` option of every training command."""
+    parser.add_argument("--gradient", type=gradient_choice, default=default,
+                        metavar="{backprop,checkpoint,checkpoint:N,adjoint,interpolated_adjoint}",
+                        help=f"{GRADIENT_HELP} (default: {default_text or default}){extra}")
+
+
 def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] | None = None
                    ) -> dict[str, Any] | None:
     """``options`` plus the step cap where ``method`` takes one (adaptive methods; fixed-grid

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode.gradients import Adjoint, Gradient, gradient_strategy
 from neuralode.nn import ConcatConv2d, ODEBlock, ODEFunc
 
 __all__ = ["MODEL_NAMES", "PAPER_TABLE1", "ConvClassifier", "ConvODEFunc", "MLPClassifier",
@@ -141,18 +142,18 @@ class MLPClassifier(nn.Module):
 
 def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: int = 300,
                      method: str = "dopri5", rtol: float = 1e-3, atol: float | None = None,
-                     options: dict[str, Any] | None = None, adjoint: bool | None = None,
-                     adjoint_method: str | None = None,
-                     adjoint_options: dict[str, Any] | None = None,
+                     options: dict[str, Any] | None = None,
+                     gradient: str | Gradient | None = None,
                      activation: str = "relu") -> nn.Module:
     """One of :data:`MODEL_NAMES`.
 
     ``width``: channels of the conv models; ``n_blocks``: residual blocks of ``resnet``;
     ``hidden``: hidden units of ``mlp``. ``method``, ``rtol``, ``atol`` (default ``rtol``),
-    ``options``: the ODE block's solver (``odenet``/``rknet``). ``adjoint`` defaults to True for
-    ``odenet`` and must be False (its default) for ``rknet``, whose gradients come from
-    backpropagating through the solver. ``activation``: of the ODE function (see
-    :class:`ConvODEFunc`; the paper's is ``relu``).
+    ``options``: the ODE block's solver (``odenet``/``rknet``). ``gradient``
+    (``neuralode.gradients``) defaults to "adjoint" for ``odenet`` and "backprop" for
+    ``rknet``, whose gradient is the solver's own (backprop, or "checkpoint": the same
+    gradient in little memory; the adjoint is refused for it). ``activation``: of the ODE
+    function (see :class:`ConvODEFunc`; the paper's is ``relu``).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(MODEL_NAMES)}")
@@ -163,14 +164,13 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
             raise ValueError(f"n_blocks must be a positive integer, got {n_blocks!r}")
         return ConvClassifier(nn.Sequential(*[ResBlock(width) for _ in range(int(n_blocks))]),
                               width)
-    if name == "rknet" and adjoint:
-        raise ValueError("rknet backpropagates through the solver (adjoint=False); for the "
-                         "adjoint method use the model 'odenet'")
-    if adjoint is None:
-        adjoint = name == "odenet"
+    if gradient is None:
+        gradient = "adjoint" if name == "odenet" else "backprop"
+    if name == "rknet" and isinstance(gradient_strategy(gradient), Adjoint):
+        raise ValueError("rknet's gradient is the solver's own (gradient 'backprop' or "
+                         "'checkpoint'); for the adjoint method use the model 'odenet'")
     block = ODEBlock(ConvODEFunc(width, activation), 0.0, 1.0, method=method, rtol=rtol,
-                     atol=rtol if atol is None else atol, options=options, adjoint=adjoint,
-                     adjoint_method=adjoint_method, adjoint_options=adjoint_options)
+                     atol=rtol if atol is None else atol, options=options, gradient=gradient)
     return ConvClassifier(block, width)
 
 

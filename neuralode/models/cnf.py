@@ -8,7 +8,7 @@ x = z(T), and by the instantaneous change of variables (Chen et al., Theorem 1)
 so log p(x) = log N(z(0)) - int_0^T tr(df/dz) dt. The trace replaces the log-determinant of a
 discrete flow, so any network f is allowed.
 
-The joint state (z, a) with da/dt = tr(df/dz) is solved by ``odeint`` (or ``odeint_adjoint``).
+The joint state (z, a) with da/dt = tr(df/dz) is solved by ``odeint`` (differentiated as the model's ``gradient`` says).
 Integrating backwards from x at time T with a(T) = 0 gives z(0) and a(0) = -int_0^T tr dt, so
 
     log p(x) = log N(z(0)) + a(0).
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from neuralode.gradients import Gradient, gradient_strategy
 from neuralode.odeint import odeint
 
 __all__ = [
@@ -277,8 +278,9 @@ class CNF(nn.Module):
         estimator: ``"exact"`` or ``"hutchinson"`` (see :data:`ESTIMATORS`).
         noise: Hutchinson probe distribution, ``"gaussian"`` or ``"rademacher"``.
         method, rtol, atol, options: passed to the ODE solver.
-        adjoint: use ``odeint_adjoint`` (memory O(1) in the number of steps) instead of
-            backpropagating through the solver.
+        gradient: how the solve is differentiated (``neuralode.gradients``): "backprop"
+            (default), "checkpoint" (the same gradient in little memory), "adjoint"
+            (memory O(1) in the number of steps), or a strategy object.
 
     After every solve, ``last_stats`` holds the solver statistics (``.nfe`` and so on) and
     ``last_nfe`` the number of dynamics evaluations of that solve seen so far (an adjoint's
@@ -288,7 +290,7 @@ class CNF(nn.Module):
     def __init__(self, dynamics: nn.Module, *, t1: float = 1.0, train_time: bool = False,
                  estimator: str = "exact", noise: str = "gaussian", method: str = "dopri5",
                  rtol: float = 1e-5, atol: float = 1e-5, options: dict | None = None,
-                 adjoint: bool = False):
+                 gradient: str | Gradient = "backprop"):
         super().__init__()
         if not isinstance(dynamics, nn.Module):
             raise TypeError(f"dynamics must be an nn.Module f(t, z), got {type(dynamics).__name__}")
@@ -307,7 +309,7 @@ class CNF(nn.Module):
             self.register_buffer("log_t1", log_t1)
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = dict(options or {})
-        self.adjoint = bool(adjoint)
+        self.gradient = gradient_strategy(gradient)
         self.last_stats = None
         # Kept out of the module tree: it is bookkeeping, not part of the model's state.
         object.__setattr__(self, "_last_func", None)
@@ -335,12 +337,7 @@ class CNF(nn.Module):
         object.__setattr__(self, "_last_func", func)
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method,
                       "options": self.options or None, "return_stats": True}
-        if self.adjoint:
-            from neuralode.adjoint import odeint_adjoint
-
-            (zs, as_), stats = odeint_adjoint(func, (z, a), times, **kwargs)
-        else:
-            (zs, as_), stats = odeint(func, (z, a), times, **kwargs)
+        (zs, as_), stats = odeint(func, (z, a), times, gradient=self.gradient, **kwargs)
         self.last_stats = stats
         return zs, as_
 

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuralode import odeint, odeint_adjoint
+from neuralode import odeint
+from neuralode.gradients import Gradient, gradient_strategy
 
 __all__ = [
     "ELBOTerms",
@@ -161,10 +162,6 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _solver(adjoint: bool):
-    return odeint_adjoint if adjoint else odeint
-
-
 # ----------------------------------------------------------------------------
 # encoders
 # ----------------------------------------------------------------------------
@@ -289,15 +286,15 @@ class LatentODE(nn.Module):
         obs_std: known observation noise standard deviation used in the likelihood.
         t0: time of the latent initial state ``z0`` (at or before every observation).
         method, rtol, atol, options: solver for the latent ODE (see :func:`neuralode.odeint`).
-        adjoint: differentiate the latent solve with ``odeint_adjoint`` instead of
-            backpropagating through the solver.
+        gradient: how the latent solve is differentiated (``neuralode.gradients``):
+            "backprop" (default), "checkpoint", "adjoint", or a strategy object.
     """
 
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, *, encoder: str = "gru",
                  enc_hidden: int = 25, ode_hidden: int = 20, dec_hidden: int = 0,
                  readout_act: str = "relu", obs_std: float = 0.1, t0: float = 0.0,
                  method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, options: dict | None = None,
-                 adjoint: bool = False) -> None:
+                 gradient: str | Gradient = "backprop") -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid encoders are: "
@@ -326,8 +323,7 @@ class LatentODE(nn.Module):
                         _mlp([latent_dim, dec_hidden, obs_dim], READOUT_ACTS[readout_act]))
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = options
-        self.adjoint = adjoint
-        self._solve = _solver(adjoint)
+        self.gradient = gradient_strategy(gradient)
 
     def encode(self, times: Tensor, values: Tensor,
                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -340,8 +336,8 @@ class LatentODE(nn.Module):
         t = _check_query_times(t, self.t0).to(z0.dtype)
         prepend = float(t[0]) > self.t0
         ts = torch.cat([t.new_tensor([self.t0]), t]) if prepend else t
-        zs = self._solve(self.dynamics, z0, ts, rtol=self.rtol, atol=self.atol,
-                         method=self.method, options=self.options)
+        zs = odeint(self.dynamics, z0, ts, rtol=self.rtol, atol=self.atol,
+                    method=self.method, options=self.options, gradient=self.gradient)
         if prepend:
             zs = zs[1:]
         return zs.transpose(0, 1)

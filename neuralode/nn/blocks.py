@@ -6,12 +6,14 @@
 * :class:`ODEBlock`: ``block(x)`` integrates from ``t0`` to ``t1`` and returns ``y(t1)`` (the
   drop-in replacement of a stack of residual blocks).
 
-Both integrate with ``neuralode.odeint`` (gradients by backpropagation through the solver,
-the paper's "RK-Net") or, with ``adjoint=True``, ``neuralode.odeint_adjoint`` (the adjoint
-method: O(1) memory in the number of steps). After a forward call ``nfe_forward`` holds the
-number of evaluations of ``f`` it made; after the backward pass ``nfe_backward`` holds the
-evaluations the backward pass made (adjoint: evaluations during the reverse solve; backprop:
-evaluations that gradients flowed back through).
+Both integrate with ``neuralode.odeint``; ``gradient`` chooses how the solve is
+differentiated (``neuralode.gradients``): "backprop" (through the solver's operations, the
+paper's "RK-Net"), "checkpoint" (the same gradient in little memory), "adjoint" (the adjoint
+method: O(1) memory in the number of steps), or a strategy object with options. After a
+forward call ``nfe_forward`` holds the number of evaluations of ``f`` it made; after the
+backward pass ``nfe_backward`` holds the evaluations the backward pass made (adjoint and
+checkpoint: evaluations during the backward pass; backprop: evaluations that gradients
+flowed back through).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralode.adjoint import odeint_adjoint
+from neuralode.gradients import Adjoint, Backprop, Gradient, describe, gradient_strategy
 from neuralode.odeint import odeint
 from neuralode.solvers import ALIASES, SOLVERS
 
@@ -106,10 +108,10 @@ class NeuralODE(nn.Module):
         func: an :class:`ODEFunc` or any ``nn.Module`` with ``forward(t, y)`` (then wrapped in
             :class:`CountedFunc`).
         method, rtol, atol, options: the solver, as for ``neuralode.odeint``.
-        adjoint: gradients by the adjoint method (``odeint_adjoint``) instead of by
-            backpropagation through the solver's operations.
-        adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: solver of the reverse
-            (adjoint) solve; ``None`` means the same as the forward solve.
+        gradient: how the solve is differentiated: "backprop" (default), "checkpoint",
+            "checkpoint:<budget>", "adjoint", "interpolated_adjoint", or a
+            ``neuralode.Checkpoint``/``Adjoint`` object with options (the adjoint's
+            backward solver: ``Adjoint(method=..., rtol=..., atol=..., options=...)``).
 
     ``forward(y0, t)`` returns a tensor ``(len(t), *y0.shape)`` (a tuple for tuple states).
     After each call: ``nfe_forward``, ``stats`` (the solver's ``SolverStats``); after the
@@ -118,9 +120,7 @@ class NeuralODE(nn.Module):
 
     def __init__(self, func: nn.Module, *, method: str | None = "dopri5", rtol: float = 1e-3,
                  atol: float = 1e-3, options: dict[str, Any] | None = None,
-                 adjoint: bool = False, adjoint_method: str | None = None,
-                 adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
-                 adjoint_options: dict[str, Any] | None = None):
+                 gradient: str | Gradient = "backprop"):
         super().__init__()
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module with forward(t, y) (an ODEFunc or any "
@@ -132,26 +132,25 @@ class NeuralODE(nn.Module):
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
         self.options = dict(options) if options else None
-        if not isinstance(adjoint, bool):
-            raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
-        self.adjoint = adjoint
-        self.adjoint_method = _check_method("adjoint_method", adjoint_method)
-        self.adjoint_rtol = None if adjoint_rtol is None else _check_tolerance(
-            "adjoint_rtol", adjoint_rtol)
-        self.adjoint_atol = None if adjoint_atol is None else _check_tolerance(
-            "adjoint_atol", adjoint_atol)
-        self.adjoint_options = dict(adjoint_options) if adjoint_options else None
+        self.gradient = gradient_strategy(gradient)
+        if isinstance(self.gradient, Adjoint):
+            _check_method("Adjoint method", self.gradient.method)
         self.nfe_forward = 0
         self.stats = None
+
+    @property
+    def adjoint(self) -> bool:
+        """Whether the gradient is the adjoint method's."""
+        return isinstance(self.gradient, Adjoint)
 
     # -- counters ------------------------------------------------------------------------
 
     @property
     def nfe_backward(self) -> int:
         """Evaluations of ``func`` made by the backward pass of the last forward call: with the
-        adjoint, the calls since the forward solve ended; without it, the evaluations of the
-        forward solve that gradients were propagated through."""
-        if self.adjoint:
+        adjoint or checkpointing, the calls since the forward solve ended; with backprop, the
+        evaluations of the forward solve that gradients were propagated through."""
+        if not isinstance(self.gradient, Backprop):
             return self.func.nfe - self.nfe_forward
         return self.func.nfe_grad
 
@@ -170,15 +169,9 @@ class NeuralODE(nn.Module):
 
     def _solve(self, y0, t: torch.Tensor):
         self.reset_nfe()
-        if self.adjoint:
-            ys, stats = odeint_adjoint(
-                self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
-                options=self.options, adjoint_rtol=self.adjoint_rtol,
-                adjoint_atol=self.adjoint_atol, adjoint_method=self.adjoint_method,
-                adjoint_options=self.adjoint_options, return_stats=True)
-        else:
-            ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
-                               method=self.method, options=self.options, return_stats=True)
+        ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
+                           method=self.method, options=self.options, return_stats=True,
+                           gradient=self.gradient)
         self.stats = stats
         self.nfe_forward = self.func.nfe
         return ys
@@ -191,7 +184,7 @@ class NeuralODE(nn.Module):
         s = f"method={self.method!r}, rtol={self.rtol:g}, atol={self.atol:g}"
         if self.options:
             s += f", options={self.options}"
-        return s + f", adjoint={self.adjoint}"
+        return s + f", gradient={describe(self.gradient)}"
 
 
 class ODEBlock(NeuralODE):

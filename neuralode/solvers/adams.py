@@ -183,6 +183,17 @@ class AdamsStepper:
             del self.hist_t[0], self.hist_f[0]
         self.f0 = f_next if f_next is not None else self.f1
 
+    # -- checkpointing (neuralode.checkpoint) ---------------------------------------------
+    def carry(self):
+        """(tensors, plain data) the next step needs besides its start state: the first
+        derivative and the derivative history (shared, never written to), their times."""
+        return [self.f0, *self.hist_f], (list(self.hist_t), self.fresh)
+
+    def resume(self, rhs, y, carry, graph) -> None:
+        tensors, (hist_t, fresh) = carry
+        self.start(rhs, y, tensors[0], graph)
+        self.hist_f, self.hist_t, self.fresh = list(tensors[1:]), list(hist_t), fresh
+
 
 def _combine(y, coefs, fs, h):
     """y + h * sum_j w_j f_j, summed precisely below float64 (the result is a state)."""

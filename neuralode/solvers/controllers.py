@@ -313,7 +313,9 @@ class _PIDRun:
                 return False, math.nan
             return False, self.clamp(h * self.dfactor, direction)
         self.nonfinite = False
-        accept = ratio <= 1.0 or abs(h) <= self.min_step
+        # a step at min_step is accepted, also when rounding (h = t1 - t) or a stretch onto a
+        # stop (``propose``) made it longer: its retry would be the same step (endless loop)
+        accept = ratio <= 1.0 or abs(h) <= self.min_step * (1.0 + self.STRETCH + 1e-9)
         if ratio == 0.0:
             f = self.ifactor
         else:

@@ -319,6 +319,13 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     if stop_times:
         grid = merge_times(grid, stop_times, 1.0 if ts[-1] > ts[0] else -1.0)
     return FixedGridController(grid)
-from neuralode.solvers.bdf import METHODS as _MULTISTEP_METHODS
 
-SOLVERS.update(_MULTISTEP_METHODS)
+
+# the implicit, multistep and external methods subclass the bases above: they register last
+from neuralode.solvers.bdf import METHODS as _MULTISTEP_METHODS
+from neuralode.solvers.implicit_rk import METHODS as _IMPLICIT_RK
+from neuralode.solvers.rosenbrock import METHODS as _ROSENBROCK
+from neuralode.solvers.scipy_solver import METHODS as _SCIPY
+
+for _methods in (_IMPLICIT_RK, _MULTISTEP_METHODS, _ROSENBROCK, _SCIPY):
+    SOLVERS.update(_methods)

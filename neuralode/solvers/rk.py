@@ -263,3 +263,15 @@ class RKStepper:
             self.f0 = f_next if f_next is not None else self.ks[self.s_ext - 1]
             return
         self.K[0].copy_(f_next if f_next is not None else self.f1)
+
+    # -- checkpointing (neuralode.checkpoint) ---------------------------------------------
+    def carry(self) -> tuple[list[torch.Tensor], object]:
+        """What the next step needs besides its start state, after ``advance``: (tensors,
+        plain data). Here the first stage f(t, y) (a copy when it lives in the buffer)."""
+        return ([self.f0] if self.graph else [self.K[0].clone()]), None
+
+    def resume(self, rhs, y: torch.Tensor, carry: tuple[list[torch.Tensor], object],
+               graph: bool) -> None:
+        """``start`` from a state and what ``carry`` returned there (the step from it is
+        the same function of (t, y, h, carry) as in the solve that recorded it)."""
+        self.start(rhs, y, carry[0][0], graph)

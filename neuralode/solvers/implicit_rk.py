@@ -1,0 +1,661 @@
+"""Implicit Runge–Kutta methods: one stepper for every implicit tableau.
+
+    Y_i = y + h sum_j a_ij k_j,    k_i = f(t + c_i h, Y_i),    y1 = y + h sum_i b_i k_i
+
+The stage increments z_i = Y_i - y are found by simplified Newton iterations
+(``jacobian.newton``) with the Jacobian J = df/dy from ``jacobian.JacobianSource``:
+
+* fully implicit tableaux (Gauss–Legendre, Radau IIA): all stages at once, the Newton
+  matrix ``I - h (A ⊗ J)`` coupling them (``NewtonMatrix`` with the (s, s) matrix A); the
+  stage derivatives are recovered from the increments as k = (h A)^{-1} z, without further
+  evaluations of f (evaluating f at the stages would amplify the Newton error by the
+  stiffness);
+* diagonally implicit tableaux (SDIRK, ESDIRK, the trapezoidal rule, implicit Euler and
+  midpoint): stage by stage, the Newton matrix ``I - h a_ii J``; k_i = (z_i - h sum_{j<i}
+  a_ij k_j) / (h a_ii). An explicit first stage (c_1 = 0, a_1j = 0) is f(t, y), which the
+  loop hands over (FSAL for the stiffly accurate methods: f(t1, y1) is the last stage).
+
+Newton's convergence test is relative to the solve's tolerances: the predicted error of the
+iteration (Hairer & Wanner's contraction-rate estimate) in the RMS norm scaled by
+``atol + rtol |y|`` must fall below kappa = max(2 eps / rtol, 0.03), a small fraction of the
+error the step may make (2 eps / rtol: what the dtype can resolve). The
+Jacobian is kept across steps and re-evaluated only when Newton converged slowly (rate
+above ``SLOW_RATE``) or failed; the matrix is refactorised when J changes or h changed by
+more than ``REFACTOR`` (relative). When Newton fails with a Jacobian evaluated at the step's
+own start, the attempt raises ``StepFailure`` (an adaptive solve shrinks h; a fixed grid
+ends with ``ConvergenceError`` quoting where and why).
+
+Gradients (autograd through the solve) are those of the discrete solution, by the implicit
+function theorem: the stages are converged without a graph, then one exact Newton step is
+taken with a graph, z = z* - M*^{-1} R(z*; y, params), M* = dR/dz at z* (the Jacobians at
+the converged stages, detached). Its value is z* (to the Newton tolerance) and its
+derivative with respect to y and f's parameters is exactly -M*^{-1} dR/d(y, params).
+
+Dense output: the cubic Hermite interpolant through (y0, f0) and (y1, f1) (third order:
+local interpolation error O(h^4)), or the chord with ``interp='linear'``.
+
+``head`` (``odeint_adjoint``): only the first ``head`` flat components are solved by Newton;
+the rest are quadratures whose derivatives do not depend on them, integrated with the
+tableau's weights from f at the converged stages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from neuralode.solvers.adams import HermiteSegment, hermite
+from neuralode.solvers.base import StepFailure
+from neuralode.solvers.controllers import ErrorNorm
+from neuralode.solvers.jacobian import (
+    JACOBIAN_OPTIONS,
+    JacobianSource,
+    MatrixFree,
+    NewtonMatrix,
+    check_jacobian_option,
+    gmres,
+    newton,
+)
+from neuralode.solvers.methods import AdaptiveRK, FixedGridMethod, _positive_int
+from neuralode.solvers.rk import ChordSegment, chord
+
+SLOW_RATE = 0.25  # a Newton contraction rate above this re-evaluates J at the next step
+REFACTOR = 0.2  # |h / h_factorised - 1| above this refactorises the Newton matrix
+NEWTON_KAPPA = 0.03  # Newton stops when its predicted error is below this times the tolerance
+
+
+# ----------------------------------------------------------------------------------------
+# Tableaux
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ImplicitTableau:
+    """An implicit Runge–Kutta tableau (float64 numpy arrays). ``b_err = b - b_hat`` for an
+    embedded pair (error estimate h sum_i b_err_i k_i)."""
+
+    name: str
+    order: int
+    a: np.ndarray  # (s, s)
+    b: np.ndarray
+    c: np.ndarray
+    b_err: np.ndarray | None = None
+    error_order: int | None = None
+    stiff_decay: str = ""  # "L-stable", "A-stable", ...
+    diagonal: bool = field(init=False)  # lower triangular: stage by stage
+    explicit_first: bool = field(init=False)  # first stage is f(t, y)
+    stiffly_accurate: bool = field(init=False)  # b is A's last row and c_s = 1: y1 = Y_s
+
+    def __post_init__(self):
+        s = len(self.b)
+        if self.a.shape != (s, s) or self.c.shape != (s,):
+            raise ValueError(f"tableau {self.name}: inconsistent shapes")
+        object.__setattr__(self, "diagonal", bool(np.all(np.triu(self.a, 1) == 0)))
+        object.__setattr__(self, "explicit_first",
+                           bool(self.c[0] == 0 and np.all(self.a[0] == 0)))
+        object.__setattr__(self, "stiffly_accurate",
+                           bool(self.c[-1] == 1.0 and np.array_equal(self.a[-1], self.b)))
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_err is not None
+
+
+def _tab(name, order, a, b, c, **kw) -> ImplicitTableau:
+    return ImplicitTableau(name, order, np.array(a, dtype=np.float64),
+                           np.array(b, dtype=np.float64), np.array(c, dtype=np.float64), **kw)
+
+
+_s2, _s3, _s6, _s15 = math.sqrt(2), math.sqrt(3), math.sqrt(6), math.sqrt(15)
+
+IMPLICIT_EULER = _tab("implicit_euler", 1, [[1.0]], [1.0], [1.0], stiff_decay="L-stable")
+IMPLICIT_MIDPOINT = _tab("implicit_midpoint", 2, [[0.5]], [1.0], [0.5],
+                         stiff_decay="A-stable, not L-stable")
+TRAPEZOID = _tab("trapezoid", 2, [[0, 0], [0.5, 0.5]], [0.5, 0.5], [0, 1.0],
+                 stiff_decay="A-stable, not L-stable")
+RADAU_IIA3 = _tab("radauIIA3", 3, [[5 / 12, -1 / 12], [3 / 4, 1 / 4]], [3 / 4, 1 / 4],
+                  [1 / 3, 1.0], stiff_decay="L-stable")
+# Gauss–Legendre with nodes 1/2 -+ sqrt(3)/6 (torchdiffeq's second node is 1/2 - sqrt(3)/6)
+GL4 = _tab("gl4", 4, [[1 / 4, 1 / 4 - _s3 / 6], [1 / 4 + _s3 / 6, 1 / 4]], [0.5, 0.5],
+           [0.5 - _s3 / 6, 0.5 + _s3 / 6], stiff_decay="A-stable, not L-stable")
+RADAU_IIA5 = _tab(
+    "radauIIA5", 5,
+    [[11 / 45 - 7 * _s6 / 360, 37 / 225 - 169 * _s6 / 1800, -2 / 225 + _s6 / 75],
+     [37 / 225 + 169 * _s6 / 1800, 11 / 45 + 7 * _s6 / 360, -2 / 225 - _s6 / 75],
+     [4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9]],
+    [4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9], [2 / 5 - _s6 / 10, 2 / 5 + _s6 / 10, 1.0],
+    stiff_decay="L-stable")
+GL6 = _tab(
+    "gl6", 6,
+    [[5 / 36, 2 / 9 - _s15 / 15, 5 / 36 - _s15 / 30],
+     [5 / 36 + _s15 / 24, 2 / 9, 5 / 36 - _s15 / 24],
+     [5 / 36 + _s15 / 30, 2 / 9 + _s15 / 15, 5 / 36]],
+    [5 / 18, 4 / 9, 5 / 18], [0.5 - _s15 / 10, 0.5, 0.5 + _s15 / 10],
+    stiff_decay="A-stable, not L-stable")
+_g = 1 - _s2 / 2  # SDIRK2 (Alexander): gamma = 1 - 1/sqrt(2)
+SDIRK2 = _tab("sdirk2", 2, [[_g, 0], [1 - _g, _g]], [1 - _g, _g], [_g, 1.0],
+              stiff_decay="L-stable")
+# TR-BDF2 as an ESDIRK: a trapezoidal stage to 2 gamma, then BDF2; gamma = 1 - 1/sqrt(2)
+_w = _s2 / 4
+TRBDF2 = _tab("trbdf2", 2, [[0, 0, 0], [_g, _g, 0], [_w, _w, _g]], [_w, _w, _g],
+              [0, 2 * _g, 1.0], stiff_decay="L-stable")
+
+
+def _kvaerno3() -> ImplicitTableau:
+    # Kvaerno (2004), 3(2): gamma is the root of 6 g^3 - 18 g^2 + 9 g - 1 near 0.4359
+    # (the stability function vanishes at infinity)
+    g = float(np.real(min((r for r in np.roots([6, -18, 9, -1]) if abs(r.imag) < 1e-12),
+                          key=lambda r: abs(r - 0.4358665215))))
+    a31 = (-4 * g**2 + 6 * g - 1) / (4 * g)
+    a32 = (-2 * g + 1) / (4 * g)
+    a41 = (6 * g - 1) / (12 * g)
+    a42 = -1 / ((24 * g - 12) * g)
+    a43 = (-6 * g**2 + 6 * g - 1) / (6 * g - 3)
+    a = [[0, 0, 0, 0], [g, g, 0, 0], [a31, a32, g, 0], [a41, a42, a43, g]]
+    return _tab("kvaerno3", 3, a, a[3], [0, 2 * g, 1.0, 1.0],
+                b_err=np.array(a[3]) - np.array(a[2]), error_order=2, stiff_decay="L-stable")
+
+
+def _kvaerno4() -> ImplicitTableau:
+    # Kvaerno (2004), 4(3), the variant that propagates the fourth-order last stage
+    g = 0.5728160625
+
+    def p(*coef):
+        return float(np.polyval(coef, g))
+    q = p(12, -6, 1)
+    a31 = p(144, -180, 81, -15, 1) * g / q**2
+    a32 = p(-36, 39, -15, 2) * g / q**2
+    a41 = p(-144, 396, -330, 117, -18, 1) / (12 * g**2 * p(12, -9, 2))
+    a42 = p(72, -126, 69, -15, 1) / (12 * g**2 * p(3, -1))
+    a43 = p(-6, 6, -1) * q**2 / (12 * g**2 * p(12, -9, 2) * p(3, -1))
+    a51 = p(288, -312, 120, -18, 1) / (48 * g**2 * p(12, -9, 2))
+    a52 = p(24, -12, 1) / (48 * g**2 * p(3, -1))
+    a53 = -(q**3) / (48 * g**2 * p(3, -1) * p(12, -9, 2) * p(6, -6, 1))
+    a54 = p(-24, 36, -12, 1) / p(24, -24, 4)
+    a = [[0, 0, 0, 0, 0], [g, g, 0, 0, 0], [a31, a32, g, 0, 0], [a41, a42, a43, g, 0],
+         [a51, a52, a53, a54, g]]
+    c = [0, 2 * g, g + a31 + a32, 1.0, 1.0]
+    return _tab("kvaerno4", 4, a, a[4], c, b_err=np.array(a[4]) - np.array(a[3]),
+                error_order=3, stiff_decay="L-stable")
+
+
+def _kvaerno5() -> ImplicitTableau:
+    # Kvaerno (2004), 5(4), 7 stages, gamma = 0.26
+    g = 0.26
+    a = np.zeros((7, 7))
+    a[1, :2] = [g, g]
+    a[2, :3] = [0.13, 0.84033320996790809, g]
+    a[3, :4] = [0.22371961478320505, 0.47675532319799699, -0.06470895363112615, g]
+    a[4, :5] = [0.16648564323248321, 0.10450018841591720, 0.03631482272098715,
+                -0.13090704451073998, g]
+    a[5, :6] = [0.13855640231268224, 0, -0.04245337201752043, 0.02446657898003141,
+                0.61943039072480676, g]
+    a[6, :7] = [0.13659751177640291, 0, -0.05496908796538376, -0.04118626728321046,
+                0.62993304899016403, 0.06962479448202728, g]
+    c = a.sum(1)
+    c[-2:] = 1.0
+    return _tab("kvaerno5", 5, a, a[6], c, b_err=a[6] - a[5], error_order=4,
+                stiff_decay="L-stable")
+
+
+KVAERNO3, KVAERNO4, KVAERNO5 = _kvaerno3(), _kvaerno4(), _kvaerno5()
+
+IMPLICIT_TABLEAUX: dict[str, ImplicitTableau] = {t.name: t for t in (
+    IMPLICIT_EULER, IMPLICIT_MIDPOINT, TRAPEZOID, RADAU_IIA3, GL4, RADAU_IIA5, GL6, SDIRK2,
+    TRBDF2, KVAERNO3, KVAERNO4, KVAERNO5)}
+
+
+# ----------------------------------------------------------------------------------------
+# Linear algebra of the exact (implicit-function-theorem) step
+# ----------------------------------------------------------------------------------------
+def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
+    """J^T w for a matrix-free Jacobian."""
+    try:
+        return torch.func.vjp(J.f, J.y)[1](w)[0]
+    except (RuntimeError, NotImplementedError, TypeError):
+        with torch.enable_grad():
+            y = J.y.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(J.f(y), y, w, allow_unused=True)
+        return torch.zeros_like(J.y) if g is None else g
+
+
+class _OperatorSolve(torch.autograd.Function):
+    """x = M^{-1} b for a matrix-free M; the gradient w.r.t. b is M^{-T} g."""
+
+    @staticmethod
+    def forward(ctx, b, op):
+        ctx.op = op
+        return op.solve(b.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.op.solve(g, transpose=True), None
+
+
+class StageMatrix:
+    """dR/dz of the stage equations at the converged stages:
+    ``I - h [a_ij J_j]`` (block (i, j)), J_j the Jacobian at stage j. ``solve(b)`` with b of
+    shape (s, n) is differentiable with respect to b (not the matrix)."""
+
+    def __init__(self, Js: list, h: float, A: torch.Tensor, rtol: float):
+        self.Js, self.h, self.A, self.rtol = Js, h, A, rtol
+        s = A.shape[0]
+        self.s = s
+        J0 = Js[0]
+        if isinstance(J0, MatrixFree):
+            self.kind = "matfree"
+            return
+        if J0.dim() == 2:
+            self.kind = "dense"
+            n = J0.shape[0]
+            eye = torch.eye(n, dtype=J0.dtype, device=J0.device)
+            rows = [torch.cat([(eye if i == j else 0 * eye) - (h * float(A[i, j])) * Js[j]
+                               for j in range(s)], 1) for i in range(s)]
+            M = torch.cat(rows, 0)
+        else:
+            self.kind = "block"
+            B, m, _ = J0.shape
+            Jst = torch.stack(Js, 1)  # (B, j, p, q)
+            kr = A.to(J0)[None, :, None, :, None] * Jst.permute(0, 2, 1, 3)[:, None]
+            M = torch.eye(s * m, dtype=J0.dtype, device=J0.device) - h * kr.reshape(
+                B, s * m, s * m)
+        self.lu, self.piv = torch.linalg.lu_factor(M)
+
+    def _mv(self, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+        V = v.reshape(self.s, -1)
+        A, h = self.A.to(v), self.h
+        if not transpose:
+            JV = torch.stack([self.Js[j].mv(V[j]) for j in range(self.s)])
+            return (V - h * (A @ JV)).reshape(-1)
+        W = A.t() @ V  # (j, n): sum_i a_ij w_i
+        JW = torch.stack([_vjp(self.Js[j], W[j]) for j in range(self.s)])
+        return (V - h * JW).reshape(-1)
+
+    def solve(self, b: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if self.kind == "matfree":
+            if b.requires_grad and not transpose:
+                return _OperatorSolve.apply(b, self)
+            x, _ = gmres(lambda v: self._mv(v, transpose), b.reshape(-1).detach(),
+                         rtol=self.rtol, max_restarts=50)
+            return x.reshape(b.shape)
+        if self.kind == "dense":
+            return torch.linalg.lu_solve(self.lu, self.piv, b.reshape(-1, 1)).reshape(b.shape)
+        B, sm = self.lu.shape[0], self.lu.shape[1]
+        s, m = self.s, sm // self.s
+        rhs = b.reshape(s, B, m).permute(1, 0, 2).reshape(B, sm, 1)
+        x = torch.linalg.lu_solve(self.lu, self.piv, rhs)
+        return x.reshape(B, s, m).permute(1, 0, 2).reshape(b.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The stepper
+# ----------------------------------------------------------------------------------------
+def make_jacobian_source(spec, rhs, n: int, name: str):
+    """The Jacobian source of a solve, and the number of implicitly solved components.
+
+    A right-hand side may bring its own structure (``odeint_adjoint``'s augmented system):
+    ``func.implicit_jacobian(spec, rhs, name)`` returning (source, head)."""
+    own = getattr(rhs.func, "implicit_jacobian", None)
+    if own is not None:
+        return own(spec, rhs, name)
+    return JacobianSource(spec, rhs, n, name=name), n
+
+
+class ImplicitRKStepper:
+    """One step of an implicit Runge–Kutta method (see the module docstring); same
+    interface as ``rk.RKStepper``."""
+
+    def __init__(self, tab: ImplicitTableau, norm: ErrorNorm, jacobian="autograd",
+                 max_iters: int = 10, linear: bool = False, name: str = ""):
+        self.tab = tab
+        self.norm = norm
+        self.spec = jacobian
+        self.max_iters = max_iters
+        self.linear = linear
+        self.name = name or tab.name
+        self.s = tab.stages
+        self.order = tab.order
+        self.error_order = tab.error_order
+        self.fsal = tab.stiffly_accurate
+        self.c = [float(x) for x in tab.c]
+        self.a = tab.a
+        self.b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
+
+    # -- per solve --------------------------------------------------------------------
+    def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
+        self.rhs = rhs
+        self.graph = graph
+        self.stats = rhs.stats
+        n = y0.numel()
+        self.n = n
+        self.jac, self.head = make_jacobian_source(self.spec, rhs, n, self.name)
+        dt, dev = y0.dtype, y0.device
+        self.A = torch.tensor(self.a, dtype=dt, device=dev)
+        self.b = torch.tensor(self.tab.b, dtype=dt, device=dev)
+        self.b_err = None if self.tab.b_err is None else torch.tensor(self.tab.b_err, dtype=dt,
+                                                                     device=dev)
+        if not self.tab.diagonal:
+            self.A_inv = torch.linalg.inv(self.A.double()).to(dt)
+        rtol = self.norm.rtol
+        r = float(rtol) if not isinstance(rtol, torch.Tensor) else float(rtol.min())
+        eps = torch.finfo(dt).eps
+        self.eps = eps
+        self.kappa = max(2 * eps / r, NEWTON_KAPPA) if r > 0 else NEWTON_KAPPA
+        self.gmres_rtol = 1e-10 if dt == torch.float64 else 1e-5
+        self.f0 = f0
+        self.J = None  # the Jacobian in use, evaluated at (J_t, J_y)
+        self.J_t, self.J_y = math.nan, None
+        self.J_stale = True  # re-evaluate at the next step
+        self.mats: dict[Any, tuple[float, Any]] = {}  # key -> (h, factorised matrix)
+        self.eta: float | None = None
+        self.K = None
+
+    # -- Jacobian and Newton matrices ---------------------------------------------------
+    def _fresh(self, t, y) -> bool:
+        return self.J is not None and self.J_t == t and self.J_y is y
+
+    def _evaluate_jacobian(self, t, y) -> None:
+        with torch.no_grad():
+            self.J = self.jac(t, y)
+        self.J_t, self.J_y = t, y
+        self.J_stale = False
+        self.mats = {}
+        self.eta = None
+
+    def _matrix(self, key, h: float):
+        """The Newton matrix I - h key J (key: a diagonal entry) or I - h (A ⊗ J)."""
+        got = self.mats.get(key)
+        if got is not None and abs(h / got[0] - 1.0) <= REFACTOR:
+            return got[1]
+        A = self.A if key == "A" else key
+        m = NewtonMatrix(self.J, h, A, self.stats, gmres_rtol=1e-3)
+        self.mats[key] = (h, m)
+        return m
+
+    # -- one attempt ------------------------------------------------------------------
+    def _times(self, t, h, left_end):
+        if left_end is None:
+            return [self.rhs.time(t + ci * h) for ci in self.c]
+        return [left_end(t + ci * h) for ci in self.c]
+
+    def _f(self, tt, Y):
+        return self.rhs.call_at(tt, Y)
+
+    def _full(self, y, zh):
+        """y + z for an increment of the head components only."""
+        if self.head == self.n:
+            return y + zh
+        return torch.cat([y[: self.head] + zh, y[self.head:]])
+
+    def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
+        times = self._times(t, h, left_end)
+        self.f1_known = False
+        if self.J is None or (self.J_stale and not self._fresh(t, y)):
+            self._evaluate_jacobian(t, y)
+        for attempt in range(2):
+            with torch.no_grad():
+                failure = self._solve_stages(t, y.detach(), h, times)
+            if failure is None:
+                break
+            if attempt == 0 and not self._fresh(t, y):
+                self._evaluate_jacobian(t, y)  # a Jacobian from an earlier step: refresh
+                continue
+            self.J_stale = True
+            raise StepFailure(f"{failure} (t={t:.10g}, h={h:.3g}, Jacobian evaluated at the "
+                              f"step's start)", factor=0.5)
+        if self.graph:
+            self._exact_step(t, y, h, times)
+        K = self.K
+        self.y1 = torch.add(y, torch.mv(K.t(), self.b), alpha=h) if not self.graph else \
+            y + h * sum(K[j] * bj for j, bj in self.b_nz)
+        return self.y1
+
+    def _scale(self, y):
+        """The Newton tolerance scale of the head components."""
+        yh = y[: self.head].abs()
+        sc = self.norm.scale(y.abs())[: self.head]
+        floor = (10 * self.eps) * (yh + math.sqrt(self.eps) * float(yh.max()) if yh.numel()
+                                   else 0.0)
+        return torch.maximum(sc, floor) if yh.numel() else sc
+
+    def _solve_stages(self, t, y, h, times) -> str | None:
+        """Converge the stages (no graph); fills self.K (s, n) and self.Z (s, head). Returns
+        None, or why Newton failed."""
+        s, head, n = self.s, self.head, self.n
+        scale = self._scale(y)
+        tol = self.kappa
+        K = torch.empty(s, n, dtype=y.dtype, device=y.device)
+        Z = torch.empty(s, head, dtype=y.dtype, device=y.device)
+        worst = 0.0
+        f = self._f
+        if self.tab.diagonal:
+            for i in range(s):
+                gi = float(self.a[i, i])
+                base = h * (self.A[i, :i] @ K[:i, :head]) if i else torch.zeros_like(y[:head])
+                if gi == 0.0:  # explicit stage (the first one of an ESDIRK / trapezoid)
+                    K[i] = self.f0.detach() if i == 0 else f(times[i], self._full(y, base))
+                    Z[i] = base
+                    continue
+                ti = times[i]
+                hg = h * gi
+                M = self._matrix(gi, h)
+
+                def residual(z, ti=ti, base=base, hg=hg):
+                    return z - base - hg * f(ti, self._full(y, z))[:head]
+                prev = K[i - 1, :head] if i else self.f0.detach()[:head]
+                res = newton(residual, base + hg * prev, M, scale, tol=tol,
+                             max_iters=self.max_iters, stats=self.stats, eta=self.eta)
+                if not res.converged:
+                    return f"{res.reason} at stage {i + 1} of {s}"
+                self.eta = _eta(res)
+                worst = max(worst, res.rate if math.isfinite(res.rate) else 0.0)
+                Z[i] = res.z
+                K[i, :head] = (res.z - base) / hg
+                if head < n:
+                    K[i, head:] = f(ti, self._full(y, res.z))[head:]
+        else:
+            M = self._matrix("A", h)
+            cvec = torch.tensor(self.c, dtype=y.dtype, device=y.device)
+            z0 = (h * cvec)[:, None] * self.f0.detach()[None, :head]
+
+            def residual(Zc):
+                F = torch.stack([f(times[i], self._full(y, Zc[i]))[:head] for i in range(s)])
+                return Zc - h * (self.A @ F)
+            res = newton(residual, z0, M, scale, tol=tol, max_iters=self.max_iters,
+                         stats=self.stats, eta=self.eta)
+            if not res.converged:
+                return f"{res.reason} (all {s} stages)"
+            self.eta = _eta(res)
+            worst = res.rate if math.isfinite(res.rate) else 0.0
+            Z = res.z
+            K[:, :head] = (self.A_inv @ Z) / h
+            if head < n:
+                for i in range(s):
+                    K[i, head:] = f(times[i], self._full(y, Z[i]))[head:]
+        if worst > SLOW_RATE:
+            self.J_stale = True
+        self.K, self.Z = K, Z
+        return None
+
+    def _exact_step(self, t, y, h, times) -> None:
+        """Replace the converged stages by one exact Newton step with a graph (implicit
+        function theorem; see the module docstring)."""
+        s, head = self.s, self.head
+        f = self._f
+        Z = self.Z
+        yd = y.detach()
+        with torch.no_grad():
+            Js = [None if (self.tab.diagonal and self.a[i, i] == 0) else
+                  self.jac(float(times[i]), self._full(yd, Z[i]))
+                  for i in range(s)]
+        if self.tab.diagonal:
+            Kg = []
+            for i in range(s):
+                gi = float(self.a[i, i])
+                base = add_rows(Kg, self.a[i, :i], h)
+                if gi == 0.0:
+                    Kg.append(self.f0 if i == 0 else f(times[i], self._full(y, base)))
+                    continue
+                hg = h * gi
+                zs = Z[i]
+                r = zs - base - hg * f(times[i], self._full(y, zs))[:head]
+                Mi = StageMatrix([Js[i]], hg, torch.ones(1, 1, dtype=y.dtype), self.gmres_rtol)
+                z = zs - Mi.solve(r.unsqueeze(0))[0]
+                Kg.append((z - base) / hg)
+            self.K = torch.stack(Kg)
+        else:
+            F = torch.stack([f(times[i], self._full(y, Z[i]))[:head] for i in range(s)])
+            R = Z - h * (self.A @ F)
+            M = StageMatrix(Js, h, self.A, self.gmres_rtol)
+            Zg = Z - M.solve(R)
+            self.K = (self.A_inv @ Zg) / h
+
+    def error(self) -> torch.Tensor:
+        """sum_i b_err_i k_i of the last attempt (the controller multiplies by h)."""
+        K = self.K.detach() if self.graph else self.K
+        return torch.mv(K.t(), self.b_err)
+
+    # -- after an accepted step ---------------------------------------------------------
+    def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:
+        """f(t1, y1): the last stage of a stiffly accurate method, else one evaluation."""
+        if self.f1_known:
+            return self.f1
+        if self.fsal:
+            self.f1 = self.K[self.s - 1]
+        else:
+            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+                       else self.rhs.call_at(t1_time, y1))
+        self.f1_known = True
+        return self.f1
+
+    def prepare_interp(self, t1_time, y1) -> None:
+        if not self.linear:
+            self.end_derivative(t1_time, y1)
+
+    def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
+        if self.linear:
+            return chord(y, self.y1, thetas)
+        return hermite(y, self.y1, self.f0, self.f1, h, thetas)
+
+    def segment(self, y: torch.Tensor, h: float):
+        if self.linear:
+            return ChordSegment(y, self.y1)
+        return HermiteSegment(y, self.y1, self.f0, self.f1, h)
+
+    def restart(self) -> None:
+        """After a discontinuity or a state jump: re-evaluate J at the next step."""
+        self.J_stale = True
+
+    def advance(self, f_next: torch.Tensor | None) -> None:
+        if f_next is not None:
+            self.f0 = f_next
+        elif self.fsal:
+            self.f0 = self.K[self.s - 1]
+        else:
+            self.f0 = self.f1
+
+
+def _eta(res) -> float | None:
+    if math.isfinite(res.rate) and res.rate < 1:
+        return max(res.rate / (1 - res.rate), 1e-16)
+    return None
+
+
+def add_rows(Ks: list, coeffs, h: float):
+    """h * sum_j coeffs_j K_j over the available rows (out of place)."""
+    out = None
+    for j, c in enumerate(coeffs):
+        if c != 0.0:
+            term = Ks[j] * (h * float(c))
+            out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(Ks[0]) if Ks else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------
+def _check_implicit(name: str, o: dict) -> None:
+    _positive_int(name, "max_iters", o["max_iters"])
+    check_jacobian_option(name, o["jacobian"])
+
+
+class FixedGridImplicitRK(FixedGridMethod):
+    """Fixed-grid implicit Runge–Kutta (Newton with the Jacobian)."""
+
+    tableau: ImplicitTableau
+    OPTIONS: ClassVar[dict[str, Any]] = dict(FixedGridMethod.OPTIONS, max_iters=100,
+                                             **JACOBIAN_OPTIONS)
+
+    @classmethod
+    def describe(cls) -> str:
+        t = cls.tableau
+        return f"fixed grid, implicit, order {t.order}, {t.stages} stages, {t.stiff_decay}"
+
+    @classmethod
+    def check(cls, o: dict) -> None:
+        super().check(o)
+        _check_implicit(cls.name, o)
+
+    @classmethod
+    def make_stepper(cls, o: dict, norm: ErrorNorm):
+        return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
+                                 linear=o["interp"] == "linear", name=cls.name)
+
+
+class AdaptiveImplicitRK(AdaptiveRK):
+    """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output."""
+
+    tableau: ImplicitTableau
+    OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, max_iters=10,
+                                             **JACOBIAN_OPTIONS)
+
+    @classmethod
+    def describe(cls) -> str:
+        t = cls.tableau
+        return (f"adaptive, implicit (ESDIRK), order {t.order}({t.error_order}), {t.stages} "
+                f"stages, {t.stiff_decay}, dense output: cubic Hermite")
+
+    @classmethod
+    def check(cls, o: dict) -> None:
+        super().check(o)
+        _check_implicit(cls.name, o)
+
+    @classmethod
+    def make_stepper(cls, o: dict, norm: ErrorNorm):
+        return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
+                                 name=cls.name)
+
+
+_DOCS = {
+    "implicit_euler": "implicit (backward) Euler (order 1, L-stable), fixed grid",
+    "implicit_midpoint": "implicit midpoint rule (order 2, A-stable), fixed grid",
+    "trapezoid": "trapezoidal rule (order 2, A-stable), fixed grid",
+    "radauIIA3": "Radau IIA, 2 stages (order 3, L-stable), fixed grid",
+    "gl4": "Gauss–Legendre, 2 stages (order 4, A-stable), fixed grid",
+    "radauIIA5": "Radau IIA, 3 stages (order 5, L-stable), fixed grid",
+    "gl6": "Gauss–Legendre, 3 stages (order 6, A-stable), fixed grid",
+    "sdirk2": "SDIRK, 2 stages (order 2, L-stable), fixed grid",
+    "trbdf2": "TR-BDF2 (order 2, L-stable), fixed grid",
+    "kvaerno3": "Kvaerno ESDIRK 3(2) (L-stable), adaptive, for stiff problems",
+    "kvaerno4": "Kvaerno ESDIRK 4(3) (L-stable), adaptive, for stiff problems",
+    "kvaerno5": "Kvaerno ESDIRK 5(4) (L-stable), adaptive, for stiff problems",
+}
+
+
+def _method(tab: ImplicitTableau):
+    base = AdaptiveImplicitRK if tab.adaptive else FixedGridImplicitRK
+    return type(tab.name[0].upper() + tab.name[1:].replace("_", ""), (base,),
+                {"name": tab.name, "tableau": tab, "__doc__": _DOCS[tab.name],
+                 "order": tab.order})
+
+
+METHODS = {name: _method(tab) for name, tab in IMPLICIT_TABLEAUX.items()}
+
+__all__ = ["IMPLICIT_TABLEAUX", "METHODS", "AdaptiveImplicitRK", "FixedGridImplicitRK",
+           "ImplicitRKStepper", "ImplicitTableau", "StageMatrix", "make_jacobian_source"]
