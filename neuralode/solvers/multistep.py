@@ -322,7 +322,7 @@ class NordsieckStepper:
         self.pending_retry = False
         rec = self.record
         same = self.Z is not None and self.q == q and h == self.hZ
-        if getattr(self, "_restart", False) or f_next is not None:
+        if self._restart or f_next is not None:
             self._restart = False
             self.f0 = f_next if f_next is not None else self.f1
             self.Z, self.q, self.hZ, self.delta_prev, self.held = None, 1, math.nan, None, 0
@@ -332,7 +332,7 @@ class NordsieckStepper:
         self.f1 = None
         self.held = self.held + 1 if same else 1
         nq = rec.next_order if rec is not None else q
-        self.delta_prev = delta.detach() if not self.graph else delta
+        self.delta_prev = delta.detach()  # only the error estimates use it
         if nq == q + 1 and q < self.max_order:
             c = self.co[q]
             cc = ((c["phi"] @ Zp - c["phi"] @ Z) / c["phi_Q"])
@@ -394,7 +394,7 @@ class MultistepController:
     KEEP_BELOW = 1.0  # after the hold, a step factor in [KEEP_BELOW, 1.1) keeps h
     STRETCH = 0.1
 
-    def __init__(self, norm: ErrorNorm, s: dict, order: int = 1):
+    def __init__(self, norm: ErrorNorm, s: dict):
         self.norm = norm
         self.ifactor, self.dfactor = s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
@@ -429,15 +429,12 @@ class MultistepController:
             return math.nan
         return self.clamp(h * factor, direction)
 
-    def _ratio(self, err, scale) -> float:
-        return self.norm(err, scale)
-
     def judge(self, y1: torch.Tensor, rec: MultistepError, h: float,
               direction: float) -> tuple[bool, float]:
         absy1 = y1.detach().abs()
         scale = self.norm.scale(torch.maximum(self.absy, absy1))
         q = rec.q
-        r = self._ratio(rec.err, scale)
+        r = self.norm(rec.err, scale)
         if not math.isfinite(r):
             self.nonfinite = True
             self.n_fail += 1
@@ -452,7 +449,7 @@ class MultistepController:
             self.n_fail += 1
             nq = q
             if rec.err_lo is not None:
-                r_lo = self._ratio(rec.err_lo, scale)
+                r_lo = self.norm(rec.err_lo, scale)
                 fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
                 if fac_lo > fac:
                     fac, nq = fac_lo, q - 1
@@ -468,12 +465,12 @@ class MultistepController:
         if rec.held < q + 1:
             return True, h  # hold h and q for q+1 steps after a change
         if rec.err_lo is not None:
-            r_lo = self._ratio(rec.err_lo, scale)
+            r_lo = self.norm(rec.err_lo, scale)
             fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
             if fac_lo > fac:
                 fac, nq = fac_lo, q - 1
         if rec.err_hi is not None and q < rec.max_order:
-            r_hi = self._ratio(rec.err_hi, scale)
+            r_hi = self.norm(rec.err_hi, scale)
             fac_hi = 1.0 / ((self.BIAS_HI * r_hi) ** (1.0 / (q + 2)) + 1e-6)
             if fac_hi > fac:
                 # a long step extrapolates the history (and its errors, of the size of the
