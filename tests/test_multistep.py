@@ -541,3 +541,14 @@ def test_bdf_adjoint_matches_finite_differences_on_robertson():
     fd_k = (loss_scipy(y0n, lk + 1e-5 * vk) - loss_scipy(y0n, lk - 1e-5 * vk)) / 2e-5
     assert abs(float(gy.numpy() @ vy) - fd_y) < 1e-4 * abs(fd_y)
     assert abs(float(gk.numpy() @ vk) - fd_k) < 1e-4 * abs(fd_k)
+
+
+def test_adams_adjoint_gradient_is_the_matrix_exponential():
+    from neuralode import odeint_adjoint
+
+    A = torch.nn.Parameter(torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=F64))
+    y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+    yT = odeint_adjoint(lambda t, y: y @ A.T, y0, torch.tensor([0.0, 3.0], dtype=F64),
+                        rtol=1e-10, atol=1e-10, method="adams", adjoint_params=(A,))[-1]
+    (g,) = torch.autograd.grad(yT.sum(), y0)
+    assert max_err(g, torch.linalg.matrix_exp(3.0 * A.detach()).sum(0)) < 1e-8  # 1.2e-11
