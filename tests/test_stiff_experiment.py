@@ -88,7 +88,7 @@ def test_train_command_tiny_run(tmp_path, capsys):
     rc = main(["train", "stiff", *TINY, "--iters", "3", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["method"] == "dopri5" and m["config"]["grad"] == "backprop"
+    assert m["config"]["method"] == "dopri5" and m["config"]["gradient"] == "backprop"
     for k in ("final_loss", "k1_rel_err", "k2_rel_err", "k3_rel_err", "fit_max_rel_err_vs_truth"):
         assert math.isfinite(m[k]), k
     assert len(m["std_err_log_k"]) == 3 and all(v > 0 for v in m["std_err_log_k"])
@@ -128,7 +128,7 @@ def test_adjoint_and_backprop_training_agree(tmp_path):
     for grad in ("backprop", "adjoint"):
         out = tmp_path / grad
         args = ["train", "stiff", *TINY, "--rtol", "1e-8", "--atol", "1e-14", "--iters", "2",
-                "--noise", "0", "--no-plot", "--grad", grad, "--out", str(out)]
+                "--noise", "0", "--no-plot", "--gradient", grad, "--out", str(out)]
         assert main(args) == 0
         finals[grad] = json.loads((out / "metrics.json").read_text())
     # Adam's first steps move each log k by about lr whatever the gradient's size, so the

@@ -6,8 +6,9 @@ Robertson's reactions A -> B (k1 = 0.04), B + B -> C + B (k2 = 3e7), B + C -> A 
 (k3 = 1e4) are the classic stiff system: its time scales span 1e-4 to 1e5. The model is the
 same ODE (``neuralode.problems.Robertson``) with unknown constants, parameterised by
 their logarithms, and every training step integrates it over the whole span with a stiff
-solver (``--method``) and differentiates through the solve (``--grad backprop``: the
-discrete solution's gradient; ``--grad adjoint``: ``odeint_adjoint``).
+solver (``--method``) and differentiates the solve as ``--gradient`` says (``backprop``: the
+discrete solution's gradient, the default; ``checkpoint``: the same in little memory;
+``adjoint``: the adjoint method).
 
 1. Data: the true solution (scipy Radau at rtol 1e-10) at ``--n-obs`` times spaced evenly
    in log t over [``--t-min``, ``--t-max``] (default 1e-4 to 1e5), every species observed
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neuralode import odeint, odeint_adjoint
+from neuralode import odeint
 from neuralode.experiments import runner
 from neuralode.experiments.runner import (
     DistEnv,
@@ -60,7 +61,7 @@ from neuralode.problems import Robertson
 DEFAULT_METHOD = "kvaerno5"
 TRUE_K = Robertson.defaults
 K_NAMES = Robertson.constant_names
-RUN_KEYS = ("method", "grad", "rtol", "atol", "iters", "lr", "n_obs", "t_min", "t_max", "noise",
+RUN_KEYS = ("method", "gradient", "rtol", "atol", "iters", "lr", "n_obs", "t_min", "t_max", "noise",
             "init_spread", "seed")
 F64 = torch.float64
 _TRUTH = Robertson()  # its reference solutions are cached in memory
@@ -79,8 +80,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--method", default=DEFAULT_METHOD,
       help=f"stiff ODE solver for training (default {DEFAULT_METHOD})")
-    a("--grad", choices=("backprop", "adjoint"), default="backprop",
-      help="gradients by backprop through the solver (default) or by odeint_adjoint")
+    runner.add_gradient_argument(parser, "backprop")
     a("--rtol", type=positive_float, default=1e-6)
     a("--atol", type=positive_float, default=1e-12,
       help="absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
@@ -189,17 +189,16 @@ class StiffExperiment(Experiment):
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.opt, T_max=cfg["iters"], eta_min=0.05 * cfg["lr"])
-        self.integrate = odeint_adjoint if cfg["grad"] == "adjoint" else odeint
 
     def _solve(self, with_stats: bool = False):
         cfg = self.run.config
         y0 = self.model.initial_state()
         kwargs = {"rtol": cfg["rtol"], "atol": cfg["atol"], "method": cfg["method"],
-                  "options": self.run.options(cfg["method"])}
+                  "options": self.run.options(cfg["method"]), "gradient": cfg["gradient"]}
         if with_stats:
-            ys, stats = self.integrate(self.model, y0, self.times, return_stats=True, **kwargs)
+            ys, stats = odeint(self.model, y0, self.times, return_stats=True, **kwargs)
             return ys[1:], stats
-        return self.integrate(self.model, y0, self.times, **kwargs)[1:], None
+        return odeint(self.model, y0, self.times, **kwargs)[1:], None
 
     def _row_constants(self) -> dict[str, float]:
         k = self.model.constants.detach().cpu()
@@ -289,7 +288,7 @@ class StiffExperiment(Experiment):
         ax.axhline(0.0, c="0.5", lw=0.8)
         ax.set_xlabel("iteration")
         ax.set_ylabel("log10(k / k_true)")
-        ax.set_title(f"rate constants during training ({cfg['method']}, {cfg['grad']})")
+        ax.set_title(f"rate constants during training ({cfg['method']}, {cfg['gradient']})")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.run.out / "stiff.png", dpi=90)
@@ -303,7 +302,7 @@ class StiffExperiment(Experiment):
 def summary(m: dict[str, Any]) -> str:
     """The recovered constants against the truth."""
     cfg = m["config"]
-    lines = [f"Robertson rate constants, {cfg['method']} ({cfg['grad']}), {m['iters']} "
+    lines = [f"Robertson rate constants, {cfg['method']} ({cfg['gradient']}), {m['iters']} "
              f"iterations, {m['train_time_s']:.1f}s; noise {cfg['noise']:g}, {cfg['n_obs']} "
              f"times x 3 species; final loss {m['final_loss']:.3g}"
              + (" (about 1 at the noise level)" if cfg["noise"] > 0 else ""),

@@ -6,7 +6,7 @@ extra input feature / channel), :class:`ConcatSquashLinear`, :class:`ConcatSquas
 :class:`ODEFunc` is the base class of right-hand sides (counts evaluations);
 :class:`ODEBlock` integrates one over ``[t0, t1]`` and returns the final state;
 :class:`NeuralODE` returns the trajectory at given times. Both take the solver and its
-tolerances and switch between the adjoint method and backpropagation through the solver.
+tolerances and ``gradient`` (backprop, checkpoint, adjoint; see ``neuralode.gradients``).
 """
 
 from neuralode.nn.blocks import CountedFunc, NeuralODE, ODEBlock, ODEFunc
