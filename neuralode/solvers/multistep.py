@@ -20,7 +20,7 @@ units. One step (Gear; Byrne & Hindmarsh, ACM TOMS 1 (1975); the scheme of LSODE
   adds the degree-(q+1) term that restores the one further memory condition from the
   previous step's polynomial (the predicted one);
 * local error of order k: ``C_k h^(k+1) y^(k+1)`` with the error constant C_k of the formula
-  (Adams–Moulton: |gamma*_k|, BDF: 1 / ((k+1) H_k)), where
+  (Adams–Moulton: |gamma*_k|; BDF: 1 / (k+1), what a step adds to the global error), where
   ``h^(q+1) y^(q+1) ~ q! l_q e`` (the change of the top Nordsieck entry),
   ``h^q y^(q) ~ q! Z[q]`` and ``h^(q+2) y^(q+2) ~`` the difference of two successive
   ``q! l_q e``; the controller (``MultistepController``) picks the order and step size from
@@ -99,8 +99,12 @@ def _dot(w, z) -> Fraction:
 
 
 def _error_constant(family: str, q: int) -> Fraction:
+    """C_q: what one step adds to the global error is C_q h^(q+1) y^(q+1). BDF: 1/(q+1),
+    the formula's truncation error 1/((q+1) H_q) divided by gamma = 1/H_q (the BDF
+    recursion passes on a fraction of each step's error to the next ones, so the global
+    error grows by the truncation error / gamma per step; as scipy's BDF estimate)."""
     if family == "bdf":
-        return 1 / ((q + 1) * sum(Fraction(1, i) for i in range(1, q + 1)))
+        return Fraction(1, q + 1)
     # Adams–Moulton: gamma*_0 = 1, sum_{j=0}^{k} gamma*_j / (k + 1 - j) = 0
     g = [Fraction(1)]
     for k in range(1, q + 1):
@@ -318,7 +322,7 @@ class NordsieckStepper:
         self.pending_retry = False
         rec = self.record
         same = self.Z is not None and self.q == q and h == self.hZ
-        if getattr(self, "_restart", False) or f_next is not None:
+        if self._restart or f_next is not None:
             self._restart = False
             self.f0 = f_next if f_next is not None else self.f1
             self.Z, self.q, self.hZ, self.delta_prev, self.held = None, 1, math.nan, None, 0
@@ -328,7 +332,7 @@ class NordsieckStepper:
         self.f1 = None
         self.held = self.held + 1 if same else 1
         nq = rec.next_order if rec is not None else q
-        self.delta_prev = delta.detach() if not self.graph else delta
+        self.delta_prev = delta.detach()  # only the error estimates use it
         if nq == q + 1 and q < self.max_order:
             c = self.co[q]
             cc = ((c["phi"] @ Zp - c["phi"] @ Z) / c["phi_Q"])
@@ -386,10 +390,11 @@ class MultistepController:
 
     adaptive = True
     BIAS_LO, BIAS, BIAS_HI = 1.3, 1.2, 1.4
+    UP_GROWTH = 2.0
     KEEP_BELOW = 1.0  # after the hold, a step factor in [KEEP_BELOW, 1.1) keeps h
     STRETCH = 0.1
 
-    def __init__(self, norm: ErrorNorm, s: dict, order: int = 1):
+    def __init__(self, norm: ErrorNorm, s: dict):
         self.norm = norm
         self.ifactor, self.dfactor = s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
@@ -424,15 +429,12 @@ class MultistepController:
             return math.nan
         return self.clamp(h * factor, direction)
 
-    def _ratio(self, err, scale) -> float:
-        return self.norm(err, scale)
-
     def judge(self, y1: torch.Tensor, rec: MultistepError, h: float,
               direction: float) -> tuple[bool, float]:
         absy1 = y1.detach().abs()
         scale = self.norm.scale(torch.maximum(self.absy, absy1))
         q = rec.q
-        r = self._ratio(rec.err, scale)
+        r = self.norm(rec.err, scale)
         if not math.isfinite(r):
             self.nonfinite = True
             self.n_fail += 1
@@ -447,7 +449,7 @@ class MultistepController:
             self.n_fail += 1
             nq = q
             if rec.err_lo is not None:
-                r_lo = self._ratio(rec.err_lo, scale)
+                r_lo = self.norm(rec.err_lo, scale)
                 fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
                 if fac_lo > fac:
                     fac, nq = fac_lo, q - 1
@@ -463,15 +465,18 @@ class MultistepController:
         if rec.held < q + 1:
             return True, h  # hold h and q for q+1 steps after a change
         if rec.err_lo is not None:
-            r_lo = self._ratio(rec.err_lo, scale)
+            r_lo = self.norm(rec.err_lo, scale)
             fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
             if fac_lo > fac:
                 fac, nq = fac_lo, q - 1
         if rec.err_hi is not None and q < rec.max_order:
-            r_hi = self._ratio(rec.err_hi, scale)
+            r_hi = self.norm(rec.err_hi, scale)
             fac_hi = 1.0 / ((self.BIAS_HI * r_hi) ** (1.0 / (q + 2)) + 1e-6)
             if fac_hi > fac:
-                fac, nq = fac_hi, q + 1
+                # a long step extrapolates the history (and its errors, of the size of the
+                # current order's error) far back: the higher order starts with at most
+                # UP_GROWTH times the step the current order allows
+                fac, nq = min(fac_hi, self.UP_GROWTH * max(fac, 1.0)), q + 1
         if self.KEEP_BELOW <= fac < 1.1 and nq == q:
             return True, h  # a change below 10% is not worth a new history and LU
         fac = min(self.ifactor, max(self.dfactor, fac))
