@@ -70,6 +70,15 @@ def test_std_errors_agree_with_autograd_sensitivities_of_our_solver():
                                atol=0)
 
 
+def test_maximum_likelihood_recovers_the_truth_from_noise_free_data():
+    data = exp.make_observations(6, 1e-3, 0.1, noise=0.0)
+    true = torch.log(torch.tensor(exp.TRUE_K, dtype=F64))
+    start = true + torch.tensor([0.02, -0.02, 0.03], dtype=F64)
+    mle, se, loss = exp.maximum_likelihood(start, data, noise=0.01)
+    torch.testing.assert_close(mle, true, rtol=0, atol=1e-6)
+    assert loss < 1e-8 and bool((se > 0).all())
+
+
 def test_loss_falls_and_the_constants_approach_the_truth(tmp_path):
     # noise-free data, 30 Adam steps on the short span: the fit must improve a lot (k3 is
     # weakly determined by t <= 0.05, so only k1 and k2 are checked)
@@ -85,13 +94,14 @@ def test_loss_falls_and_the_constants_approach_the_truth(tmp_path):
 
 def test_train_command_tiny_run(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "stiff", *TINY, "--iters", "3", "--out", str(out)])
+    rc = main(["train", "stiff", *TINY, "--iters", "3", "--mle-steps", "1", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["method"] == "dopri5" and m["config"]["gradient"] == "backprop"
     for k in ("final_loss", "k1_rel_err", "k2_rel_err", "k3_rel_err", "fit_max_rel_err_vs_truth"):
         assert math.isfinite(m[k]), k
     assert len(m["std_err_log_k"]) == 3 and all(v > 0 for v in m["std_err_log_k"])
+    assert len(m["mle_k"]) == 3 and math.isfinite(m["mle_loss"])
     lines = (out / "metrics.csv").read_text().strip().splitlines()
     assert lines[0].startswith("iter,loss,lr,elapsed_s,k1,k1_rel_err") and len(lines) == 4
     assert "nfe" in lines[0]
