@@ -468,6 +468,12 @@ def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float]
                             "gradient='backprop' for a differentiable dense solution")
     budget = strategy.budget
     stepper = make_stepper()
+    name = loop_kwargs.get("name", "this method")
+    if getattr(stepper, "forward_only", False):
+        raise ODEInputError(f"method='{name}' is forward only (its steps cannot be redone "
+                            f"with autograd), so gradient='checkpoint' is not available for "
+                            f"it. For gradients use odeint_adjoint(..., method='{name}') or "
+                            f"a differentiable method such as 'rodas5p' (stiff) or 'dopri5'")
     if not (callable(getattr(stepper, "carry", None)) and callable(getattr(stepper, "resume",
                                                                              None))):
         raise ODEInputError(f"{loop_kwargs.get('name', 'this method')}: its stepper "
