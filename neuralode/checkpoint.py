@@ -103,6 +103,10 @@ class _Step:
     restart: bool = False       # the stepper's history was restarted after it
     toward: bool = False        # the next first derivative was f at t1 from the right
     advanced: bool = False      # the next step started from it (False: the last step)
+    retry: Any = None           # plain carried data before the accepted attempt, when
+    #                             rejected attempts at this step changed it (else None)
+    decision: Any = None        # the stepper's ``decision()`` at acceptance (e.g. the next
+    #                             order a multistep controller chose), redone by the replay
     outs: list = field(default_factory=list)  # (slot, theta or None for y1)
 
 
@@ -127,7 +131,13 @@ class _Recorder:
         self.carry0 = self._inner.carry()  # what a pass from y0 without a graph starts from
 
     def step(self, t, y, h, left_end=None):
-        self._pending = _Step(t, t + h, left=left_end is not None)
+        retry = None
+        if self._pending is not None and self._pending.t == t:
+            # a retry after a rejected attempt, which may have changed the stepper's plain
+            # state (a Jacobian evaluated here, Newton matrices, a lower order asked for):
+            # the replay restores it before redoing the accepted attempt
+            retry = self._inner.carry()[1]
+        self._pending = _Step(t, t + h, left=left_end is not None, retry=retry)
         return self._inner.step(t, y, h, left_end)
 
     def prepare_interp(self, t1_time, y1):
@@ -146,6 +156,8 @@ class _Recorder:
         st = self._pending
         st.toward = f_next is not None
         st.advanced = True
+        decision = getattr(self._inner, "decision", None)
+        st.decision = decision() if callable(decision) else None
         self.steps.append(st)
         self._pending = None
         self._inner.advance(f_next)
@@ -215,6 +227,8 @@ class _Tape:
             t, t1 = rec.t, rec.t1
             h = t1 - t
             left_end = rhs.left_limit(t1, t) if rec.left else None
+            if rec.retry is not None:
+                st.resume(rhs, y, (st.carry()[0], rec.retry), True)
             y1 = st.step(t, y, h, left_end)
             t1_eval = left_end(t1) if rec.left else t1
             if slots and rec.outs:
@@ -234,6 +248,8 @@ class _Tape:
             f_next = rhs.call_at(rhs.toward(t1, t1 + self.direction), y1) if rec.toward else None
             if f_next is None and not st.fsal:
                 st.end_derivative(t1_eval, y1)
+            if rec.decision is not None:
+                st.redo_decision(rec.decision)
             st.advance(f_next)
             y = y1
             carry_out = st.carry() if k == k1 - 1 else None
@@ -452,6 +468,12 @@ def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float]
                             "gradient='backprop' for a differentiable dense solution")
     budget = strategy.budget
     stepper = make_stepper()
+    name = loop_kwargs.get("name", "this method")
+    if getattr(stepper, "forward_only", False):
+        raise ODEInputError(f"method='{name}' is forward only (its steps cannot be redone "
+                            f"with autograd), so gradient='checkpoint' is not available for "
+                            f"it. For gradients use odeint_adjoint(..., method='{name}') or "
+                            f"a differentiable method such as 'rodas5p' (stiff) or 'dopri5'")
     if not (callable(getattr(stepper, "carry", None)) and callable(getattr(stepper, "resume",
                                                                              None))):
         raise ODEInputError(f"{loop_kwargs.get('name', 'this method')}: its stepper "

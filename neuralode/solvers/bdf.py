@@ -159,6 +159,13 @@ class BDFStepper(NordsieckStepper):
             self.J = None  # after a discontinuity the old Jacobian may be wrong
             self.M = None
 
+    # -- replay (gradient="checkpoint"): the Newton Jacobian and matrix in use -------------
+    def _carry_extra(self):
+        return (self.J, self.J_current, self.M, self.M_hg)
+
+    def _resume_extra(self, extra) -> None:
+        self.J, self.J_current, self.M, self.M_hg = extra
+
 
 def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
     """w^T J at J's point (reverse-mode autograd)."""

@@ -358,7 +358,9 @@ class ImplicitRKStepper:
 
     # -- Jacobian and Newton matrices ---------------------------------------------------
     def _fresh(self, t, y) -> bool:
-        return self.J is not None and self.J_t == t and self.J_y is y
+        # by value as well: a replayed step (checkpointing) starts from an equal copy of y
+        return self.J is not None and self.J_t == t and (
+            self.J_y is y or (self.J_y is not None and torch.equal(self.J_y, y)))
 
     def _evaluate_jacobian(self, t, y, inside: float | None = None) -> None:
         """J at (t, y); ``inside``: the step's end, when f must be evaluated strictly inside
@@ -563,6 +565,20 @@ class ImplicitRKStepper:
             self.f0 = self.K[self.s - 1]
         else:
             self.f0 = self.f1
+
+    # -- replay (gradient="checkpoint") -------------------------------------------------
+    def carry(self):
+        """(tensors, plain data) the next attempt depends on besides its start state: the
+        first derivative; the Jacobian in use and where it was evaluated, whether it is
+        stale, the factorised Newton matrices (and the step sizes they were made for) and
+        the contraction estimate, so that a replayed step repeats the Newton iterations."""
+        return [self.f0], (self.J, self.J_t, self.J_y, self.J_stale, dict(self.mats), self.eta)
+
+    def resume(self, rhs, y, carry, graph) -> None:
+        tensors, (J, J_t, J_y, stale, mats, eta) = carry
+        self.start(rhs, y, tensors[0], graph)
+        self.J, self.J_t, self.J_y, self.J_stale = J, J_t, J_y, stale
+        self.mats, self.eta = dict(mats), eta
 
 
 def _eta(res) -> float | None:

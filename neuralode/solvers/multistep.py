@@ -208,6 +208,13 @@ def _eval_poly(Z: torch.Tensor, thetas) -> torch.Tensor:
     return V.to(Z.dtype) @ Z
 
 
+class _Decision:
+    """The controller's choice recorded for an accepted attempt (see ``redo_decision``)."""
+
+    def __init__(self, next_order: int):
+        self.next_order = next_order
+
+
 class NordsieckStepper:
     """The machinery shared by ``adams`` and ``bdf``; subclasses provide ``_correct``
     (the corrector of one attempt) and the family name.
@@ -352,6 +359,46 @@ class NordsieckStepper:
 
     def _correct(self, t, h, Zp, q, c, left_end):
         raise NotImplementedError
+
+    # -- replay (gradient="checkpoint") -------------------------------------------------
+    def carry(self):
+        """(tensors, plain data) the next attempt depends on besides its start state: the
+        first derivative, the Nordsieck history and the last error-difference vector; the
+        order, the step size the history is scaled to, the steps held, the last error
+        record (the order a rejected attempt asked for) and the restart flags."""
+        tensors = [self.f0]
+        if self.Z is not None:
+            tensors.append(self.Z)
+        if self.delta_prev is not None:
+            tensors.append(self.delta_prev)
+        meta = (self.Z is not None, self.delta_prev is not None, self.q, self.hZ, self.held,
+                self.record, self.pending_retry, self._restart, self._carry_extra())
+        return tensors, meta
+
+    def resume(self, rhs, y, carry, graph) -> None:
+        tensors, (has_z, has_d, q, hZ, held, record, retry, restart, extra) = carry
+        self.start(rhs, y, tensors[0], graph)
+        self.Z = tensors[1] if has_z else None
+        self.delta_prev = tensors[1 + has_z] if has_d else None
+        self.q, self.hZ, self.held, self.record = q, hZ, held, record
+        self.pending_retry, self._restart = retry, restart
+        self._resume_extra(extra)
+
+    def decision(self):
+        """What the controller decided for an accepted attempt besides its step size: the
+        order of the next step (None: keep the order)."""
+        return None if self.record is None else self.record.next_order
+
+    def redo_decision(self, next_order) -> None:
+        """A replayed accepted attempt (no error estimate, no controller): the order the
+        forward solve's controller chose."""
+        self.record = _Decision(next_order)
+
+    def _carry_extra(self):
+        return None
+
+    def _resume_extra(self, extra) -> None:
+        pass
 
 
 class AdamsPECEStepper(NordsieckStepper):

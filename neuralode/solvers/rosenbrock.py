@@ -391,6 +391,19 @@ class RosenbrockStepper:
         self.J = None
         self.ft = None
 
+    # -- replay (gradient="checkpoint") -------------------------------------------------
+    def carry(self):
+        """(tensors, plain data) the next step depends on besides its start state: f from
+        the right of a discontinuity when it was given (else f, f_t and J are recomputed at
+        the start, with a graph) and whether f_t is taken in forward mode."""
+        f0 = self.f0 if self.J is None else (self.f0 if self.from_right else None)
+        return ([f0] if f0 is not None else []), (self.from_right, self._forward_mode)
+
+    def resume(self, rhs, y, carry, graph) -> None:
+        tensors, (from_right, forward_mode) = carry
+        self.start(rhs, y, tensors[0] if tensors else None, graph)
+        self.from_right, self._forward_mode = from_right, forward_mode
+
 
 class RosenbrockMethod(AdaptiveRK):
     """Rosenbrock method with error control and dense output."""

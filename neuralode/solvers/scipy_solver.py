@@ -206,6 +206,7 @@ class ScipyStepper:
     scipy's dense output."""
 
     fsal = True
+    forward_only = True  # gradient="checkpoint" refuses it (no replay through scipy)
 
     def __init__(self, engine: _Engine):
         self.engine = engine
