@@ -325,7 +325,7 @@ def _start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
           method: str | None = None, options: dict | None = None,
           event_fn: Callable | None = None, dense: bool = False,
-          throw: bool = True) -> Solution:
+          throw: bool = True, per_sample: bool = False) -> Solution:
     """Solve dy/dt = func(t, y), y(t[0]) = y0, and return a ``Solution``: the states at the
     times ``t`` with statistics and status. Arguments as for ``odeint``, plus:
 
@@ -338,7 +338,13 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
     throw: False returns the solution computed so far with a failure status
         ("max_steps_reached", "step_size_underflow", "nonfinite") and a message instead of
         raising; invalid input still raises.
+    per_sample: solve each sample of the batch y0 (B, ...) as its own problem (own steps,
+        output times t of shape (T,) or (B, T), statistics and status) and return a
+        ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
+    if per_sample:
+        return _per_sample("solve", event_fn=event_fn, dense=dense)(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw)
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=options)
     t = _check_t(t)
     ts = _times(t)
@@ -377,7 +383,8 @@ def _to_user(y: torch.Tensor, p: Problem) -> torch.Tensor:
 
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
            method: str | None = None, options: dict | None = None,
-           event_fn: Callable | None = None, return_stats: bool = False):
+           event_fn: Callable | None = None, return_stats: bool = False,
+           per_sample: bool = False):
     """Integrate dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
 
     Drop-in compatible with ``torchdiffeq.odeint``.
@@ -401,12 +408,20 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             return ``(event_t, solution)`` with solution = y at ``t[0]`` and at ``event_t``.
             Bounded by ``max_num_steps`` (default 1e6 steps here), then an EventError.
         return_stats: also return a ``SolverStats`` (NFE, accepted and rejected steps).
+        per_sample: y0 is a batch (B, ...) of independent problems, each solved with its own
+            steps, output times (t of shape (T,) or (B, T)) and status; ``func`` gets t as a
+            (B,) tensor; the result has shape (T, B, ...) and the stats are a
+            ``PerSampleStats``. See ``neuralode.per_sample``.
 
     Returns:
         Tensor of shape ``(len(t), *y0.shape)`` (a tuple of those for tuple states), whose
         first entry is ``y0``; in event mode ``(event_t, solution)``; and the stats if
         ``return_stats``.
     """
+    if per_sample:
+        return _per_sample("odeint", event_fn=event_fn)(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+            return_stats=return_stats)
     if event_fn is not None:
         event_t, sol, stats = _event_solve(func, y0, t, rtol=rtol, atol=atol, method=method,
                                            options=options, event_fn=event_fn)
@@ -416,6 +431,16 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
 
 
 EVENT_MAX_STEPS = 10**6
+
+
+def _per_sample(entry: str, event_fn=None, dense: bool = False):
+    """The per-sample front door (``neuralode.per_sample``), after refusing what it lacks."""
+    if event_fn is not None:
+        raise ODEInputError("event_fn is not supported with per_sample=True")
+    if dense:
+        raise ODEInputError("dense=True is not supported with per_sample=True")
+    from neuralode import per_sample
+    return per_sample.solve_per_sample if entry == "solve" else per_sample.odeint_per_sample
 
 
 def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks=None,

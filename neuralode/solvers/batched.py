@@ -1,0 +1,621 @@
+"""Per-sample batched solving: the driver, controller and RK stepper of ``per_sample=True``.
+
+A batch of B independent problems y_b' = f(t_b, y_b) is advanced together: one call of the
+user's function per stage for the whole batch, but every sample has its own time, step
+size, error norm, acceptance, output times, statistics and status. Time, step size and
+acceptance are (B,) tensors; each per-row formula is the scalar path's formula
+(``controllers.ErrorNorm``, ``controllers.initial_step``, ``controllers._PIDRun``,
+``rk.RKStepper``), so each sample takes the steps it takes when solved alone.
+
+Why a separate driver from ``loop.integrate``: the scalar loop keeps time and step size as
+Python floats and branches on them (a few microseconds per step, guarded by
+``benchmarks/loop.py``); with (B,) tensors every branch becomes a masked tensor update and
+the only host synchronisation is "is any sample still running" (one per adaptive step, none
+per fixed-grid step). Sharing one loop would put tensor bookkeeping on the scalar path's hot
+loop. The pieces that define the numerics are shared: the tableaux and their dense-output
+weights (``rk._tensor_coefficients``, ``rk._python_coefficients``), the tolerance scale
+(``ErrorNorm.scale``), the controller settings (``PIDController.settings``).
+
+States are flat (B, n) tensors (n: the per-sample element count); times are float64 (B,)
+tensors on the state's device.
+
+Finished samples: the batch is masked, not shrunk, by default (a finished row takes zero
+steps: its f-evaluations are wasted, its values unchanged); ``shrink`` (a fraction in
+(0, 1]) compacts the batch to its running rows when they fall to that fraction or below,
+which needs a ``func`` that treats rows independently and accepts any batch size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from neuralode.errors import MaxStepsError, NonFiniteError, ODEFuncError, StepSizeError
+from neuralode.solvers.rk import _python_coefficients, _tensor_coefficients
+from neuralode.solvers.tableau import ButcherTableau
+
+RUNNING, SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE = range(6)
+STATUS_NAMES = ("running", "success", "event", "max_steps_reached", "step_size_underflow",
+                "nonfinite")
+_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError}
+
+
+@dataclass
+class PerSampleStats:
+    """Statistics of a per-sample solve.
+
+    nfe: calls of the user's function (each call evaluates the whole running batch);
+    n_accepted, n_rejected: (B,) int64 tensors, each sample's own step attempts;
+    status: one status name per sample ("success", "event", or with ``throw=False``
+    "max_steps_reached", "step_size_underflow", "nonfinite"); message: one per sample ("" on
+    success); t_final: (B,) float64 tensor, where each sample stopped; batch_rows: the sum
+    over calls of the rows evaluated (with ``shrink`` below B * nfe).
+    """
+
+    method: str = ""
+    nfe: int = 0
+    n_accepted: torch.Tensor | None = None
+    n_rejected: torch.Tensor | None = None
+    status: list[str] = field(default_factory=list)
+    message: list[str] = field(default_factory=list)
+    t_final: torch.Tensor | None = None
+    batch_rows: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> torch.Tensor:
+        return self.n_accepted + self.n_rejected
+
+    @property
+    def success(self) -> bool:
+        return all(s in ("success", "event") for s in self.status)
+
+    def __str__(self) -> str:
+        bad = sum(s not in ("success", "event") for s in self.status)
+        acc = self.n_accepted
+        return (f"{self.method}: nfe={self.nfe} (batched calls), accepted per sample "
+                f"min/max={int(acc.min())}/{int(acc.max())}, failed samples={bad}")
+
+
+class BatchedRHS:
+    """The user's ``func`` on a flat (B, n) state with (B,) float64 times.
+
+    ``time_arg``: "batch" hands ``func`` the times as a (B,) tensor (the state's dtype);
+    "none" hands it a 0-d NaN tensor (for functions that do not use t: a function that does
+    use it turns the state into NaN, which is reported, never silently wrong)."""
+
+    def __init__(self, func: Callable, layout, dtype: torch.dtype, device, stats: PerSampleStats,
+                 time_arg: str = "batch"):
+        self.func, self.layout, self.stats = func, layout, stats
+        self.user_dtype = dtype
+        self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.device = device
+        self.time_arg = time_arg
+        self.nan_t = torch.full((), math.nan, dtype=self.dtype, device=device)
+        self.checked = False
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stats = self.stats
+        stats.nfe += 1
+        B = y.shape[0]
+        stats.batch_rows += B
+        layout = self.layout
+        tt = t.to(self.dtype) if self.time_arg == "batch" else self.nan_t
+        yu = y if self.user_dtype == self.dtype else y.to(self.user_dtype)
+        if layout.is_tuple:
+            yu = tuple(yu[:, a:b].reshape(B, *s) for a, b, s in
+                       zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
+            out = self.func(tt, yu)
+            if not self.checked:
+                self._check(out, B)
+            flat = torch.cat([o.reshape(B, -1) for o in out], dim=1)
+        else:
+            out = self.func(tt, yu.view(B, *layout.shapes[0]))
+            if not self.checked or not isinstance(out, torch.Tensor) or out.dtype != self.user_dtype:
+                self._check(out, B)
+            flat = out.reshape(B, layout.n)
+        return flat if flat.dtype == self.dtype else flat.to(self.dtype)
+
+    def _check(self, out, B: int) -> None:
+        layout = self.layout
+        items = list(out) if layout.is_tuple and isinstance(out, (tuple, list)) else [out]
+        if layout.is_tuple and (not isinstance(out, (tuple, list))
+                                or len(items) != len(layout.shapes)):
+            raise ODEFuncError(f"func(t, y) must return a tuple of {len(layout.shapes)} "
+                               f"tensors matching the tuple state, got {type(out).__name__}")
+        for k, (o, s) in enumerate(zip(items, layout.shapes)):
+            where = "func(t, y)" + (f", element {k}," if layout.is_tuple else "")
+            if not isinstance(o, torch.Tensor):
+                raise ODEFuncError(f"{where} must return a tensor, got {type(o).__name__}")
+            if tuple(o.shape) != (B, *s):
+                raise ODEFuncError(f"{where} returned shape {tuple(o.shape)}, but the batched "
+                                   f"state has shape {(B, *s)}; dy/dt must have the shape of y "
+                                   f"(per_sample=True: the first dimension is the batch)")
+            if o.dtype != self.user_dtype:
+                raise ODEFuncError(f"{where} returned dtype {o.dtype}, but the state has dtype "
+                                   f"{self.user_dtype}")
+        self.checked = True
+
+
+# ----------------------------------------------------------------------------------------
+# error norm, first step, controller: the scalar formulas row by row
+# ----------------------------------------------------------------------------------------
+
+
+def row_norm(norm, err: torch.Tensor, scale: torch.Tensor, factor=None) -> torch.Tensor:
+    """(B,) norms of ``factor * err / scale`` per row, ``ErrorNorm.__call__``'s formula.
+    A user norm receives the scaled error of the batch (in the user's structure, leading
+    dimension B) and must return a (B,) tensor."""
+    ratio = err / scale
+    if norm.user_norm is not None:
+        if factor is not None:
+            ratio = ratio * factor[:, None]
+        layout = norm.layout
+        B = ratio.shape[0]
+        if layout.is_tuple:
+            arg = tuple(ratio[:, a:b].reshape(B, *s) for a, b, s in
+                        zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
+        else:
+            arg = ratio.reshape(B, *layout.shapes[0])
+        out = torch.as_tensor(norm.user_norm(arg), dtype=ratio.dtype, device=ratio.device)
+        if out.shape != (B,):
+            raise ODEFuncError(f"the error norm (options['norm']) must return one value per "
+                               f"sample, shape ({B},), in per_sample mode; got shape "
+                               f"{tuple(out.shape)}")
+        return out.to(torch.float64)
+    if not norm.mixed:
+        v = torch.linalg.vector_norm(ratio, dim=1).to(torch.float64) * norm.inv_sqrt_n
+    else:
+        offs = norm.layout.offsets
+        v = torch.stack([torch.linalg.vector_norm(ratio[:, a:b], dim=1) / math.sqrt(b - a)
+                         for a, b in itertools.pairwise(offs) if b > a], 1).amax(1)
+        v = v.to(torch.float64)
+    return v if factor is None else v * factor.abs()
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """math.ulp of a non-negative float64 tensor."""
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
+
+
+def initial_step(rhs, t0, y0, f0, direction, order: int, norm) -> torch.Tensor:
+    """``controllers.initial_step`` per row: (B,) signed steps, nan where the error norm is
+    not finite at the start. One extra (batched) evaluation of f."""
+    scale = norm.scale(y0.abs())
+    d0 = row_norm(norm, y0, scale)
+    d1 = row_norm(norm, f0, scale)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, 1e-6, 0.01 * d0 / d1)
+    h0 = torch.where(torch.isfinite(h0), h0, 1e-6)
+    y1 = y0 + ((direction * h0)[:, None] * f0).to(y0.dtype) if y0.dtype != torch.float64 \
+        else y0 + (direction * h0)[:, None] * f0
+    f1 = rhs(t0 + direction * h0, y1)
+    d2 = row_norm(norm, f1 - f0, scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                     (0.01 / dmax) ** (1.0 / (order + 1)))
+    h = direction * torch.minimum(100 * h0, h1)
+    h = torch.where(torch.isfinite(d2), h, direction * h0 * 1e-3)
+    return torch.where(torch.isfinite(d0) & torch.isfinite(d1), h, math.nan)
+
+
+class BatchedPID:
+    """``controllers._PIDRun`` with (B,) tensors: per-sample error ratio, acceptance, next
+    step and PID history."""
+
+    STRETCH = 0.1
+
+    def __init__(self, norm, error_order: int, s: dict):
+        k = error_order + 1.0
+        self.norm = norm
+        self.safety, self.ifactor, self.dfactor = s["safety"], s["ifactor"], s["dfactor"]
+        self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
+        self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
+        self.b2 = -(s["pcoeff"] + 2 * s["dcoeff"]) / k
+        self.b3 = s["dcoeff"] / k
+        self.error_order = error_order
+
+    def clamp(self, h, direction):
+        return direction * h.abs().clamp(min=self.min_step).clamp(max=self.max_step)
+
+    def start(self, rhs, t0, y0, f0, direction) -> torch.Tensor:
+        B = y0.shape[0]
+        self.absy = y0.detach().abs()
+        self.prev1 = torch.ones(B, dtype=torch.float64, device=y0.device)
+        self.prev2 = self.prev1.clone()
+        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=y0.device)
+        if self.first is not None:
+            return self.clamp(torch.full_like(t0, self.first), direction)
+        with torch.no_grad():
+            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, self.error_order,
+                             self.norm)
+        return torch.where(torch.isfinite(h), self.clamp(h, direction), h)
+
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (the batch shrinks)."""
+        self.absy, self.prev1, self.prev2 = self.absy[idx], self.prev1[idx], self.prev2[idx]
+        self.nonfinite = self.nonfinite[idx]
+
+    def judge(self, y1, err, h, direction, live):
+        """(accept, next step) per row for attempts of sizes h; ``live``: rows that ran."""
+        absy1 = y1.detach().abs()
+        ratio = row_norm(self.norm, err, self.norm.scale(torch.maximum(self.absy, absy1)), h)
+        finite = torch.isfinite(ratio)
+        accept = finite & ((ratio <= 1.0) | (h.abs() <= self.min_step)) & live
+        f = self.safety * ratio ** (-self.b1)
+        if self.b2:
+            f = f * self.prev1 ** (-self.b2)
+        if self.b3:
+            f = f * self.prev2 ** (-self.b3)
+        f = torch.where(ratio == 0.0, self.ifactor, f)
+        f_acc = f.clamp(min=1.0).clamp(max=self.ifactor)
+        f_rej = (self.safety * ratio ** (-self.b1)).clamp(min=self.dfactor).clamp(max=0.999)
+        h_next = self.clamp(h * torch.where(accept, f_acc, f_rej), direction)
+        # a nan/inf error: shrink by dfactor (nan when already at min_step: the driver stops)
+        h_bad = torch.where(h.abs() <= self.min_step, math.nan,
+                            self.clamp(h * self.dfactor, direction))
+        h_next = torch.where(finite, h_next, h_bad)
+        self.nonfinite = torch.where(live, ~finite, self.nonfinite)
+        self.prev2 = torch.where(accept, self.prev1, self.prev2)
+        self.prev1 = torch.where(accept, ratio.clamp(min=1e-10), self.prev1)
+        self.absy = torch.where(accept[:, None], absy1, self.absy)
+        return accept, h_next
+
+
+# ----------------------------------------------------------------------------------------
+# the batched RK stepper
+# ----------------------------------------------------------------------------------------
+
+
+class BatchedRKStepper:
+    """One step of an explicit RK method for every row, each with its own t and h."""
+
+    def __init__(self, tab: ButcherTableau, linear: bool = False):
+        self.tab, self.linear = tab, linear
+        self.s = tab.stages
+        self.s_ext = tab.dense.shape[0]
+        self.degree = tab.dense.shape[1]
+        self.fsal = tab.fsal
+        self.order, self.error_order = tab.order, tab.error_order
+        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
+
+    def start(self, rhs, y0, f0, graph: bool) -> None:
+        self.rhs, self.graph = rhs, graph
+        self.a_rows, self.b, self.b_err, dense_t = _tensor_coefficients(
+            self.tab, y0.dtype, y0.device)
+        self.dense_t = dense_t
+        self.b_nz_idx = [j for j, _ in self.b_nz]
+        if graph:
+            self.ks = [f0]
+            self.f0 = f0
+            return
+        self.K = torch.empty(self.s_ext, *y0.shape, dtype=y0.dtype, device=y0.device)
+        self.K[0].copy_(f0)
+
+    def take(self, idx) -> None:
+        if self.graph:
+            self.f0 = self.f0[idx]
+            self.ks = [k[idx] for k in self.ks]
+        else:
+            self.K = self.K[:, idx]
+
+    def _comb(self, terms, ks):
+        out = None
+        for j, a in terms:
+            out = ks[j] * a if out is None else torch.add(out, ks[j], alpha=a)
+        return out
+
+    def step(self, t, y, h) -> torch.Tensor:
+        hc = h.to(y.dtype)[:, None]
+        rhs, c = self.rhs, self.c
+        if self.graph:
+            ks = [self.f0]
+            yi = y
+            for i in range(1, self.s):
+                comb = self._comb(self.a_nz[i], ks)
+                yi = y + hc * comb if comb is not None else y
+                ks.append(rhs(t + c[i] * h, yi))
+            self.ks = ks
+            y1 = yi if self.fsal else y + hc * self._comb(self.b_nz, ks)
+            self.y1 = y1
+            return y1
+        K = self.K
+        yi = y
+        for i in range(1, self.s):
+            comb = torch.tensordot(self.a_rows[i], K[:i], dims=1)
+            yi = torch.addcmul(y, hc, comb)
+            K[i].copy_(rhs(t + c[i] * h, yi))
+        if not self.fsal:
+            yi = torch.addcmul(y, hc, torch.tensordot(self.b, K[:self.s], dims=1))
+        self.y1 = yi
+        return yi
+
+    def error(self) -> torch.Tensor:
+        """sum_i b_err_i k_i per row (the local error is h times this)."""
+        with torch.no_grad():
+            if self.graph:
+                return torch.tensordot(self.b_err, torch.stack(self.ks[:self.s]), dims=1)
+            return torch.tensordot(self.b_err, self.K[:self.s], dims=1)
+
+    def finish(self, t1, y1) -> None:
+        """After the attempt: f(t1, y1) as the extended stage (non-FSAL methods; for every
+        row, as the scalar loop evaluates it after every accepted step)."""
+        if self.fsal:
+            return
+        f1 = self.rhs(t1, y1)
+        if self.graph:
+            self.ks.append(f1)
+        else:
+            self.K[self.s_ext - 1].copy_(f1)
+
+    def interpolate(self, y, y1, h, theta) -> torch.Tensor:
+        """(B, n) states at t + theta h (theta: (B,) float64) on each row's last step."""
+        if self.linear:
+            return y + theta.to(y.dtype)[:, None] * (y1 - y)
+        powers = theta[:, None] ** torch.arange(1, self.degree + 1, device=theta.device,
+                                                dtype=torch.float64)
+        w = (powers @ self.dense_t).to(y.dtype)  # (B, s_ext)
+        K = torch.stack(self.ks[:self.s_ext]) if self.graph else self.K
+        comb = torch.einsum("bs,sbn->bn", w, K)
+        return torch.addcmul(y, h.to(y.dtype)[:, None], comb)
+
+    def advance(self, accept) -> None:
+        """The accepted rows' f(t1, y1) becomes their next first stage."""
+        if self.graph:
+            self.f0 = torch.where(accept[:, None], self.ks[self.s_ext - 1], self.f0)
+            return
+        K = self.K
+        K[0].copy_(torch.where(accept[:, None], K[self.s_ext - 1], K[0]))
+
+
+# ----------------------------------------------------------------------------------------
+# fixed grids
+# ----------------------------------------------------------------------------------------
+
+
+class BatchedGrid:
+    """Per-sample fixed grids: the output times (``step_size`` None) or t0 + k h, ending
+    exactly at each sample's last output time."""
+
+    def __init__(self, ts: torch.Tensor, step_size: float | None):
+        self.ts = ts
+        t0, t1 = ts[:, 0], ts[:, -1]
+        if step_size is None:
+            self.h = None
+            self.n = torch.full_like(t0, ts.shape[1] - 1, dtype=torch.long)
+        else:
+            span = t1 - t0
+            self.h = torch.copysign(torch.full_like(t0, float(step_size)), span)
+            steps = span.abs() / float(step_size) * (1 - 1e-12)
+            self.n = torch.ceil(steps).clamp(min=1).to(torch.long)
+        self.t0, self.t1 = t0, t1
+
+    def point(self, k: torch.Tensor) -> torch.Tensor:
+        """Grid point k of every row (its last point for k >= n)."""
+        if self.h is None:
+            return self.ts.gather(1, k.clamp(max=self.ts.shape[1] - 1)[:, None])[:, 0]
+        return torch.where(k >= self.n, self.t1, self.t0 + self.h * k)
+
+    def take(self, idx) -> None:
+        self.ts, self.n, self.t0, self.t1 = self.ts[idx], self.n[idx], self.t0[idx], self.t1[idx]
+        if self.h is not None:
+            self.h = self.h[idx]
+
+
+# ----------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchedResult:
+    ys: torch.Tensor  # (T, B, n); NaN at the output times a failed sample did not reach
+    status: torch.Tensor  # (B,) int codes
+    t_final: torch.Tensor  # (B,) float64
+    y_final: torch.Tensor  # (B, n)
+    n_accepted: torch.Tensor
+    n_rejected: torch.Tensor
+    reached: torch.Tensor  # (B,) number of outputs written (the first is y0)
+
+
+def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
+    out = []
+    for b, (code, tf) in enumerate(zip(res.status.tolist(), res.t_final.tolist())):
+        if code == MAX_STEPS:
+            out.append(f"{name}: sample {b}: max_num_steps={max_num_steps} exceeded at "
+                       f"t={tf:.10g}; raise options['max_num_steps'], loosen rtol/atol, or use "
+                       f"a method suited to the problem")
+        elif code == STEP_SIZE:
+            out.append(f"{name}: sample {b}: step size underflow at t={tf:.17g} (the error "
+                       f"could not be controlled, or the error norm was not finite at the "
+                       f"start: atol=0 with y0 = 0?); the problem may be stiff or the "
+                       f"solution may blow up")
+        elif code == NONFINITE:
+            out.append(f"{name}: sample {b}: the ODE's derivative or state became non-finite "
+                       f"(nan/inf) after t={tf:.10g}; check func for overflow, division by "
+                       f"zero or a blow-up of the solution")
+        else:
+            out.append("")
+    return out
+
+
+def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepper, controller,
+                      *, max_num_steps: int, throw: bool = True, name: str = "",
+                      shrink: float | None = None, sync_counter: list | None = None
+                      ) -> tuple[BatchedResult, list[str]]:
+    """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
+
+    ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
+    ``sync_counter``: a list; one entry is appended per host synchronisation of the loop."""
+    B, T = ts.shape
+    n = y0.shape[1]
+    device = y0.device
+    adaptive = isinstance(controller, BatchedPID)
+    graph = torch.is_grad_enabled() and y0.requires_grad
+    dirn = torch.where(ts[:, -1] >= ts[:, 0], 1.0, -1.0).to(torch.float64)
+    if T == 1:
+        z = torch.zeros(B, dtype=torch.long, device=device)
+        return BatchedResult(y0[None], torch.full_like(z, SUCCESS), ts[:, 0].clone(), y0, z,
+                             z.clone(), torch.ones_like(z)), [""] * B
+    out = y0.new_zeros(T, B, n)
+    out[0] = y0
+    pieces = []  # (rows, status, t, y, n_acc, n_rej, i_out) of rows that left the batch
+
+    def sync(x: torch.Tensor):
+        if sync_counter is not None:
+            sync_counter.append(1)
+        return x.tolist()
+
+    # per-row running state (the batch may shrink: ``rows`` are the rows' global indices)
+    rows = torch.arange(B, device=device)
+    t = ts[:, 0].clone()
+    t_end = ts[:, -1]
+    key = ts * dirn[:, None]  # increasing in each row
+    y = y0
+    f0 = rhs(t, y)
+    status = torch.zeros(B, dtype=torch.long, device=device)
+    bad0 = ~torch.isfinite(f0.detach()).all(1)
+    status = torch.where(bad0, NONFINITE, status)
+    stepper.start(rhs, y, f0, graph)
+    if adaptive:
+        h = controller.start(rhs, t, y, f0, dirn)
+        status = torch.where((status == RUNNING) & ~torch.isfinite(h), STEP_SIZE, status)
+    else:
+        k_grid = torch.zeros(B, dtype=torch.long, device=device)
+        h = controller.point(k_grid + 1) - t
+        n_iter = int(controller.n.max())  # the one synchronisation of a fixed-grid solve
+    running = status == RUNNING
+    n_att = torch.zeros(B, dtype=torch.long, device=device)
+    n_acc = torch.zeros(B, dtype=torch.long, device=device)
+    n_rej = torch.zeros(B, dtype=torch.long, device=device)
+    i_out = torch.ones(B, dtype=torch.long, device=device)
+    m_fixed = None if adaptive else _max_outputs_per_step(controller, ts)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    pending = None  # the last step's outputs, written before the stages are overwritten
+    it = 0
+
+    def write_outputs(p, m: int):
+        y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, _ = p
+        ts_s = ts[rows_s]
+        hs = torch.where(h_s != 0, h_s, 1.0)
+        for j in range(m):
+            idx = (i0 + j).clamp(max=T - 1)
+            valid = j < cnt
+            t_o = ts_s.gather(1, idx[:, None])[:, 0]
+            theta = torch.where(valid, (t_o - t_s) / hs, 0.0)
+            val = stepper.interpolate(y_s, y1_s, h_s, theta)
+            val = torch.where((t_o == t1_s)[:, None], y1_s, val)
+            cur = out[idx, rows_s]
+            out[idx, rows_s] = torch.where(valid[:, None], val, cur)
+
+    no_outputs = torch.zeros((), dtype=torch.long, device=device)
+    while True:
+        # propose: where each running row's attempt ends, and the per-row stop checks
+        if adaptive:
+            t_try = t + h
+            t1 = torch.where(dirn * (t_end - t_try) <= BatchedPID.STRETCH * h.abs(), t_end,
+                             t_try)
+            hh = t1 - t
+            tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
+            fail_h = running & tiny
+            status = torch.where(fail_h, torch.where(controller.nonfinite, NONFINITE, STEP_SIZE),
+                                 status)
+            fail_m = running & ~tiny & (n_att >= max_num_steps)
+            status = torch.where(fail_m, MAX_STEPS, status)
+            running = status == RUNNING
+            # the one synchronisation per step: rows still running, outputs of the last step
+            n_run, m = sync(torch.stack([running.sum(), pending[5].max()
+                                         if pending is not None else no_outputs]))
+            if pending is not None:
+                if m > 0:
+                    write_outputs(pending, m)
+                stepper.advance(pending[8])
+            if n_run == 0:
+                break
+            if shrink is not None and n_run <= shrink * rows.numel():
+                idx = running.nonzero()[:, 0]
+                gone = ~running
+                pieces.append((rows[gone], status[gone], t[gone], y[gone], n_acc[gone],
+                               n_rej[gone], i_out[gone]))
+                rows, t, t_end, y, h, hh, t1 = (rows[idx], t[idx], t_end[idx], y[idx], h[idx],
+                                                hh[idx], t1[idx])
+                dirn, key, status, running = dirn[idx], key[idx], status[idx], running[idx]
+                n_att, n_acc, n_rej, i_out = n_att[idx], n_acc[idx], n_rej[idx], i_out[idx]
+                controller.take(idx)
+                stepper.take(idx)
+        else:
+            if pending is not None:
+                if m_fixed > 0:
+                    write_outputs(pending, m_fixed)
+                stepper.advance(pending[8])
+            if it >= n_iter:
+                break
+            t1 = controller.point(k_grid + 1)
+            running = running & (k_grid < controller.n)
+            hh = t1 - t
+        it += 1
+        hm = torch.where(running, hh, zero)
+        y1 = stepper.step(t, y, hm)
+        t1m = torch.where(running, t1, t)
+        if adaptive:
+            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, running)
+            n_rej = n_rej + (running & ~accept)
+        else:
+            ok = torch.isfinite(y1.detach()).all(1)
+            status = torch.where(running & ~ok, NONFINITE, status)
+            accept = running & ok
+            k_grid = k_grid + running
+        n_att = n_att + running
+        n_acc = n_acc + accept
+        stepper.finish(t1m, y1)
+        # outputs in (t, t1] of the accepted rows, written at the next synchronisation
+        upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
+        cnt = torch.where(accept, upto - i_out, 0)
+        pending = (y, y1, hm, t, t1m, cnt, i_out, rows, accept)
+        i_out = i_out + cnt
+        status = torch.where(accept & (t1m == t_end), SUCCESS, status)
+        t = torch.where(accept, t1m, t)
+        y = torch.where(accept[:, None], y1, y)
+        h = torch.where(running, h_next, h) if adaptive else hh
+        running = status == RUNNING
+    pieces.append((rows, status, t, y, n_acc, n_rej, i_out))
+    status_full = torch.zeros(B, dtype=torch.long, device=device)
+    t_final = torch.empty(B, dtype=torch.float64, device=device)
+    n_acc_full = torch.zeros(B, dtype=torch.long, device=device)
+    n_rej_full = torch.zeros(B, dtype=torch.long, device=device)
+    reached = torch.zeros(B, dtype=torch.long, device=device)
+    y_final = y0.new_zeros(B, n)
+    for r, st, tf, yf, na, nr, io in pieces:
+        status_full[r], t_final[r], n_acc_full[r], n_rej_full[r], reached[r] = st, tf, na, nr, io
+        y_final = y_final.index_put((r,), yf)
+    mask = torch.arange(T, device=device)[:, None] < reached[None, :]
+    ys = torch.where(mask[:, :, None], out, math.nan)
+    res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached)
+    msgs = _messages(res, name, max_num_steps)
+    if throw:
+        bad = [b for b, s in enumerate(res.status.tolist()) if s in _ERRORS]
+        if bad:
+            code = int(res.status[bad[0]])
+            more = f" ({len(bad)} of {B} samples failed)" if len(bad) > 1 else ""
+            raise _ERRORS[code](msgs[bad[0]] + more)
+    return res, msgs
+
+
+def _max_outputs_per_step(grid: BatchedGrid, ts: torch.Tensor) -> int:
+    """The most output times any row has in one step of its fixed grid (computed once)."""
+    if grid.h is None:
+        return 1
+    n_max = int(grid.n.max())
+    k = torch.arange(n_max + 1, device=ts.device)
+    pts = torch.where(k[None, :] >= grid.n[:, None], grid.t1[:, None],
+                      grid.t0[:, None] + grid.h[:, None] * k[None, :])
+    dirn = torch.where(grid.t1 >= grid.t0, 1.0, -1.0).to(torch.float64)[:, None]
+    # step of each output: the first grid point at or beyond it
+    step = torch.searchsorted((pts * dirn).contiguous(), (ts[:, 1:] * dirn).contiguous())
+    counts = torch.zeros(ts.shape[0], n_max + 2, dtype=torch.long, device=ts.device)
+    counts.scatter_add_(1, step, torch.ones_like(step))
+    return int(counts.max())
