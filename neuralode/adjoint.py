@@ -297,7 +297,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False):
+                   return_stats: bool = False, per_sample: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
     ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
@@ -316,7 +316,19 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             parameters of ``func``, which must then be an ``nn.Module``, that require grad).
         return_stats: also return an ``AdjointStats``; its ``backward`` field is filled
             with the backward-solve statistics once ``.backward()`` has run.
+        per_sample: y0 is a batch (B, ...) of independent problems (see ``odeint``): the
+            backward solve is per sample too, the parameter gradient is summed over samples
+            (``neuralode.per_sample.odeint_adjoint_per_sample``).
     """
+    if per_sample:
+        if event_fn is not None:
+            raise ODEInputError("event_fn is not supported with per_sample=True")
+        from neuralode.per_sample import odeint_adjoint_per_sample
+        return odeint_adjoint_per_sample(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+            adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options, adjoint_params=adjoint_params,
+            return_stats=return_stats)
     params = _find_params(func, adjoint_params)
     method_name, opts = _resolve_method(method, options)
     if adjoint_method is None:

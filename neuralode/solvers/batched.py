@@ -211,7 +211,7 @@ class BatchedPID:
 
     def __init__(self, norm, error_order: int, s: dict):
         k = error_order + 1.0
-        self.norm = norm
+        self.norm, self.settings = norm, s
         self.safety, self.ifactor, self.dfactor = s["safety"], s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
         self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
@@ -222,12 +222,14 @@ class BatchedPID:
     def clamp(self, h, direction):
         return direction * h.abs().clamp(min=self.min_step).clamp(max=self.max_step)
 
-    def start(self, rhs, t0, y0, f0, direction) -> torch.Tensor:
+    def start(self, rhs, t0, y0, f0, direction, h0=None) -> torch.Tensor:
         B = y0.shape[0]
         self.absy = y0.detach().abs()
         self.prev1 = torch.ones(B, dtype=torch.float64, device=y0.device)
         self.prev2 = self.prev1.clone()
         self.nonfinite = torch.zeros(B, dtype=torch.bool, device=y0.device)
+        if h0 is not None:
+            return self.clamp(h0, direction)
         if self.first is not None:
             return self.clamp(torch.full_like(t0, self.first), direction)
         with torch.no_grad():
@@ -420,6 +422,7 @@ class BatchedResult:
     n_accepted: torch.Tensor
     n_rejected: torch.Tensor
     reached: torch.Tensor  # (B,) number of outputs written (the first is y0)
+    h_next: torch.Tensor | None = None  # (B,) the step each sample would take next
 
 
 def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
@@ -445,12 +448,16 @@ def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
 
 def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepper, controller,
                       *, max_num_steps: int, throw: bool = True, name: str = "",
-                      shrink: float | None = None, sync_counter: list | None = None
+                      shrink: float | None = None, sync_counter: list | None = None,
+                      h0: torch.Tensor | None = None, on_step: Callable | None = None
                       ) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
-    ``sync_counter``: a list; one entry is appended per host synchronisation of the loop."""
+    ``sync_counter``: a list; one entry is appended per host synchronisation of the loop.
+    ``h0``: (B,) first step sizes (adaptive; default: Hairer's estimate).
+    ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
+    moves on (the adjoint's parameter quadrature reads the attempt's stages there)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -482,7 +489,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     status = torch.where(bad0, NONFINITE, status)
     stepper.start(rhs, y, f0, graph)
     if adaptive:
-        h = controller.start(rhs, t, y, f0, dirn)
+        h = controller.start(rhs, t, y, f0, dirn, h0)
         status = torch.where((status == RUNNING) & ~torch.isfinite(h), STEP_SIZE, status)
     else:
         k_grid = torch.zeros(B, dtype=torch.long, device=device)
@@ -540,7 +547,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                 idx = running.nonzero()[:, 0]
                 gone = ~running
                 pieces.append((rows[gone], status[gone], t[gone], y[gone], n_acc[gone],
-                               n_rej[gone], i_out[gone]))
+                               n_rej[gone], i_out[gone], h[gone]))
                 rows, t, t_end, y, h, hh, t1 = (rows[idx], t[idx], t_end[idx], y[idx], h[idx],
                                                 hh[idx], t1[idx])
                 dirn, key, status, running = dirn[idx], key[idx], status[idx], running[idx]
@@ -571,6 +578,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             k_grid = k_grid + running
         n_att = n_att + running
         n_acc = n_acc + accept
+        if on_step is not None:
+            on_step(t, y, hm, accept, stepper)
         stepper.finish(t1m, y1)
         # outputs in (t, t1] of the accepted rows, written at the next synchronisation
         upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
@@ -582,19 +591,22 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         y = torch.where(accept[:, None], y1, y)
         h = torch.where(running, h_next, h) if adaptive else hh
         running = status == RUNNING
-    pieces.append((rows, status, t, y, n_acc, n_rej, i_out))
+    pieces.append((rows, status, t, y, n_acc, n_rej, i_out, h))
     status_full = torch.zeros(B, dtype=torch.long, device=device)
     t_final = torch.empty(B, dtype=torch.float64, device=device)
     n_acc_full = torch.zeros(B, dtype=torch.long, device=device)
     n_rej_full = torch.zeros(B, dtype=torch.long, device=device)
     reached = torch.zeros(B, dtype=torch.long, device=device)
+    h_final = torch.empty(B, dtype=torch.float64, device=device)
     y_final = y0.new_zeros(B, n)
-    for r, st, tf, yf, na, nr, io in pieces:
+    for r, st, tf, yf, na, nr, io, hf in pieces:
         status_full[r], t_final[r], n_acc_full[r], n_rej_full[r], reached[r] = st, tf, na, nr, io
+        h_final[r] = hf
         y_final = y_final.index_put((r,), yf)
     mask = torch.arange(T, device=device)[:, None] < reached[None, :]
     ys = torch.where(mask[:, :, None], out, math.nan)
-    res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached)
+    res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
+                        h_final)
     msgs = _messages(res, name, max_num_steps)
     if throw:
         bad = [b for b, s in enumerate(res.status.tolist()) if s in _ERRORS]
