@@ -44,11 +44,12 @@ ADAPTIVE = [("dopri5", 1e-12), ("tsit5", 1e-12), ("bosh3", 1e-12), ("fehlberg2",
 @pytest.mark.parametrize("method,tol", ADAPTIVE)
 def test_each_sample_equals_its_solo_solve(method, tol):
     rtol = {"bosh3": 1e-5, "fehlberg2": 1e-4, "adaptive_heun": 1e-3}.get(method, 1e-7)
-    sol = solve(vdp(MU), Y0, T, rtol=rtol, atol=1e-9, method=method, per_sample=True)
-    assert sol.ys.shape == (len(T), B, 2)
+    t = T if method != "adaptive_heun" else T[:4]
+    sol = solve(vdp(MU), Y0, t, rtol=rtol, atol=1e-9, method=method, per_sample=True)
+    assert sol.ys.shape == (len(t), B, 2)
     assert sol.status == ["success"] * B
     for b in range(B):
-        ref = solo(method, b, T, rtol=rtol, atol=1e-9)
+        ref = solo(method, b, t, rtol=rtol, atol=1e-9)
         assert rel_diff(sol.ys[:, b], ref.ys) < tol
         assert int(sol.stats.n_accepted[b]) == ref.stats.n_accepted
         assert int(sol.stats.n_rejected[b]) == ref.stats.n_rejected
@@ -71,7 +72,7 @@ def test_fixed_grid_sample_equals_solo(method, options):
 def test_adams_sample_by_sample(method):
     # the Adams methods run sample by sample: func sees a batch of one
     f = vdp(torch.tensor(2.0, dtype=torch.float64))
-    opts = {"step_size": 0.02}
+    opts = {"step_size": 0.05}
     sol = solve(f, Y0, T, method=method, options=opts, per_sample=True)
     for b in range(B):
         ref = solve(f, Y0[b], T, method=method, options=opts)
@@ -80,7 +81,7 @@ def test_adams_sample_by_sample(method):
 
 def test_per_sample_output_times_equal_solo_solves():
     g = torch.Generator().manual_seed(0)
-    ts = torch.sort(torch.rand(B, 7, generator=g, dtype=torch.float64) * 5, dim=1).values
+    ts = torch.sort(torch.rand(B, 7, generator=g, dtype=torch.float64) * 3, dim=1).values
     ts[:, 0] = torch.tensor([0.0, 0.5, -1.0, 0.0, 0.2], dtype=torch.float64)
     ts[2] = torch.flip(ts[2], [0])  # one sample integrates backwards
     for method, opts in (("dopri5", None), ("rk4", {"step_size": 0.02})):
@@ -244,7 +245,7 @@ def test_backprop_gradients_equal_solo_gradients(method, options):
 
 
 @pytest.mark.parametrize("method,options,tol", [("dopri5", None, 1e-7),
-                                                ("rk4", {"step_size": 0.02}, 1e-6)])
+                                                ("rk4", {"step_size": 0.04}, 1e-5)])
 def test_adjoint_gradients_equal_solo_gradients(method, options, tol):
     net, f, y0, ts, w = _mlp_problem()
     y0r = y0.clone().requires_grad_(True)
@@ -253,7 +254,7 @@ def test_adjoint_gradients_equal_solo_gradients(method, options, tol):
                                adjoint_params=tuple(net.parameters()))
     got = torch.autograd.grad((ys * w).sum(), [y0r, *net.parameters()])
     # reference: backprop through tight per-sample solves
-    want = _solo_grads(net, f, y0, ts, w, rtol=1e-11, atol=1e-12)
+    want = _solo_grads(net, f, y0, ts, w, rtol=1e-10, atol=1e-11)
     for a, c in zip(got, want):
         assert float((a - c).abs().max() / c.abs().max()) < tol
     back = stats.extra["backward"]
