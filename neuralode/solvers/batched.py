@@ -355,15 +355,16 @@ class BatchedRKStepper:
             self.K[self.s_ext - 1].copy_(f1)
 
     def interpolate(self, y, y1, h, theta) -> torch.Tensor:
-        """(B, n) states at t + theta h (theta: (B,) float64) on each row's last step."""
+        """(B, m, n) states at t + theta h (theta: (B, m) float64) on each row's last
+        step."""
         if self.linear:
-            return y + theta.to(y.dtype)[:, None] * (y1 - y)
-        powers = theta[:, None] ** torch.arange(1, self.degree + 1, device=theta.device,
-                                                dtype=torch.float64)
-        w = (powers @ self.dense_t).to(y.dtype)  # (B, s_ext)
+            return y[:, None] + theta.to(y.dtype)[..., None] * (y1 - y)[:, None]
+        powers = theta[..., None] ** torch.arange(1, self.degree + 1, device=theta.device,
+                                                  dtype=torch.float64)
+        w = (powers @ self.dense_t).to(y.dtype)  # (B, m, s_ext)
         K = torch.stack(self.ks[:self.s_ext]) if self.graph else self.K
-        comb = torch.einsum("bs,sbn->bn", w, K)
-        return torch.addcmul(y, h.to(y.dtype)[:, None], comb)
+        comb = torch.einsum("bms,sbn->bmn", w, K)
+        return torch.addcmul(y[:, None], h.to(y.dtype)[:, None, None], comb)
 
     def advance(self, accept) -> None:
         """The accepted rows' f(t1, y1) becomes their next first stage."""
@@ -468,7 +469,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         z = torch.zeros(B, dtype=torch.long, device=device)
         return BatchedResult(y0[None], torch.full_like(z, SUCCESS), ts[:, 0].clone(), y0, z,
                              z.clone(), torch.ones_like(z)), [""] * B
-    out = y0.new_zeros(T, B, n)
+    out = y0.new_zeros(T + 1, B, n)  # row T takes the writes of absent outputs
     out[0] = y0
     pieces = []  # (rows, status, t, y, n_acc, n_rej, i_out) of rows that left the batch
 
@@ -506,18 +507,18 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     it = 0
 
     def write_outputs(p, m: int):
+        """The outputs in each row's last step, all at once: (B, m) step fractions, one
+        interpolation, one indexed write (entries past a row's count go to a spare row T)."""
         y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, _ = p
-        ts_s = ts[rows_s]
-        hs = torch.where(h_s != 0, h_s, 1.0)
-        for j in range(m):
-            idx = (i0 + j).clamp(max=T - 1)
-            valid = j < cnt
-            t_o = ts_s.gather(1, idx[:, None])[:, 0]
-            theta = torch.where(valid, (t_o - t_s) / hs, 0.0)
-            val = stepper.interpolate(y_s, y1_s, h_s, theta)
-            val = torch.where((t_o == t1_s)[:, None], y1_s, val)
-            cur = out[idx, rows_s]
-            out[idx, rows_s] = torch.where(valid[:, None], val, cur)
+        j = torch.arange(m, device=device)[None, :]
+        valid = j < cnt[:, None]
+        idx = torch.where(valid, i0[:, None] + j, T)
+        t_o = ts[rows_s].gather(1, idx.clamp(max=T - 1))
+        hs = torch.where(h_s != 0, h_s, 1.0)[:, None]
+        theta = torch.where(valid, (t_o - t_s[:, None]) / hs, 0.0)
+        val = stepper.interpolate(y_s, y1_s, h_s, theta)
+        val = torch.where((t_o == t1_s[:, None])[..., None], y1_s[:, None], val)
+        out.index_put_((idx, rows_s[:, None].expand(-1, m)), val)
 
     no_outputs = torch.zeros((), dtype=torch.long, device=device)
     while True:
@@ -604,7 +605,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         h_final[r] = hf
         y_final = y_final.index_put((r,), yf)
     mask = torch.arange(T, device=device)[:, None] < reached[None, :]
-    ys = torch.where(mask[:, :, None], out, math.nan)
+    ys = torch.where(mask[:, :, None], out[:T], math.nan)
     res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
                         h_final)
     msgs = _messages(res, name, max_num_steps)
