@@ -259,3 +259,23 @@ def test_adjoint_gradients_equal_solo_gradients(method, options, tol):
         assert float((a - c).abs().max() / c.abs().max()) < tol
     back = stats.extra["backward"]
     assert back.n_accepted.shape == (4,) and bool((back.n_accepted > 0).all())
+
+
+def test_one_host_synchronisation_per_adaptive_step():
+    from neuralode.per_sample import solve_per_sample
+    syncs = []
+    sol = solve_per_sample(vdp(MU), Y0, T, method="dopri5", sync_counter=syncs)
+    # one per attempt of the slowest sample, plus the check that finds nothing running
+    assert len(syncs) == int(sol.stats.n_steps.max()) + 1
+
+
+def test_fixed_grid_synchronises_only_before_the_loop():
+    from neuralode.per_sample import solve_per_sample
+    counts = []
+    for h in (0.1, 0.01):
+        syncs = []
+        sol = solve_per_sample(vdp(MU[:2]), Y0[:2], T, method="rk4",
+                               options={"step_size": h}, sync_counter=syncs)
+        counts.append(len(syncs))
+        assert int(sol.stats.n_accepted[0]) == round(4.0 / h)
+    assert counts[0] == counts[1] <= 2

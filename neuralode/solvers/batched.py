@@ -495,13 +495,13 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     else:
         k_grid = torch.zeros(B, dtype=torch.long, device=device)
         h = controller.point(k_grid + 1) - t
-        n_iter = int(controller.n.max())  # the one synchronisation of a fixed-grid solve
+        n_iter = sync(controller.n.max())  # fixed grids: synchronised before the loop only
     running = status == RUNNING
     n_att = torch.zeros(B, dtype=torch.long, device=device)
     n_acc = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
     i_out = torch.ones(B, dtype=torch.long, device=device)
-    m_fixed = None if adaptive else _max_outputs_per_step(controller, ts)
+    m_fixed = None if adaptive else _max_outputs_per_step(controller, ts, n_iter, sync)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     pending = None  # the last step's outputs, written before the stages are overwritten
     it = 0
@@ -618,11 +618,10 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     return res, msgs
 
 
-def _max_outputs_per_step(grid: BatchedGrid, ts: torch.Tensor) -> int:
+def _max_outputs_per_step(grid: BatchedGrid, ts: torch.Tensor, n_max: int, sync) -> int:
     """The most output times any row has in one step of its fixed grid (computed once)."""
     if grid.h is None:
         return 1
-    n_max = int(grid.n.max())
     k = torch.arange(n_max + 1, device=ts.device)
     pts = torch.where(k[None, :] >= grid.n[:, None], grid.t1[:, None],
                       grid.t0[:, None] + grid.h[:, None] * k[None, :])
@@ -631,4 +630,4 @@ def _max_outputs_per_step(grid: BatchedGrid, ts: torch.Tensor) -> int:
     step = torch.searchsorted((pts * dirn).contiguous(), (ts[:, 1:] * dirn).contiguous())
     counts = torch.zeros(ts.shape[0], n_max + 2, dtype=torch.long, device=ts.device)
     counts.scatter_add_(1, step, torch.ones_like(step))
-    return int(counts.max())
+    return sync(counts.max())
