@@ -20,6 +20,9 @@ so a sample's result and step counts do not depend on the rest of the batch.
 * ``throw=False`` (``solve``): a failing sample (max steps, step-size underflow, non-finite
   state) stops alone with its status; its outputs after the failure are NaN; the others
   are unaffected.
+* ``options={"compile": True}``: the step (RK stages + controller + per-row bookkeeping)
+  runs under ``torch.compile(fullgraph=True)`` (compiled per solve: worth it for long
+  solves; ``func`` must be traceable).
 * ``options={"shrink": q}`` (q in (0, 1]): when the running samples are at most the fraction
   q of the current batch, the batch is compacted to them (``func`` then sees fewer rows;
   it must accept any batch size). Default: no compaction (finished rows are masked: they
@@ -55,7 +58,7 @@ from neuralode.solvers.batched import (
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.methods import SOLVERS, AdaptiveRK, FixedGridRK, controller_or_default
 
-PER_SAMPLE_OPTIONS = {"time_arg": "batch", "shrink": None}
+PER_SAMPLE_OPTIONS = {"time_arg": "batch", "shrink": None, "compile": False}
 UNSUPPORTED = {"step_t": None, "jump_t": None, "perturb": False, "grid_constructor": None}
 
 __all__ = ["PerSampleSolution", "PerSampleStats", "odeint_per_sample", "solve_per_sample"]
@@ -214,8 +217,10 @@ def prepare_per_sample(func, y0, t, *, rtol, atol, method, options) -> _Prepared
     elif issubclass(cls, FixedGridRK):
         stepper = BatchedRKStepper(cls.tableau, linear=opts["interp"] == "linear")
         controller = BatchedGrid(ts, opts["step_size"])
-    return _Prepared(rhs, layout, y0_flat, ts, stepper, controller, opts, name, stats, B,
-                     shrink, adams, norm)
+    p = _Prepared(rhs, layout, y0_flat, ts, stepper, controller, opts, name, stats, B,
+                  shrink, adams, norm)
+    p.compile_step = bool(ps["compile"])
+    return p
 
 
 def _unflatten(layout: StateLayout, y: torch.Tensor):
@@ -235,7 +240,8 @@ def run_per_sample(p: _Prepared, y0_flat: torch.Tensor | None = None, *, throw: 
         return _run_sample_by_sample(p, y0_flat, throw)
     res, msgs = integrate_batched(p.rhs, y0_flat, p.ts, p.stepper, p.controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
-                                  name=p.name, shrink=p.shrink, sync_counter=sync_counter)
+                                  name=p.name, shrink=p.shrink, sync_counter=sync_counter,
+                                  compile_step=p.compile_step)
     st = p.stats
     st.n_accepted, st.n_rejected = res.n_accepted, res.n_rejected
     st.status = [STATUS_NAMES[c] for c in res.status.tolist()]
@@ -465,7 +471,8 @@ def odeint_adjoint_per_sample(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
         raise ODEInputError("adjoint_options['norm'] is not supported with per_sample=True "
                             "(the backward error norm is the max of the RMS norms of y and "
                             "its adjoint per sample)")
-    adjoint_options = {k: v for k, v in adjoint_options.items() if k != "shrink"}
+    adjoint_options = {k: v for k, v in adjoint_options.items()
+                       if k not in ("shrink", "compile")}
     a_rtol = rtol if adjoint_rtol is None else adjoint_rtol
     a_atol = atol if adjoint_atol is None else adjoint_atol
     # the backward problem, validated before the forward solve

@@ -450,15 +450,17 @@ def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
 def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepper, controller,
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
-                      h0: torch.Tensor | None = None, on_step: Callable | None = None
-                      ) -> tuple[BatchedResult, list[str]]:
+                      h0: torch.Tensor | None = None, on_step: Callable | None = None,
+                      compile_step: bool = False) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
     ``sync_counter``: a list; one entry is appended per host synchronisation of the loop.
     ``h0``: (B,) first step sizes (adaptive; default: Hairer's estimate).
     ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
-    moves on (the adjoint's parameter quadrature reads the attempt's stages there)."""
+    moves on (the adjoint's parameter quadrature reads the attempt's stages there).
+    ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
+    under ``torch.compile(fullgraph=True)``."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -521,23 +523,63 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         out.index_put_((idx, rows_s[:, None].expand(-1, m)), val)
 
     no_outputs = torch.zeros((), dtype=torch.long, device=device)
-    while True:
-        # propose: where each running row's attempt ends, and the per-row stop checks
+
+    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out):
+        """Where each running row's attempt ends, the per-row stop checks, and the values
+        of the step's one synchronisation (rows running, outputs of the last step)."""
+        t_try = t + h
+        t1 = torch.where(dirn * (t_end - t_try) <= BatchedPID.STRETCH * h.abs(), t_end, t_try)
+        hh = t1 - t
+        tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
+        status = torch.where(running & tiny, torch.where(nonfinite, NONFINITE, STEP_SIZE),
+                             status)
+        status = torch.where(running & ~tiny & (n_att >= max_num_steps), MAX_STEPS, status)
+        running = status == RUNNING
+        return t1, hh, status, running, torch.stack([running.sum(), n_out.max()])
+
+    def attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc, n_rej,
+                i_out, k_grid):
+        """One attempt of every running row: the stepper's step, the controller's verdict,
+        and the per-row bookkeeping (no host synchronisation)."""
+        hm = torch.where(running, hh, zero)
+        y1 = stepper.step(t, y, hm)
+        t1m = torch.where(running, t1, t)
         if adaptive:
-            t_try = t + h
-            t1 = torch.where(dirn * (t_end - t_try) <= BatchedPID.STRETCH * h.abs(), t_end,
-                             t_try)
-            hh = t1 - t
-            tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
-            fail_h = running & tiny
-            status = torch.where(fail_h, torch.where(controller.nonfinite, NONFINITE, STEP_SIZE),
-                                 status)
-            fail_m = running & ~tiny & (n_att >= max_num_steps)
-            status = torch.where(fail_m, MAX_STEPS, status)
-            running = status == RUNNING
-            # the one synchronisation per step: rows still running, outputs of the last step
-            n_run, m = sync(torch.stack([running.sum(), pending[5].max()
-                                         if pending is not None else no_outputs]))
+            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, running)
+            n_rej = n_rej + (running & ~accept)
+        else:
+            ok = torch.isfinite(y1.detach()).all(1)
+            status = torch.where(running & ~ok, NONFINITE, status)
+            accept = running & ok
+            k_grid = k_grid + running
+            h_next = hh
+        n_att = n_att + running
+        n_acc = n_acc + accept
+        stepper.finish(t1m, y1)
+        # outputs in (t, t1] of the accepted rows, written at the next synchronisation
+        upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
+        cnt = torch.where(accept, upto - i_out, 0)
+        i_new = i_out + cnt
+        status = torch.where(accept & (t1m == t_end), SUCCESS, status)
+        t_new = torch.where(accept, t1m, t)
+        y_new = torch.where(accept[:, None], y1, y)
+        h = torch.where(running, h_next, h) if adaptive else hh
+        return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == RUNNING, n_att,
+                n_acc, n_rej, i_new, k_grid)
+
+    if compile_step:
+        propose = torch.compile(propose, fullgraph=True, dynamic=False)
+        attempt = torch.compile(attempt, fullgraph=True, dynamic=False)
+    if not adaptive:
+        k_grid_ = k_grid
+    else:
+        k_grid_ = torch.zeros((), dtype=torch.long, device=device)
+    while True:
+        if adaptive:
+            t1, hh, status, running, flags = propose(
+                t, h, t_end, dirn, running, status, n_att, controller.nonfinite,
+                pending[5] if pending is not None else no_outputs)
+            n_run, m = sync(flags)  # the one synchronisation per step
             if pending is not None:
                 if m > 0:
                     write_outputs(pending, m)
@@ -562,36 +604,17 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                 stepper.advance(pending[8])
             if it >= n_iter:
                 break
-            t1 = controller.point(k_grid + 1)
-            running = running & (k_grid < controller.n)
+            t1 = controller.point(k_grid_ + 1)
+            running = running & (k_grid_ < controller.n)
             hh = t1 - t
         it += 1
-        hm = torch.where(running, hh, zero)
-        y1 = stepper.step(t, y, hm)
-        t1m = torch.where(running, t1, t)
-        if adaptive:
-            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, running)
-            n_rej = n_rej + (running & ~accept)
-        else:
-            ok = torch.isfinite(y1.detach()).all(1)
-            status = torch.where(running & ~ok, NONFINITE, status)
-            accept = running & ok
-            k_grid = k_grid + running
-        n_att = n_att + running
-        n_acc = n_acc + accept
+        t_old, y_old, i_old = t, y, i_out
+        (y1, hm, t1m, cnt, accept, t, y, h, status, running, n_att, n_acc, n_rej, i_out,
+         k_grid_) = attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc,
+                            n_rej, i_out, k_grid_)
         if on_step is not None:
-            on_step(t, y, hm, accept, stepper)
-        stepper.finish(t1m, y1)
-        # outputs in (t, t1] of the accepted rows, written at the next synchronisation
-        upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
-        cnt = torch.where(accept, upto - i_out, 0)
-        pending = (y, y1, hm, t, t1m, cnt, i_out, rows, accept)
-        i_out = i_out + cnt
-        status = torch.where(accept & (t1m == t_end), SUCCESS, status)
-        t = torch.where(accept, t1m, t)
-        y = torch.where(accept[:, None], y1, y)
-        h = torch.where(running, h_next, h) if adaptive else hh
-        running = status == RUNNING
+            on_step(t_old, y_old, hm, accept, stepper)
+        pending = (y_old, y1, hm, t_old, t1m, cnt, i_old, rows, accept)
     pieces.append((rows, status, t, y, n_acc, n_rej, i_out, h))
     status_full = torch.zeros(B, dtype=torch.long, device=device)
     t_final = torch.empty(B, dtype=torch.float64, device=device)
