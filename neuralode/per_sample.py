@@ -20,9 +20,10 @@ so a sample's result and step counts do not depend on the rest of the batch.
 * ``throw=False`` (``solve``): a failing sample (max steps, step-size underflow, non-finite
   state) stops alone with its status; its outputs after the failure are NaN; the others
   are unaffected.
-* ``options={"compile": True}``: the step (RK stages + controller + per-row bookkeeping)
-  runs under ``torch.compile(fullgraph=True)`` (compiled per solve: worth it for long
-  solves; ``func`` must be traceable).
+* ``options={"compile": True}`` (or a backend name, e.g. "aot_eager"): the step (RK stages
+  + controller + per-row bookkeeping) runs under ``torch.compile(fullgraph=True)``; the
+  number of evaluations of f is counted outside the compiled step. ``func`` must be
+  traceable; the first solve pays the compilation.
 * ``options={"shrink": q}`` (q in (0, 1]): when the running samples are at most the fraction
   q of the current batch, the batch is compacted to them (``func`` then sees fewer rows;
   it must accept any batch size). Default: no compaction (finished rows are masked: they
@@ -219,7 +220,7 @@ def prepare_per_sample(func, y0, t, *, rtol, atol, method, options) -> _Prepared
         controller = BatchedGrid(ts, opts["step_size"])
     p = _Prepared(rhs, layout, y0_flat, ts, stepper, controller, opts, name, stats, B,
                   shrink, adams, norm)
-    p.compile_step = bool(ps["compile"])
+    p.compile_step = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
     return p
 
 
@@ -463,7 +464,7 @@ def odeint_adjoint_per_sample(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
     from neuralode.adjoint import _find_params
     _check_no_t_grad(t)
     params = _find_params(func, adjoint_params)
-    items, is_tuple, B = _check_batch_y0(y0)
+    items, is_tuple, _ = _check_batch_y0(y0)
     adjoint_method = method if adjoint_method is None else adjoint_method
     if adjoint_options is None:
         adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}

@@ -279,3 +279,15 @@ def test_fixed_grid_synchronises_only_before_the_loop():
         counts.append(len(syncs))
         assert int(sol.stats.n_accepted[0]) == round(4.0 / h)
     assert counts[0] == counts[1] <= 2
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", {}), ("rk4", {"step_size": 0.02})])
+def test_compiled_step_equals_eager(method, options):
+    # fullgraph=True: any graph break fails; "aot_eager" traces without a C++ toolchain
+    eager = solve(vdp(MU), Y0, T, method=method, options=dict(options), per_sample=True)
+    comp = solve(vdp(MU), Y0, T, method=method, per_sample=True,
+                 options=dict(options, compile="aot_eager"))
+    assert rel_diff(comp.ys, eager.ys) < 1e-12
+    assert torch.equal(comp.stats.n_accepted, eager.stats.n_accepted)
+    assert torch.equal(comp.stats.n_rejected, eager.stats.n_rejected)
+    assert comp.stats.nfe == eager.stats.nfe

@@ -97,12 +97,14 @@ class BatchedRHS:
         self.time_arg = time_arg
         self.nan_t = torch.full((), math.nan, dtype=self.dtype, device=device)
         self.checked = False
+        self.counting = True  # off inside a compiled step (the driver counts its calls)
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        stats = self.stats
-        stats.nfe += 1
         B = y.shape[0]
-        stats.batch_rows += B
+        if self.counting:
+            stats = self.stats
+            stats.nfe += 1
+            stats.batch_rows += B
         layout = self.layout
         tt = t.to(self.dtype) if self.time_arg == "batch" else self.nan_t
         yu = y if self.user_dtype == self.dtype else y.to(self.user_dtype)
@@ -451,7 +453,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
-                      compile_step: bool = False) -> tuple[BatchedResult, list[str]]:
+                      compile_step: bool | str = False) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
@@ -460,7 +462,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
     moves on (the adjoint's parameter quadrature reads the attempt's stages there).
     ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
-    under ``torch.compile(fullgraph=True)``."""
+    under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor")."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -522,7 +524,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         val = torch.where((t_o == t1_s[:, None])[..., None], y1_s[:, None], val)
         out.index_put_((idx, rows_s[:, None].expand(-1, m)), val)
 
-    no_outputs = torch.zeros((), dtype=torch.long, device=device)
+    no_outputs = torch.zeros(B, dtype=torch.long, device=device)
 
     def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out):
         """Where each running row's attempt ends, the per-row stop checks, and the values
@@ -567,9 +569,11 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == RUNNING, n_att,
                 n_acc, n_rej, i_new, k_grid)
 
+    calls = stepper.s - 1 + (0 if stepper.fsal else 1)  # evaluations of f per attempt
     if compile_step:
-        propose = torch.compile(propose, fullgraph=True, dynamic=False)
-        attempt = torch.compile(attempt, fullgraph=True, dynamic=False)
+        backend = compile_step if isinstance(compile_step, str) else "inductor"
+        propose = torch.compile(propose, fullgraph=True, dynamic=False, backend=backend)
+        attempt = torch.compile(attempt, fullgraph=True, dynamic=False, backend=backend)
     if not adaptive:
         k_grid_ = k_grid
     else:
@@ -609,9 +613,14 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             hh = t1 - t
         it += 1
         t_old, y_old, i_old = t, y, i_out
+        if compile_step:
+            rhs.counting = False
+            rhs.stats.nfe += calls
+            rhs.stats.batch_rows += calls * y.shape[0]
         (y1, hm, t1m, cnt, accept, t, y, h, status, running, n_att, n_acc, n_rej, i_out,
          k_grid_) = attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc,
                             n_rej, i_out, k_grid_)
+        rhs.counting = True
         if on_step is not None:
             on_step(t_old, y_old, hm, accept, stepper)
         pending = (y_old, y1, hm, t_old, t1m, cnt, i_old, rows, accept)
