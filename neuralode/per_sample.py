@@ -378,7 +378,8 @@ class _ParamQuadrature:
             if i == 0:
                 zi = z
             else:
-                zi = torch.addcmul(z, hc, torch.tensordot(stepper.a_rows[i], stepper.K[:i], 1))
+                comb = torch.mv(stepper.K2[:i].t(), stepper.a_rows[i]).view(z.shape)
+                zi = torch.addcmul(z, hc, comb)
             ti = t + stepper.c[i] * h
             with torch.enable_grad():
                 f = self.frhs(ti, zi[:, :n].detach())

@@ -298,6 +298,7 @@ class BatchedRKStepper:
             self.f0 = f0
             return
         self.K = torch.empty(self.s_ext, *y0.shape, dtype=y0.dtype, device=y0.device)
+        self.K2 = self.K.view(self.s_ext, -1)  # (s_ext, B n): stage sums as one mv
         self.K[0].copy_(f0)
 
     def take(self, idx) -> None:
@@ -305,7 +306,8 @@ class BatchedRKStepper:
             self.f0 = self.f0[idx]
             self.ks = [k[idx] for k in self.ks]
         else:
-            self.K = self.K[:, idx]
+            self.K = self.K[:, idx].contiguous()
+            self.K2 = self.K.view(self.K.shape[0], -1)
 
     def _comb(self, terms, ks):
         out = None
@@ -327,14 +329,15 @@ class BatchedRKStepper:
             y1 = yi if self.fsal else y + hc * self._comb(self.b_nz, ks)
             self.y1 = y1
             return y1
-        K = self.K
+        K, K2 = self.K, self.K2
+        shape = y.shape
         yi = y
         for i in range(1, self.s):
-            comb = torch.tensordot(self.a_rows[i], K[:i], dims=1)
+            comb = torch.mv(K2[:i].t(), self.a_rows[i]).view(shape)
             yi = torch.addcmul(y, hc, comb)
             K[i].copy_(rhs(t + c[i] * h, yi))
         if not self.fsal:
-            yi = torch.addcmul(y, hc, torch.tensordot(self.b, K[:self.s], dims=1))
+            yi = torch.addcmul(y, hc, torch.mv(K2[:self.s].t(), self.b).view(shape))
         self.y1 = yi
         return yi
 
@@ -343,7 +346,7 @@ class BatchedRKStepper:
         with torch.no_grad():
             if self.graph:
                 return torch.tensordot(self.b_err, torch.stack(self.ks[:self.s]), dims=1)
-            return torch.tensordot(self.b_err, self.K[:self.s], dims=1)
+            return torch.mv(self.K2[:self.s].t(), self.b_err).view(self.K.shape[1:])
 
     def finish(self, t1, y1) -> None:
         """After the attempt: f(t1, y1) as the extended stage (non-FSAL methods; for every
