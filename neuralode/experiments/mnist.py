@@ -99,6 +99,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="step size for fixed-grid methods (euler, rk4, ...)")
     m.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None,
                    help="gradients by the adjoint method (default: on for odenet; rknet never)")
+    m.add_argument("--per-sample", action=argparse.BooleanOptionalAction, default=False,
+                   help="solve each image as its own problem (own adaptive steps): results "
+                        "independent of the batch and of how it is split across processes")
     m.add_argument("--width", type=positive_int, default=64,
                    help="channels of the convolutional models (default 64)")
     t = parser.add_argument_group("training")
@@ -149,6 +152,8 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
         options = {"step_size": config["step_size"]} if config.get("step_size") else None
         kw.update(method=config["method"], rtol=config["tol"], atol=config["tol"],
                   options=options, adjoint=config.get("adjoint"))
+        if config.get("per_sample"):
+            kw["per_sample"] = True
     return kw
 
 

@@ -144,7 +144,7 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
                      options: dict[str, Any] | None = None, adjoint: bool | None = None,
                      adjoint_method: str | None = None,
                      adjoint_options: dict[str, Any] | None = None,
-                     activation: str = "relu") -> nn.Module:
+                     activation: str = "relu", per_sample: bool = False) -> nn.Module:
     """One of :data:`MODEL_NAMES`.
 
     ``width``: channels of the conv models; ``n_blocks``: residual blocks of ``resnet``;
@@ -152,7 +152,8 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
     ``options``: the ODE block's solver (``odenet``/``rknet``). ``adjoint`` defaults to True for
     ``odenet`` and must be False (its default) for ``rknet``, whose gradients come from
     backpropagating through the solver. ``activation``: of the ODE function (see
-    :class:`ConvODEFunc`; the paper's is ``relu``).
+    :class:`ConvODEFunc`; the paper's is ``relu``). ``per_sample``: the ODE block solves
+    each image as its own problem (its result does not depend on the rest of the batch).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(MODEL_NAMES)}")
@@ -170,7 +171,8 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
         adjoint = name == "odenet"
     block = ODEBlock(ConvODEFunc(width, activation), 0.0, 1.0, method=method, rtol=rtol,
                      atol=rtol if atol is None else atol, options=options, adjoint=adjoint,
-                     adjoint_method=adjoint_method, adjoint_options=adjoint_options)
+                     adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                     per_sample=per_sample)
     return ConvClassifier(block, width)
 
 

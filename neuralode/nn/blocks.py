@@ -110,6 +110,9 @@ class NeuralODE(nn.Module):
             backpropagation through the solver's operations.
         adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: solver of the reverse
             (adjoint) solve; ``None`` means the same as the forward solve.
+        per_sample: solve each sample of the batch (first dimension of y0) as its own
+            problem (``odeint(..., per_sample=True)``): its result does not depend on the
+            rest of the batch; ``forward`` still returns ``(len(t), *y0.shape)``.
 
     ``forward(y0, t)`` returns a tensor ``(len(t), *y0.shape)`` (a tuple for tuple states).
     After each call: ``nfe_forward``, ``stats`` (the solver's ``SolverStats``); after the
@@ -120,7 +123,7 @@ class NeuralODE(nn.Module):
                  atol: float = 1e-3, options: dict[str, Any] | None = None,
                  adjoint: bool = False, adjoint_method: str | None = None,
                  adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
-                 adjoint_options: dict[str, Any] | None = None):
+                 adjoint_options: dict[str, Any] | None = None, per_sample: bool = False):
         super().__init__()
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module with forward(t, y) (an ODEFunc or any "
@@ -141,6 +144,9 @@ class NeuralODE(nn.Module):
         self.adjoint_atol = None if adjoint_atol is None else _check_tolerance(
             "adjoint_atol", adjoint_atol)
         self.adjoint_options = dict(adjoint_options) if adjoint_options else None
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
+        self.per_sample = per_sample
         self.nfe_forward = 0
         self.stats = None
 
@@ -175,10 +181,12 @@ class NeuralODE(nn.Module):
                 self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
                 options=self.options, adjoint_rtol=self.adjoint_rtol,
                 adjoint_atol=self.adjoint_atol, adjoint_method=self.adjoint_method,
-                adjoint_options=self.adjoint_options, return_stats=True)
+                adjoint_options=self.adjoint_options, return_stats=True,
+                per_sample=self.per_sample)
         else:
             ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
-                               method=self.method, options=self.options, return_stats=True)
+                               method=self.method, options=self.options, return_stats=True,
+                               per_sample=self.per_sample)
         self.stats = stats
         self.nfe_forward = self.func.nfe
         return ys
