@@ -343,8 +343,9 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
     if per_sample:
-        return _per_sample("solve", event_fn=event_fn, dense=dense)(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw)
+        return _per_sample("solve", dense=dense)(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw,
+            event_fn=event_fn)
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=options)
     t = _check_t(t)
     ts = _times(t)
@@ -436,7 +437,8 @@ EVENT_MAX_STEPS = 10**6
 def _per_sample(entry: str, event_fn=None, dense: bool = False):
     """The per-sample front door (``neuralode.per_sample``), after refusing what it lacks."""
     if event_fn is not None:
-        raise ODEInputError("event_fn is not supported with per_sample=True")
+        raise ODEInputError("odeint(..., per_sample=True) has no event mode; use "
+                            "solve(..., per_sample=True, event_fn=...) (an event per sample)")
     if dense:
         raise ODEInputError("dense=True is not supported with per_sample=True")
     from neuralode import per_sample

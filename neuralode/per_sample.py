@@ -32,7 +32,8 @@ so a sample's result and step counts do not depend on the rest of the batch.
 Methods: every explicit RK method (adaptive and fixed grid) runs batched in
 ``neuralode.solvers.batched``; the Adams methods (whose multistep history depends on each
 sample's grid) are solved sample by sample with the scalar loop (correct, not batched).
-Not supported with ``per_sample=True``: events, dense output, callbacks, the options
+Events (``solve(..., per_sample=True, event_fn=...)``): each sample stops at its own event.
+Not supported with ``per_sample=True``: dense output, callbacks, the options
 ``step_t``, ``jump_t``, ``perturb``, ``grid_constructor``, and gradients with respect to t.
 """
 
@@ -49,6 +50,7 @@ from neuralode.errors import ODEInputError
 from neuralode.solvers.base import StateLayout
 from neuralode.solvers.batched import (
     STATUS_NAMES,
+    BatchedEvent,
     BatchedGrid,
     BatchedPID,
     BatchedRHS,
@@ -82,6 +84,7 @@ class PerSampleSolution:
     message: list[str]
     t_final: torch.Tensor
     y_final: Any
+    event_t: torch.Tensor | None = None  # (B,) float64 event times (NaN: no event)
 
     @property
     def success(self) -> bool:
@@ -234,7 +237,7 @@ def _unflatten(layout: StateLayout, y: torch.Tensor):
 
 
 def run_per_sample(p: _Prepared, y0_flat: torch.Tensor | None = None, *, throw: bool = True,
-                   sync_counter: list | None = None):
+                   sync_counter: list | None = None, event_fn: Callable | None = None):
     """Run the prepared solve; returns (BatchedResult-like ys (T, B, n), status codes, ...)."""
     y0_flat = p.y0_flat if y0_flat is None else y0_flat
     if p.adams:
@@ -242,7 +245,8 @@ def run_per_sample(p: _Prepared, y0_flat: torch.Tensor | None = None, *, throw: 
     res, msgs = integrate_batched(p.rhs, y0_flat, p.ts, p.stepper, p.controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
                                   name=p.name, shrink=p.shrink, sync_counter=sync_counter,
-                                  compile_step=p.compile_step)
+                                  compile_step=p.compile_step,
+                                  event=None if event_fn is None else BatchedEvent(event_fn, p.rhs))
     st = p.stats
     st.n_accepted, st.n_rejected = res.n_accepted, res.n_rejected
     st.status = [STATUS_NAMES[c] for c in res.status.tolist()]
@@ -315,15 +319,25 @@ def _check_no_t_grad(t) -> None:
 
 
 def solve_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
-                     options=None, throw: bool = True,
+                     options=None, throw: bool = True, event_fn: Callable | None = None,
                      sync_counter: list | None = None) -> PerSampleSolution:
-    """``solve(..., per_sample=True)``; see the module docstring."""
+    """``solve(..., per_sample=True)``; see the module docstring. ``event_fn(t, y)`` (t (B,),
+    y (B, ...)) -> (B,) or (B, k): each sample stops at its own first sign change (status
+    "event", ``event_t`` (B,), NaN outputs after it); an adaptive RK method is needed, and
+    gradients treat the event time as fixed."""
     _check_no_t_grad(t)
     p = prepare_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
-    res = run_per_sample(p, throw=throw, sync_counter=sync_counter)
+    if event_fn is not None:
+        if not callable(event_fn):
+            raise ODEInputError(f"event_fn must be callable, got {type(event_fn).__name__}")
+        if not isinstance(p.controller, BatchedPID) or p.shrink is not None or p.compile_step:
+            raise ODEInputError("per_sample=True events need an adaptive RK method, without "
+                                "options 'shrink' and 'compile'")
+    res = run_per_sample(p, throw=throw, sync_counter=sync_counter, event_fn=event_fn)
     return PerSampleSolution(ys=_to_user(p, res.ys), ts=t, stats=p.stats,
                              status=list(p.stats.status), message=list(p.stats.message),
-                             t_final=res.t_final, y_final=_to_user(p, res.y_final))
+                             t_final=res.t_final, y_final=_to_user(p, res.y_final),
+                             event_t=res.event_t)
 
 
 def odeint_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,

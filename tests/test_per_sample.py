@@ -291,3 +291,31 @@ def test_compiled_step_equals_eager(method, options):
     assert torch.equal(comp.stats.n_accepted, eager.stats.n_accepted)
     assert torch.equal(comp.stats.n_rejected, eager.stats.n_rejected)
     assert comp.stats.nfe == eager.stats.nfe
+
+
+def test_each_sample_stops_at_its_own_event():
+    # free fall from heights h0: the height reaches 0 at sqrt(2 h0 / g)
+    g = 9.81
+    h0 = torch.tensor([1.0, 5.0, 20.0, 100.0], dtype=torch.float64)
+    y0 = torch.stack([h0, torch.zeros(4, dtype=torch.float64)], 1)
+
+    def f(t, y):
+        return torch.stack([y[..., 1], torch.full_like(y[..., 1], -g)], -1)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    sol = solve(f, y0, t, per_sample=True, event_fn=lambda t, y: y[:, 0], rtol=1e-8,
+                atol=1e-9)
+    exact = torch.sqrt(2 * h0 / g)
+    assert sol.status == ["event", "event", "event", "success"]
+    assert float((sol.event_t[:3] - exact[:3]).abs().max()) < 1e-9
+    assert bool(torch.isnan(sol.event_t[3]))
+    for b in range(4):
+        before = t <= exact[b]
+        assert bool(torch.isfinite(sol.ys[before, b]).all())
+        assert bool(torch.isnan(sol.ys[~before, b]).all())
+        want = h0[b] - 0.5 * g * t[before] ** 2
+        assert float((sol.ys[before, b, 0] - want).abs().max()) < 1e-8
+        if b < 3:  # the same event time as the sample's solo solve
+            ref = solve(f, y0[b], torch.tensor([0.0, 3.0], dtype=torch.float64),
+                        event_fn=lambda t, y: y[0], rtol=1e-8, atol=1e-9)
+            assert abs(float(ref.event_t) - float(sol.event_t[b])) < 1e-12
+            assert abs(float(sol.y_final[b, 0])) < 1e-9

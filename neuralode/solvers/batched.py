@@ -414,6 +414,62 @@ class BatchedGrid:
             self.h = self.h[idx]
 
 
+class BatchedEvent:
+    """The user's ``event_fn(t, y)`` on the batch: t (B,), y in the user's structure (B, ...);
+    it returns (B,) or (B, k) values; each sample's event is the first time one of its
+    components changes sign (each component multiplied by its sign at the start, the minimum
+    watched, as the scalar path)."""
+
+    BISECTIONS = 64  # halvings of the step: below float64 resolution of the event time
+
+    def __init__(self, fn: Callable, rhs: BatchedRHS):
+        self.fn, self.rhs = fn, rhs
+
+    def _raw(self, t, y) -> torch.Tensor:
+        rhs = self.rhs
+        layout = rhs.layout
+        B = y.shape[0]
+        yu = y if rhs.user_dtype == rhs.dtype else y.to(rhs.user_dtype)
+        if layout.is_tuple:
+            yu = tuple(yu[:, a:b].reshape(B, *sh) for a, b, sh in
+                       zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
+        else:
+            yu = yu.reshape(B, *layout.shapes[0])
+        out = torch.as_tensor(self.fn(t.to(rhs.dtype), yu))
+        if out.shape[:1] != (B,) or out.dim() > 2:
+            raise ODEFuncError(f"event_fn(t, y) must return shape ({B},) or ({B}, k) in "
+                               f"per_sample mode, got {tuple(out.shape)}")
+        return out.detach().reshape(B, -1).to(torch.float64)
+
+    def start(self, t, y) -> torch.Tensor:
+        with torch.no_grad():
+            c = self._raw(t, y)
+        if not bool(torch.isfinite(c).all()) or bool((c == 0).any()):
+            raise ODEFuncError("event_fn(t0, y0) must be finite and non-zero for every sample "
+                               "(an event at the initial time cannot be located)")
+        self.signs = torch.sign(c)
+        return (c * self.signs).amin(1)
+
+    def __call__(self, t, y) -> torch.Tensor:
+        with torch.no_grad():
+            return (self._raw(t, y) * self.signs).amin(1)
+
+    def locate(self, stepper, y, y1, h, t, t1, rows) -> torch.Tensor:
+        """(B,) event times in (t, t1] for ``rows`` (the last time found with the event
+        value still > 0); bisection on each step's interpolant, all rows at once."""
+        with torch.no_grad():
+            lo, hi = t.clone(), t1.clone()
+            hs = torch.where(h != 0, h, 1.0)
+            for _ in range(self.BISECTIONS):
+                mid = 0.5 * (lo + hi)
+                ym = stepper.interpolate(y.detach(), y1.detach(), h, ((mid - t) / hs)[:, None])
+                gm = self(mid, ym[:, 0])
+                pos = gm > 0
+                lo = torch.where(rows & pos, mid, lo)
+                hi = torch.where(rows & ~pos, mid, hi)
+        return torch.where(rows, lo, t1)
+
+
 # ----------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------
@@ -429,6 +485,7 @@ class BatchedResult:
     n_rejected: torch.Tensor
     reached: torch.Tensor  # (B,) number of outputs written (the first is y0)
     h_next: torch.Tensor | None = None  # (B,) the step each sample would take next
+    event_t: torch.Tensor | None = None  # (B,) float64, NaN for samples without an event
 
 
 def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
@@ -456,7 +513,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
-                      compile_step: bool | str = False) -> tuple[BatchedResult, list[str]]:
+                      compile_step: bool | str = False, event: Callable | None = None
+                      ) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
@@ -465,7 +523,9 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
     moves on (the adjoint's parameter quadrature reads the attempt's stages there).
     ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
-    under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor")."""
+    under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor").
+    ``event``: a ``BatchedEvent`` (adaptive methods): each sample stops at its own first
+    sign change, located to float64 resolution by bisection on its step's interpolant."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -529,7 +589,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
 
     no_outputs = torch.zeros(B, dtype=torch.long, device=device)
 
-    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out):
+    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev):
         """Where each running row's attempt ends, the per-row stop checks, and the values
         of the step's one synchronisation (rows running, outputs of the last step)."""
         t_try = t + h
@@ -540,7 +600,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                              status)
         status = torch.where(running & ~tiny & (n_att >= max_num_steps), MAX_STEPS, status)
         running = status == RUNNING
-        return t1, hh, status, running, torch.stack([running.sum(), n_out.max()])
+        return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev])
 
     def attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc, n_rej,
                 i_out, k_grid):
@@ -581,12 +641,30 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         k_grid_ = k_grid
     else:
         k_grid_ = torch.zeros((), dtype=torch.long, device=device)
+    event_t = torch.full((B,), math.nan, dtype=torch.float64, device=device)
+    ev = no_ev = torch.zeros(B, dtype=torch.bool, device=device)
+    if event is not None:
+        event.start(t, y)
     while True:
         if adaptive:
             t1, hh, status, running, flags = propose(
                 t, h, t_end, dirn, running, status, n_att, controller.nonfinite,
-                pending[5] if pending is not None else no_outputs)
-            n_run, m = sync(flags)  # the one synchronisation per step
+                pending[5] if pending is not None else no_outputs, ev.sum())
+            n_run, m, n_ev = sync(flags)  # the one synchronisation per step
+            if n_ev:
+                # rows whose step crossed their event: locate it, keep the outputs before it
+                y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, acc_s = pending
+                t_ev = event.locate(stepper, y_s, y1_s, h_s, t_s, t1_s, ev)
+                theta = torch.where(ev, (t_ev - t_s) / torch.where(h_s != 0, h_s, 1.0), 0.0)
+                y_ev = stepper.interpolate(y_s, y1_s, h_s, theta[:, None])[:, 0]
+                upto = torch.searchsorted(key, (dirn * t_ev)[:, None], right=True)[:, 0]
+                cnt = torch.where(ev, upto - i0, cnt)
+                i_out = torch.where(ev, i0 + cnt, i_out)
+                pending = (y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, acc_s)
+                y = torch.where(ev[:, None], y_ev, y)
+                t = torch.where(ev, t_ev, t)
+                event_t = event_t.index_put((rows,), torch.where(ev, t_ev, event_t[rows]))
+                ev = no_ev
             if pending is not None:
                 if m > 0:
                     write_outputs(pending, m)
@@ -626,6 +704,11 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         rhs.counting = True
         if on_step is not None:
             on_step(t_old, y_old, hm, accept, stepper)
+        if event is not None:
+            g1 = event(t1m, y1)
+            ev = accept & (g1 <= 0)
+            status = torch.where(ev, EVENT, status)
+            running = status == RUNNING
         pending = (y_old, y1, hm, t_old, t1m, cnt, i_old, rows, accept)
     pieces.append((rows, status, t, y, n_acc, n_rej, i_out, h))
     status_full = torch.zeros(B, dtype=torch.long, device=device)
@@ -642,7 +725,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     mask = torch.arange(T, device=device)[:, None] < reached[None, :]
     ys = torch.where(mask[:, :, None], out[:T], math.nan)
     res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
-                        h_final)
+                        h_final, event_t)
     msgs = _messages(res, name, max_num_steps)
     if throw:
         bad = [b for b, s in enumerate(res.status.tolist()) if s in _ERRORS]
