@@ -343,9 +343,9 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
     if per_sample:
-        return _per_sample("solve", dense=dense)(
+        return _per_sample("solve")(
             func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw,
-            event_fn=event_fn)
+            event_fn=event_fn, dense=dense)
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=options)
     t = _check_t(t)
     ts = _times(t)
@@ -434,13 +434,11 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
 EVENT_MAX_STEPS = 10**6
 
 
-def _per_sample(entry: str, event_fn=None, dense: bool = False):
+def _per_sample(entry: str, event_fn=None):
     """The per-sample front door (``neuralode.per_sample``), after refusing what it lacks."""
     if event_fn is not None:
         raise ODEInputError("odeint(..., per_sample=True) has no event mode; use "
                             "solve(..., per_sample=True, event_fn=...) (an event per sample)")
-    if dense:
-        raise ODEInputError("dense=True is not supported with per_sample=True")
     from neuralode import per_sample
     return per_sample.solve_per_sample if entry == "solve" else per_sample.odeint_per_sample
 

@@ -33,7 +33,8 @@ Methods: every explicit RK method (adaptive and fixed grid) runs batched in
 ``neuralode.solvers.batched``; the Adams methods (whose multistep history depends on each
 sample's grid) are solved sample by sample with the scalar loop (correct, not batched).
 Events (``solve(..., per_sample=True, event_fn=...)``): each sample stops at its own event.
-Not supported with ``per_sample=True``: dense output, callbacks, the options
+Dense output (``dense=True``): ``sol.evaluate(t)`` per sample.
+Not supported with ``per_sample=True``: callbacks, the options
 ``step_t``, ``jump_t``, ``perturb``, ``grid_constructor``, and gradients with respect to t.
 """
 
@@ -50,6 +51,7 @@ from neuralode.errors import ODEInputError
 from neuralode.solvers.base import StateLayout
 from neuralode.solvers.batched import (
     STATUS_NAMES,
+    BatchedDense,
     BatchedEvent,
     BatchedGrid,
     BatchedPID,
@@ -85,6 +87,19 @@ class PerSampleSolution:
     t_final: torch.Tensor
     y_final: Any
     event_t: torch.Tensor | None = None  # (B,) float64 event times (NaN: no event)
+    dense: Any = None
+    layout: Any = None
+    user_dtype: Any = None
+
+    def evaluate(self, t):
+        """The continuous solution (``solve(..., per_sample=True, dense=True)``) at t of
+        shape (m,) (shared) or (B, m): (m, B, ...) states; NaN outside a sample's solved
+        span."""
+        if self.dense is None:
+            raise ODEInputError("this solution has no dense output; call "
+                                "solve(..., per_sample=True, dense=True)")
+        y = self.dense(torch.as_tensor(t))
+        return _unflatten(self.layout, y.to(self.user_dtype))
 
     @property
     def success(self) -> bool:
@@ -237,7 +252,8 @@ def _unflatten(layout: StateLayout, y: torch.Tensor):
 
 
 def run_per_sample(p: _Prepared, y0_flat: torch.Tensor | None = None, *, throw: bool = True,
-                   sync_counter: list | None = None, event_fn: Callable | None = None):
+                   sync_counter: list | None = None, event_fn: Callable | None = None,
+                   record: list | None = None):
     """Run the prepared solve; returns (BatchedResult-like ys (T, B, n), status codes, ...)."""
     y0_flat = p.y0_flat if y0_flat is None else y0_flat
     if p.adams:
@@ -246,7 +262,8 @@ def run_per_sample(p: _Prepared, y0_flat: torch.Tensor | None = None, *, throw: 
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
                                   name=p.name, shrink=p.shrink, sync_counter=sync_counter,
                                   compile_step=p.compile_step,
-                                  event=None if event_fn is None else BatchedEvent(event_fn, p.rhs))
+                                  event=None if event_fn is None else BatchedEvent(event_fn, p.rhs),
+                                  record=record)
     st = p.stats
     st.n_accepted, st.n_rejected = res.n_accepted, res.n_rejected
     st.status = [STATUS_NAMES[c] for c in res.status.tolist()]
@@ -320,11 +337,13 @@ def _check_no_t_grad(t) -> None:
 
 def solve_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
                      options=None, throw: bool = True, event_fn: Callable | None = None,
-                     sync_counter: list | None = None) -> PerSampleSolution:
+                     dense: bool = False, sync_counter: list | None = None
+                     ) -> PerSampleSolution:
     """``solve(..., per_sample=True)``; see the module docstring. ``event_fn(t, y)`` (t (B,),
     y (B, ...)) -> (B,) or (B, k): each sample stops at its own first sign change (status
     "event", ``event_t`` (B,), NaN outputs after it); an adaptive RK method is needed, and
-    gradients treat the event time as fixed."""
+    gradients treat the event time as fixed. ``dense``: keep every step's interpolant;
+    ``sol.evaluate(t)`` (t (m,) or (B, m)) gives (m, B, ...) states."""
     _check_no_t_grad(t)
     p = prepare_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
     if event_fn is not None:
@@ -333,11 +352,20 @@ def solve_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None
         if not isinstance(p.controller, BatchedPID) or p.shrink is not None or p.compile_step:
             raise ODEInputError("per_sample=True events need an adaptive RK method, without "
                                 "options 'shrink' and 'compile'")
-    res = run_per_sample(p, throw=throw, sync_counter=sync_counter, event_fn=event_fn)
+    if dense and (p.adams or p.shrink is not None):
+        raise ODEInputError("per_sample=True dense output needs an RK method and no 'shrink'")
+    record = [] if dense else None
+    res = run_per_sample(p, throw=throw, sync_counter=sync_counter, event_fn=event_fn,
+                         record=record)
+    dense_sol = None
+    if dense:
+        dense_sol = BatchedDense(record, p.stepper, p.ts[:, 0], res.t_final) if record \
+            else None
     return PerSampleSolution(ys=_to_user(p, res.ys), ts=t, stats=p.stats,
                              status=list(p.stats.status), message=list(p.stats.message),
                              t_final=res.t_final, y_final=_to_user(p, res.y_final),
-                             event_t=res.event_t)
+                             event_t=res.event_t, dense=dense_sol, layout=p.layout,
+                             user_dtype=p.rhs.user_dtype)
 
 
 def odeint_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,

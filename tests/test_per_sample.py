@@ -319,3 +319,20 @@ def test_each_sample_stops_at_its_own_event():
                         event_fn=lambda t, y: y[0], rtol=1e-8, atol=1e-9)
             assert abs(float(ref.event_t) - float(sol.event_t[b])) < 1e-12
             assert abs(float(sol.y_final[b, 0])) < 1e-9
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("bosh3", None),
+                                            ("rk4", {"step_size": 0.05})])
+def test_dense_solution_equals_solo_dense_solution(method, options):
+    rtol = 1e-5 if method == "bosh3" else 1e-7
+    sol = solve(vdp(MU), Y0, T, method=method, options=options, rtol=rtol, per_sample=True,
+                dense=True)
+    g = torch.Generator().manual_seed(3)
+    q = torch.sort(torch.rand(B, 9, generator=g, dtype=torch.float64) * 4, 1).values
+    got = sol.evaluate(q)  # (9, B, 2)
+    assert got.shape == (9, B, 2)
+    assert rel_diff(sol.evaluate(T), sol.ys) < 1e-12  # at the output times: the outputs
+    for b in range(B):
+        ref = solo(method, b, T, options=options, rtol=rtol, dense=True)
+        assert rel_diff(got[:, b], ref.evaluate(q[b])) < 1e-12
+    assert bool(torch.isnan(sol.evaluate(torch.tensor([5.0], dtype=torch.float64))).all())

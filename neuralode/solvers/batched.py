@@ -470,6 +470,50 @@ class BatchedEvent:
         return torch.where(rows, lo, t1)
 
 
+class BatchedDense:
+    """The continuous solution of a per-sample solve: every sample's accepted steps and their
+    interpolants. ``sol(t)``: t (m,) shared or (B, m) per sample -> (m, B, n) flat states.
+    Non-finite values (NaN) where a time lies outside what a sample solved."""
+
+    def __init__(self, steps: list, stepper, t0: torch.Tensor, t_final: torch.Tensor):
+        self.t_lo = torch.stack([s[0] for s in steps])  # (S, B)
+        self.t_hi = torch.stack([s[1] for s in steps])
+        self.h = torch.stack([s[2] for s in steps])
+        self.acc = torch.stack([s[3] for s in steps])
+        self.y = torch.stack([s[4] for s in steps])  # (S, B, n)
+        self.y1 = torch.stack([s[5] for s in steps])
+        self.K = torch.stack([s[6] for s in steps])  # (S, s_ext, B, n)
+        self.stepper = stepper
+        self.t0, self.t_final = t0, t_final
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        B = self.t_lo.shape[1]
+        q = q.to(torch.float64).to(self.t_lo.device)
+        q = q[None].expand(B, -1) if q.dim() == 1 else q  # (B, m)
+        dirn = torch.where(self.t_final >= self.t0, 1.0, -1.0).to(torch.float64)[:, None]
+        lo, hi = self.t_lo.T[:, None, :], self.t_hi.T[:, None, :]  # (B, 1, S)
+        inside = self.acc.T[:, None, :] & (dirn[..., None] * (q[..., None] - lo) >= 0) & \
+            (dirn[..., None] * (q[..., None] - hi) <= 0)  # (B, m, S)
+        found = inside.any(-1)
+        k = inside.to(torch.int8).argmax(-1)  # (B, m): the first step holding the time
+        b = torch.arange(B, device=q.device)[:, None].expand_as(k)
+        h = self.h[k, b]
+        theta = torch.where(found, (q - self.t_lo[k, b]) / torch.where(h != 0, h, 1.0), 0.0)
+        y, y1 = self.y[k, b], self.y1[k, b]  # (B, m, n)
+        st = self.stepper
+        if st.linear:
+            val = y + theta.to(y.dtype)[..., None] * (y1 - y)
+        else:
+            powers = theta[..., None] ** torch.arange(1, st.degree + 1, device=q.device,
+                                                      dtype=torch.float64)
+            w = (powers @ st.dense_t).to(y.dtype)  # (B, m, s_ext)
+            K = self.K.permute(0, 2, 1, 3)[k, b]  # (B, m, s_ext, n)
+            val = torch.addcmul(y, h.to(y.dtype)[..., None],
+                                torch.einsum("bms,bmsn->bmn", w, K))
+        val = torch.where((q == self.t_hi[k, b])[..., None], y1, val)
+        return torch.where(found[..., None], val, math.nan).transpose(0, 1)
+
+
 # ----------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------
@@ -513,8 +557,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
-                      compile_step: bool | str = False, event: Callable | None = None
-                      ) -> tuple[BatchedResult, list[str]]:
+                      compile_step: bool | str = False, event: Callable | None = None,
+                      record: list | None = None) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
@@ -525,7 +569,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
     under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor").
     ``event``: a ``BatchedEvent`` (adaptive methods): each sample stops at its own first
-    sign change, located to float64 resolution by bisection on its step's interpolant."""
+    sign change, located to float64 resolution by bisection on its step's interpolant.
+    ``record``: a list that receives every attempt's interpolant data (``BatchedDense``)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -704,6 +749,9 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         rhs.counting = True
         if on_step is not None:
             on_step(t_old, y_old, hm, accept, stepper)
+        if record is not None:
+            K = torch.stack(stepper.ks[:stepper.s_ext]) if stepper.graph else stepper.K.clone()
+            record.append((t_old, t1m, hm, accept, y_old, y1, K))
         if event is not None:
             g1 = event(t1m, y1)
             ev = accept & (g1 <= 0)
