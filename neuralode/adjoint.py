@@ -354,7 +354,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False, interpolated: bool = False):
+                   return_stats: bool = False, interpolated: bool = False,
+                   per_sample: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
     ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
@@ -376,12 +377,27 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         interpolated: the interpolated adjoint: the backward solve reads y(t) from the
             forward solve's dense output (kept until the backward pass: memory grows with
             the forward steps) instead of integrating y backwards. Not with ``event_fn``.
+        per_sample: y0 is a batch (B, ...) of independent problems (see ``odeint``): the
+            backward solve is per sample too, the parameter gradient is summed over samples
+            (``neuralode.per_sample.odeint_adjoint_per_sample``).
     """
     if not isinstance(interpolated, bool):
         raise ODEInputError(f"interpolated must be True or False, got {interpolated!r}")
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
+    if per_sample:
+        if event_fn is not None:
+            raise ODEInputError("event_fn is not supported with per_sample=True")
+        if interpolated:
+            raise ODEInputError("interpolated=True is not supported with per_sample=True; use "
+                                "the plain adjoint (a backward solve per sample)")
+        from neuralode.per_sample import odeint_adjoint_per_sample
+        return odeint_adjoint_per_sample(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+            adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options, adjoint_params=adjoint_params,
+            return_stats=return_stats)
     params = _find_params(func, adjoint_params)
     method_name, opts = _resolve_method(method, options)
     default_backward = adjoint_method is None

@@ -339,7 +339,8 @@ def _start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
           method: str | None = None, options: dict | None = None,
           event_fn: Callable | None = None, dense: bool = False,
-          throw: bool = True, gradient: str | Gradient | None = None) -> Solution:
+          throw: bool = True, gradient: str | Gradient | None = None,
+          per_sample: bool = False) -> Solution:
     """Solve dy/dt = func(t, y), y(t[0]) = y0, and return a ``Solution``: the states at the
     times ``t`` with statistics and status. Arguments as for ``odeint``, plus:
 
@@ -356,8 +357,16 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         (default), "checkpoint" (the same gradient in little memory; ``Checkpoint(budget=k)``
         bounds it), "adjoint" / "interpolated_adjoint" (or an ``Adjoint`` object; not with
         ``event_fn`` or ``dense``: use ``odeint``'s event mode).
+    per_sample: solve each sample of the batch y0 (B, ...) as its own problem (own steps,
+        output times t of shape (T,) or (B, T), statistics and status) and return a
+        ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
     g = gradient_strategy(gradient)
+    if per_sample:
+        _per_sample_gradient(g, "solve")
+        return _per_sample("solve")(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw,
+            event_fn=event_fn, dense=dense)
     if isinstance(g, Adjoint):
         return _solve_adjoint(func, y0, t, g, rtol=rtol, atol=atol, method=method,
                               options=options, event_fn=event_fn, dense=dense, throw=throw)
@@ -420,7 +429,7 @@ def _to_user(y: torch.Tensor, p: Problem) -> torch.Tensor:
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
            method: str | None = None, options: dict | None = None,
            event_fn: Callable | None = None, return_stats: bool = False,
-           gradient: str | Gradient | None = None):
+           gradient: str | Gradient | None = None, per_sample: bool = False):
     """Integrate dy/dt = func(t, y) from y(t[0]) = y0 and return y at every time in ``t``.
 
     Drop-in compatible with ``torchdiffeq.odeint``.
@@ -449,6 +458,11 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             step's graph; ``neuralode.Checkpoint(budget=k)`` keeps at most k states),
             "adjoint" (``odeint_adjoint``; ``neuralode.Adjoint(...)`` carries its options),
             "interpolated_adjoint". See ``neuralode.gradients``.
+        per_sample: y0 is a batch (B, ...) of independent problems, each solved with its own
+            steps, output times (t of shape (T,) or (B, T)) and status; ``func`` gets t as a
+            (B,) tensor; the result has shape (T, B, ...) and the stats are a
+            ``PerSampleStats``. See ``neuralode.per_sample``. Gradients: "backprop" or
+            "adjoint" (a per-sample backward solve).
 
     Returns:
         Tensor of shape ``(len(t), *y0.shape)`` (a tuple of those for tuple states), whose
@@ -461,7 +475,12 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
 
         return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
                               options=options, event_fn=event_fn, return_stats=return_stats,
-                              **g.kwargs())
+                              per_sample=per_sample, **g.kwargs())
+    if per_sample:
+        _per_sample_gradient(g, "odeint")
+        return _per_sample("odeint", event_fn=event_fn)(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+            return_stats=return_stats)
     if event_fn is not None:
         event_t, sol, stats = _event_solve(func, y0, t, rtol=rtol, atol=atol, method=method,
                                            options=options, event_fn=event_fn, gradient=g)
@@ -471,6 +490,26 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
 
 
 EVENT_MAX_STEPS = 10**6
+
+
+def _per_sample_gradient(g, entry: str) -> None:
+    """per_sample=True differentiates by backprop (or, through ``odeint``, the adjoint)."""
+    if isinstance(g, Checkpoint):
+        raise ODEInputError(f"{entry}(..., per_sample=True) does not support "
+                            f"gradient='checkpoint' yet; use gradient='backprop' or (with "
+                            f"odeint) gradient='adjoint', which solves backwards per sample")
+    if isinstance(g, Adjoint):
+        raise ODEInputError("solve(..., per_sample=True) differentiates by backprop; for the "
+                            "adjoint use odeint(..., per_sample=True, gradient='adjoint')")
+
+
+def _per_sample(entry: str, event_fn=None):
+    """The per-sample front door (``neuralode.per_sample``), after refusing what it lacks."""
+    if event_fn is not None:
+        raise ODEInputError("odeint(..., per_sample=True) has no event mode; use "
+                            "solve(..., per_sample=True, event_fn=...) (an event per sample)")
+    from neuralode import per_sample
+    return per_sample.solve_per_sample if entry == "solve" else per_sample.odeint_per_sample
 
 
 def _event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks=None,

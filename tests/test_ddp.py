@@ -112,3 +112,27 @@ def test_two_processes_match_one_for_every_command(tmp_path, monkeypatch, name):
         [r["loss"] for r in b["history"]], rel=1e-5)
     assert sorted(p.name for p in ddp.iterdir()) == ["checkpoint.pt", "metrics.csv",
                                                     "metrics.json"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_an_adaptive_per_sample_solver(tmp_path, monkeypatch):
+    """ODE-Net with dopri5: a joint solve's steps depend on every image of the batch (so on
+    the split across ranks); with --per-sample each image takes its own steps, and 2
+    processes follow 1 process."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args = ["train", "mnist", "--model", "odenet", "--width", "8", "--method", "dopri5",
+            "--tol", "1e-3", "--per-sample", "--epochs", "1", "--train-split", "train-5k",
+            "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
+            "--data-dir", str(SHARED), "--no-plot", "--quiet", "--threads", "1"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*args, "--out", str(single)]) == 0
+    proc = _torchrun([*args, "--out", str(ddp)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(single / "checkpoint.pt"), load_checkpoint(ddp / "checkpoint.pt")
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["step"] == b["step"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], rtol=1e-4, atol=1e-6), k
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"],
+                                                           rel=1e-5)

@@ -101,6 +101,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="step size for fixed-grid methods (euler, rk4, ...)")
     add_gradient_argument(m, None, default_text="adjoint for odenet, backprop for rknet",
                           extra="; rknet takes backprop or checkpoint")
+    m.add_argument("--per-sample", action=argparse.BooleanOptionalAction, default=False,
+                   help="solve each image as its own problem (own adaptive steps): results "
+                        "independent of the batch and of how it is split across processes")
     m.add_argument("--width", type=positive_int, default=64,
                    help="channels of the convolutional models (default 64)")
     t = parser.add_argument_group("training")
@@ -154,6 +157,8 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
             gradient = "adjoint" if config["adjoint"] else "backprop"
         kw.update(method=config["method"], rtol=config["tol"], atol=config["tol"],
                   options=options, gradient=gradient)
+        if config.get("per_sample"):
+            kw["per_sample"] = True
     return kw
 
 

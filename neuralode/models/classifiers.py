@@ -144,7 +144,7 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
                      method: str = "dopri5", rtol: float = 1e-3, atol: float | None = None,
                      options: dict[str, Any] | None = None,
                      gradient: str | Gradient | None = None,
-                     activation: str = "relu") -> nn.Module:
+                     activation: str = "relu", per_sample: bool = False) -> nn.Module:
     """One of :data:`MODEL_NAMES`.
 
     ``width``: channels of the conv models; ``n_blocks``: residual blocks of ``resnet``;
@@ -153,7 +153,9 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
     (``neuralode.gradients``) defaults to "adjoint" for ``odenet`` and "backprop" for
     ``rknet``, whose gradient is the solver's own (backprop, or "checkpoint": the same
     gradient in little memory; the adjoint is refused for it). ``activation``: of the ODE
-    function (see :class:`ConvODEFunc`; the paper's is ``relu``).
+    function (see :class:`ConvODEFunc`; the paper's is ``relu``). ``per_sample``: the ODE
+    block solves each image as its own problem (its result does not depend on the rest of
+    the batch).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(MODEL_NAMES)}")
@@ -170,7 +172,8 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
         raise ValueError("rknet's gradient is the solver's own (gradient 'backprop' or "
                          "'checkpoint'); for the adjoint method use the model 'odenet'")
     block = ODEBlock(ConvODEFunc(width, activation), 0.0, 1.0, method=method, rtol=rtol,
-                     atol=rtol if atol is None else atol, options=options, gradient=gradient)
+                     atol=rtol if atol is None else atol, options=options, gradient=gradient,
+                     per_sample=per_sample)
     return ConvClassifier(block, width)
 
 

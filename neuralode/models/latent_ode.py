@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from neuralode import odeint
-from neuralode.gradients import Gradient, gradient_strategy
+from neuralode.gradients import Checkpoint, Gradient, gradient_strategy
 
 __all__ = [
     "ELBOTerms",
@@ -288,13 +288,17 @@ class LatentODE(nn.Module):
         method, rtol, atol, options: solver for the latent ODE (see :func:`neuralode.odeint`).
         gradient: how the latent solve is differentiated (``neuralode.gradients``):
             "backprop" (default), "checkpoint", "adjoint", or a strategy object.
+        union_grid: solve a batch with per-sequence times on the union of its times (the
+            earlier behaviour) instead of each sequence on its own times (``per_sample``).
+            ``gradient="checkpoint"`` always uses the union grid (per-sample solves are
+            differentiated by backprop or the adjoint).
     """
 
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, *, encoder: str = "gru",
                  enc_hidden: int = 25, ode_hidden: int = 20, dec_hidden: int = 0,
                  readout_act: str = "relu", obs_std: float = 0.1, t0: float = 0.0,
                  method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, options: dict | None = None,
-                 gradient: str | Gradient = "backprop") -> None:
+                 gradient: str | Gradient = "backprop", union_grid: bool = False) -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid encoders are: "
@@ -324,6 +328,7 @@ class LatentODE(nn.Module):
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = options
         self.gradient = gradient_strategy(gradient)
+        self.union_grid = union_grid or isinstance(self.gradient, Checkpoint)
 
     def encode(self, times: Tensor, values: Tensor,
                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -348,12 +353,47 @@ class LatentODE(nn.Module):
 
     def decode_at(self, z0: Tensor, times: Tensor, mask: Tensor) -> Tensor:
         """Mean of ``p(x | z0)`` at per-sequence times ``(B, K)`` (entries where ``mask`` is
-        False are filled with some value and should be ignored). One solve over the union
-        of the batch's times."""
-        grid = torch.unique(times[mask])
-        out = self.decode(z0, grid)  # (B, U, D)
-        pos = torch.searchsorted(grid, times.contiguous()).clamp(max=grid.numel() - 1)
-        return out.gather(1, pos[..., None].expand(*pos.shape, self.obs_dim))
+        False are filled with some value and should be ignored).
+
+        Each sequence is solved on its own observation times (``per_sample=True``: its own
+        steps, no union grid); with ``union_grid=True`` (the earlier behaviour, kept for
+        comparison) one solve covers the union of the batch's times."""
+        if self.union_grid:
+            grid = torch.unique(times[mask])
+            out = self.decode(z0, grid)  # (B, U, D)
+            pos = torch.searchsorted(grid, times.contiguous()).clamp(max=grid.numel() - 1)
+            return out.gather(1, pos[..., None].expand(*pos.shape, self.obs_dim))
+        return self.readout(self.latent_at(z0, times, mask))
+
+    def latent_at(self, z0: Tensor, times: Tensor, mask: Tensor) -> Tensor:
+        """``z`` at per-sequence times ``(B, K)``: ``(B, K, latent_dim)`` from one per-sample
+        solve whose row b holds t0, then filler times strictly between t0 and the sequence's
+        first observation after t0 (for its unobserved entries: outputs cost no steps), then
+        its observed times after t0."""
+        b, k = times.shape
+        t0 = self.t0
+        tt = times.detach().to(torch.float64)
+        after = mask & (tt > t0)
+        n_pad = k - after.sum(1)  # entries without an output of their own after t0
+        key = torch.where(after, tt, -math.inf)
+        order = torch.argsort(key, dim=1, stable=True)
+        sorted_t = key.gather(1, order)
+        first = torch.where(after, tt, math.inf).amin(1)
+        first = torch.where(torch.isfinite(first), first, t0 + 1.0)  # nothing after t0
+        j = torch.arange(1, k + 1, device=times.device, dtype=torch.float64)[None]
+        pads = t0 + (first - t0)[:, None] * j / (n_pad[:, None] + 1)
+        row = torch.where(j <= n_pad[:, None], pads, sorted_t)
+        ts = torch.cat([torch.full((b, 1), t0, dtype=torch.float64, device=times.device), row],
+                       1)
+        zs = odeint(self.dynamics, z0, ts, rtol=self.rtol, atol=self.atol,
+                    method=self.method, options=self.options, gradient=self.gradient,
+                    per_sample=True)
+        # the output of entry (b, j): 1 + its sorted position if observed after t0, else z0
+        pos = torch.empty_like(order)
+        pos.scatter_(1, order, torch.arange(k, device=times.device).expand(b, k))
+        idx = torch.where(after, pos + 1, 0)  # (B, K)
+        zs = zs.transpose(0, 1)  # (B, K + 1, L)
+        return zs.gather(1, idx[..., None].expand(b, k, zs.shape[-1]))
 
     def elbo(self, times: Tensor, values: Tensor, mask: Tensor | None = None, *,
              kl_weight: float = 1.0, noise: Tensor | None = None) -> ELBOTerms:

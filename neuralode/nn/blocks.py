@@ -112,6 +112,9 @@ class NeuralODE(nn.Module):
             "checkpoint:<budget>", "adjoint", "interpolated_adjoint", or a
             ``neuralode.Checkpoint``/``Adjoint`` object with options (the adjoint's
             backward solver: ``Adjoint(method=..., rtol=..., atol=..., options=...)``).
+        per_sample: solve each sample of the batch (first dimension of y0) as its own
+            problem (``odeint(..., per_sample=True)``): its result does not depend on the
+            rest of the batch; ``forward`` still returns ``(len(t), *y0.shape)``.
 
     ``forward(y0, t)`` returns a tensor ``(len(t), *y0.shape)`` (a tuple for tuple states).
     After each call: ``nfe_forward``, ``stats`` (the solver's ``SolverStats``); after the
@@ -120,7 +123,7 @@ class NeuralODE(nn.Module):
 
     def __init__(self, func: nn.Module, *, method: str | None = "dopri5", rtol: float = 1e-3,
                  atol: float = 1e-3, options: dict[str, Any] | None = None,
-                 gradient: str | Gradient = "backprop"):
+                 gradient: str | Gradient = "backprop", per_sample: bool = False):
         super().__init__()
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module with forward(t, y) (an ODEFunc or any "
@@ -135,6 +138,9 @@ class NeuralODE(nn.Module):
         self.gradient = gradient_strategy(gradient)
         if isinstance(self.gradient, Adjoint):
             _check_method("Adjoint method", self.gradient.method)
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
+        self.per_sample = per_sample
         self.nfe_forward = 0
         self.stats = None
 
@@ -171,7 +177,7 @@ class NeuralODE(nn.Module):
         self.reset_nfe()
         ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
                            method=self.method, options=self.options, return_stats=True,
-                           gradient=self.gradient)
+                           gradient=self.gradient, per_sample=self.per_sample)
         self.stats = stats
         self.nfe_forward = self.func.nfe
         return ys

@@ -30,13 +30,22 @@ def _positive_int(name: str, value) -> int:
 
 
 def _time_like(t, x: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 0-d tensor with ``x``'s dtype and device."""
+    """``t`` as a 0-d tensor with ``x``'s dtype and device, or as a (N,) tensor when it
+    holds one time per sample of ``x`` (N = x.shape[0]: ``per_sample=True`` solves)."""
     if isinstance(t, torch.Tensor):
-        if t.numel() != 1:
-            raise ValueError(f"time-aware layers take a scalar time t, got a tensor of shape "
-                             f"{tuple(t.shape)}")
-        return t.reshape(()).to(dtype=x.dtype, device=x.device)
+        if t.numel() == 1:
+            return t.reshape(()).to(dtype=x.dtype, device=x.device)
+        if t.dim() == 1 and x.dim() >= 1 and t.shape[0] == x.shape[0]:
+            return t.to(dtype=x.dtype, device=x.device)
+        raise ValueError(f"time-aware layers take a scalar time t or one time per sample "
+                         f"(shape ({x.shape[0] if x.dim() else 1},)), got a tensor of shape "
+                         f"{tuple(t.shape)}")
     return torch.tensor(float(t), dtype=x.dtype, device=x.device)
+
+
+def _per_row(tt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-d or (N,) time reshaped to broadcast against ``x`` along its first dimension."""
+    return tt.reshape(-1, *([1] * (x.dim() - 1))) if tt.dim() else tt
 
 
 class TimeLayer(nn.Module):
@@ -56,7 +65,7 @@ class ConcatLinear(TimeLayer):
         self.linear = nn.Linear(self.dim_in + 1, self.dim_out, bias=bias)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
-        tt = _time_like(t, x).expand(*x.shape[:-1], 1)
+        tt = _per_row(_time_like(t, x), x).expand(*x.shape[:-1], 1)
         return self.linear(torch.cat([tt, x], dim=-1))
 
     def extra_repr(self) -> str:
@@ -81,7 +90,7 @@ class ConcatConv2d(TimeLayer):
         if x.dim() != 4 or x.shape[1] != self.dim_in:
             raise ValueError(f"{type(self).__name__} expects x of shape (N, {self.dim_in}, H, W),"
                              f" got {tuple(x.shape)}")
-        tt = _time_like(t, x).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        tt = _per_row(_time_like(t, x), x).expand(x.shape[0], 1, x.shape[2], x.shape[3])
         return self.conv(torch.cat([tt, x], dim=1))
 
     def extra_repr(self) -> str:
@@ -101,9 +110,11 @@ class ConcatSquashLinear(TimeLayer):
         self.shift = nn.Linear(1, self.dim_out, bias=False)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
-        tt = _time_like(t, x).reshape(1, 1)
-        gate = torch.sigmoid(self.gate(tt)).reshape(self.dim_out)
-        return self.linear(x) * gate + self.shift(tt).reshape(self.dim_out)
+        tt = _time_like(t, x).reshape(-1, 1)
+        shape = (self.dim_out,) if tt.shape[0] == 1 else \
+            (tt.shape[0], *([1] * (x.dim() - 2)), self.dim_out)
+        gate = torch.sigmoid(self.gate(tt)).reshape(shape)
+        return self.linear(x) * gate + self.shift(tt).reshape(shape)
 
     def extra_repr(self) -> str:
         return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
@@ -125,9 +136,9 @@ class ConcatSquashConv2d(TimeLayer):
         self.shift = nn.Linear(1, self.dim_out, bias=False)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
-        tt = _time_like(t, x).reshape(1, 1)
-        gate = torch.sigmoid(self.gate(tt)).reshape(1, self.dim_out, 1, 1)
-        return self.conv(x) * gate + self.shift(tt).reshape(1, self.dim_out, 1, 1)
+        tt = _time_like(t, x).reshape(-1, 1)
+        gate = torch.sigmoid(self.gate(tt)).reshape(-1, self.dim_out, 1, 1)
+        return self.conv(x) * gate + self.shift(tt).reshape(-1, self.dim_out, 1, 1)
 
     def extra_repr(self) -> str:
         return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
