@@ -131,6 +131,15 @@ def test_fixed_grid_float32_matches_float64():
         assert (y32.double() - y64).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("method", ["kvaerno3", "kvaerno5"])
+def test_kvaerno_float32_robertson(method):
+    ref = _scipy_reference(_robertson_np, (1.0, 0.0, 0.0), 2.0)
+    sol = solve(_robertson(), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32),
+                torch.tensor([0.0, 2.0]), method=method, rtol=1e-4, atol=1e-8)
+    assert sol.ys.dtype == torch.float32 and sol.status == "success"
+    assert ((sol.ys[-1].double() - ref).abs() / (ref.abs() + 1e-10)).max() < 1e-3
+
+
 def test_newton_failure_on_a_fixed_grid_says_where_and_why():
     # y' = y^2, y(0) = 1: implicit Euler's z = h (1 + z)^2 has no real solution for h > 1/4
     with pytest.raises(ConvergenceError, match=r"implicit_euler.*t=0 .*Newton iterations.*stage 1"):
