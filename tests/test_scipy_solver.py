@@ -158,3 +158,24 @@ def test_unknown_option_warns():
         odeint(forced, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0]),
                method="scipy_solver", options={"step_size": 0.1})
     assert any("does not use the option" in str(w.message) for w in rec)
+
+
+@pytest.mark.parametrize("name,note", [("callback_step", "after scipy took it"),
+                                       ("callback_accept_step", "after each scipy step"),
+                                       ("callback_reject_step", "never called")])
+def test_callbacks_warn_how_scipy_calls_them(name, note):
+    calls = []
+
+    class F(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+    f = F()
+    setattr(f, name, lambda t0, y0, dt: calls.append(float(t0)))
+    with pytest.warns(UserWarning, match=note):
+        sol = solve(f, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                    method="scipy_solver")
+    if name == "callback_reject_step":
+        assert calls == []
+    else:
+        assert len(calls) == sol.stats.n_accepted > 0

@@ -211,8 +211,19 @@ class ScipyStepper:
     def __init__(self, engine: _Engine):
         self.engine = engine
 
+    CALLBACK_NOTES: ClassVar[dict[str, str]] = {
+        "callback_step": "is called once per scipy step, after scipy took it (scipy chooses "
+                         "and retries its steps inside its own step function)",
+        "callback_accept_step": "is called after each scipy step (scipy retries rejected "
+                                "attempts internally, so every step it returns is accepted)",
+        "callback_reject_step": "is never called: scipy does not report rejected attempts",
+    }
+
     def start(self, rhs, y0, f0, graph):
         eng = self.engine
+        for cb, note in self.CALLBACK_NOTES.items():
+            if callable(getattr(rhs.func, cb, None)):
+                warnings.warn(f"scipy_solver: func.{cb} {note}", stacklevel=5)
         eng.rhs = rhs
         eng.from_right = False
         self.graph = graph
