@@ -5,7 +5,11 @@ The forward solve runs without a graph, on the one integration loop, through a
 ``_Recorder`` (a stand-in for the stepper that records, per accepted step, its start and end
 times, whether the step ended at a discontinuity, whether the history was restarted after it
 and how the next step's first derivative was obtained; with no budget also each step's start
-state and the stepper's carried state, ``stepper.carry()``). The backward pass redoes steps
+state and the stepper's carried state, ``stepper.carry()``; for a step preceded by rejected
+attempts, the plain part of ``carry()`` just before its accepted attempt, as rejected
+attempts may change it (a Jacobian evaluated there, Newton matrices, the order asked for);
+and the stepper's ``decision()`` at acceptance where it has one, e.g. the next order a
+multistep controller chose, redone with ``redo_decision``). The backward pass redoes steps
 from there through the stepper interface (``resume``/``step``/``advance``): each step once
 more with autograd, and backpropagates through it alone (one step's graph in memory at a
 time). Accepted step sizes are constants of the graph, as in backpropagation through the
