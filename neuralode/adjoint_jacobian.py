@@ -26,16 +26,6 @@ from neuralode.solvers.base import RHS, StateLayout
 from neuralode.solvers.jacobian import JacobianSource, MatrixFree
 
 
-def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
-    try:
-        return torch.func.vjp(J.f, J.y)[1](w)[0]
-    except (RuntimeError, NotImplementedError, TypeError):
-        with torch.enable_grad():
-            y = J.y.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(J.f(y), y, w, allow_unused=True)
-        return torch.zeros_like(J.y) if g is None else g
-
-
 class AugmentedMatrixFree(MatrixFree):
     """v -> [J v_y; -J^T v_a] for the (y, a) head of the backward state."""
 
@@ -45,7 +35,7 @@ class AugmentedMatrixFree(MatrixFree):
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         n = self.n
-        return torch.cat([self.J.mv(v[:n]), -_vjp(self.J, v[n:2 * n])])
+        return torch.cat([self.J.mv(v[:n]), -self.J.vjp(v[n:2 * n])])
 
 
 class AdjointJacobian:

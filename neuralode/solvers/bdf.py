@@ -167,16 +167,6 @@ class BDFStepper(NordsieckStepper):
         self.J, self.J_current, self.M, self.M_hg = extra
 
 
-def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
-    """w^T J at J's point (reverse-mode autograd)."""
-    try:
-        return torch.func.vjp(J.f, J.y)[1](w)[0]
-    except (RuntimeError, NotImplementedError, TypeError):
-        with torch.enable_grad():
-            y = J.y.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(J.f(y), y, w, allow_unused=True)
-        return torch.zeros_like(J.y) if g is None else g
-
 
 class _MatrixFreeSolve(torch.autograd.Function):
     """x = (I - c J)^{-1} b by GMRES for a matrix-free J; the gradient with respect to b is
@@ -191,7 +181,7 @@ class _MatrixFreeSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         J, c = ctx.J, ctx.c
-        x, _ = gmres(lambda w: w - c * _vjp(J, w), g.detach(), rtol=ctx.rtol, max_restarts=50)
+        x, _ = gmres(lambda w: w - c * J.vjp(w), g.detach(), rtol=ctx.rtol, max_restarts=50)
         return x, None, None, None
 
 

@@ -214,16 +214,6 @@ IMPLICIT_TABLEAUX: dict[str, ImplicitTableau] = {t.name: t for t in (
 # ----------------------------------------------------------------------------------------
 # Linear algebra of the exact (implicit-function-theorem) step
 # ----------------------------------------------------------------------------------------
-def _vjp(J: MatrixFree, w: torch.Tensor) -> torch.Tensor:
-    """J^T w for a matrix-free Jacobian."""
-    try:
-        return torch.func.vjp(J.f, J.y)[1](w)[0]
-    except (RuntimeError, NotImplementedError, TypeError):
-        with torch.enable_grad():
-            y = J.y.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(J.f(y), y, w, allow_unused=True)
-        return torch.zeros_like(J.y) if g is None else g
-
 
 class _OperatorSolve(torch.autograd.Function):
     """x = M^{-1} b for a matrix-free M; the gradient w.r.t. b is M^{-T} g."""
@@ -274,7 +264,7 @@ class StageMatrix:
             JV = torch.stack([self.Js[j].mv(V[j]) for j in range(self.s)])
             return (V - h * (A @ JV)).reshape(-1)
         W = A.t() @ V  # (j, n): sum_i a_ij w_i
-        JW = torch.stack([_vjp(self.Js[j], W[j]) for j in range(self.s)])
+        JW = torch.stack([self.Js[j].vjp(W[j]) for j in range(self.s)])
         return (V - h * JW).reshape(-1)
 
     def solve(self, b: torch.Tensor, transpose: bool = False) -> torch.Tensor:

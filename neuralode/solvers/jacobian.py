@@ -71,6 +71,17 @@ class MatrixFree:
         return jv
 
 
+    def vjp(self, w: torch.Tensor) -> torch.Tensor:
+        """w^T J (= J^T w) by reverse-mode autograd."""
+        try:
+            return torch.func.vjp(self.f, self.y)[1](w)[0]
+        except (RuntimeError, NotImplementedError, TypeError):
+            with torch.enable_grad():
+                y = self.y.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.f(y), y, w, allow_unused=True)
+            return torch.zeros_like(self.y) if g is None else g
+
+
 class JacobianSource:
     """df/dy of the flat right-hand side ``rhs`` at (t, y), restricted to the first ``head``
     components (rows and columns)."""

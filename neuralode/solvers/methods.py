@@ -190,6 +190,18 @@ class FixedGridRK(FixedGridMethod):
         return RKStepper(cls.tableau, linear=o["interp"] == "linear")
 
 
+def check_dtype_and_norm(method: str, o: dict) -> None:
+    """The adaptive methods' ``dtype`` (of time) and ``norm`` options."""
+    if o["dtype"] not in (torch.float64, None):
+        raise ODEInputError(f"option 'dtype' of {method!r} (the dtype of time) must be "
+                            f"torch.float64: neuralode always keeps time in float64, got "
+                            f"{o['dtype']!r}")
+    if o["norm"] is not None and not callable(o["norm"]):
+        raise ODEInputError(f"option 'norm' of {method!r} must be a callable taking the "
+                            f"scaled error (a tensor, or a tuple of tensors for a tuple "
+                            f"state) and returning a scalar; got {o['norm']!r}")
+
+
 class AdaptiveRK(Method):
     """Embedded Runge–Kutta pair with error control and dense output."""
 
@@ -208,14 +220,7 @@ class AdaptiveRK(Method):
 
     @classmethod
     def check(cls, o: dict) -> None:
-        if o["dtype"] not in (torch.float64, None):
-            raise ODEInputError(f"option 'dtype' of {cls.name!r} (the dtype of time) must be "
-                                f"torch.float64: neuralode always keeps time in float64, got "
-                                f"{o['dtype']!r}")
-        if o["norm"] is not None and not callable(o["norm"]):
-            raise ODEInputError(f"option 'norm' of {cls.name!r} must be a callable taking the "
-                                f"scaled error (a tensor, or a tuple of tensors for a tuple "
-                                f"state) and returning a scalar; got {o['norm']!r}")
+        check_dtype_and_norm(cls.name, o)
         ctrl = o["step_size_controller"]
         if ctrl is not None and not isinstance(ctrl, PIDController):
             raise ODEInputError(f"option 'step_size_controller' of {cls.name!r} must be a "

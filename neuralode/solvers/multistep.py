@@ -43,9 +43,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from neuralode.errors import ODEInputError, StepSizeError
+from neuralode.errors import StepSizeError
 from neuralode.solvers.controllers import ErrorNorm, PIDController, initial_step
-from neuralode.solvers.methods import COMMON_OPTIONS, Method, _positive_int
+from neuralode.solvers.methods import (
+    COMMON_OPTIONS,
+    Method,
+    _positive_int,
+    check_dtype_and_norm,
+)
 
 MAX_ADAMS_ORDER = 12
 MAX_BDF_ORDER = 5
@@ -547,14 +552,7 @@ class MultistepMethod(Method):
 
     @classmethod
     def check(cls, o: dict) -> None:
-        if o["dtype"] not in (torch.float64, None):
-            raise ODEInputError(f"option 'dtype' of {cls.name!r} (the dtype of time) must be "
-                                f"torch.float64: neuralode always keeps time in float64, got "
-                                f"{o['dtype']!r}")
-        if o["norm"] is not None and not callable(o["norm"]):
-            raise ODEInputError(f"option 'norm' of {cls.name!r} must be a callable taking the "
-                                f"scaled error (a tensor, or a tuple of tensors for a tuple "
-                                f"state) and returning a scalar; got {o['norm']!r}")
+        check_dtype_and_norm(cls.name, o)
         _positive_int(cls.name, "max_order", o["max_order"], cls.MAX_ORDER)
         s = {k: o[k] for k in cls.CONTROL}
         s.update(PIDController._validate(s, cls.name))
