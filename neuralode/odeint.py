@@ -301,6 +301,9 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
                                                 direction)]
         jumps = times_inside(cls.name, "jump_t", o["jump_t"], ts[0], end, direction)
         stops += [Stop(v, "jump") for v in jumps]  # the loop merges stops at equal times
+        if o.get("step_to_outputs") and not open_end:
+            # implicit methods on stiff problems: outputs at step ends, not interpolated
+            stops += [Stop(v) for v in ts[1:-1]]
     controller = make_controller(cls, o, p.norm, ts, p.func, p.y0_user, open_end, grid,
                                  [s.time for s in stops]) if len(ts) > 1 else None
     y_start = p.y0_flat if y0_flat is None else y0_flat

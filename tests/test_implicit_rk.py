@@ -10,7 +10,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from neuralode import odeint, solve
-from neuralode.errors import ConvergenceError
+from neuralode.errors import ConvergenceError, ODEInputError
 from neuralode.solvers.implicit_rk import IMPLICIT_TABLEAUX
 from neuralode.solvers.order_conditions import order_residuals
 
@@ -371,3 +371,29 @@ def test_adjoint_with_an_implicit_method_keeps_only_the_outputs():
     long, n_long = kept_bytes(1.0)
     assert n_long > 3 * n_short  # many more steps, the same memory kept for backward
     assert short == long > 0
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "rodas5p"])
+def test_stiff_outputs_meet_the_tolerance_at_step_ends(method):
+    """Robertson with outputs inside long steps: by default outputs are step ends and meet the
+    tolerance; interpolated (step_to_outputs=False) they miss it (kvaerno5) by a wide margin
+    or take fewer steps."""
+    from neuralode.problems import Robertson
+
+    prob = Robertson()
+    t = torch.cat([torch.zeros(1), torch.logspace(-3, 1.5, 8)]).double()
+    ref = torch.as_tensor(prob.reference(t), dtype=torch.float64)
+    rtol = 1e-6
+    atol = rtol * 1e-6
+    errs, steps = {}, {}
+    for flag in (True, False):
+        ys, st = odeint(prob, prob.y0.double(), t, method=method, rtol=rtol, atol=atol,
+                        options={"step_to_outputs": flag}, return_stats=True)
+        errs[flag] = float(((ys - ref).abs() / (atol + rtol * ref.abs())).max())
+        steps[flag] = st.n_accepted
+    assert errs[True] < 3.0
+    assert steps[True] > steps[False]
+    if method == "kvaerno5":
+        assert errs[False] > 10 * errs[True]
+    with pytest.raises(ODEInputError, match="step_to_outputs"):
+        odeint(prob, prob.y0.double(), t, method=method, options={"step_to_outputs": 1})

@@ -60,7 +60,12 @@ from neuralode.solvers.jacobian import (
     gmres,
     newton,
 )
-from neuralode.solvers.methods import AdaptiveRK, FixedGridMethod, _positive_int
+from neuralode.solvers.methods import (
+    STIFF_OUTPUT_OPTIONS,
+    AdaptiveRK,
+    FixedGridMethod,
+    _positive_int,
+)
 from neuralode.solvers.rk import ChordSegment, chord
 
 SLOW_RATE = 0.25  # a Newton contraction rate above this re-evaluates J at the next step
@@ -619,11 +624,12 @@ class FixedGridImplicitRK(FixedGridMethod):
 
 
 class AdaptiveImplicitRK(AdaptiveRK):
-    """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output."""
+    """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output.
+    ``step_to_outputs``: see ``methods.STEP_TO_OUTPUTS_DOC``."""
 
     tableau: ImplicitTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, max_iters=10,
-                                             **JACOBIAN_OPTIONS)
+                                             **JACOBIAN_OPTIONS, **STIFF_OUTPUT_OPTIONS)
 
     @classmethod
     def describe(cls) -> str:

@@ -47,7 +47,7 @@ from neuralode.solvers.jacobian import (
     NewtonMatrix,
     check_jacobian_option,
 )
-from neuralode.solvers.methods import AdaptiveRK
+from neuralode.solvers.methods import STIFF_OUTPUT_OPTIONS, AdaptiveRK
 
 
 @dataclass(frozen=True, eq=False)
@@ -406,10 +406,12 @@ class RosenbrockStepper:
 
 
 class RosenbrockMethod(AdaptiveRK):
-    """Rosenbrock method with error control and dense output."""
+    """Rosenbrock method with error control and dense output. ``step_to_outputs``: see
+    ``methods.STEP_TO_OUTPUTS_DOC``."""
 
     tableau: RosenbrockTableau
-    OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS)
+    OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS,
+                                             **STIFF_OUTPUT_OPTIONS)
     # odeint_adjoint's backward solve by default (first one registered): its stages need
     # the exact Jacobian of the backward system, with second derivatives of func; an ESDIRK
     # method (Newton, where an approximate Jacobian costs iterations, not order) does not
