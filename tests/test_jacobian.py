@@ -195,3 +195,16 @@ def test_loop_rejects_failed_steps_or_reports_them():
     assert res.status == "convergence_failure" and "diverge" in res.message
     with pytest.raises(StepSizeError, match="last attempt failed: Newton iterations diverge"):
         run("pid", 0.0)
+
+
+def test_fully_implicit_stages_with_a_transposed_jacobian():
+    """jacrev of f = A @ y returns a non-contiguous view; the stage matrix I - h(A⊗J) must
+    still be formed (gl4 and radauIIA5 failed on it)."""
+    from neuralode import odeint
+
+    A = torch.tensor([[-2.0, 1.0], [1.0, -20.0]])
+    ref = torch.linalg.matrix_exp(A) @ torch.ones(2)
+    for method in ("gl4", "radauIIA5"):
+        y = odeint(lambda t, y: A @ y, torch.ones(2), torch.tensor([0.0, 1.0]), method=method,
+                   options={"step_size": 0.05})
+        assert torch.allclose(y[-1], ref, atol=1e-7), method

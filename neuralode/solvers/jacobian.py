@@ -241,7 +241,7 @@ class NewtonMatrix:
         if isinstance(J, MatrixFree):
             self.kind = "matfree"
             return
-        J = J.detach()
+        J = J.detach().contiguous()  # jacrev of f = A @ y gives a transposed view
         if self.scalar:
             if J.dim() == 2:
                 self.kind = "dense"
