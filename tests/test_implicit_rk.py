@@ -178,7 +178,7 @@ def test_kvaerno_error_falls_with_tolerance_van_der_pol(method):
     ref = _scipy_reference(_vdp_np, y0, t1)
     errs = []
     for rtol in (1e-3, 1e-5):
-        sol = solve(f, torch.tensor(y0), torch.tensor([0.0, 0.5, t1]), method=method,
+        sol = solve(f, torch.tensor(y0), torch.tensor([0.0, t1]), method=method,
                     rtol=rtol, atol=rtol * 1e-3)
         errs.append(float((sol.ys[-1] - ref).abs().max()))
         assert errs[-1] < 10 * rtol

@@ -34,7 +34,11 @@ LN2 = math.log(2.0)
 
 
 def opts(method, step=0.01):
-    return None if SOLVERS[method].adaptive else {"step_size": step}
+    """Fixed grids: the step; the stiff one-step methods: outputs interpolated (as every
+    other method's), not step ends."""
+    if not SOLVERS[method].adaptive:
+        return {"step_size": step}
+    return {"step_to_outputs": False} if "step_to_outputs" in SOLVERS[method].OPTIONS else None
 
 
 class Decay(torch.nn.Module):

@@ -21,7 +21,7 @@ DENSE_ORDER = {"rodas4": 3, "rodas5p": 4}
 
 def fixed(h: float) -> dict:
     """Constant steps of size h through the adaptive controller (min_step = max_step)."""
-    return {"first_step": h, "min_step": h, "max_step": h}
+    return {"first_step": h, "min_step": h, "max_step": h, "step_to_outputs": False}
 
 
 def smooth(t, y):
