@@ -232,7 +232,30 @@ class PIDController:
         return _PIDRun(norm, error_order, settings or self.settings(options))
 
 
-class _PIDRun:
+class StepBounds:
+    """What every adaptive controller does alike: bound a step by ``min_step``/``max_step``
+    and choose the first one (``first``, or Hairer's estimate for the order
+    ``start_order``). Needs ``norm``, ``min_step``, ``max_step``, ``first``, ``start_order``."""
+
+    def clamp(self, h: float, direction: float) -> float:
+        return direction * min(max(abs(h), self.min_step), self.max_step)
+
+    def first_step(self, rhs, t0, y0, f0, direction) -> float:
+        self.absy = y0.detach().abs()
+        if self.first is not None:
+            return self.clamp(self.first, direction)
+        with torch.no_grad():
+            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, self.start_order,
+                             self.norm)
+        if not math.isfinite(h):
+            raise StepSizeError(
+                "the error norm is not finite at the initial state, so no step size can be "
+                "chosen: the tolerance scale atol + rtol * |y0| is zero somewhere (atol=0 with "
+                "y0 = 0?) or the state or derivative is not finite; use atol > 0")
+        return self.clamp(h, direction)
+
+
+class _PIDRun(StepBounds):
     """The per-solve state of a PIDController."""
 
     adaptive = True
@@ -246,27 +269,11 @@ class _PIDRun:
         self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
         self.b2 = -(s["pcoeff"] + 2 * s["dcoeff"]) / k
         self.b3 = s["dcoeff"] / k
-        self.error_order = error_order
+        self.error_order = self.start_order = error_order
         self.prev1 = self.prev2 = 1.0
         self.absy = None
         self.nonfinite = False  # was the last attempt rejected for a nan/inf error?
 
-    def clamp(self, h: float, direction: float) -> float:
-        return direction * min(max(abs(h), self.min_step), self.max_step)
-
-    def first_step(self, rhs, t0, y0, f0, direction) -> float:
-        self.absy = y0.detach().abs()
-        if self.first is not None:
-            return self.clamp(self.first, direction)
-        with torch.no_grad():
-            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, self.error_order,
-                             self.norm)
-        if not math.isfinite(h):
-            raise StepSizeError(
-                "the error norm is not finite at the initial state, so no step size can be "
-                "chosen: the tolerance scale atol + rtol * |y0| is zero somewhere (atol=0 with "
-                "y0 = 0?) or the state or derivative is not finite; use atol > 0")
-        return self.clamp(h, direction)
 
     def shrink(self, h: float, factor: float, direction: float) -> float:
         """The next attempt after a failed one (an implicit method's Newton solve did not

@@ -43,8 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from neuralode.errors import StepSizeError
-from neuralode.solvers.controllers import ErrorNorm, PIDController, initial_step
+from neuralode.solvers.controllers import ErrorNorm, PIDController, StepBounds
 from neuralode.solvers.methods import (
     COMMON_OPTIONS,
     Method,
@@ -430,7 +429,7 @@ class AdamsPECEStepper(NordsieckStepper):
 # -- the controller ------------------------------------------------------------------------------
 
 
-class MultistepController:
+class MultistepController(StepBounds):
     """Order and step-size selection of ``adams``/``bdf`` (as LSODE): the attempt is accepted
     when the order-q error estimate is within the tolerances (RMS norm of
     err / (atol + rtol max(|y_n|, |y_n+1|))); after q+1 steps with the same order and step
@@ -450,25 +449,10 @@ class MultistepController:
         self.norm = norm
         self.ifactor, self.dfactor = s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
+        self.start_order = 1  # the history starts at order 1
         self.absy = None
         self.nonfinite = False
         self.n_fail = 0
-
-    def clamp(self, h: float, direction: float) -> float:
-        return direction * min(max(abs(h), self.min_step), self.max_step)
-
-    def first_step(self, rhs, t0, y0, f0, direction) -> float:
-        self.absy = y0.detach().abs()
-        if self.first is not None:
-            return self.clamp(self.first, direction)
-        with torch.no_grad():
-            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, 1, self.norm)
-        if not math.isfinite(h):
-            raise StepSizeError(
-                "the error norm is not finite at the initial state, so no step size can be "
-                "chosen: the tolerance scale atol + rtol * |y0| is zero somewhere (atol=0 with "
-                "y0 = 0?) or the state or derivative is not finite; use atol > 0")
-        return self.clamp(h, direction)
 
     def propose(self, t: float, h: float, stop: float, direction: float) -> float:
         if direction * (stop - (t + h)) <= self.STRETCH * abs(h):
