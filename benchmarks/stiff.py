@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from neuralode import odeint
 from neuralode.problems import PROBLEMS, Robertson, make_problem
-from neuralode.solvers.methods import SOLVERS
+from neuralode.solvers.registry import SOLVERS
 
 DEFAULT_METHODS = ("kvaerno5", "kvaerno3", "rodas5p", "rodas4", "bdf")
 SCIPY_METHODS = ("Radau", "BDF", "LSODA")

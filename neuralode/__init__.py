@@ -8,7 +8,7 @@
 ``Adjoint(...)``) chooses how a solve is differentiated.
 """
 
-from neuralode.adjoint import AdjointStats, odeint_adjoint
+from neuralode.adjoint import AdjointStats
 from neuralode.errors import (
     ConvergenceError,
     EventError,
@@ -21,9 +21,9 @@ from neuralode.errors import (
 )
 from neuralode.events import odeint_event
 from neuralode.gradients import Adjoint, Backprop, Checkpoint
-from neuralode.odeint import odeint, odeint_dense, solve
+from neuralode.odeint import odeint, odeint_adjoint, odeint_dense, solve
 from neuralode.solution import DenseSolution, ODESolution, Solution
-from neuralode.solvers import SOLVERS, PIDController, SolverStats
+from neuralode.solvers import SOLVERS, GustafssonController, PIDController, SolverStats
 
 __version__ = "0.2.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "ConvergenceError",
     "DenseSolution",
     "EventError",
+    "GustafssonController",
     "MaxStepsError",
     "NeuralODEError",
     "NonFiniteError",

@@ -31,26 +31,26 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 
 from neuralode.adjoint_jacobian import AdjointJacobian
 from neuralode.errors import ODEInputError
-from neuralode.odeint import (
+from neuralode.parameters import find_params
+from neuralode.problem import (
     CALLBACK_NAMES,
     Tolerance,
-    _callbacks,
-    _check_t,
-    _check_y0,
-    _event_solve,
-    _resolve_method,
-    _times,
+    check_t,
+    check_y0,
+    event_solve,
+    find_callbacks,
     prepare,
+    resolve_method,
     run,
-    solve,
+    solve_problem,
+    times_of,
 )
 from neuralode.solvers.base import SolverStats, StateLayout
 from neuralode.solvers.loop import Stop
-from neuralode.solvers.methods import SOLVERS
+from neuralode.solvers.registry import SOLVERS
 
 ADJOINT_CALLBACK_NAMES = tuple(n + "_adjoint" for n in CALLBACK_NAMES)
 
@@ -60,6 +60,25 @@ class AdjointStats(SolverStats):
     filled in when ``.backward()`` runs, None before)."""
 
     backward: SolverStats | None = None
+
+
+def adjoint_derivatives(f_of_y: Callable, y: torch.Tensor, a: torch.Tensor, params,
+                        need_y: bool = True):
+    """The adjoint system's derivatives, for one problem (y (n,)) and per sample (y (B, n),
+    rows independent): (f(y), -a^T df/dy, -a^T df/dparams), one vector-Jacobian product.
+    ``need_y`` False skips -a^T df/dy (None). A parameter f does not use gives None."""
+    with torch.enable_grad():
+        y_ = y.detach().requires_grad_(need_y)
+        f = f_of_y(y_)
+        inputs = ((y_,) if need_y else ()) + tuple(params)
+        if f.requires_grad and inputs:
+            grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
+        else:  # f depends on neither y nor the parameters
+            grads = (None,) * len(inputs)
+    if not need_y:
+        return f.detach(), None, grads
+    da = grads[0] if grads[0] is not None else torch.zeros_like(y)
+    return f.detach(), da, grads[1:]
 
 
 def _seminorm(state) -> float:
@@ -140,7 +159,7 @@ class _Backward:
                                rtol=_backward_tolerance(rtol, layout),
                                atol=_backward_tolerance(atol, layout), method=method,
                                options=options, stats=SolverStats())
-        self.callbacks = _callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
+        self.callbacks = find_callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
 
     def flat_func(self, t, y):
         return self.layout.flatten(self.func(t, self.layout.unflatten(y)))
@@ -158,22 +177,15 @@ class _Backward:
         y, a, _ = state
         if self.dense is not None:
             y = self._y_at(t)
-        with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
-            f = self.flat_func(t, y_)
-            if f.requires_grad:
-                grads = torch.autograd.grad(f, (y_, *self.params), -a, allow_unused=True)
-            else:  # f depends on neither y nor the parameters
-                grads = (None,) * (1 + len(self.params))
-        da = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        f, da, gp = adjoint_derivatives(lambda y_: self.flat_func(t, y_), y, a, self.params)
         if self.params:
             dg = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads[1:], self.params)])
+                            for g, p in zip(gp, self.params)])
         else:
             dg = y.new_zeros(0)
         if self.dense is not None:  # y is read from the dense output, not integrated
             return torch.zeros_like(y), da, dg
-        return f.detach(), da, dg
+        return f, da, dg
 
     def _grid(self, t0: float, t_last: float):
         """The backward grid of a fixed-grid method, or None (adaptive methods, and grids
@@ -231,15 +243,16 @@ class _AdjointFunction(torch.autograd.Function):
         y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
         with torch.no_grad():
             if cfg["event_fn"] is None:
-                sol = solve(cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
-                            method=cfg["method"], options=cfg["options"],
-                            dense=cfg["backward"].interpolated)
+                sol = solve_problem(
+                    prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
+                            method=cfg["method"], options=cfg["options"]),
+                    t, dense=cfg["backward"].interpolated)
                 ys, fstats = sol.ys, sol.stats
                 ctx.dense = sol.dense
                 t_out = t
                 event_t = None
             else:
-                event_t, ys, fstats = _event_solve(
+                event_t, ys, fstats = event_solve(
                     cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
                     method=cfg["method"], options=cfg["options"], event_fn=cfg["event_fn"])
                 t_out = torch.stack([t[0].detach().to(torch.float64),
@@ -318,44 +331,13 @@ def _default_adjoint_method(method_name: str) -> str:
     return next(m for m in preferred if m in SOLVERS)
 
 
-def _find_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
-    if adjoint_params is None:
-        if not isinstance(func, nn.Module):
-            raise ODEInputError(
-                f"odeint_adjoint needs func to be an nn.Module (to find the parameters to "
-                f"differentiate), got {type(func).__name__}; pass adjoint_params=(tensors...) "
-                f"to differentiate a plain callable")
-        params = tuple(p for p in func.parameters() if p.requires_grad)
-    else:
-        if isinstance(adjoint_params, torch.Tensor):
-            adjoint_params = (adjoint_params,)
-        try:
-            params = tuple(adjoint_params)
-        except TypeError:
-            raise ODEInputError(f"adjoint_params must be an iterable of tensors, got "
-                                f"{type(adjoint_params).__name__}") from None
-        for k, p in enumerate(params):
-            if not isinstance(p, torch.Tensor):
-                raise ODEInputError(f"adjoint_params[{k}] must be a tensor, got "
-                                    f"{type(p).__name__}")
-        params = tuple(p for p in params if p.requires_grad)
-    # keep each parameter once (shared modules) to avoid double-counted gradients
-    seen, unique = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
-    return tuple(unique)
-
-
 def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
                    method: str | None = None, options: dict | None = None,
                    event_fn: Callable | None = None,
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False, interpolated: bool = False,
-                   per_sample: bool = False):
+                   return_stats: bool = False, interpolated: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
     ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
@@ -377,29 +359,14 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         interpolated: the interpolated adjoint: the backward solve reads y(t) from the
             forward solve's dense output (kept until the backward pass: memory grows with
             the forward steps) instead of integrating y backwards. Not with ``event_fn``.
-        per_sample: y0 is a batch (B, ...) of independent problems (see ``odeint``): the
-            backward solve is per sample too, the parameter gradient is summed over samples
-            (``neuralode.per_sample.odeint_adjoint_per_sample``).
     """
     if not isinstance(interpolated, bool):
         raise ODEInputError(f"interpolated must be True or False, got {interpolated!r}")
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
-    if per_sample:
-        if event_fn is not None:
-            raise ODEInputError("event_fn is not supported with per_sample=True")
-        if interpolated:
-            raise ODEInputError("interpolated=True is not supported with per_sample=True; use "
-                                "the plain adjoint (a backward solve per sample)")
-        from neuralode.per_sample import odeint_adjoint_per_sample
-        return odeint_adjoint_per_sample(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-            adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
-            adjoint_options=adjoint_options, adjoint_params=adjoint_params,
-            return_stats=return_stats)
-    params = _find_params(func, adjoint_params)
-    method_name, opts = _resolve_method(method, options)
+    params = find_params(func, adjoint_params)
+    method_name, opts = resolve_method(method, options)
     default_backward = adjoint_method is None
     if adjoint_method is None:
         adjoint_method = _default_adjoint_method(method_name)
@@ -431,7 +398,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         if not callable(user_adjoint_norm):
             raise ODEInputError(f"adjoint_options['norm'] must be 'seminorm' or a callable, "
                                 f"got {user_adjoint_norm!r}")
-    adj_method_name, adjoint_options = _resolve_method(adjoint_method, adjoint_options)
+    adj_method_name, adjoint_options = resolve_method(adjoint_method, adjoint_options)
     if getattr(SOLVERS[adj_method_name], "adjoint_method", None) is not None:
         raise ODEInputError(
             f"adjoint_method={adj_method_name!r} cannot run odeint_adjoint's backward solve: a "
@@ -441,9 +408,9 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     adjoint_rtol = rtol if adjoint_rtol is None else adjoint_rtol
     adjoint_atol = atol if adjoint_atol is None else adjoint_atol
 
-    items, is_tuple = _check_y0(y0)
-    t = _check_t(t)
-    _times(t)
+    items, is_tuple = check_y0(y0)
+    t = check_t(t)
+    times_of(t)
     layout = StateLayout([v.shape for v in items], is_tuple)
     stats = AdjointStats(method=method_name)
     dtype = torch.float32 if items[0].dtype in (torch.float16, torch.bfloat16) else items[0].dtype
@@ -460,12 +427,13 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         t.requires_grad or any(v.requires_grad for v in items) or bool(params))
     if not needs_grad:
         if event_fn is not None:
-            event_t, ys, fstats = _event_solve(func, y0, t, rtol=rtol, atol=atol,
+            event_t, ys, fstats = event_solve(func, y0, t, rtol=rtol, atol=atol,
                                                method=method_name, options=opts,
                                                event_fn=event_fn)
             stats.__dict__.update(fstats.__dict__)
             return ((event_t, ys), stats) if return_stats else (event_t, ys)
-        sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method_name, options=opts)
+        sol = solve_problem(prepare(func, y0, rtol=rtol, atol=atol, method=method_name,
+                                    options=opts), t)
         stats.__dict__.update(sol.stats.__dict__)
         return (sol.ys, stats) if return_stats else sol.ys
     outs = _AdjointFunction.apply(cfg, t, len(items), *items, *params)

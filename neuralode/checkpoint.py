@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from neuralode.errors import ODEInputError
+from neuralode.parameters import find_params
 from neuralode.solvers.base import RHS, SolverStats
 from neuralode.solvers.loop import EVENT, SUCCESS, LoopResult, integrate
 
@@ -412,57 +412,16 @@ class _CheckpointFunction(torch.autograd.Function):
 
 
 # -- the entry point ----------------------------------------------------------------------------
-def _unique(tensors) -> tuple[torch.Tensor, ...]:
-    seen, out = set(), []
-    for p in tensors:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return tuple(out)
-
-
-def find_params(func, y0_user_detached, t0_tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors ``func`` is differentiable in: the leaves of the graph of one evaluation
-    at the start (parameters of an nn.Module and tensors a closure uses alike)."""
-    with torch.enable_grad():
-        out = func(t0_tensor, y0_user_detached)
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    found, seen, stack, visited = [], set(), [], set()
-    for o in outs:
-        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
-            stack.append(o.grad_fn)
-        elif isinstance(o, torch.Tensor) and o.requires_grad and id(o) not in seen:
-            seen.add(id(o))  # func returned a leaf itself
-            found.append(o)
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
-            if id(var) not in seen:
-                seen.add(id(var))
-                found.append(var)
-            continue
-        stack.extend(nf for nf, _ in node.next_functions if nf is not None)
-    return tuple(found)
-
-
 def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float], make_stepper,
                            controller, *, func, perturb: bool, record: bool,
                            loop_kwargs: dict) -> LoopResult:
     """``loop.integrate`` differentiated by checkpointing (see the module doc): the same
     result, whose output states (``outs[1:]``, ``event_y``, ``y_final`` where it is an
     output) carry the gradient of backpropagation through the solver."""
-    if strategy.params is not None:
-        params = _unique(p for p in strategy.params if p.requires_grad)
-    elif isinstance(func, nn.Module):  # as odeint_adjoint: the module's parameters
-        params = _unique(p for p in func.parameters() if p.requires_grad)
-    else:
-        with torch.no_grad():
-            y_user = rhs.user_state(y0.detach())
-        params = find_params(func, y_user, rhs.time(ts[0]))
+    with torch.no_grad():
+        y_user = rhs.user_state(y0.detach())
+    params = find_params(func, strategy.params, probe=lambda: func(rhs.time(ts[0]), y_user),
+                         who="gradient='checkpoint'", arg="Checkpoint params")
     if not (y0.requires_grad or params):
         return integrate(rhs, y0, ts, make_stepper(), controller, perturb=perturb,
                          record=record, **loop_kwargs)

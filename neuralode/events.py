@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
-from neuralode.odeint import _check_y0, odeint
+from neuralode.odeint import odeint
+from neuralode.problem import check_y0
 from neuralode.solvers.base import StateLayout
 
 
@@ -79,7 +80,7 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
     step = -1.0 if reverse_time else 1.0
     t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + step])
     event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-    items, is_tuple = _check_y0(y0)
+    items, is_tuple = check_y0(y0)
     layout = StateLayout([v.shape for v in items], is_tuple)
     sol_items = list(solution) if is_tuple else [solution]
     state_t = layout.flatten(tuple(s[-1] for s in sol_items) if is_tuple else sol_items[0][-1])

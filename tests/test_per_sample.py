@@ -197,8 +197,12 @@ def test_bad_times_are_refused(t, match):
 
 
 def test_unsupported_options_are_refused():
-    with pytest.raises(ODEInputError, match="per_sample"):
-        solve(vdp(MU), Y0, T, per_sample=True, method="dopri5", options={"jump_t": [1.0]})
+    # every method and option runs per sample; the batched driver's own options need it
+    with pytest.raises(ODEInputError, match="batched driver"):
+        solve(vdp(MU), Y0, T, per_sample=True, method="kvaerno3", options={"compile": True})
+    with pytest.raises(ODEInputError, match="batched driver"):
+        solve(vdp(MU), Y0, T, per_sample=True, method="dopri5",
+              options={"jump_t": [1.0], "shrink": 0.5})
     with pytest.raises(ODEInputError, match="batch dimension"):
         solve(vdp(MU), torch.tensor(1.0), T, per_sample=True)
     assert odeint_adjoint is not None

@@ -1,20 +1,21 @@
-"""Numerics only: tableaux, steppers, step-size controllers and the one integration loop.
+"""Numerics only: tableaux, steppers, step-size controllers and the two drivers (the float
+clock of one problem, ``loop.integrate``; the tensor clock of a per-sample batch,
+``batched.integrate_batched``), which share every formula.
 
-``SOLVERS`` is the one registry of method names; nothing else lists methods.
+``SOLVERS`` (``registry``) is the one registry of method names; nothing else lists methods.
 """
 
-from neuralode.solvers.base import RHS, SolverStats, StateLayout
-from neuralode.solvers.controllers import ErrorNorm, FixedGridController, PIDController
-from neuralode.solvers.loop import STATUSES, Callbacks, LoopResult, Stop, integrate
-from neuralode.solvers.methods import (
-    ALIASES,
-    DEFAULT_METHOD,
-    SOLVERS,
-    AdaptiveRK,
-    FixedGridMethod,
-    FixedGridRK,
-    Method,
+from neuralode.solvers.base import RHS, PerSampleStats, SolverStats, StateLayout
+from neuralode.solvers.controllers import (
+    ErrorNorm,
+    FixedGridController,
+    PerSampleGrid,
+    PIDController,
 )
+from neuralode.solvers.gustafsson import GustafssonController
+from neuralode.solvers.loop import STATUSES, Callbacks, LoopResult, Stop, integrate
+from neuralode.solvers.methods import AdaptiveRK, FixedGridMethod, FixedGridRK, Method
+from neuralode.solvers.registry import ALIASES, DEFAULT_METHOD, SOLVERS
 from neuralode.solvers.rk import RKStepper
 from neuralode.solvers.tableau import TABLEAUX, ButcherTableau
 
@@ -32,9 +33,12 @@ __all__ = [
     "FixedGridController",
     "FixedGridMethod",
     "FixedGridRK",
+    "GustafssonController",
     "LoopResult",
     "Method",
     "PIDController",
+    "PerSampleGrid",
+    "PerSampleStats",
     "RKStepper",
     "SolverStats",
     "StateLayout",

@@ -56,6 +56,47 @@ class SolverStats:
                 f"rejected={self.n_rejected}{implicit} status={self.status}")
 
 
+@dataclass
+class PerSampleStats:
+    """Statistics of a per-sample solve.
+
+    nfe: calls of the user's function (each call evaluates the whole running batch; a
+    sample-by-sample solve counts each sample's calls); n_accepted, n_rejected: (B,) int64
+    tensors, each sample's own step attempts; status: one status name per sample
+    ("success", "event", or with ``throw=False`` "max_steps_reached",
+    "step_size_underflow", "nonfinite", "convergence_failure"); message: one per sample (""
+    on success); t_final: (B,) float64 tensor, where each sample stopped; batch_rows: the
+    sum over calls of the rows evaluated (with ``shrink`` below B * nfe); driver:
+    "batched" (the tensor clock, one call of func per stage for the batch) or
+    "sample_by_sample" (the float clock, each sample alone).
+    """
+
+    method: str = ""
+    nfe: int = 0
+    n_accepted: torch.Tensor | None = None
+    n_rejected: torch.Tensor | None = None
+    status: list[str] = field(default_factory=list)
+    message: list[str] = field(default_factory=list)
+    t_final: torch.Tensor | None = None
+    batch_rows: int = 0
+    driver: str = "batched"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> torch.Tensor:
+        return self.n_accepted + self.n_rejected
+
+    @property
+    def success(self) -> bool:
+        return all(s in ("success", "event") for s in self.status)
+
+    def __str__(self) -> str:
+        bad = sum(s not in ("success", "event") for s in self.status)
+        acc = self.n_accepted
+        return (f"{self.method}: nfe={self.nfe} ({self.driver}), accepted per sample "
+                f"min/max={int(acc.min())}/{int(acc.max())}, failed samples={bad}")
+
+
 class StepFailure(Exception):
     """Raised by a stepper's ``step`` when the attempt cannot produce a state (an implicit
     method's Newton iterations failed). An adaptive solve rejects the attempt and retries
@@ -70,7 +111,8 @@ class StepFailure(Exception):
 
 class StateLayout:
     """How a user state (tensor or tuple of tensors, any shape including 0-dim) maps to the
-    flat solver state."""
+    flat solver state: (n,) for one problem, (B, n) for a per-sample batch (the user's
+    tensors then have a leading batch dimension)."""
 
     def __init__(self, shapes: list[torch.Size], is_tuple: bool):
         self.shapes = [torch.Size(s) for s in shapes]
@@ -92,33 +134,68 @@ class StateLayout:
             for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)
         )
 
-    def flatten(self, value) -> torch.Tensor:
+    def flatten(self, value, batch: int | None = None) -> torch.Tensor:
+        """The user's structure -> (n,) flat, or (B, n) keeping a leading batch of B."""
+        lead = (-1,) if batch is None else (batch, -1)
         if not self.is_tuple:
-            return value.reshape(-1)
-        return torch.cat([v.reshape(-1) for v in value])
+            return value.reshape(lead)
+        return torch.cat([v.reshape(lead) for v in value], dim=-1)
 
 
 class RHS:
     """The user's ``func(t, y)`` seen on the flat state, with evaluation counting.
 
-    ``t`` is handed to ``func`` as a 0-d tensor of the state's dtype on its device (as
-    torchdiffeq does; float32 for float16/bfloat16 states). Every call checks the result's
-    shape and dtype (cheap attribute compares); the first one also its type and device.
+    One problem: ``t`` is handed to ``func`` as a 0-d tensor of the state's dtype on its
+    device (as torchdiffeq does; float32 for float16/bfloat16 states). Per sample
+    (``batch=True``): y is (B, ...) and ``t`` a (B,) tensor of each row's time, or with
+    ``time_arg="none"`` a 0-d NaN (for functions that do not use t: one that does turns the
+    state into NaN, which is reported, never silently wrong). Every call checks the
+    result's shape and dtype (cheap attribute compares); the first one also its type and
+    device.
 
     A float16/bfloat16 state is integrated in float32 (``compute_dtype``): ``func`` still
     receives and returns the user's dtype, the solver accumulates in float32.
     """
 
     def __init__(self, func: Callable, layout: StateLayout, dtype: torch.dtype,
-                 device: torch.device, stats: SolverStats):
+                 device: torch.device, stats, *, batch: bool = False,
+                 time_arg: str = "batch"):
         self.func = func
         self.layout = layout
         self.user_dtype = dtype
         self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.device = device
         self.stats = stats
+        self.batch = batch
+        self.time_arg = time_arg
+        self.counting = True  # off inside a compiled step (the driver counts its calls)
         self._checked = False
-        self.call_at, self.call = self._make_call()
+        self.call_at, self.call = self._make_batch_call() if batch else self._make_call()
+
+    def _make_batch_call(self):
+        """f of a (B, n) batch at (B,) times."""
+        func, layout = self.func, self.layout
+        udt, cdt = self.user_dtype, self.dtype
+        cast = udt != cdt
+        check = self._check
+        nan_t = torch.full((), math.nan, dtype=cdt, device=self.device)
+        shape0 = None if layout.is_tuple else tuple(layout.shapes[0])
+
+        def call_at(tt, y):
+            B = y.shape[0]
+            if self.counting:
+                self.stats.nfe += 1
+                self.stats.batch_rows += B
+            out = func(tt, layout.unflatten(y.to(udt) if cast else y))
+            if layout.is_tuple or not self._checked or out.dtype != udt \
+                    or tuple(out.shape[1:]) != shape0 or out.shape[0] != B:
+                check(out, tt, B)
+            flat = layout.flatten(out, B)
+            return flat.to(cdt) if cast else flat
+
+        def call(t, y):
+            return call_at(t.to(cdt) if self.time_arg == "batch" else nan_t, y)
+        return call_at, call
 
     def _make_call(self):
         """Closures specialised to the state layout (the solver's hot path): f at a time
@@ -226,10 +303,9 @@ class RHS:
         return (torch.tensor(t, dtype=torch.float64), self.user_state(y),
                 torch.tensor(h, dtype=torch.float64))
 
-    def _check(self, out, tt) -> None:
+    def _check(self, out, tt, batch: int | None = None) -> None:
         layout = self.layout
-        t = float(tt)
-        what = f"func(t, y) at t={t:g}"
+        what = "func(t, y)" if batch is not None else f"func(t, y) at t={float(tt):g}"
         if layout.is_tuple:
             if not isinstance(out, (tuple, list)) or len(out) != len(layout.shapes):
                 raise ODEFuncError(
@@ -239,15 +315,17 @@ class RHS:
             items = list(out)
         else:
             items = [out]
+        lead = () if batch is None else (batch,)
         for k, (o, shape) in enumerate(zip(items, layout.shapes)):
             where = f"{what}" + (f", element {k}," if layout.is_tuple else "")
             if not isinstance(o, torch.Tensor):
                 raise ODEFuncError(f"{where} must return a tensor, got {type(o).__name__}")
-            if o.shape != shape:
+            if tuple(o.shape) != lead + tuple(shape):
                 raise ODEFuncError(
                     f"{where} returned shape {tuple(o.shape)}, but the state has shape "
-                    f"{tuple(shape)}; dy/dt must have the same shape as y"
-                    + (" (it had it in earlier calls)" if self._checked else ""))
+                    f"{lead + tuple(shape)}; dy/dt must have the same shape as y"
+                    + (" (it had it in earlier calls)" if self._checked else "")
+                    + (" (per_sample=True: the first dimension is the batch)" if lead else ""))
             if o.dtype != self.user_dtype:
                 raise ODEFuncError(
                     f"{where} returned dtype {o.dtype}, but the state has dtype "

@@ -1,20 +1,18 @@
-"""Per-sample batched solving: the driver, controller and RK stepper of ``per_sample=True``.
+"""The tensor-clock driver: a per-sample batch of problems, time and step size as (B,)
+tensors.
 
 A batch of B independent problems y_b' = f(t_b, y_b) is advanced together: one call of the
 user's function per stage for the whole batch, but every sample has its own time, step
-size, error norm, acceptance, output times, statistics and status. Time, step size and
-acceptance are (B,) tensors; each per-row formula is the scalar path's formula
-(``controllers.ErrorNorm``, ``controllers.initial_step``, ``controllers._PIDRun``,
-``rk.RKStepper``), so each sample takes the steps it takes when solved alone.
-
-Why a separate driver from ``loop.integrate``: the scalar loop keeps time and step size as
-Python floats and branches on them (a few microseconds per step, guarded by
-``benchmarks/loop.py``); with (B,) tensors every branch becomes a masked tensor update and
-the only host synchronisation is "is any sample still running" (one per adaptive step, none
-per fixed-grid step). Sharing one loop would put tensor bookkeeping on the scalar path's hot
-loop. The pieces that define the numerics are shared: the tableaux and their dense-output
-weights (``rk._tensor_coefficients``, ``rk._python_coefficients``), the tolerance scale
-(``ErrorNorm.scale``), the controller settings (``PIDController.settings``).
+size, error norm, acceptance, output times, statistics and status. It runs the same
+stepper (``rk.RKStepper``), controllers (``controllers.PIDRun`` and its subclasses,
+``controllers.PerSampleGrid``), error norm, events (``event_location``) and statuses
+(``status``) as the float-clock driver (``loop.integrate``); the formulas are written once
+over floats and (B,) tensors (``elementwise``). What is its own: the bookkeeping of a batch
+(masks instead of branches, outputs written with one indexed store per step, an optional
+compaction of finished rows), and at most one host synchronisation per adaptive step, none
+per fixed-grid step. Why two clocks: the float clock costs a few microseconds per step in
+Python floats (guarded by ``benchmarks/loop.py``); on tensors every branch is a masked
+update.
 
 States are flat (B, n) tensors (n: the per-sample element count); times are float64 (B,)
 tensors on the state's device.
@@ -27,447 +25,36 @@ which needs a ``func`` that treats rows independently and accepts any batch size
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from neuralode.errors import MaxStepsError, NonFiniteError, ODEFuncError, StepSizeError
-from neuralode.solvers.rk import _python_coefficients, _tensor_coefficients
-from neuralode.solvers.tableau import ButcherTableau
+from neuralode.solvers.controllers import PerSampleGrid
+from neuralode.solvers.elementwise import ulp
+from neuralode.solvers.event_location import EventFunction, locate_event
+from neuralode.solvers.rk import dense_combine, dense_weights
+from neuralode.solvers.status import (
+    CODE,
+    ERRORS,
+    EVENT,
+    MAX_STEPS,
+    NAMES,
+    NONFINITE,
+    RUNNING,
+    STEP_SIZE,
+    SUCCESS,
+    max_steps_message,
+    nonfinite_grid_message,
+    nonfinite_message,
+    progress,
+    start_scale_message,
+    step_size_message,
+)
 
-RUNNING, SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE = range(6)
-STATUS_NAMES = ("running", "success", "event", "max_steps_reached", "step_size_underflow",
-                "nonfinite")
-_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError}
-
-
-@dataclass
-class PerSampleStats:
-    """Statistics of a per-sample solve.
-
-    nfe: calls of the user's function (each call evaluates the whole running batch);
-    n_accepted, n_rejected: (B,) int64 tensors, each sample's own step attempts;
-    status: one status name per sample ("success", "event", or with ``throw=False``
-    "max_steps_reached", "step_size_underflow", "nonfinite"); message: one per sample ("" on
-    success); t_final: (B,) float64 tensor, where each sample stopped; batch_rows: the sum
-    over calls of the rows evaluated (with ``shrink`` below B * nfe).
-    """
-
-    method: str = ""
-    nfe: int = 0
-    n_accepted: torch.Tensor | None = None
-    n_rejected: torch.Tensor | None = None
-    status: list[str] = field(default_factory=list)
-    message: list[str] = field(default_factory=list)
-    t_final: torch.Tensor | None = None
-    batch_rows: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_steps(self) -> torch.Tensor:
-        return self.n_accepted + self.n_rejected
-
-    @property
-    def success(self) -> bool:
-        return all(s in ("success", "event") for s in self.status)
-
-    def __str__(self) -> str:
-        bad = sum(s not in ("success", "event") for s in self.status)
-        acc = self.n_accepted
-        return (f"{self.method}: nfe={self.nfe} (batched calls), accepted per sample "
-                f"min/max={int(acc.min())}/{int(acc.max())}, failed samples={bad}")
-
-
-class BatchedRHS:
-    """The user's ``func`` on a flat (B, n) state with (B,) float64 times.
-
-    ``time_arg``: "batch" hands ``func`` the times as a (B,) tensor (the state's dtype);
-    "none" hands it a 0-d NaN tensor (for functions that do not use t: a function that does
-    use it turns the state into NaN, which is reported, never silently wrong)."""
-
-    def __init__(self, func: Callable, layout, dtype: torch.dtype, device, stats: PerSampleStats,
-                 time_arg: str = "batch"):
-        self.func, self.layout, self.stats = func, layout, stats
-        self.user_dtype = dtype
-        self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        self.device = device
-        self.time_arg = time_arg
-        self.nan_t = torch.full((), math.nan, dtype=self.dtype, device=device)
-        self.checked = False
-        self.counting = True  # off inside a compiled step (the driver counts its calls)
-
-    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        B = y.shape[0]
-        if self.counting:
-            stats = self.stats
-            stats.nfe += 1
-            stats.batch_rows += B
-        layout = self.layout
-        tt = t.to(self.dtype) if self.time_arg == "batch" else self.nan_t
-        yu = y if self.user_dtype == self.dtype else y.to(self.user_dtype)
-        if layout.is_tuple:
-            yu = tuple(yu[:, a:b].reshape(B, *s) for a, b, s in
-                       zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
-            out = self.func(tt, yu)
-            if not self.checked:
-                self._check(out, B)
-            flat = torch.cat([o.reshape(B, -1) for o in out], dim=1)
-        else:
-            out = self.func(tt, yu.view(B, *layout.shapes[0]))
-            if not self.checked or not isinstance(out, torch.Tensor) or out.dtype != self.user_dtype:
-                self._check(out, B)
-            flat = out.reshape(B, layout.n)
-        return flat if flat.dtype == self.dtype else flat.to(self.dtype)
-
-    def _check(self, out, B: int) -> None:
-        layout = self.layout
-        items = list(out) if layout.is_tuple and isinstance(out, (tuple, list)) else [out]
-        if layout.is_tuple and (not isinstance(out, (tuple, list))
-                                or len(items) != len(layout.shapes)):
-            raise ODEFuncError(f"func(t, y) must return a tuple of {len(layout.shapes)} "
-                               f"tensors matching the tuple state, got {type(out).__name__}")
-        for k, (o, s) in enumerate(zip(items, layout.shapes)):
-            where = "func(t, y)" + (f", element {k}," if layout.is_tuple else "")
-            if not isinstance(o, torch.Tensor):
-                raise ODEFuncError(f"{where} must return a tensor, got {type(o).__name__}")
-            if tuple(o.shape) != (B, *s):
-                raise ODEFuncError(f"{where} returned shape {tuple(o.shape)}, but the batched "
-                                   f"state has shape {(B, *s)}; dy/dt must have the shape of y "
-                                   f"(per_sample=True: the first dimension is the batch)")
-            if o.dtype != self.user_dtype:
-                raise ODEFuncError(f"{where} returned dtype {o.dtype}, but the state has dtype "
-                                   f"{self.user_dtype}")
-        self.checked = True
-
-
-# ----------------------------------------------------------------------------------------
-# error norm, first step, controller: the scalar formulas row by row
-# ----------------------------------------------------------------------------------------
-
-
-def row_norm(norm, err: torch.Tensor, scale: torch.Tensor, factor=None) -> torch.Tensor:
-    """(B,) norms of ``factor * err / scale`` per row, ``ErrorNorm.__call__``'s formula.
-    A user norm receives the scaled error of the batch (in the user's structure, leading
-    dimension B) and must return a (B,) tensor."""
-    ratio = err / scale
-    if norm.user_norm is not None:
-        if factor is not None:
-            ratio = ratio * factor[:, None]
-        layout = norm.layout
-        B = ratio.shape[0]
-        if layout.is_tuple:
-            arg = tuple(ratio[:, a:b].reshape(B, *s) for a, b, s in
-                        zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
-        else:
-            arg = ratio.reshape(B, *layout.shapes[0])
-        out = torch.as_tensor(norm.user_norm(arg), dtype=ratio.dtype, device=ratio.device)
-        if out.shape != (B,):
-            raise ODEFuncError(f"the error norm (options['norm']) must return one value per "
-                               f"sample, shape ({B},), in per_sample mode; got shape "
-                               f"{tuple(out.shape)}")
-        return out.to(torch.float64)
-    if not norm.mixed:
-        v = torch.linalg.vector_norm(ratio, dim=1).to(torch.float64) * norm.inv_sqrt_n
-    else:
-        offs = norm.layout.offsets
-        v = torch.stack([torch.linalg.vector_norm(ratio[:, a:b], dim=1) / math.sqrt(b - a)
-                         for a, b in itertools.pairwise(offs) if b > a], 1).amax(1)
-        v = v.to(torch.float64)
-    return v if factor is None else v * factor.abs()
-
-
-def ulp(x: torch.Tensor) -> torch.Tensor:
-    """math.ulp of a non-negative float64 tensor."""
-    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
-
-
-def initial_step(rhs, t0, y0, f0, direction, order: int, norm) -> torch.Tensor:
-    """``controllers.initial_step`` per row: (B,) signed steps, nan where the error norm is
-    not finite at the start. One extra (batched) evaluation of f."""
-    scale = norm.scale(y0.abs())
-    d0 = row_norm(norm, y0, scale)
-    d1 = row_norm(norm, f0, scale)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = torch.where(small, 1e-6, 0.01 * d0 / d1)
-    h0 = torch.where(torch.isfinite(h0), h0, 1e-6)
-    y1 = y0 + ((direction * h0)[:, None] * f0).to(y0.dtype) if y0.dtype != torch.float64 \
-        else y0 + (direction * h0)[:, None] * f0
-    f1 = rhs(t0 + direction * h0, y1)
-    d2 = row_norm(norm, f1 - f0, scale) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
-                     (0.01 / dmax) ** (1.0 / (order + 1)))
-    h = direction * torch.minimum(100 * h0, h1)
-    h = torch.where(torch.isfinite(d2), h, direction * h0 * 1e-3)
-    return torch.where(torch.isfinite(d0) & torch.isfinite(d1), h, math.nan)
-
-
-class BatchedPID:
-    """``controllers._PIDRun`` with (B,) tensors: per-sample error ratio, acceptance, next
-    step and PID history."""
-
-    STRETCH = 0.1
-
-    def __init__(self, norm, error_order: int, s: dict):
-        k = error_order + 1.0
-        self.norm, self.settings = norm, s
-        self.safety, self.ifactor, self.dfactor = s["safety"], s["ifactor"], s["dfactor"]
-        self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
-        self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
-        self.b2 = -(s["pcoeff"] + 2 * s["dcoeff"]) / k
-        self.b3 = s["dcoeff"] / k
-        self.error_order = error_order
-
-    def clamp(self, h, direction):
-        return direction * h.abs().clamp(min=self.min_step).clamp(max=self.max_step)
-
-    def start(self, rhs, t0, y0, f0, direction, h0=None) -> torch.Tensor:
-        B = y0.shape[0]
-        self.absy = y0.detach().abs()
-        self.prev1 = torch.ones(B, dtype=torch.float64, device=y0.device)
-        self.prev2 = self.prev1.clone()
-        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=y0.device)
-        if h0 is not None:
-            return self.clamp(h0, direction)
-        if self.first is not None:
-            return self.clamp(torch.full_like(t0, self.first), direction)
-        with torch.no_grad():
-            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, self.error_order,
-                             self.norm)
-        return torch.where(torch.isfinite(h), self.clamp(h, direction), h)
-
-    def take(self, idx) -> None:
-        """Keep the rows ``idx`` (the batch shrinks)."""
-        self.absy, self.prev1, self.prev2 = self.absy[idx], self.prev1[idx], self.prev2[idx]
-        self.nonfinite = self.nonfinite[idx]
-
-    def judge(self, y1, err, h, direction, live):
-        """(accept, next step) per row for attempts of sizes h; ``live``: rows that ran."""
-        absy1 = y1.detach().abs()
-        ratio = row_norm(self.norm, err, self.norm.scale(torch.maximum(self.absy, absy1)), h)
-        finite = torch.isfinite(ratio)
-        accept = finite & ((ratio <= 1.0) | (h.abs() <= self.min_step)) & live
-        f = self.safety * ratio ** (-self.b1)
-        if self.b2:
-            f = f * self.prev1 ** (-self.b2)
-        if self.b3:
-            f = f * self.prev2 ** (-self.b3)
-        f = torch.where(ratio == 0.0, self.ifactor, f)
-        f_acc = f.clamp(min=1.0).clamp(max=self.ifactor)
-        f_rej = (self.safety * ratio ** (-self.b1)).clamp(min=self.dfactor).clamp(max=0.999)
-        h_next = self.clamp(h * torch.where(accept, f_acc, f_rej), direction)
-        # a nan/inf error: shrink by dfactor (nan when already at min_step: the driver stops)
-        h_bad = torch.where(h.abs() <= self.min_step, math.nan,
-                            self.clamp(h * self.dfactor, direction))
-        h_next = torch.where(finite, h_next, h_bad)
-        self.nonfinite = torch.where(live, ~finite, self.nonfinite)
-        self.prev2 = torch.where(accept, self.prev1, self.prev2)
-        self.prev1 = torch.where(accept, ratio.clamp(min=1e-10), self.prev1)
-        self.absy = torch.where(accept[:, None], absy1, self.absy)
-        return accept, h_next
-
-
-# ----------------------------------------------------------------------------------------
-# the batched RK stepper
-# ----------------------------------------------------------------------------------------
-
-
-class BatchedRKStepper:
-    """One step of an explicit RK method for every row, each with its own t and h."""
-
-    def __init__(self, tab: ButcherTableau, linear: bool = False):
-        self.tab, self.linear = tab, linear
-        self.s = tab.stages
-        self.s_ext = tab.dense.shape[0]
-        self.degree = tab.dense.shape[1]
-        self.fsal = tab.fsal
-        self.order, self.error_order = tab.order, tab.error_order
-        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
-
-    def start(self, rhs, y0, f0, graph: bool) -> None:
-        self.rhs, self.graph = rhs, graph
-        self.a_rows, self.b, self.b_err, dense_t = _tensor_coefficients(
-            self.tab, y0.dtype, y0.device)
-        self.dense_t = dense_t
-        self.b_nz_idx = [j for j, _ in self.b_nz]
-        if graph:
-            self.ks = [f0]
-            self.f0 = f0
-            return
-        self.K = torch.empty(self.s_ext, *y0.shape, dtype=y0.dtype, device=y0.device)
-        self.K2 = self.K.view(self.s_ext, -1)  # (s_ext, B n): stage sums as one mv
-        self.K[0].copy_(f0)
-
-    def take(self, idx) -> None:
-        if self.graph:
-            self.f0 = self.f0[idx]
-            self.ks = [k[idx] for k in self.ks]
-        else:
-            self.K = self.K[:, idx].contiguous()
-            self.K2 = self.K.view(self.K.shape[0], -1)
-
-    def _comb(self, terms, ks):
-        out = None
-        for j, a in terms:
-            out = ks[j] * a if out is None else torch.add(out, ks[j], alpha=a)
-        return out
-
-    def step(self, t, y, h) -> torch.Tensor:
-        hc = h.to(y.dtype)[:, None]
-        rhs, c = self.rhs, self.c
-        if self.graph:
-            ks = [self.f0]
-            yi = y
-            for i in range(1, self.s):
-                comb = self._comb(self.a_nz[i], ks)
-                yi = y + hc * comb if comb is not None else y
-                ks.append(rhs(t + c[i] * h, yi))
-            self.ks = ks
-            y1 = yi if self.fsal else y + hc * self._comb(self.b_nz, ks)
-            self.y1 = y1
-            return y1
-        K, K2 = self.K, self.K2
-        shape = y.shape
-        yi = y
-        for i in range(1, self.s):
-            comb = torch.mv(K2[:i].t(), self.a_rows[i]).view(shape)
-            yi = torch.addcmul(y, hc, comb)
-            K[i].copy_(rhs(t + c[i] * h, yi))
-        if not self.fsal:
-            yi = torch.addcmul(y, hc, torch.mv(K2[:self.s].t(), self.b).view(shape))
-        self.y1 = yi
-        return yi
-
-    def error(self) -> torch.Tensor:
-        """sum_i b_err_i k_i per row (the local error is h times this)."""
-        with torch.no_grad():
-            if self.graph:
-                return torch.tensordot(self.b_err, torch.stack(self.ks[:self.s]), dims=1)
-            return torch.mv(self.K2[:self.s].t(), self.b_err).view(self.K.shape[1:])
-
-    def finish(self, t1, y1) -> None:
-        """After the attempt: f(t1, y1) as the extended stage (non-FSAL methods; for every
-        row, as the scalar loop evaluates it after every accepted step)."""
-        if self.fsal:
-            return
-        f1 = self.rhs(t1, y1)
-        if self.graph:
-            self.ks.append(f1)
-        else:
-            self.K[self.s_ext - 1].copy_(f1)
-
-    def interpolate(self, y, y1, h, theta) -> torch.Tensor:
-        """(B, m, n) states at t + theta h (theta: (B, m) float64) on each row's last
-        step."""
-        if self.linear:
-            return y[:, None] + theta.to(y.dtype)[..., None] * (y1 - y)[:, None]
-        powers = theta[..., None] ** torch.arange(1, self.degree + 1, device=theta.device,
-                                                  dtype=torch.float64)
-        w = (powers @ self.dense_t).to(y.dtype)  # (B, m, s_ext)
-        K = torch.stack(self.ks[:self.s_ext]) if self.graph else self.K
-        comb = torch.einsum("bms,sbn->bmn", w, K)
-        return torch.addcmul(y[:, None], h.to(y.dtype)[:, None, None], comb)
-
-    def advance(self, accept) -> None:
-        """The accepted rows' f(t1, y1) becomes their next first stage."""
-        if self.graph:
-            self.f0 = torch.where(accept[:, None], self.ks[self.s_ext - 1], self.f0)
-            return
-        K = self.K
-        K[0].copy_(torch.where(accept[:, None], K[self.s_ext - 1], K[0]))
-
-
-# ----------------------------------------------------------------------------------------
-# fixed grids
-# ----------------------------------------------------------------------------------------
-
-
-class BatchedGrid:
-    """Per-sample fixed grids: the output times (``step_size`` None) or t0 + k h, ending
-    exactly at each sample's last output time."""
-
-    def __init__(self, ts: torch.Tensor, step_size: float | None):
-        self.ts = ts
-        t0, t1 = ts[:, 0], ts[:, -1]
-        if step_size is None:
-            self.h = None
-            self.n = torch.full_like(t0, ts.shape[1] - 1, dtype=torch.long)
-        else:
-            span = t1 - t0
-            self.h = torch.copysign(torch.full_like(t0, float(step_size)), span)
-            steps = span.abs() / float(step_size) * (1 - 1e-12)
-            self.n = torch.ceil(steps).clamp(min=1).to(torch.long)
-        self.t0, self.t1 = t0, t1
-
-    def point(self, k: torch.Tensor) -> torch.Tensor:
-        """Grid point k of every row (its last point for k >= n)."""
-        if self.h is None:
-            return self.ts.gather(1, k.clamp(max=self.ts.shape[1] - 1)[:, None])[:, 0]
-        return torch.where(k >= self.n, self.t1, self.t0 + self.h * k)
-
-    def take(self, idx) -> None:
-        self.ts, self.n, self.t0, self.t1 = self.ts[idx], self.n[idx], self.t0[idx], self.t1[idx]
-        if self.h is not None:
-            self.h = self.h[idx]
-
-
-class BatchedEvent:
-    """The user's ``event_fn(t, y)`` on the batch: t (B,), y in the user's structure (B, ...);
-    it returns (B,) or (B, k) values; each sample's event is the first time one of its
-    components changes sign (each component multiplied by its sign at the start, the minimum
-    watched, as the scalar path)."""
-
-    BISECTIONS = 64  # halvings of the step: below float64 resolution of the event time
-
-    def __init__(self, fn: Callable, rhs: BatchedRHS):
-        self.fn, self.rhs = fn, rhs
-
-    def _raw(self, t, y) -> torch.Tensor:
-        rhs = self.rhs
-        layout = rhs.layout
-        B = y.shape[0]
-        yu = y if rhs.user_dtype == rhs.dtype else y.to(rhs.user_dtype)
-        if layout.is_tuple:
-            yu = tuple(yu[:, a:b].reshape(B, *sh) for a, b, sh in
-                       zip(layout.offsets[:-1], layout.offsets[1:], layout.shapes))
-        else:
-            yu = yu.reshape(B, *layout.shapes[0])
-        out = torch.as_tensor(self.fn(t.to(rhs.dtype), yu))
-        if out.shape[:1] != (B,) or out.dim() > 2:
-            raise ODEFuncError(f"event_fn(t, y) must return shape ({B},) or ({B}, k) in "
-                               f"per_sample mode, got {tuple(out.shape)}")
-        return out.detach().reshape(B, -1).to(torch.float64)
-
-    def start(self, t, y) -> torch.Tensor:
-        with torch.no_grad():
-            c = self._raw(t, y)
-        if not bool(torch.isfinite(c).all()) or bool((c == 0).any()):
-            raise ODEFuncError("event_fn(t0, y0) must be finite and non-zero for every sample "
-                               "(an event at the initial time cannot be located)")
-        self.signs = torch.sign(c)
-        return (c * self.signs).amin(1)
-
-    def __call__(self, t, y) -> torch.Tensor:
-        with torch.no_grad():
-            return (self._raw(t, y) * self.signs).amin(1)
-
-    def locate(self, stepper, y, y1, h, t, t1, rows) -> torch.Tensor:
-        """(B,) event times in (t, t1] for ``rows`` (the last time found with the event
-        value still > 0); bisection on each step's interpolant, all rows at once."""
-        with torch.no_grad():
-            lo, hi = t.clone(), t1.clone()
-            hs = torch.where(h != 0, h, 1.0)
-            for _ in range(self.BISECTIONS):
-                mid = 0.5 * (lo + hi)
-                ym = stepper.interpolate(y.detach(), y1.detach(), h, ((mid - t) / hs)[:, None])
-                gm = self(mid, ym[:, 0])
-                pos = gm > 0
-                lo = torch.where(rows & pos, mid, lo)
-                hi = torch.where(rows & ~pos, mid, hi)
-        return torch.where(rows, lo, t1)
+_RUNNING, _SUCCESS, _EVENT = CODE[RUNNING], CODE[SUCCESS], CODE[EVENT]
+_MAX_STEPS, _STEP_SIZE, _NONFINITE = CODE[MAX_STEPS], CODE[STEP_SIZE], CODE[NONFINITE]
 
 
 class BatchedDense:
@@ -503,20 +90,14 @@ class BatchedDense:
         st = self.stepper
         if st.linear:
             val = y + theta.to(y.dtype)[..., None] * (y1 - y)
-        else:
-            powers = theta[..., None] ** torch.arange(1, st.degree + 1, device=q.device,
-                                                      dtype=torch.float64)
-            w = (powers @ st.dense_t).to(y.dtype)  # (B, m, s_ext)
+        else:  # each (sample, time) as a row of its own step's interpolant
+            n, m = y.shape[-1], theta.shape[1]
+            w = dense_weights(st.dense_t, theta.reshape(B * m, 1), st.degree, y.dtype)
             K = self.K.permute(0, 2, 1, 3)[k, b]  # (B, m, s_ext, n)
-            val = torch.addcmul(y, h.to(y.dtype)[..., None],
-                                torch.einsum("bms,bmsn->bmn", w, K))
+            val = dense_combine(y.reshape(B * m, n), h.reshape(B * m), w,
+                                K.reshape(B * m, -1, n)).reshape(B, m, n)
         val = torch.where((q == self.t_hi[k, b])[..., None], y1, val)
         return torch.where(found[..., None], val, math.nan).transpose(0, 1)
-
-
-# ----------------------------------------------------------------------------------------
-# the driver
-# ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -532,55 +113,59 @@ class BatchedResult:
     event_t: torch.Tensor | None = None  # (B,) float64, NaN for samples without an event
 
 
-def _messages(res: BatchedResult, name: str, max_num_steps: int) -> list[str]:
+def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tensor
+              ) -> list[str]:
+    """One message per sample ("" where it succeeded), the float-clock driver's texts."""
     out = []
-    for b, (code, tf) in enumerate(zip(res.status.tolist(), res.t_final.tolist())):
-        if code == MAX_STEPS:
-            out.append(f"{name}: sample {b}: max_num_steps={max_num_steps} exceeded at "
-                       f"t={tf:.10g}; raise options['max_num_steps'], loosen rtol/atol, or use "
-                       f"a method suited to the problem")
-        elif code == STEP_SIZE:
-            out.append(f"{name}: sample {b}: step size underflow at t={tf:.17g} (the error "
-                       f"could not be controlled, or the error norm was not finite at the "
-                       f"start: atol=0 with y0 = 0?); the problem may be stiff or the "
-                       f"solution may blow up")
-        elif code == NONFINITE:
-            out.append(f"{name}: sample {b}: the ODE's derivative or state became non-finite "
-                       f"(nan/inf) after t={tf:.10g}; check func for overflow, division by "
-                       f"zero or a blow-up of the solution")
+    steps = (res.n_accepted + res.n_rejected).tolist()
+    for b, (code, tf, hf, t0, t1) in enumerate(zip(
+            res.status.tolist(), res.t_final.tolist(), res.h_next.tolist(),
+            ts[:, 0].tolist(), ts[:, -1].tolist())):
+        st = NAMES[code]
+        where = progress(tf, t0, t1)
+        if st == MAX_STEPS:
+            msg = max_steps_message(name, max_num_steps, tf, hf, where)
+        elif st == STEP_SIZE:
+            msg = (f"{name}: {start_scale_message()}" if steps[b] == 0
+                   else step_size_message(name, tf, hf, "", where))
+        elif st == NONFINITE:
+            msg = nonfinite_message(name, tf, where, at_start=steps[b] == 0)
         else:
-            out.append("")
+            msg = ""
+        out.append(f"sample {b}: {msg}" if msg else "")
     return out
 
 
-def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepper, controller,
+def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controller,
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
-                      compile_step: bool | str = False, event: Callable | None = None,
+                      compile_step: bool | str = False, event_fn: Callable | None = None,
                       record: list | None = None) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
-    ``controller``: a ``BatchedPID`` (adaptive) or a ``BatchedGrid`` (fixed grid).
+    ``rhs``: a per-sample ``RHS`` (``batch=True``); ``stepper``: an ``RKStepper``;
+    ``controller``: a bound adaptive controller (``PIDController(...).bind(...)``) or a
+    ``PerSampleGrid``.
     ``sync_counter``: a list; one entry is appended per host synchronisation of the loop.
     ``h0``: (B,) first step sizes (adaptive; default: Hairer's estimate).
     ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
     moves on (the adjoint's parameter quadrature reads the attempt's stages there).
     ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
     under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor").
-    ``event``: a ``BatchedEvent`` (adaptive methods): each sample stops at its own first
-    sign change, located to float64 resolution by bisection on its step's interpolant.
+    ``event_fn`` (adaptive methods): each sample stops at its own first sign change,
+    located as the float-clock driver locates it (``event_location``).
     ``record``: a list that receives every attempt's interpolant data (``BatchedDense``)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
-    adaptive = isinstance(controller, BatchedPID)
-    graph = torch.is_grad_enabled() and y0.requires_grad
+    adaptive = controller.adaptive
     dirn = torch.where(ts[:, -1] >= ts[:, 0], 1.0, -1.0).to(torch.float64)
     if T == 1:
         z = torch.zeros(B, dtype=torch.long, device=device)
-        return BatchedResult(y0[None], torch.full_like(z, SUCCESS), ts[:, 0].clone(), y0, z,
-                             z.clone(), torch.ones_like(z)), [""] * B
+        return BatchedResult(y0[None], torch.full_like(z, _SUCCESS), ts[:, 0].clone(), y0, z,
+                             z.clone(), torch.ones_like(z),
+                             torch.zeros(B, dtype=torch.float64, device=device)), [""] * B
     out = y0.new_zeros(T + 1, B, n)  # row T takes the writes of absent outputs
     out[0] = y0
     pieces = []  # (rows, status, t, y, n_acc, n_rej, i_out) of rows that left the batch
@@ -596,19 +181,25 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     t_end = ts[:, -1]
     key = ts * dirn[:, None]  # increasing in each row
     y = y0
-    f0 = rhs(t, y)
+    f0 = rhs.call(t, y)
+    graph = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
     status = torch.zeros(B, dtype=torch.long, device=device)
     bad0 = ~torch.isfinite(f0.detach()).all(1)
-    status = torch.where(bad0, NONFINITE, status)
+    status = torch.where(bad0, _NONFINITE, status)
     stepper.start(rhs, y, f0, graph)
     if adaptive:
-        h = controller.start(rhs, t, y, f0, dirn, h0)
-        status = torch.where((status == RUNNING) & ~torch.isfinite(h), STEP_SIZE, status)
+        if h0 is None:
+            h = controller.first_step(rhs.call, t, y, f0, dirn)
+        else:
+            controller.absy = y.detach().abs()
+            h = controller.clamp(h0, dirn)
+            controller.init_history(h)
+        status = torch.where((status == _RUNNING) & ~torch.isfinite(h), _STEP_SIZE, status)
     else:
         k_grid = torch.zeros(B, dtype=torch.long, device=device)
         h = controller.point(k_grid + 1) - t
         n_iter = sync(controller.n.max())  # fixed grids: synchronised before the loop only
-    running = status == RUNNING
+    running = status == _RUNNING
     n_att = torch.zeros(B, dtype=torch.long, device=device)
     n_acc = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
@@ -628,7 +219,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         t_o = ts[rows_s].gather(1, idx.clamp(max=T - 1))
         hs = torch.where(h_s != 0, h_s, 1.0)[:, None]
         theta = torch.where(valid, (t_o - t_s[:, None]) / hs, 0.0)
-        val = stepper.interpolate(y_s, y1_s, h_s, theta)
+        val = stepper.interpolate(y_s, h_s, theta)
         val = torch.where((t_o == t1_s[:, None])[..., None], y1_s[:, None], val)
         out.index_put_((idx, rows_s[:, None].expand(-1, m)), val)
 
@@ -637,14 +228,13 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev):
         """Where each running row's attempt ends, the per-row stop checks, and the values
         of the step's one synchronisation (rows running, outputs of the last step)."""
-        t_try = t + h
-        t1 = torch.where(dirn * (t_end - t_try) <= BatchedPID.STRETCH * h.abs(), t_end, t_try)
+        t1 = controller.propose(t, h, t_end, dirn)
         hh = t1 - t
         tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
-        status = torch.where(running & tiny, torch.where(nonfinite, NONFINITE, STEP_SIZE),
+        status = torch.where(running & tiny, torch.where(nonfinite, _NONFINITE, _STEP_SIZE),
                              status)
-        status = torch.where(running & ~tiny & (n_att >= max_num_steps), MAX_STEPS, status)
-        running = status == RUNNING
+        status = torch.where(running & ~tiny & (n_att >= max_num_steps), _MAX_STEPS, status)
+        running = status == _RUNNING
         return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev])
 
     def attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc, n_rej,
@@ -659,22 +249,22 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             n_rej = n_rej + (running & ~accept)
         else:
             ok = torch.isfinite(y1.detach()).all(1)
-            status = torch.where(running & ~ok, NONFINITE, status)
+            status = torch.where(running & ~ok, _NONFINITE, status)
             accept = running & ok
             k_grid = k_grid + running
             h_next = hh
         n_att = n_att + running
         n_acc = n_acc + accept
-        stepper.finish(t1m, y1)
+        stepper.prepare_interp(t1m, y1)  # every row's f(t1, y1) (non-FSAL methods)
         # outputs in (t, t1] of the accepted rows, written at the next synchronisation
         upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
         cnt = torch.where(accept, upto - i_out, 0)
         i_new = i_out + cnt
-        status = torch.where(accept & (t1m == t_end), SUCCESS, status)
+        status = torch.where(accept & (t1m == t_end), _SUCCESS, status)
         t_new = torch.where(accept, t1m, t)
         y_new = torch.where(accept[:, None], y1, y)
         h = torch.where(running, h_next, h) if adaptive else hh
-        return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == RUNNING, n_att,
+        return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == _RUNNING, n_att,
                 n_acc, n_rej, i_new, k_grid)
 
     calls = stepper.s - 1 + (0 if stepper.fsal else 1)  # evaluations of f per attempt
@@ -688,8 +278,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         k_grid_ = torch.zeros((), dtype=torch.long, device=device)
     event_t = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     ev = no_ev = torch.zeros(B, dtype=torch.bool, device=device)
-    if event is not None:
-        event.start(t, y)
+    event = EventFunction(event_fn, rhs, t, y) if event_fn is not None else None
+    g1 = None
     while True:
         if adaptive:
             t1, hh, status, running, flags = propose(
@@ -699,9 +289,15 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             if n_ev:
                 # rows whose step crossed their event: locate it, keep the outputs before it
                 y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, acc_s = pending
-                t_ev = event.locate(stepper, y_s, y1_s, h_s, t_s, t1_s, ev)
-                theta = torch.where(ev, (t_ev - t_s) / torch.where(h_s != 0, h_s, 1.0), 0.0)
-                y_ev = stepper.interpolate(y_s, y1_s, h_s, theta[:, None])[:, 0]
+                hs = torch.where(h_s != 0, h_s, 1.0)
+                with torch.no_grad():
+                    yd = y_s.detach()
+                    t_ev = locate_event(
+                        event, lambda tm: stepper.interpolate(yd, h_s, ((tm - t_s) / hs)[:, None]
+                                                              )[:, 0],
+                        t_s, yd, h_s, g1, active=ev)
+                theta = torch.where(ev, (t_ev - t_s) / hs, 0.0)
+                y_ev = stepper.interpolate(y_s, h_s, theta[:, None])[:, 0]
                 upto = torch.searchsorted(key, (dirn * t_ev)[:, None], right=True)[:, 0]
                 cnt = torch.where(ev, upto - i0, cnt)
                 i_out = torch.where(ev, i0 + cnt, i_out)
@@ -713,7 +309,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             if pending is not None:
                 if m > 0:
                     write_outputs(pending, m)
-                stepper.advance(pending[8])
+                stepper.advance(accept=pending[8])
             if n_run == 0:
                 break
             if shrink is not None and n_run <= shrink * rows.numel():
@@ -731,7 +327,7 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
             if pending is not None:
                 if m_fixed > 0:
                     write_outputs(pending, m_fixed)
-                stepper.advance(pending[8])
+                stepper.advance(accept=pending[8])
             if it >= n_iter:
                 break
             t1 = controller.point(k_grid_ + 1)
@@ -755,8 +351,8 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
         if event is not None:
             g1 = event(t1m, y1)
             ev = accept & (g1 <= 0)
-            status = torch.where(ev, EVENT, status)
-            running = status == RUNNING
+            status = torch.where(ev, _EVENT, status)
+            running = status == _RUNNING
         pending = (y_old, y1, hm, t_old, t1m, cnt, i_old, rows, accept)
     pieces.append((rows, status, t, y, n_acc, n_rej, i_out, h))
     status_full = torch.zeros(B, dtype=torch.long, device=device)
@@ -774,17 +370,22 @@ def integrate_batched(rhs: BatchedRHS, y0: torch.Tensor, ts: torch.Tensor, stepp
     ys = torch.where(mask[:, :, None], out[:T], math.nan)
     res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
                         h_final, event_t)
-    msgs = _messages(res, name, max_num_steps)
+    msgs = _messages(res, name, max_num_steps, ts)
+    if not adaptive:  # a fixed grid's non-finite state: where it was last finite
+        msgs = [nonfinite_grid_message(f"sample {b}: {name}", tf, tf + hf, hf)
+                if c == _NONFINITE and res.n_accepted[b] > 0 else msg
+                for b, (c, tf, hf, msg) in enumerate(zip(
+                    res.status.tolist(), t_final.tolist(), h_final.tolist(), msgs))]
     if throw:
-        bad = [b for b, s in enumerate(res.status.tolist()) if s in _ERRORS]
+        bad = [b for b, s in enumerate(res.status.tolist()) if NAMES[s] in ERRORS]
         if bad:
             code = int(res.status[bad[0]])
             more = f" ({len(bad)} of {B} samples failed)" if len(bad) > 1 else ""
-            raise _ERRORS[code](msgs[bad[0]] + more)
+            raise ERRORS[NAMES[code]](msgs[bad[0]] + more)
     return res, msgs
 
 
-def _max_outputs_per_step(grid: BatchedGrid, ts: torch.Tensor, n_max: int, sync) -> int:
+def _max_outputs_per_step(grid: PerSampleGrid, ts: torch.Tensor, n_max: int, sync) -> int:
     """The most output times any row has in one step of its fixed grid (computed once)."""
     if grid.h is None:
         return 1

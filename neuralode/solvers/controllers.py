@@ -19,6 +19,7 @@ as (B,) tensors with the same methods.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import ClassVar
@@ -26,15 +27,30 @@ from typing import ClassVar
 import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError, StepSizeError
+from neuralode.solvers.elementwise import (
+    clip,
+    column,
+    every,
+    isfinite,
+    maximum,
+    minimum,
+    some,
+    where,
+)
+from neuralode.solvers.status import start_scale_message
 
 
 class ErrorNorm:
-    """Turns an error estimate into the scalar ratio that the controller compares with 1.
+    """Turns an error estimate into the ratio that the controller compares with 1.
 
     ``norm`` is None (RMS over the whole state, or for tuple states the max over elements
     of each element's RMS) or a user callable that receives the scaled error in the user's
-    structure (a tensor, or a tuple of tensors) and returns a number or a 0-d tensor.
+    structure (a tensor, or a tuple of tensors) and returns a number or a 0-d tensor (per
+    sample: the structure with a leading batch dimension B, and a (B,) tensor back).
     ``rtol``/``atol`` are floats or flat (n,) tensors (per-element tolerances).
+
+    A flat (n,) error gives a Python float (the float-clock driver's one host
+    synchronisation per step); a (B, n) batch of errors gives a (B,) float64 tensor.
     """
 
     def __init__(self, layout, rtol, atol, norm: Callable | None):
@@ -43,8 +59,9 @@ class ErrorNorm:
         self.atol = atol
         self.user_norm = norm
         self.scalar_tol = not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor)
-        self.inv_sqrt_n = 1.0 / math.sqrt(max(layout.n, 1))
         self.mixed = layout.is_tuple and len(layout.shapes) > 1
+        # RMS: the 2-norm times 1/sqrt(n); the mixed norm divides each element's part itself
+        self.rms_factor = 1.0 if self.mixed else 1.0 / math.sqrt(max(layout.n, 1))
 
     def scale(self, absmax: torch.Tensor) -> torch.Tensor:
         """atol + rtol * absmax, elementwise."""
@@ -53,59 +70,81 @@ class ErrorNorm:
         return torch.addcmul(self.atol, self.rtol, absmax) if isinstance(self.atol, torch.Tensor) \
             else (absmax * self.rtol).add_(self.atol)
 
-    def __call__(self, err: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) -> float:
-        """The norm of ``factor * err / scale`` as a Python float."""
+    def __call__(self, err: torch.Tensor, scale: torch.Tensor, factor=1.0):
+        """The norm of ``factor * err / scale``: a float for (n,), (B,) float64 for (B, n)
+        (``factor`` a float, or (B,) per row)."""
         ratio = err / scale
+        batch = ratio.dim() == 2
         if self.user_norm is not None:
-            if factor != 1.0:
-                ratio = ratio * factor
-            return float(self.user_norm(self.layout.unflatten(ratio)))
+            return self._user(ratio, factor, batch)
         if not self.mixed:
-            return torch.linalg.vector_norm(ratio).item() * self.inv_sqrt_n * abs(factor)
-        # mixed norm: max over tuple elements of the RMS of each element
-        vals = [torch.linalg.vector_norm(ratio[a:b]) / math.sqrt(b - a)
-                for a, b in zip(self.layout.offsets[:-1], self.layout.offsets[1:]) if b > a]
-        return torch.stack(vals).max().item() * abs(factor)
+            raw = torch.linalg.vector_norm(ratio, dim=-1)
+        else:  # max over tuple elements of the RMS of each element
+            raw = torch.stack([torch.linalg.vector_norm(ratio[..., a:b], dim=-1) / math.sqrt(b - a)
+                               for a, b in itertools.pairwise(self.layout.offsets) if b > a],
+                              -1).amax(-1)
+        raw = raw.to(torch.float64) if batch else raw.item()
+        return raw * self.rms_factor * abs(factor)
+
+    def _user(self, ratio: torch.Tensor, factor, batch: bool):
+        if batch:
+            if isinstance(factor, torch.Tensor):
+                ratio = ratio * factor.to(ratio.dtype)[:, None]
+            B = ratio.shape[0]
+            out = torch.as_tensor(self.user_norm(self.layout.unflatten(ratio)),
+                                  dtype=ratio.dtype, device=ratio.device)
+            if out.shape != (B,):
+                raise ODEFuncError(f"the error norm (options['norm']) must return one value "
+                                   f"per sample, shape ({B},), in per_sample mode; got shape "
+                                   f"{tuple(out.shape)}")
+            return out.to(torch.float64)
+        if factor != 1.0:
+            ratio = ratio * factor
+        return float(self.user_norm(self.layout.unflatten(ratio)))
 
     def convergence(self, y_new: torch.Tensor, y_old: torch.Tensor) -> float:
         """Norm of the change y_new - y_old scaled by the tolerances (corrector iterations)."""
         return self(y_new - y_old, self.scale(torch.maximum(y_new.abs(), y_old.abs())))
 
 
-def initial_step(rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,
-                 order: int, norm: ErrorNorm) -> float:
-    """Hairer's starting step size (Solving ODEs I, II.4, p. 169); returns a signed step, or
-    nan when the error norm is not finite at the start. Uses one extra evaluation of f."""
+def initial_step(rhs_call: Callable, t0, y0: torch.Tensor, f0: torch.Tensor, direction,
+                 order: int, norm: ErrorNorm):
+    """Hairer's starting step size (Solving ODEs I, II.4, p. 169): a signed step, or nan
+    where the error norm is not finite at the start. One extra evaluation of f,
+    ``rhs_call(t, y)``. One problem: floats t0, direction; a batch: (B,) tensors."""
     scale = norm.scale(y0.abs())
     d0 = norm(y0, scale)
     d1 = norm(f0, scale)
-    if not (math.isfinite(d0) and math.isfinite(d1)):
+    ok = isfinite(d0) & isfinite(d1)
+    if not every(ok):
         if norm.user_norm is not None and bool(torch.isfinite(scale).all()) \
                 and bool((scale > 0).all()):
             raise ODEFuncError(f"the error norm (options['norm']) returned {d0} / {d1} for a "
                                f"finite state; it must return a finite non-negative number")
-        return math.nan
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    y1 = y0 + (direction * h0) * f0
-    f1 = rhs.call(t0 + direction * h0, y1)
+        if not some(ok):
+            return where(ok, 0.0, math.nan) * direction
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = where(small, 1e-6, 0.01 * d0 / maximum(d1, 1e-300))  # d1 >= 1e-5 where used
+    h0 = where(isfinite(h0), h0, 1e-6)
+    y1 = y0 + column(direction * h0, y0) * f0
+    f1 = rhs_call(t0 + direction * h0, y1)
     d2 = norm(f1 - f0, scale) / h0
-    if not math.isfinite(d2):
-        return direction * h0 * 1e-3  # a derivative that blows up nearby: start tiny
-    if max(d1, d2) <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
-    return direction * min(100 * h0, h1)
+    dmax = maximum(d1, d2)
+    h1 = where(dmax <= 1e-15, maximum(h0 * 1e-3, 1e-6),
+               (0.01 / maximum(dmax, 1e-300)) ** (1.0 / (order + 1)))
+    h = direction * minimum(100 * h0, h1)
+    h = where(isfinite(d2), h, direction * h0 * 1e-3)  # a derivative that blows up nearby
+    return where(ok, h, math.nan)
 
 
-def _number(where: str, name: str, value, ok: Callable[[float], bool], need: str) -> float:
+def _number(owner: str, name: str, value, ok: Callable[[float], bool], need: str) -> float:
     """A float option that satisfies ``ok``, or a clear error saying what is needed."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ODEInputError(f"option {name!r}{where} must be a number, got {value!r}") from None
+        raise ODEInputError(f"option {name!r}{owner} must be a number, got {value!r}") from None
     if math.isnan(v) or not ok(v):
-        raise ODEInputError(f"option {name!r}{where} must be {need}, got {value!r}")
+        raise ODEInputError(f"option {name!r}{owner} must be {need}, got {value!r}")
     return v
 
 
@@ -129,6 +168,46 @@ class FixedGridController:
     def judge(self) -> tuple[bool, float]:
         self.t_prev, self.t_next = self.t_next, next(self.it, None)
         return True, (math.nan if self.t_next is None else self.t_next - self.t_prev)
+
+
+def grid_step_count(span, step: float):
+    """How many steps of size ``step`` cover ``span`` (at least one); a last step within
+    1e-12 of ``step`` relative is not split off. ``span`` a float or (B,) tensor."""
+    steps = abs(span) / step * (1 - 1e-12)
+    if isinstance(steps, torch.Tensor):
+        return torch.ceil(steps).clamp(min=1).to(torch.long)
+    return max(1, math.ceil(steps))
+
+
+class PerSampleGrid:
+    """Fixed grids per sample (the tensor clock's ``FixedGridController``): each row's
+    output times (``step_size`` None) or t0 + k h, ending exactly at the row's last output
+    time."""
+
+    adaptive = False
+
+    def __init__(self, ts: torch.Tensor, step_size: float | None):
+        self.ts = ts
+        t0, t1 = ts[:, 0], ts[:, -1]
+        if step_size is None:
+            self.h = None
+            self.n = torch.full_like(t0, ts.shape[1] - 1, dtype=torch.long)
+        else:
+            span = t1 - t0
+            self.h = torch.copysign(torch.full_like(t0, float(step_size)), span)
+            self.n = grid_step_count(span, float(step_size))
+        self.t0, self.t1 = t0, t1
+
+    def point(self, k: torch.Tensor) -> torch.Tensor:
+        """Grid point k of every row (its last point for k >= n)."""
+        if self.h is None:
+            return self.ts.gather(1, k.clamp(max=self.ts.shape[1] - 1)[:, None])[:, 0]
+        return torch.where(k >= self.n, self.t1, self.t0 + self.h * k)
+
+    def take(self, idx) -> None:
+        self.ts, self.n, self.t0, self.t1 = self.ts[idx], self.n[idx], self.t0[idx], self.t1[idx]
+        if self.h is not None:
+            self.h = self.h[idx]
 
 
 def merge_times(grid, extra, direction: float, rel: float = 1e-9):
@@ -156,6 +235,52 @@ def merge_times(grid, extra, direction: float, rel: float = 1e-9):
         last = g
 
 
+class StepBounds:
+    """What every adaptive controller does alike, on a float clock or per sample: bound a
+    step by ``min_step``/``max_step``, choose the first one (``first``, or Hairer's
+    estimate for the order ``start_order``), and end an attempt on the next stop when it
+    lies within ``STRETCH`` of a step beyond it. Needs ``norm``, ``min_step``,
+    ``max_step``, ``first``, ``start_order``."""
+
+    STRETCH = 0.1
+
+    def clamp(self, h, direction):
+        return direction * clip(abs(h), self.min_step, self.max_step)
+
+    def at_min_step(self, h):
+        """Steps at ``min_step`` are accepted, also when rounding (h = t1 - t) or a stretch
+        onto a stop made them longer: their retry would be the same step (endless loop)."""
+        return abs(h) <= self.min_step * (1.0 + self.STRETCH + 1e-9)
+
+    def first_step(self, rhs_call, t0, y0, f0, direction):
+        """The first step (``rhs_call(t, y)``: f at a time of the clock)."""
+        self.absy = y0.detach().abs()
+        if self.first is not None:
+            return self.clamp(self.first if not isinstance(t0, torch.Tensor)
+                              else torch.full_like(t0, self.first), direction)
+        with torch.no_grad():
+            h = initial_step(rhs_call, t0, y0.detach(), f0.detach(), direction,
+                             self.start_order, self.norm)
+        if not isinstance(h, torch.Tensor):
+            if not math.isfinite(h):
+                raise StepSizeError(start_scale_message())
+            return self.clamp(h, direction)
+        return torch.where(torch.isfinite(h), self.clamp(h, direction), h)
+
+    def propose(self, t, h, stop, direction):
+        """Where the attempt ends: t + h, or the next stop when it lies within ``STRETCH``
+        of a step beyond t + h. Stretching by up to 10% rather than leaving a sliver saves a
+        whole step (a neural ODE solve is often 3-4 steps); the controller's safety factor
+        (0.9^-5 ~ 1.7 for dopri5) leaves room for the 10% longer step's larger error."""
+        t_try = t + h
+        return where(direction * (stop - t_try) <= self.STRETCH * abs(h), stop, t_try)
+
+    def shrink(self, h, factor: float, direction):
+        """The next attempt after a failed one (an implicit method's Newton solve did not
+        converge): h * factor, or nan (the loop reports it) at min_step."""
+        return where(self.at_min_step(h), math.nan, self.clamp(h * factor, direction))
+
+
 class PIDController:
     """Adaptive step-size control; see the module docstring.
 
@@ -172,8 +297,9 @@ class PIDController:
     adaptive = True
     FIELDS = ("rtol", "atol", "pcoeff", "icoeff", "dcoeff", "safety", "ifactor", "dfactor",
               "first_step", "min_step", "max_step")
-    DEFAULTS: ClassVar[dict] = {"pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0, "safety": 0.9, "ifactor": 10.0,
-                "dfactor": 0.2, "first_step": None, "min_step": 0.0, "max_step": math.inf}
+    DEFAULTS: ClassVar[dict] = {"pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0, "safety": 0.9,
+                                "ifactor": 10.0, "dfactor": 0.2, "first_step": None,
+                                "min_step": 0.0, "max_step": math.inf}
 
     def __init__(self, rtol=None, atol=None, *, pcoeff=None, icoeff=None, dcoeff=None,
                  safety=None, ifactor=None, dfactor=None, first_step=None, min_step=None,
@@ -182,12 +308,13 @@ class PIDController:
         self.pcoeff, self.icoeff, self.dcoeff = pcoeff, icoeff, dcoeff
         self.safety, self.ifactor, self.dfactor = safety, ifactor, dfactor
         self.first_step, self.min_step, self.max_step = first_step, min_step, max_step
-        self._validate({k: getattr(self, k) for k in self.FIELDS[2:] if getattr(self, k) is not None})
+        self._validate({k: getattr(self, k) for k in self.FIELDS[2:]
+                        if getattr(self, k) is not None})
 
     def __repr__(self) -> str:
         set_ = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS
                          if getattr(self, k) is not None)
-        return f"PIDController({set_})"
+        return f"{type(self).__name__}({set_})"
 
     @classmethod
     def _validate(cls, s: dict, method: str = "") -> dict:
@@ -226,117 +353,121 @@ class PIDController:
         return s
 
     def bind(self, norm: ErrorNorm, error_order: int, options: dict,
-             settings: dict | None = None) -> _PIDRun:
+             settings: dict | None = None) -> PIDRun:
         """The per-solve state (``settings``: the result of ``settings(options)`` when the
         caller already has it)."""
-        return _PIDRun(norm, error_order, settings or self.settings(options))
+        return self.RUN(norm, error_order, settings or self.settings(options))
 
 
-class StepBounds:
-    """What every adaptive controller does alike: bound a step by ``min_step``/``max_step``
-    and choose the first one (``first``, or Hairer's estimate for the order
-    ``start_order``). Needs ``norm``, ``min_step``, ``max_step``, ``first``, ``start_order``."""
-
-    def clamp(self, h: float, direction: float) -> float:
-        return direction * min(max(abs(h), self.min_step), self.max_step)
-
-    def first_step(self, rhs, t0, y0, f0, direction) -> float:
-        self.absy = y0.detach().abs()
-        if self.first is not None:
-            return self.clamp(self.first, direction)
-        with torch.no_grad():
-            h = initial_step(rhs, t0, y0.detach(), f0.detach(), direction, self.start_order,
-                             self.norm)
-        if not math.isfinite(h):
-            raise StepSizeError(
-                "the error norm is not finite at the initial state, so no step size can be "
-                "chosen: the tolerance scale atol + rtol * |y0| is zero somewhere (atol=0 with "
-                "y0 = 0?) or the state or derivative is not finite; use atol > 0")
-        return self.clamp(h, direction)
-
-
-class _PIDRun(StepBounds):
-    """The per-solve state of a PIDController."""
+class PIDRun(StepBounds):
+    """The per-solve state of a PIDController, on a float clock (one problem: floats) or
+    per sample ((B,) tensors; ``judge``'s ``live`` marks the rows that ran)."""
 
     adaptive = True
-    STRETCH = 0.1
 
     def __init__(self, norm: ErrorNorm, error_order: int, s: dict):
         k = error_order + 1.0
-        self.norm = norm
+        self.norm, self.settings = norm, s
         self.safety, self.ifactor, self.dfactor = s["safety"], s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
         self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
         self.b2 = -(s["pcoeff"] + 2 * s["dcoeff"]) / k
         self.b3 = s["dcoeff"] / k
         self.error_order = self.start_order = error_order
+        self.accept_floor = 1.0  # an accepted step does not shrink the next one
         self.prev1 = self.prev2 = 1.0
         self.absy = None
         self.nonfinite = False  # was the last attempt rejected for a nan/inf error?
 
+    def first_step(self, rhs_call, t0, y0, f0, direction):
+        h = super().first_step(rhs_call, t0, y0, f0, direction)
+        self.init_history(h)
+        return h
 
-    def shrink(self, h: float, factor: float, direction: float) -> float:
-        """The next attempt after a failed one (an implicit method's Newton solve did not
-        converge): h * factor, or nan (the loop reports it) below min_step."""
-        if abs(h) <= self.min_step:
-            return math.nan
-        return self.clamp(h * factor, direction)
+    def init_history(self, h) -> None:
+        """Start the history; per sample (h a (B,) tensor) one value per row."""
+        for name, v in self.history().items():
+            setattr(self, name, v if not isinstance(h, torch.Tensor) else
+                    torch.full(h.shape, v, device=h.device,
+                               dtype=torch.bool if isinstance(v, bool) else torch.float64))
 
-    def propose(self, t: float, h: float, stop: float, direction: float) -> float:
-        """Where the attempt ends: t + h, or the next stop when it lies within ``STRETCH``
-        of a step beyond t + h. Stretching by up to 10% rather than leaving a sliver saves a
-        whole step (a neural ODE solve is often 3-4 steps); the controller's safety factor
-        (0.9^-5 ~ 1.7 for dopri5) leaves room for the 10% longer step's larger error."""
-        if direction * (stop - (t + h)) <= self.STRETCH * abs(h):
-            return stop
-        return t + h
+    def history(self) -> dict:
+        """The per-solve history and its initial values (per sample: one per row)."""
+        return {"prev1": 1.0, "prev2": 1.0, "nonfinite": False}
 
-    def judge(self, y1: torch.Tensor, err: torch.Tensor, h: float,
-              direction: float) -> tuple[bool, float]:
-        """(accept, next step) from the error estimate of an attempt of size h."""
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (a per-sample batch shrinks)."""
+        for name, v in vars(self).items():
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and name not in ("norm",):
+                setattr(self, name, v[idx])
+
+    def growth(self, ratio, h):
+        """The step factor asked for by an attempt of error ratio ``ratio`` (> 0): the PID
+        formula, safety * ratio^-b1 * prev1^-b2 * prev2^-b3 (Söderlind; diffrax's
+        coefficients)."""
+        f = self.safety * ratio ** (-self.b1)
+        if self.b2:
+            f = f * self.prev1 ** (-self.b2)
+        if self.b3:
+            f = f * self.prev2 ** (-self.b3)
+        return f
+
+    def remember(self, accept, ratio, h) -> None:
+        """History after an attempt (PID: the last two accepted error ratios)."""
+        if self.b2 or self.b3:
+            self.prev2 = where(accept, self.prev1, self.prev2)
+            self.prev1 = where(accept, maximum(ratio, 1e-10), self.prev1)
+
+    def rejected_factor(self, ratio):
+        """After a rejection the step always shrinks (the PID history terms could otherwise
+        ask for a step as large as the rejected one)."""
+        return clip(self.safety * ratio ** (-self.b1), self.dfactor, 0.999)
+
+    def nonfinite_step(self, h, direction):
+        """After a nan/inf error: smaller steps may avoid a non-finite derivative inside the
+        step (e.g. sqrt of a negative overshoot): shrink by dfactor; nan (reported by the
+        driver) at min_step."""
+        return where(self.at_min_step(h), math.nan, self.clamp(h * self.dfactor, direction))
+
+    def judge(self, y1: torch.Tensor, err: torch.Tensor, h, direction, live=None):
+        """(accept, next step) from the error estimate of an attempt of size h. One problem:
+        floats, and only the branch taken is computed; per sample: (B,) tensors, ``live``
+        the rows that ran (the others are not accepted)."""
         norm = self.norm
         absy1 = (y1.detach() if y1.requires_grad else y1).abs()
         ratio = norm(err, norm.scale(torch.maximum(self.absy, absy1)), h)
-        if ratio <= 1.0 and self.b2 == 0.0 and self.b3 == 0.0 and ratio > 0.0:
-            # the common case, an accepted step of the I controller, without the general path
-            f = self.safety * ratio ** (-self.b1)
-            f = self.ifactor if f > self.ifactor else (max(f, 1.0))
-            self.prev2, self.prev1 = self.prev1, max(ratio, 1e-10)
-            self.absy = absy1
-            hn = abs(h) * f
-            hn = self.max_step if hn > self.max_step else (max(hn, self.min_step))
-            self.nonfinite = False
-            return True, direction * hn
-        if not math.isfinite(ratio):
-            if self.norm.user_norm is not None and bool(torch.isfinite(err).all()) \
-                    and bool(torch.isfinite(y1).all()):
-                raise ODEFuncError(f"the error norm (options['norm']) returned {ratio} for a "
-                                   f"finite error estimate; it must return a finite "
-                                   f"non-negative number")
-            # Smaller steps may avoid a non-finite derivative inside the step (e.g. sqrt of
-            # a negative overshoot): reject and shrink; the loop reports it if h vanishes.
-            self.nonfinite = True
-            if abs(h) <= self.min_step * (1.0 + self.STRETCH + 1e-9):  # as for ``accept``
-                return False, math.nan
-            return False, self.clamp(h * self.dfactor, direction)
-        self.nonfinite = False
-        # a step at min_step is accepted, also when rounding (h = t1 - t) or a stretch onto a
-        # stop (``propose``) made it longer: its retry would be the same step (endless loop)
-        accept = ratio <= 1.0 or abs(h) <= self.min_step * (1.0 + self.STRETCH + 1e-9)
-        if ratio == 0.0:
-            f = self.ifactor
-        else:
-            f = self.safety * ratio ** (-self.b1)
-            if self.b2:
-                f *= self.prev1 ** (-self.b2)
-            if self.b3:
-                f *= self.prev2 ** (-self.b3)
-        if accept:
-            f = min(self.ifactor, max(1.0, f))
-            self.prev2, self.prev1 = self.prev1, max(ratio, 1e-10)
-            self.absy = absy1
-        else:
-            # after a rejection the step always shrinks (the PID history terms could
-            # otherwise ask for a step as large as the rejected one)
-            f = min(0.999, max(self.dfactor, self.safety * ratio ** (-self.b1)))
-        return accept, self.clamp(h * f, direction)
+        finite = isfinite(ratio)
+        if norm.user_norm is not None and not every(finite) and \
+                bool(torch.isfinite(err).all()) and bool(torch.isfinite(y1).all()):
+            raise ODEFuncError(f"the error norm (options['norm']) returned {ratio} for a "
+                               f"finite error estimate; it must return a finite "
+                               f"non-negative number")
+        # ratio == 0 asks for the largest growth: the factors are evaluated at ratio > 0
+        # (their limit is clipped to ifactor either way)
+        r = maximum(ratio, 1e-300)
+        if not isinstance(ratio, torch.Tensor):
+            self.nonfinite = not finite
+            if not finite:
+                return False, self.nonfinite_step(h, direction)
+            accept = ratio <= 1.0 or self.at_min_step(h)
+            f = clip(self.growth(r, h), self.accept_floor, self.ifactor) if accept else \
+                self.rejected_factor(r)
+            self.remember(accept, ratio, h)
+            if accept:
+                self.absy = absy1
+            return accept, self.clamp(h * f, direction)
+        accept = finite & ((ratio <= 1.0) | self.at_min_step(h))
+        if live is not None:
+            accept = accept & live
+        f = torch.where(accept, clip(self.growth(r, h), self.accept_floor, self.ifactor),
+                        self.rejected_factor(r))
+        h_next = torch.where(finite, self.clamp(h * f, direction),
+                             self.nonfinite_step(h, direction))
+        self.nonfinite = ~finite if live is None else torch.where(live, ~finite,
+                                                                   self.nonfinite)
+        self.remember(accept, ratio, h)
+        self.absy = torch.where(accept[:, None], absy1, self.absy)
+        return accept, h_next
+
+
+PIDController.RUN = PIDRun

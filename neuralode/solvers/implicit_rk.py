@@ -626,6 +626,7 @@ class FixedGridImplicitRK(FixedGridMethod):
 class AdaptiveImplicitRK(AdaptiveRK):
     """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output.
     ``step_to_outputs``: see ``methods.STEP_TO_OUTPUTS_DOC``."""
+    tensor_clock = False  # per sample: sample by sample (Newton per sample)
 
     tableau: ImplicitTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, max_iters=10,

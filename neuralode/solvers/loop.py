@@ -1,6 +1,7 @@
-"""THE integration loop: one driver for every method.
+"""The float-clock driver: one problem, time and step size as Python floats.
 
-The driver owns everything that is not one step of a method and not the choice of the step
+Every method runs here (``batched.py`` is the same loop on a tensor clock, for per-sample
+batches of the explicit RK methods). The driver owns everything that is not one step of a method and not the choice of the step
 size: statistics, ``max_num_steps``, stop times (``step_t``, ``jump_t``, state jumps),
 non-finite handling, outputs at the requested times (from the stepper's dense output),
 events, callbacks, the dense record of the solution, and the final status. A *stepper*
@@ -21,24 +22,24 @@ from typing import Any
 
 import torch
 
-from neuralode.errors import (
-    ConvergenceError,
-    EventError,
-    MaxStepsError,
-    NonFiniteError,
-    StepSizeError,
-)
+from neuralode.errors import EventError
 from neuralode.solvers.base import StepFailure
-
-SUCCESS = "success"
-EVENT = "event"
-MAX_STEPS = "max_steps_reached"
-STEP_SIZE = "step_size_underflow"
-NONFINITE = "nonfinite"
-CONVERGENCE = "convergence_failure"
-STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE, CONVERGENCE)
-_ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError,
-           CONVERGENCE: ConvergenceError}
+from neuralode.solvers.event_location import EventFunction, locate_event
+from neuralode.solvers.status import (
+    CONVERGENCE,
+    ERRORS,
+    EVENT,
+    MAX_STEPS,
+    NONFINITE,
+    STATUSES,
+    STEP_SIZE,
+    SUCCESS,
+    max_steps_message,
+    nonfinite_grid_message,
+    nonfinite_message,
+    progress,
+    step_size_message,
+)
 
 # fixed-grid solves check the state for nan/inf every this many steps (and at outputs,
 # stops and the end) rather than synchronising with the device at every step
@@ -85,35 +86,6 @@ class LoopResult:
     h_next: float = math.nan
 
 
-class EventFunction:
-    """The user's ``event_fn(t, y)`` on the flat state, made positive at the start.
-
-    A vector-valued event_fn fires when any component changes sign (as torchdiffeq:
-    each component is multiplied by its initial sign and the minimum is watched)."""
-
-    def __init__(self, fn: Callable, rhs, t0: float, y0: torch.Tensor):
-        self.fn, self.rhs = fn, rhs
-        with torch.no_grad():
-            c = self._raw(t0, y0)
-            if not bool(torch.isfinite(c).all()):
-                raise EventError(f"event_fn(t0, y0) is not finite at t0={t0}: {c}")
-            self.signs = torch.sign(c)
-            if not bool((self.signs != 0).all()):
-                raise EventError(
-                    f"event_fn(t0, y0) is exactly zero at t0={t0}; an event at the initial "
-                    f"time cannot be located (start just after it, or shift event_fn)")
-
-    def _raw(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        out = self.fn(self.rhs.time(t), self.rhs.user_state(y))
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
-        return out.detach().reshape(-1).to(torch.float64)
-
-    def __call__(self, t: float, y: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(torch.min(self._raw(t, y) * self.signs))
-
-
 def _merge_stops(stops: list[Stop]) -> list[Stop]:
     """One stop per time (sorted input): a jump wins over a plain stop, a hook is kept."""
     out: list[Stop] = []
@@ -126,38 +98,6 @@ def _merge_stops(stops: list[Stop]) -> list[Stop]:
         else:
             out.append(s)
     return out
-
-
-def _locate_event(event: EventFunction, stepper, t: float, y, h: float, g1: float) -> float:
-    """The event time in (t, t + h]: the last float64 time where the (positive at t) event
-    value is still > 0 before it turns <= 0 (or an exact zero), to adjacent float64 times.
-    Illinois regula falsi on the step's interpolant, with a bisection every fifth try."""
-    t_lo, g_lo = t, event(t, y)
-    t_hi, g_hi = t + h, g1
-    last = 0
-    for it in range(200):
-        if abs(t_hi - t_lo) <= 2 * math.ulp(max(abs(t_lo), abs(t_hi))):
-            break
-        tm = 0.5 * (t_lo + t_hi)
-        if g_lo > 0 > g_hi and it % 5 != 4:
-            tf = t_lo + (t_hi - t_lo) * (g_lo / (g_lo - g_hi))
-            if min(t_lo, t_hi) < tf < max(t_lo, t_hi):
-                tm = tf
-        ym = stepper.interpolate(y, h, [(tm - t) / h])[0]
-        gm = event(tm, ym)
-        if gm == 0:
-            return tm
-        if gm > 0:
-            t_lo, g_lo = tm, gm
-            if last == 1:
-                g_hi *= 0.5  # Illinois: halve the value at the end that stayed
-            last = 1
-        else:
-            t_hi, g_hi = tm, gm
-            if last == -1:
-                g_lo *= 0.5
-            last = -1
-    return t_lo
 
 
 def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
@@ -190,12 +130,9 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
 
     def fail(status: str, message: str, t: float, y) -> LoopResult:
         if throw:
-            raise _ERRORS[status](message)
+            raise ERRORS[status](message)
         res.status, res.message, res.t_final, res.y_final = status, message, t, y
         return res
-
-    def progress(t: float) -> str:
-        return f"{100 * (t - t0) / (ts[-1] - t0):.1f}% of the way from t0={t0} to t1={ts[-1]}"
 
     t, y = t0, y0
     t_good, y_good = t0, y0  # the last state checked to be finite (fixed grids)
@@ -204,12 +141,10 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
     else:
         f0 = rhs.call(t0, y0)
     if adaptive and not math.isfinite(f0.sum().item()):
-        return fail(NONFINITE, f"{name}: the ODE's derivative or state became non-finite "
-                               f"(nan/inf) at t={t0:.10g} (the initial time); check func for "
-                               f"overflow or division by zero", t, y)
+        return fail(NONFINITE, nonfinite_message(name, t0, "", at_start=True), t, y)
     graph = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
     stepper.start(rhs, y0, f0, graph)
-    h = controller.first_step(rhs, t0, y0, f0, direction)
+    h = controller.first_step(rhs.call, t0, y0, f0, direction)
     outs = res.outs
     i_out, i_stop, n_attempts = 1, 0, 0
     failure = ""  # why the last attempt of an implicit method failed (for messages)
@@ -221,24 +156,13 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         at_stop = t1 == stop.time
         h = t1 - t
         if not math.isfinite(h) or abs(h) <= 4 * math.ulp(max(abs(t), abs(t1))):
-            where = "" if open_end else f"; reached {progress(t)}"
+            where = "" if open_end else progress(t, t0, ts[-1])
             if adaptive and controller.nonfinite:
-                return fail(NONFINITE, f"{name}: the ODE's derivative or state became "
-                                       f"non-finite (nan/inf) at t={t:.10g} and smaller steps "
-                                       f"did not help; check func for overflow, division by zero "
-                                       f"or a blow-up of the solution{where}", t, y)
-            why = (f"the last attempt failed: {failure}" if failure else
-                   "the error could not be controlled; the problem may be stiff or the "
-                   "solution may blow up")
-            return fail(STEP_SIZE, f"{name}: step size underflow at t={t:.17g}: the step "
-                                   f"h={h:.3g} is below what float64 time resolves there "
-                                   f"({why}){where}", t, y)
+                return fail(NONFINITE, nonfinite_message(name, t, where), t, y)
+            return fail(STEP_SIZE, step_size_message(name, t, h, failure, where), t, y)
         if n_attempts >= max_num_steps:
-            where = "before the event" if open_end else progress(t)
-            return fail(MAX_STEPS, f"{name}: max_num_steps={max_num_steps} exceeded at "
-                                   f"t={t:.10g}, {where} (last step size {h:.3g}); raise "
-                                   f"options['max_num_steps'], loosen rtol/atol, or use a "
-                                   f"method suited to the problem", t, y)
+            where = "before the event" if open_end else progress(t, t0, ts[-1])
+            return fail(MAX_STEPS, max_steps_message(name, max_num_steps, t, h, where), t, y)
         n_attempts += 1
         left = perturb or (at_stop and stop.kind == "jump")
         left_end = rhs.left_limit(t1, t) if left else None
@@ -281,7 +205,10 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
             if g1 <= 0:
                 stepper.prepare_interp(t1_eval, y1)
                 with torch.no_grad():
-                    t_ev = _locate_event(event, stepper, t, y.detach(), h, g1)
+                    yd = y.detach()
+                    t_ev = locate_event(
+                        event, lambda tm: stepper.interpolate(yd, h, [(tm - t) / h])[0],
+                        t, yd, h, g1)
                 y_ev = stepper.interpolate(y, h, [(t_ev - t) / h])[0] if t_ev != t else y
                 while i_out < n_out and direction * (ts[i_out] - t_ev) <= 0:
                     out_t = ts[i_out]
@@ -311,11 +238,8 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                              or (i_out > 1 and ts[i_out - 1] == t1)):
             # fixed grids: one device synchronisation every few steps, not every step
             if not math.isfinite(y1.sum().item()):
-                return fail(NONFINITE, f"{name}: the ODE's derivative or state became "
-                                       f"non-finite (nan/inf) between t={t_good:.10g} and "
-                                       f"t={t1:.10g} (steps of h={h:.3g}; the state was finite "
-                                       f"at t={t_good:.10g}); check func for overflow, division "
-                                       f"by zero or a blow-up of the solution", t_good, y_good)
+                return fail(NONFINITE, nonfinite_grid_message(name, t_good, t1, h), t_good,
+                            y_good)
             t_good, y_good = t1, y1
         t, y = t1, y1
         f_next = None
@@ -342,4 +266,5 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         h = h_next
 
 
-__all__ = ["STATUSES", "Callbacks", "EventFunction", "LoopResult", "Stop", "integrate"]
+__all__ = ["CONVERGENCE", "EVENT", "STATUSES", "SUCCESS", "Callbacks", "LoopResult", "Stop",
+           "integrate"]

@@ -1,7 +1,8 @@
-"""Methods: what a method name means (a stepper, its kind, its options), one registry.
+"""Methods: what a method name means (a stepper, its kind, its options).
 
 Each method class says which options it takes (with defaults), builds its stepper and its
-step-size controller from them. The integration loop (``loop.integrate``) runs them all.
+step-size controller from them. The drivers run them all; ``registry.SOLVERS`` maps the
+names to the classes of this module and of the implicit, multistep and scipy modules.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from neuralode.solvers.controllers import (
     ErrorNorm,
     FixedGridController,
     PIDController,
+    grid_step_count,
     merge_times,
 )
 from neuralode.solvers.rk import RKStepper
@@ -84,6 +86,9 @@ class Method:
 
     name = ""
     adaptive = False
+    # runs per sample on the tensor clock (``batched.integrate_batched``); the other
+    # methods run per sample on the float clock, sample by sample
+    tensor_clock = False
     OPTIONS: ClassVar[dict[str, Any]] = {}
 
     @classmethod
@@ -141,12 +146,10 @@ class FixedGridMethod(Method):
             return list(ts)
         span = t1 - t0
         h = float(o["step_size"])
-        steps = abs(span) / h * (1 - 1e-12)
-        if steps > 2**52:
+        if abs(span) / h > 2**52:
             raise ODEInputError(f"{name}: step_size={h:g} makes more than 2**52 steps over "
                                 f"[{t0}, {t1}]; use a larger step_size")
-        n = max(1, math.ceil(steps))
-        return UniformGrid(t0, t1, math.copysign(h, span), n)
+        return UniformGrid(t0, t1, math.copysign(h, span), grid_step_count(span, h))
 
 
 def check_grid(name: str, grid: list[float], t0: float, t1: float) -> list[float]:
@@ -179,6 +182,7 @@ def _number_option(method, name, value, allow_zero=False) -> float:
 
 class FixedGridRK(FixedGridMethod):
     tableau: ButcherTableau
+    tensor_clock = True
 
     @classmethod
     def describe(cls) -> str:
@@ -223,6 +227,7 @@ class AdaptiveRK(Method):
     """Embedded Runge–Kutta pair with error control and dense output."""
 
     adaptive = True
+    tensor_clock = True
     tableau: ButcherTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(
         COMMON_OPTIONS, first_step=None, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0,
@@ -242,7 +247,8 @@ class AdaptiveRK(Method):
         ctrl = o["step_size_controller"]
         if ctrl is not None and not isinstance(ctrl, PIDController):
             raise ODEInputError(f"option 'step_size_controller' of {cls.name!r} must be a "
-                                f"neuralode.PIDController, got {type(ctrl).__name__}")
+                                f"neuralode.PIDController or neuralode.GustafssonController, "
+                                f"got {type(ctrl).__name__}")
         # validates safety, ifactor, ... once; ``make_controller`` reuses the result
         o["_pid_settings"] = controller_or_default(o).settings(o, cls.name)
 
@@ -320,12 +326,11 @@ def make_rk_method(tab: ButcherTableau, doc: str) -> type[Method]:
                 {"name": tab.name, "tableau": tab, "__doc__": doc, "order": tab.order})
 
 
-SOLVERS: dict[str, type[Method]] = {name: make_rk_method(tab, _DOCS[name])
+# this module's methods; ``registry.SOLVERS`` holds every method of every module
+METHODS: dict[str, type[Method]] = {name: make_rk_method(tab, _DOCS[name])
                                     for name, tab in TABLEAUX.items()}
-SOLVERS["explicit_adams"] = ExplicitAdams
-SOLVERS["implicit_adams"] = ImplicitAdams
-ALIASES = {"heun": "heun2", "fixed_adams": "implicit_adams"}
-DEFAULT_METHOD = "dopri5"
+METHODS["explicit_adams"] = ExplicitAdams
+METHODS["implicit_adams"] = ImplicitAdams
 
 
 def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0_user,
@@ -342,13 +347,3 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     if stop_times:
         grid = merge_times(grid, stop_times, 1.0 if ts[-1] > ts[0] else -1.0)
     return FixedGridController(grid)
-
-
-# the implicit, multistep and external methods subclass the bases above: they register last
-from neuralode.solvers.bdf import METHODS as _MULTISTEP_METHODS
-from neuralode.solvers.implicit_rk import METHODS as _IMPLICIT_RK
-from neuralode.solvers.rosenbrock import METHODS as _ROSENBROCK
-from neuralode.solvers.scipy_solver import METHODS as _SCIPY
-
-for _methods in (_IMPLICIT_RK, _MULTISTEP_METHODS, _ROSENBROCK, _SCIPY):
-    SOLVERS.update(_methods)

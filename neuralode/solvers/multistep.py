@@ -443,7 +443,6 @@ class MultistepController(StepBounds):
     BIAS_LO, BIAS, BIAS_HI = 1.3, 1.2, 1.4
     UP_GROWTH = 2.0
     KEEP_BELOW = 1.0  # after the hold, a step factor in [KEEP_BELOW, 1.1) keeps h
-    STRETCH = 0.1
 
     def __init__(self, norm: ErrorNorm, s: dict):
         self.norm = norm
@@ -454,16 +453,9 @@ class MultistepController(StepBounds):
         self.nonfinite = False
         self.n_fail = 0
 
-    def propose(self, t: float, h: float, stop: float, direction: float) -> float:
-        if direction * (stop - (t + h)) <= self.STRETCH * abs(h):
-            return stop
-        return t + h
-
     def shrink(self, h: float, factor: float, direction: float) -> float:
         self.n_fail += 1
-        if abs(h) <= self.min_step:
-            return math.nan
-        return self.clamp(h * factor, direction)
+        return super().shrink(h, factor, direction)
 
     def judge(self, y1: torch.Tensor, rec: MultistepError, h: float,
               direction: float) -> tuple[bool, float]:
@@ -475,11 +467,11 @@ class MultistepController(StepBounds):
             self.nonfinite = True
             self.n_fail += 1
             rec.next_order = 1
-            if abs(h) <= self.min_step:
+            if self.at_min_step(h):
                 return False, math.nan
             return False, self.clamp(h * self.dfactor, direction)
         self.nonfinite = False
-        accept = r <= 1.0 or abs(h) <= self.min_step
+        accept = r <= 1.0 or self.at_min_step(h)
         fac = 1.0 / ((self.BIAS * r) ** (1.0 / (q + 1)) + 1e-6)
         if not accept:
             self.n_fail += 1

@@ -1,7 +1,10 @@
 """One generic explicit Runge–Kutta stepper, driven by a ``ButcherTableau``.
 
 The stepper takes one step of the method; it knows nothing of step-size control, outputs,
-events or statistics (the integration loop in ``loop.py`` owns those).
+events or statistics (the drivers own those). One stepper serves both drivers: one problem
+(a flat (n,) state, a float step h) and a per-sample batch (a (B, n) state, a (B,) tensor of
+steps, each row its own step); the formulas are the same, only the kernels that apply a
+per-row h differ.
 
 Two evaluation modes share the same tableau data:
 
@@ -20,6 +23,7 @@ import functools
 
 import torch
 
+from neuralode.solvers.elementwise import column
 from neuralode.solvers.tableau import ButcherTableau
 
 
@@ -48,21 +52,45 @@ def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.
 
 
 def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Tensor:
-    """(m, s_ext) weights of the extended stages at the step fractions ``thetas``, computed
-    in float64 (``dense_t``) and returned in ``dtype``."""
-    powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
-                          dtype=torch.float64, device=dense_t.device)
+    """Weights of the extended stages at the step fractions ``thetas``, computed in float64
+    (``dense_t``) and returned in ``dtype``: (m, s_ext) for a list of m fractions, (..., m,
+    s_ext) for a float64 tensor (..., m) of them (per sample)."""
+    if isinstance(thetas, torch.Tensor):
+        powers = thetas[..., None] ** torch.arange(1, degree + 1, device=thetas.device,
+                                                   dtype=torch.float64)
+    else:
+        powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
+                              dtype=torch.float64, device=dense_t.device)
     w = powers @ dense_t
     return w if dtype == torch.float64 else w.to(dtype)
+
+
+def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """The interpolant y + h sum_s w_s K_s. One problem: y (n,), h a float, w (m, s_ext),
+    K (s_ext, n) -> (m, n). Per sample: y (B, n), h (B,), w (B, m, s_ext), K (B, s_ext, n)
+    -> (B, m, n)."""
+    if not isinstance(h, torch.Tensor):
+        if y.dtype == torch.float64:
+            return torch.addmm(y.unsqueeze(0), w, K, alpha=h)
+        # below float64 the product is formed first and added once (one rounding)
+        return torch.add(y.unsqueeze(0), torch.mm(w, K), alpha=h)
+    comb = torch.bmm(w, K)
+    return torch.addcmul(y.unsqueeze(-2), column(h, comb), comb)
 
 
 def add_terms(y, terms, h, precise: bool):
     """y + h * sum_j c_j k_j for ``terms`` = [(k_j, c_j), ...], out of place (autograd keeps
     the stages). ``precise``: the terms are summed first and added to y once (one rounding
     at |y|'s magnitude); otherwise they are added into y one by one (below float64 that
-    drifts: use it for values that only feed f)."""
+    drifts: use it for values that only feed f). ``h``: a float, or (B,) per row."""
     if not terms:
         return y
+    if isinstance(h, torch.Tensor):
+        (k0, c0), rest = terms[0], terms[1:]
+        comb = k0 * c0
+        for k, c in rest:
+            comb = torch.add(comb, k, alpha=c)
+        return torch.addcmul(y, column(h, y), comb)
     if precise:
         (k0, c0), rest = terms[0], terms[1:]
         incr = k0 * (h * c0)
@@ -90,7 +118,7 @@ class RKSegment:
 
     def evaluate(self, thetas) -> torch.Tensor:
         w = dense_weights(self.dense_t, thetas, self.degree, self.K.dtype)
-        return torch.add(self.y.unsqueeze(0), torch.mm(w, self.K), alpha=self.h)
+        return dense_combine(self.y, self.h, w, self.K)
 
 
 def chord(y0, y1, thetas) -> list[torch.Tensor]:
@@ -110,12 +138,16 @@ class ChordSegment:
 
 
 class RKStepper:
-    """One step of an explicit RK method on the flat state.
+    """One step of an explicit RK method.
 
     Per solve: ``start(rhs, y0, f0, graph)``; then for each attempt ``step(t, y, h)`` ->
     ``y1``; ``error()`` -> the embedded error estimate of the last attempt; after an
     accepted step ``interpolate``/``end_derivative``/``segment`` use that step's stages,
     and ``advance(f)`` makes ``f`` (or f(t1, y1)) the first stage of the next step.
+
+    One problem: y (n,), t and h floats. Per sample: y (B, n), t and h (B,) float64
+    tensors; ``prepare_interp`` after every attempt gives every row its f(t1, y1), and
+    ``advance(accept=mask)`` moves on the accepted rows only.
     """
 
     def __init__(self, tab: ButcherTableau, linear: bool = False):
@@ -133,6 +165,7 @@ class RKStepper:
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
         self.rhs = rhs
         self.graph = graph
+        self.batch = y0.dim() == 2
         self.a_rows, self.b, self.b_err, self.dense_t = _tensor_coefficients(
             self.tab, y0.dtype, y0.device)
         self.f1_known = False
@@ -140,26 +173,38 @@ class RKStepper:
             self.f0 = f0
             self.ks = None
             return
-        K = torch.empty(self.s_ext, y0.numel(), dtype=y0.dtype, device=y0.device)
+        self._buffer(torch.empty(self.s_ext, *y0.shape, dtype=y0.dtype, device=y0.device))
+        self.K[0].copy_(f0)
+
+    def _buffer(self, K: torch.Tensor) -> None:
+        """The stage buffer (s_ext, *state shape) and the views the step works on."""
         self.K = K
+        K2 = K.view(self.s_ext, -1)  # per sample: (s_ext, B n), stage sums as one mv
         # y1 = y + h * K^T b: one fused addmv in float64; below float64 the product is formed
         # first and added once, because the fused kernel adds each stage's term into y
         # separately (s roundings at |y|'s magnitude per step: a visible drift in float32).
         # Intermediate stage states only feed f, so they keep the fused kernel.
         # (one nonzero weight, as Euler's or the midpoint rule's, is one rounding anyway)
-        precise = y0.dtype != torch.float64 and len(self.b_nz) > 1
+        precise = K.dtype != torch.float64 and len(self.b_nz) > 1
         self.addmv = _mv_then_add if precise else torch.addmv
         self.last_stage = K[self.s - 1] if self.fsal else None  # its state is y1
         # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
-        self.KT = [K[:i].t() for i in range(self.s_ext + 1)]
+        self.KT = [K2[:i].t() for i in range(self.s_ext + 1)]
         self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
                            for i in range(1, self.s)]
-        K[0].copy_(f0)
         self.f1 = K[self.s - 1] if self.fsal else None  # FSAL: f(t1, y1) is the last stage
         self.ext_filled = self.fsal
 
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (a per-sample batch shrinks)."""
+        if self.graph:
+            self.f0 = self.f0[idx]
+            self.ks = [k[idx] for k in self.ks] if self.ks is not None else None
+        else:
+            self._buffer(self.K[:, idx].contiguous())
+
     # -- one attempt ------------------------------------------------------------------
-    def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
+    def step(self, t, y: torch.Tensor, h, left_end=None) -> torch.Tensor:
         """y1 after one step of size h from (t, y). ``left_end`` (a callable time -> time
         tensor) is given when the step ends at a discontinuity: stage times are then handed
         to f strictly before t + h, in the state's time dtype."""
@@ -167,6 +212,8 @@ class RKStepper:
         if self.graph:
             self.y1 = y1 = self._step_graph(t, y, h, left_end)
             return y1
+        if self.batch:
+            return self._step_rows(t, y, h)
         addmv, last = torch.addmv, self.last_stage
         yi = y
         if left_end is None:
@@ -184,6 +231,18 @@ class RKStepper:
         self.y1 = yi  # FSAL: the last stage is evaluated at y1 itself
         return yi
 
+    def _step_rows(self, t, y, h) -> torch.Tensor:
+        """``step`` per sample: the same stage sums, each row scaled by its own h."""
+        hc = column(h, y)
+        call, shape = self.rhs.call, y.shape
+        yi = y
+        for kt, a, c, k in self.stage_plan:
+            yi = torch.addcmul(y, hc, torch.mv(kt, a).view(shape))
+            k.copy_(call(t + c * h, yi))
+        if not self.fsal:
+            yi = torch.addcmul(y, hc, torch.mv(self.KT[self.s], self.b).view(shape))
+        self.y1 = yi
+        return yi
 
     def _step_graph(self, t, y, h, left_end):
         ks = [self.f0]
@@ -206,16 +265,16 @@ class RKStepper:
         times this (the controller applies the factor h to the norm)."""
         if self.graph:
             with torch.no_grad():
-                return torch.mv(torch.stack(self.ks[: self.s], dim=1), self.b_err)
-        return torch.mv(self.KT[self.s], self.b_err)
+                return torch.tensordot(self.b_err, torch.stack(self.ks[: self.s]), dims=1)
+        return torch.mv(self.KT[self.s], self.b_err).view(self.K.shape[1:])
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:
-        """f(t1, y1): the FSAL stage, or one evaluation. ``t1_time`` is a float or a time
-        tensor (a left limit at a discontinuity)."""
+        """f(t1, y1): the FSAL stage, or one evaluation. ``t1_time`` is a float, a time
+        tensor (a left limit at a discontinuity), or per sample the (B,) float64 times."""
         if self.f1_known:
             return self.ks[self.s_ext - 1] if self.graph else self.f1
-        f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+        f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float) or self.batch
               else self.rhs.call_at(t1_time, y1))
         self.f1_known = True
         if self.graph:
@@ -227,25 +286,34 @@ class RKStepper:
 
     def prepare_interp(self, t1_time, y1) -> None:
         """Make the accepted step's interpolant available (may evaluate f(t1, y1))."""
-        if self.linear:
+        if self.linear and not self.batch:
             return
         self.end_derivative(t1_time, y1)
         if not self.graph and not self.ext_filled:
             self.K[self.s_ext - 1].copy_(self.f1)  # the extended stage
             self.ext_filled = True
 
-    def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
-        """States at t + theta h on the accepted step (after ``prepare_interp``)."""
+    def _stages(self) -> torch.Tensor:
+        return torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
+
+    def interpolate(self, y: torch.Tensor, h, thetas):
+        """States at t + theta h on the accepted step (after ``prepare_interp``). One
+        problem: ``thetas`` a list of floats -> a list of (n,) states. Per sample: ``y``
+        (B, n), ``h`` (B,), ``thetas`` (B, m) float64 -> (B, m, n)."""
+        if isinstance(thetas, torch.Tensor):
+            if self.linear:
+                return torch.addcmul(y.unsqueeze(1), thetas.to(y.dtype)[..., None],
+                                     (self.y1 - y).unsqueeze(1))
+            w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
+            return dense_combine(y, h, w, self._stages().transpose(0, 1))
         if self.linear:
             return chord(y, self.y1, thetas)
         w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
-        K = torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
+        K = self._stages()
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
                     else _mv_then_add(y, K.t(), w[0], alpha=h)]
-        if y.dtype == torch.float64:
-            return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
-        return list(torch.add(y.unsqueeze(0), torch.mm(w, K), alpha=h).unbind(0))
+        return list(dense_combine(y, h, w, K).unbind(0))
 
     def segment(self, y: torch.Tensor, h: float):
         if self.linear:
@@ -256,13 +324,17 @@ class RKStepper:
     def restart(self) -> None:
         """Forget carried history (nothing for a one-step method)."""
 
-    def advance(self, f_next: torch.Tensor | None) -> None:
+    def advance(self, f_next: torch.Tensor | None = None, accept=None) -> None:
         """Make ``f_next`` (default: f(t1, y1) of the accepted step, see
-        ``end_derivative``) the next first stage."""
+        ``end_derivative``) the next first stage; per sample only in the rows ``accept``."""
         if self.graph:
-            self.f0 = f_next if f_next is not None else self.ks[self.s_ext - 1]
+            new = f_next if f_next is not None else self.ks[self.s_ext - 1]
+            self.f0 = new if accept is None else torch.where(accept[:, None], new, self.f0)
             return
-        self.K[0].copy_(f_next if f_next is not None else self.f1)
+        new = f_next if f_next is not None else self.f1
+        if accept is not None:
+            new = torch.where(accept[:, None], new, self.K[0])
+        self.K[0].copy_(new)
 
     # -- checkpointing (neuralode.checkpoint) ---------------------------------------------
     def carry(self) -> tuple[list[torch.Tensor], object]:

@@ -408,6 +408,7 @@ class RosenbrockStepper:
 class RosenbrockMethod(AdaptiveRK):
     """Rosenbrock method with error control and dense output. ``step_to_outputs``: see
     ``methods.STEP_TO_OUTPUTS_DOC``."""
+    tensor_clock = False  # per sample: sample by sample (Newton per sample)
 
     tableau: RosenbrockTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS,

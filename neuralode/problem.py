@@ -1,0 +1,434 @@
+"""A validated solve on the float clock: input checks where the input enters, the
+``Problem`` (flat state, right-hand side, method, options, error norm, statistics), and
+running it on the loop (``run``, ``solve_problem``, ``event_solve``).
+
+The front door (``neuralode.odeint``), the adjoint and the per-sample front all build on
+this module; it imports none of them. The checks are written once for one problem and for
+a per-sample batch (``batch=True``: a leading batch dimension B, times (T,) or (B, T)).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuralode.checkpoint import integrate_checkpointed
+from neuralode.errors import EventError, ODEInputError
+from neuralode.solution import DenseSolution, Solution
+from neuralode.solvers.base import RHS, PerSampleStats, SolverStats, StateLayout
+from neuralode.solvers.controllers import ErrorNorm
+from neuralode.solvers.loop import Callbacks, LoopResult, Stop, integrate
+from neuralode.solvers.methods import Method, controller_or_default, make_controller, times_inside
+from neuralode.solvers.registry import ALIASES, DEFAULT_METHOD, SOLVERS
+
+Tolerance = float | torch.Tensor | Sequence[float]
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+EVENT_MAX_STEPS = 10**6
+
+def check_func(func) -> None:
+    if not callable(func):
+        raise ODEInputError(f"func must be a callable func(t, y) returning dy/dt, got "
+                            f"{type(func).__name__}")
+
+
+def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
+    """The tensors of ``y0`` (a tensor or a tuple of them) and whether it is a tuple.
+    ``batch``: every tensor has a leading batch dimension, the same B >= 1 for all."""
+    is_tuple = isinstance(y0, (tuple, list))
+    items = list(y0) if is_tuple else [y0]
+    if is_tuple and not items:
+        raise ODEInputError("y0 is an empty tuple; give a tensor or a non-empty tuple of tensors")
+    for k, v in enumerate(items):
+        name = f"y0[{k}]" if is_tuple else "y0"
+        if not isinstance(v, torch.Tensor):
+            raise ODEInputError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        if v.is_complex():
+            raise ODEInputError(f"{name} is complex ({v.dtype}); neuralode solves real states: "
+                                f"use torch.view_as_real(y0) and the same view in func")
+        if not v.is_floating_point():
+            raise ODEInputError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
+                                f"float64), got {v.dtype}; e.g. use y0.float()")
+        if batch and (v.dim() < 1 or v.shape[0] == 0):
+            raise ODEInputError(f"per_sample=True: {name} must have a leading batch dimension "
+                                f"(B, ...) with B >= 1, got shape {tuple(v.shape)}")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            raise ODEInputError(f"{name} contains non-finite values (nan or inf)")
+    if is_tuple:
+        d0, dev0 = items[0].dtype, items[0].device
+        for k, v in enumerate(items):
+            if v.dtype != d0 or v.device != dev0 or (batch and v.shape[0] != items[0].shape[0]):
+                def shape(x):
+                    return f" with shape {tuple(x.shape)}" if batch else ""
+                raise ODEInputError(
+                    f"all tensors of a tuple y0 must share dtype and device"
+                    f"{' and batch size (per_sample=True)' if batch else ''}: y0[0] is "
+                    f"{d0} on {dev0}{shape(items[0])}, y0[{k}] is {v.dtype} on "
+                    f"{v.device}{shape(v)}")
+    return items, is_tuple
+
+
+def check_t(t, batch: int | None = None) -> torch.Tensor:
+    """``t`` as a tensor of times: 1-D, or per sample (``batch`` = B) (T,) or (B, T)."""
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ODEInputError(f"t must be a 1-D tensor of times, got {type(t).__name__}") from None
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ODEInputError(f"t must be real, got dtype {t.dtype}")
+    if batch is None and t.dim() != 1:
+        raise ODEInputError(f"t must be a 1-D tensor of times, got shape {tuple(t.shape)}")
+    if batch is not None and not (t.dim() == 1 or (t.dim() == 2 and t.shape[0] == batch)):
+        raise ODEInputError(f"per_sample=True: t must have shape (T,) (shared) or (B, T) = "
+                            f"({batch}, T) (one row per sample), got {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        raise ODEInputError("t is empty; give at least one time (t[0] is the time of y0)")
+    return t
+
+
+def check_time_rows(tt: torch.Tensor) -> None:
+    """Each row of the float64 (R, T) times finite and strictly monotonic."""
+    finite = torch.isfinite(tt)
+    if not bool(finite.all()):
+        raise ODEInputError(f"t contains non-finite values: {tt[~finite].tolist()[:5]}")
+    if tt.shape[1] > 1:
+        d = tt[:, 1:] - tt[:, :-1]
+        bad = (d * torch.sign(d[:, :1])) <= 0
+        if bool(bad.any()):
+            r, k = (int(v) for v in bad.nonzero()[0])
+            k += 1
+            row = f" (in row {r} of the per-sample times)" if tt.shape[0] > 1 else ""
+            raise ODEInputError(
+                f"t must be strictly increasing or strictly decreasing{row}; t[{k - 1}]="
+                f"{tt[r, k - 1].item()!r} and t[{k}]={tt[r, k].item()!r} break the order set "
+                f"by t[0], t[1]")
+
+
+def times_of(t: torch.Tensor) -> list[float]:
+    """The checked times of a 1-D ``t`` as float64 Python floats."""
+    tt = t.detach().to(torch.float64)
+    check_time_rows(tt[None])
+    return tt.tolist()
+
+
+def batch_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
+    """(B, T) float64 checked times on ``device`` from per-sample t of shape (T,) or
+    (B, T)."""
+    tt = t.detach().to(device=device, dtype=torch.float64)
+    tt = tt[None].expand(B, -1) if tt.dim() == 1 else tt
+    check_time_rows(tt)
+    return tt.contiguous()
+
+
+def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
+    """A float, or a flat (n,) tensor for per-element tolerances: a tensor broadcastable to
+    the state (or, for a tuple state, one value or tensor per element)."""
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):  # the common case, fast
+        v = float(tol)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ODEInputError(f"{name} must be a non-negative finite number, got {tol!r}")
+        return v
+
+    def tensor_of(v, shape, where):
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                raise ODEInputError(f"{where} must not require grad")
+            v = v.detach()
+        try:
+            v = torch.as_tensor(v, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ODEInputError(f"{where} must be a non-negative finite number, got {v!r} "
+                                f"(tolerances are numbers or tensors of them)") from None
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            shown = v.item() if v.numel() == 1 else v
+            raise ODEInputError(f"{where} must be a non-negative finite number, got {shown!r} "
+                                f"(tolerances are numbers or tensors of them)")
+        try:
+            return torch.broadcast_to(v.cpu(), shape).reshape(-1)
+        except RuntimeError:
+            raise ODEInputError(f"{where} of shape {tuple(v.shape)} does not broadcast to the "
+                                f"state's shape {tuple(shape)}") from None
+
+    if isinstance(tol, (tuple, list)) and layout.is_tuple:
+        if len(tol) != len(layout.shapes):
+            raise ODEInputError(f"{name} given as a sequence of {len(tol)} values; a tuple state "
+                                f"needs one per element ({len(layout.shapes)} here)")
+        flat = torch.cat([tensor_of(v, s, f"{name}[{k}]")
+                          for k, (v, s) in enumerate(zip(tol, layout.shapes))])
+    elif layout.is_tuple:
+        v = tensor_of(tol, (), name)
+        flat = v.expand(layout.n) if v.numel() == 1 else None
+        if flat is None:
+            raise ODEInputError(f"{name} for a tuple state must be a number or a sequence with "
+                                f"one value (or tensor) per element")
+    else:
+        flat = tensor_of(tol, layout.shapes[0], name)
+    if flat.numel() == 0:
+        return 0.0
+    first = flat[0].item()
+    if bool((flat == first).all()):
+        return first
+    return flat.to(dtype=dtype, device=device)
+
+
+def resolve_method(method, options) -> tuple[str, dict]:
+    if options is not None and not isinstance(options, dict):
+        raise ODEInputError(f"options must be a dict, got {type(options).__name__}")
+    if method is None:
+        if options:
+            raise ODEInputError(
+                f"options {sorted(options)} were given without a method; options are specific to "
+                f"a method, so name it (e.g. method='dopri5' or method='rk4')")
+        method = DEFAULT_METHOD
+    if not isinstance(method, str):
+        raise ODEInputError(f"method must be a string, got {type(method).__name__}")
+    name = ALIASES.get(method, method)
+    if name not in SOLVERS:
+        raise ODEInputError(f"unknown method {method!r}; valid methods are: "
+                            f"{sorted(SOLVERS) + sorted(ALIASES)}")
+    return name, dict(options or {})
+
+
+def method_options(name: str, given: dict) -> dict:
+    """The method's options with defaults filled in and values checked. Options the method
+    does not use are ignored with a warning that names them and the valid ones (as
+    torchdiffeq does)."""
+    cls = SOLVERS[name]
+    unknown = sorted(set(given) - set(cls.OPTIONS))
+    if unknown:
+        warnings.warn(f"method {name!r} does not use the option(s) {unknown}; they are ignored. "
+                      f"Its options are: {sorted(cls.OPTIONS)}", stacklevel=3)
+    opts = dict(cls.OPTIONS)
+    opts.update({k: v for k, v in given.items() if k in cls.OPTIONS})
+    mns = opts["max_num_steps"]
+    if not isinstance(mns, int) or isinstance(mns, bool) or mns < 1:
+        raise ODEInputError(f"option 'max_num_steps' of {name!r} must be a positive int, got "
+                            f"{mns!r}")
+    cls.check(opts)
+    return opts
+
+
+def _eps(dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def check_resolvable(name, rtol, atol, y0_flat, dtype) -> None:
+    """Tolerances the dtype cannot resolve would make the step size crawl or fail: refuse
+    them with the limit (rtol >= eps/100 of the dtype the solver accumulates in: rtol=1e-9
+    passes in float32, 1e-12 does not)."""
+    eps = _eps(dtype)
+    r = rtol if isinstance(rtol, float) else float(rtol.min())
+    a = atol if isinstance(atol, float) else float(atol.min())
+    if r == 0 and a == 0:
+        raise ODEInputError(f"{name}: rtol and atol are both zero; no error is small enough. "
+                            f"Give rtol > 0 and/or atol > 0")
+    if 0 < r < eps / 100:
+        raise ODEInputError(
+            f"{name}: rtol={r:g} is below what {str(dtype).replace('torch.', '')} resolves "
+            f"(machine epsilon {eps:.3g}); use rtol >= {eps / 100:.3g}, or a float64 state")
+    if r == 0:
+        ymax = float(y0_flat.detach().abs().max()) if y0_flat.numel() else 0.0
+        if a < eps / 100 * ymax:
+            raise ODEInputError(
+                f"{name}: with rtol=0, atol={a:g} is below what "
+                f"{str(dtype).replace('torch.', '')} resolves for |y0| up to {ymax:g}; use a "
+                f"larger atol, rtol > 0, or a float64 state")
+
+
+def find_callbacks(func, method_cls: type[Method], names=CALLBACK_NAMES) -> Callbacks | None:
+    """torchdiffeq's callbacks found on ``func``; a warning for those the method cannot
+    honour (fixed-grid methods have no accept/reject)."""
+    found = {n: getattr(func, n) for n in names if callable(getattr(func, n, None))}
+    if not found:
+        return None
+    base = [n.replace("_adjoint", "") for n in found]
+    if not method_cls.adaptive:
+        bad = sorted(n for n, b in zip(found, base) if b != "callback_step")
+        if bad:
+            warnings.warn(f"method {method_cls.name!r} is a fixed-grid method and does not "
+                          f"support the callbacks {bad} (it has no step rejection); only "
+                          f"callback_step is called", stacklevel=4)
+    cb = dict(zip(base, found.values()))
+    accept = cb.get("callback_accept_step") if method_cls.adaptive else None
+    reject = cb.get("callback_reject_step") if method_cls.adaptive else None
+    return Callbacks(step=cb.get("callback_step"), accept=accept, reject=reject)
+
+
+@dataclass
+class Problem:
+    """A validated solve: everything the loop needs except the output times."""
+
+    func: Callable
+    y0_user: Any
+    items: list[torch.Tensor]
+    layout: StateLayout
+    rhs: RHS
+    y0_flat: torch.Tensor
+    method: type[Method]
+    name: str
+    opts: dict
+    norm: ErrorNorm
+    stats: SolverStats
+
+
+def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = False,
+            time_arg: str = "batch") -> Problem:
+    """Validate everything that does not depend on the output times. ``batch``: y0 is a
+    per-sample batch (B, ...): the layout, tolerances and error norm are a sample's, the flat
+    state is (B, n) and the right-hand side is called on the batch (``time_arg``: see
+    ``RHS``)."""
+    check_func(func)
+    items, is_tuple = check_y0(y0, batch)
+    name, given = resolve_method(method, options)
+    opts = method_options(name, given)
+    cls = SOLVERS[name]
+    dtype, device = items[0].dtype, items[0].device
+    B = items[0].shape[0] if batch else None
+    layout = StateLayout([v.shape[1:] if batch else v.shape for v in items], is_tuple)
+    if stats is None:
+        stats = PerSampleStats(method=name) if batch else SolverStats(method=name)
+    stats.method = name
+    rhs = RHS(func, layout, dtype, device, stats, batch=batch, time_arg=time_arg)
+    ctrl = controller_or_default(opts) if cls.adaptive else None
+    rtol = ctrl.rtol if ctrl is not None and ctrl.rtol is not None else rtol
+    atol = ctrl.atol if ctrl is not None and ctrl.atol is not None else atol
+    rtol_v = tolerance_value("rtol", rtol, layout, rhs.dtype, device)
+    atol_v = tolerance_value("atol", atol, layout, rhs.dtype, device)
+    y0_flat = layout.flatten(tuple(items) if is_tuple else items[0], B)
+    if y0_flat.dtype != rhs.dtype:
+        y0_flat = y0_flat.to(rhs.dtype)
+    if cls.adaptive:
+        check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
+    norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
+    return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats)
+
+
+def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
+        open_end=False, event_fn=None, stops=(), callbacks: Callbacks | None = None,
+        record=False, throw=True, grid=None, checkpoint=None) -> LoopResult:
+    """Run the loop for a prepared problem (``checkpoint``: a ``gradients.Checkpoint``, to
+    differentiate by checkpointing instead of through the recorded graph)."""
+    o = p.opts
+    cls = p.method
+    stepper = cls.make_stepper(o, p.norm)
+    direction = 1.0 if len(ts) < 2 or ts[-1] > ts[0] else -1.0
+    stops = list(stops)
+    if cls.adaptive:
+        end = direction * math.inf if open_end else ts[-1]
+        stops += [Stop(v) for v in times_inside(cls.name, "step_t", o["step_t"], ts[0], end,
+                                                direction)]
+        jumps = times_inside(cls.name, "jump_t", o["jump_t"], ts[0], end, direction)
+        stops += [Stop(v, "jump") for v in jumps]  # the loop merges stops at equal times
+        if o.get("step_to_outputs") and not open_end:
+            # implicit methods on stiff problems: outputs at step ends, not interpolated
+            stops += [Stop(v) for v in ts[1:-1]]
+    controller = make_controller(cls, o, p.norm, ts, p.func, p.y0_user, open_end, grid,
+                                 [s.time for s in stops]) if len(ts) > 1 else None
+    y_start = p.y0_flat if y0_flat is None else y0_flat
+    if checkpoint is not None and torch.is_grad_enabled():
+        res = integrate_checkpointed(
+            checkpoint, p.rhs, y_start, ts, lambda: cls.make_stepper(o, p.norm), controller,
+            func=p.func, perturb=bool(o.get("perturb", False)), record=record,
+            loop_kwargs={"stops": stops, "open_end": open_end, "event_fn": event_fn,
+                         "callbacks": callbacks, "max_num_steps": o["max_num_steps"],
+                         "throw": throw, "name": p.name})
+    else:
+        res = integrate(p.rhs, y_start, ts, stepper, controller, stops=stops,
+                        open_end=open_end, event_fn=event_fn, callbacks=callbacks,
+                        perturb=bool(o.get("perturb", False)),
+                        max_num_steps=o["max_num_steps"], record=record, throw=throw,
+                        name=p.name)
+    p.stats.status = res.status
+    p.stats.message = res.message
+    p.stats.t_final = res.t_final
+    p.stats.h_next = res.h_next
+    return res
+
+
+def start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
+    """(y0 plus a zero-valued term that carries d y(t_i)/d t_0 = -Phi f(t_0, y_0), the
+    zero-valued time offsets t - t.detach() in the state's dtype)."""
+    t_state = t.to(p.rhs.dtype)
+    dt = t_state - t_state.detach()
+    with torch.no_grad():
+        f_start = p.rhs.call(ts[0], p.y0_flat.detach())
+    return p.y0_flat - dt[0] * f_start, dt
+
+
+def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = None,
+                  dense: bool = False, throw: bool = True, checkpoint=None,
+                  callbacks: Callbacks | None = None) -> Solution:
+    """Solve a prepared problem at the output times ``t`` (checked) and return the
+    ``Solution``; differentiable by backprop, or with ``checkpoint`` (a
+    ``gradients.Checkpoint``) by checkpointing. See ``neuralode.solve``."""
+    ts = times_of(t)
+    if event_fn is not None and not callable(event_fn):
+        raise ODEInputError(f"event_fn must be a callable event_fn(t, y), got "
+                            f"{type(event_fn).__name__}")
+    func = p.func
+    t_grad = t.requires_grad and torch.is_grad_enabled()
+    y0_flat = p.y0_flat
+    y0_solve, dt = start_carrying_t0(p, t, ts) if t_grad else (y0_flat, None)
+    res = run(p, ts, y0_solve, event_fn=event_fn,
+              callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
+              record=dense, throw=throw, checkpoint=checkpoint)
+    outs = res.outs
+    outs[0] = y0_flat
+    ys = torch.stack(outs)
+    if t_grad and len(outs) > 1:
+        with torch.no_grad():
+            f_out = torch.stack([p.rhs.call(ts[i], outs[i].detach()) for i in range(1, len(outs))])
+        ys = torch.cat([ys[:1], ys[1:] + dt[1:len(outs), None] * f_out])
+    ys = to_user_dtype(ys, p)
+    dense_sol = None
+    if dense:
+        dense_sol = DenseSolution(res.segments, p.layout, ts[0], res.t_final, p.rhs.user_dtype)
+    event_t = event_y = None
+    if res.event_t is not None:
+        event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)
+        event_y = to_user_dtype(res.event_y, p)
+    return Solution(ys=p.layout.unflatten(ys), ts=t, stats=p.stats, status=res.status,
+                    message=res.message, event_t=event_t, event_y=event_y,
+                    t_final=res.t_final, y_final=p.layout.unflatten(to_user_dtype(res.y_final, p)),
+                    dense=dense_sol)
+
+
+def to_user_dtype(y: torch.Tensor, p: Problem) -> torch.Tensor:
+    return y if y.dtype == p.rhs.user_dtype else y.to(p.rhs.user_dtype)
+
+
+def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks=None,
+                stats=None, checkpoint=None):
+    """torchdiffeq's event mode; returns (event_t, solution of y0 and y(event_t), stats)."""
+    if not callable(event_fn):
+        raise ODEInputError(f"event_fn must be a callable event_fn(t, y), got "
+                            f"{type(event_fn).__name__}")
+    opts = dict(options or {})
+    p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=opts, stats=stats)
+    if "max_num_steps" not in opts:
+        p.opts["max_num_steps"] = EVENT_MAX_STEPS
+    t = check_t(t)
+    ts = times_of(t)
+    if len(ts) < 2:
+        raise ODEInputError("event mode needs t with at least two times: t[0] is the start, "
+                            "t[1] gives the direction of integration")
+    y0_solve = p.y0_flat
+    if t.requires_grad and torch.is_grad_enabled():
+        y0_solve, _ = start_carrying_t0(p, t, ts)  # y(t*) at a fixed t* moves with t0
+    res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
+              callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
+              throw=False, checkpoint=checkpoint)
+    if res.status != "event":
+        raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
+                         f"stopped at t={res.t_final:.10g} without an event ({res.message})")
+    ys = torch.stack([p.y0_flat, res.event_y])
+    ys = p.layout.unflatten(to_user_dtype(ys, p))
+    event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)
+    return event_t, ys, p.stats
+
+
