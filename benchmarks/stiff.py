@@ -23,7 +23,7 @@ non-stiff problems.
     (t in [0, 20]) at rtol = atol = 1e-8, 1e-10; "dopri5 NFE at adams' error": dopri5 run at
     rtol 10^-5 ... 10^-13 and its NFE interpolated (log-log) at adams' error.
 
-Methods that are not registered in ``neuralode.solvers.methods.SOLVERS`` are skipped with a
+Methods that are not registered in ``neuralode.solvers.registry.SOLVERS`` are skipped with a
 note. The tables go to stdout as Markdown.
 
     python benchmarks/stiff.py [METHOD ...] [--quick] [--repeats 3] [--problems ...]

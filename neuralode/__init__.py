@@ -8,7 +8,6 @@
 ``Adjoint(...)``) chooses how a solve is differentiated.
 """
 
-from neuralode.adjoint import AdjointStats
 from neuralode.errors import (
     ConvergenceError,
     EventError,
@@ -20,7 +19,7 @@ from neuralode.errors import (
     StepSizeError,
 )
 from neuralode.events import odeint_event
-from neuralode.gradients import Adjoint, Backprop, Checkpoint
+from neuralode.gradients import Adjoint, AdjointStats, Backprop, Checkpoint
 from neuralode.odeint import odeint, odeint_adjoint, odeint_dense, solve
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers import SOLVERS, GustafssonController, PIDController, SolverStats

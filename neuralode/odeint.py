@@ -2,10 +2,10 @@
 (returns a ``Solution`` with statistics, status, event and dense output) and
 ``odeint_dense``.
 
-It chooses how a solve is run and differentiated: one problem on the float clock
-(``neuralode.problem``; ``gradient`` backprop or checkpoint there, the adjoint in
-``neuralode.adjoint``), or a per-sample batch (``neuralode.per_sample``, every method and
-gradient). Input is validated where it enters (``neuralode.problem``).
+The ``gradient`` strategy (``neuralode.gradients``) owns how a solve is run and
+differentiated: one problem on the float clock (``neuralode.problem``), or a per-sample
+batch (``neuralode.per_sample``, every method and gradient). Input is validated where it
+enters (``neuralode.problem``).
 
 Gradients: with respect to ``y0`` and to parameters used by ``func`` they come from autograd
 through the solver's operations (the paper's "RK-Net"). With respect to the times ``t`` they
@@ -17,15 +17,13 @@ is only done when ``t.requires_grad``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
-from neuralode import adjoint
-from neuralode import per_sample as per_sample_module
 from neuralode.errors import ODEInputError
-from neuralode.gradients import Adjoint, Checkpoint, Gradient, gradient_strategy
-from neuralode.problem import Tolerance, check_t, event_solve, prepare, solve_problem
+from neuralode.gradients import Gradient, gradient_strategy, odeint_adjoint
+from neuralode.problem import Tolerance
 from neuralode.solution import DenseSolution, ODESolution, Solution
 
 __all__ = ["ODESolution", "Solution", "odeint", "odeint_adjoint", "odeint_dense", "solve"]
@@ -56,34 +54,9 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         output times t of shape (T,) or (B, T), statistics and status) and return a
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
-    g = gradient_strategy(gradient)
-    if per_sample:
-        return per_sample_module.solve_per_sample(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, throw=throw,
-            event_fn=event_fn, dense=dense, gradient=g)
-    if isinstance(g, Adjoint):
-        return _solve_adjoint(func, y0, t, g, rtol=rtol, atol=atol, method=method,
-                              options=options, event_fn=event_fn, dense=dense, throw=throw)
-    p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=options)
-    return solve_problem(p, check_t(t), event_fn=event_fn, dense=dense, throw=throw,
-                         checkpoint=g if isinstance(g, Checkpoint) else None)
-
-
-def _solve_adjoint(func, y0, t, g: Adjoint, *, rtol, atol, method, options, event_fn, dense,
-                   throw) -> Solution:
-    """``solve`` with the adjoint's gradient: the outputs of ``odeint_adjoint`` as a
-    ``Solution``."""
-    if event_fn is not None or dense or not throw:
-        raise ODEInputError("solve(..., gradient='adjoint') supports neither event_fn, dense=True "
-                            "nor throw=False; use odeint(..., event_fn=..., gradient='adjoint') "
-                            "for events, or gradient='checkpoint' (exact gradients in little "
-                            "memory)")
-    t = check_t(t)
-    ys, stats = adjoint.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                       options=options, return_stats=True, **g.kwargs())
-    last = tuple(y[-1] for y in ys) if isinstance(ys, tuple) else ys[-1]
-    return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
-                    t_final=stats.t_final, y_final=last)
+    return gradient_strategy(gradient).solve(
+        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+        dense=dense, throw=throw, per_sample=per_sample)
 
 
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
@@ -130,52 +103,17 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         ``return_stats``.
     """
     g = gradient_strategy(gradient)
-    if isinstance(g, Adjoint):
-        return odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                              options=options, event_fn=event_fn, return_stats=return_stats,
-                              per_sample=per_sample, **g.kwargs())
-    if per_sample:
-        if event_fn is not None:
+    if event_fn is not None:
+        if per_sample:
             raise ODEInputError("odeint(..., per_sample=True) has no event mode; use "
                                 "solve(..., per_sample=True, event_fn=...) (an event per "
                                 "sample)")
-        return per_sample_module.odeint_per_sample(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-            return_stats=return_stats, gradient=g)
-    if event_fn is not None:
-        event_t, sol, stats = event_solve(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                          options=options, event_fn=event_fn,
-                                          checkpoint=g if isinstance(g, Checkpoint) else None)
+        event_t, sol, stats = g.event(func, y0, t, rtol=rtol, atol=atol, method=method,
+                                      options=options, event_fn=event_fn)
         return ((event_t, sol), stats) if return_stats else (event_t, sol)
-    sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, gradient=g)
+    sol = g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                  per_sample=per_sample)
     return (sol.ys, sol.stats) if return_stats else sol.ys
-
-
-def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
-                   method: str | None = None, options: dict | None = None,
-                   event_fn: Callable | None = None,
-                   adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
-                   adjoint_method: str | None = None, adjoint_options: dict | None = None,
-                   adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False, interpolated: bool = False,
-                   per_sample: bool = False):
-    """``odeint`` differentiated by the adjoint method (``neuralode.adjoint.odeint_adjoint``,
-    whose arguments these are); drop-in compatible with ``torchdiffeq.odeint_adjoint``.
-    per_sample: y0 is a batch (B, ...) of independent problems (see ``odeint``): the
-    backward solve is per sample too, the parameter gradient is summed over samples
-    (``neuralode.per_sample.odeint_adjoint_per_sample``)."""
-    kw = {"adjoint_rtol": adjoint_rtol, "adjoint_atol": adjoint_atol,
-          "adjoint_method": adjoint_method, "adjoint_options": adjoint_options,
-          "adjoint_params": adjoint_params, "return_stats": return_stats,
-          "interpolated": interpolated}
-    if not per_sample:
-        return adjoint.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                      options=options, event_fn=event_fn, **kw)
-    if event_fn is not None:
-        raise ODEInputError("event_fn is not supported with odeint_adjoint(..., "
-                            "per_sample=True); use solve(..., per_sample=True, event_fn=...)")
-    return per_sample_module.odeint_adjoint_per_sample(func, y0, t, rtol=rtol, atol=atol,
-                                                       method=method, options=options, **kw)
 
 
 def odeint_dense(func: Callable, y0, t0, t1, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,

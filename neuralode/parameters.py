@@ -47,6 +47,22 @@ def graph_leaves(evaluate: Callable[[], object]) -> tuple[torch.Tensor, ...]:
     return unique(found)
 
 
+def as_tensors(value, what: str) -> tuple[torch.Tensor, ...]:
+    """``value`` (a tensor, or an iterable of tensors) as a tuple of tensors, or a clear
+    error naming ``what``."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ODEInputError(f"{what} must be an iterable of tensors, got "
+                            f"{type(value).__name__}") from None
+    for k, v in enumerate(items):
+        if not isinstance(v, torch.Tensor):
+            raise ODEInputError(f"{what}[{k}] must be a tensor, got {type(v).__name__}")
+    return items
+
+
 def find_params(func, given=None, *, probe: Callable[[], object] | None = None,
                 who: str = "odeint_adjoint", arg: str = "adjoint_params"
                 ) -> tuple[torch.Tensor, ...]:
@@ -55,16 +71,7 @@ def find_params(func, given=None, *, probe: Callable[[], object] | None = None,
     (``probe``); without a probe a plain callable is an error naming ``arg``. Only those
     that require grad, each once."""
     if given is not None:
-        if isinstance(given, torch.Tensor):
-            given = (given,)
-        try:
-            params = tuple(given)
-        except TypeError:
-            raise ODEInputError(f"{arg} must be an iterable of tensors, got "
-                                f"{type(given).__name__}") from None
-        for k, p in enumerate(params):
-            if not isinstance(p, torch.Tensor):
-                raise ODEInputError(f"{arg}[{k}] must be a tensor, got {type(p).__name__}")
+        params = as_tensors(given, arg)
     elif isinstance(func, nn.Module):
         params = tuple(func.parameters())
     elif probe is not None:
@@ -77,4 +84,4 @@ def find_params(func, given=None, *, probe: Callable[[], object] | None = None,
     return unique(p for p in params if p.requires_grad)
 
 
-__all__ = ["find_params", "graph_leaves", "unique"]
+__all__ = ["as_tensors", "find_params", "graph_leaves", "unique"]

@@ -54,35 +54,27 @@ from typing import Any
 
 import torch
 
-from neuralode.adjoint import adjoint_derivatives, odeint_adjoint
 from neuralode.errors import ODEFuncError, ODEInputError
-from neuralode.gradients import Adjoint, Backprop, Checkpoint, Gradient
-from neuralode.parameters import find_params
 from neuralode.problem import (
     CALLBACK_NAMES,
     Problem,
     batch_times,
     check_t,
     check_y0,
-    find_callbacks,
     prepare,
-    resolve_method,
-    solve_problem,
 )
 from neuralode.solvers.base import PerSampleStats, StateLayout
 from neuralode.solvers.batched import BatchedDense, BatchedResult, integrate_batched
 from neuralode.solvers.controllers import ErrorNorm, PerSampleGrid
-from neuralode.solvers.loop import Callbacks
 from neuralode.solvers.methods import controller_or_default
-from neuralode.solvers.registry import SOLVERS
 from neuralode.solvers.status import CODE, ERRORS, NAMES
 
 PER_SAMPLE_OPTIONS = {"time_arg": "batch", "shrink": None, "compile": False}
 FLOAT_CLOCK_OPTIONS = {"step_t": None, "jump_t": None, "perturb": False,
                        "grid_constructor": None}
 
-__all__ = ["PerSampleSolution", "PerSampleStats", "odeint_adjoint_per_sample",
-           "odeint_per_sample", "solve_per_sample"]
+__all__ = ["PER_SAMPLE_OPTIONS", "PerSampleSolution", "PerSampleStats", "batched_parts",
+           "integrate_batched", "run_sample_by_sample", "setup", "solve_per_sample"]
 
 
 @dataclass
@@ -131,6 +123,7 @@ class _Setup:
     """A validated per-sample solve: the problem on the batch, its times, and the driver."""
 
     p: Problem
+    t: torch.Tensor  # the times as checked ((T,) or (B, T))
     ts: torch.Tensor  # (B, T) float64
     B: int
     driver: str
@@ -158,21 +151,22 @@ def _split_options(options) -> tuple[dict, dict]:
     return options, ps
 
 
-def _driver(p: Problem, func, t, gradient: Gradient) -> str:
+def _driver(p: Problem, func, t, tensor_clock: bool) -> str:
     """"batched" where the tensor clock serves everything asked, else "sample_by_sample"."""
     o = p.opts
     float_clock = any(k in o and o[k] is not None and o[k] is not False
                       for k in FLOAT_CLOCK_OPTIONS)
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-    callbacks = any(callable(getattr(func, n, None)) for n in CALLBACK_NAMES)
-    if (not p.method.tensor_clock or float_clock or t_grad or callbacks
-            or isinstance(gradient, Checkpoint)
-            or (isinstance(gradient, Adjoint) and gradient.interpolated)):
+    callbacks = any(callable(getattr(func, n + end, None)) for n in CALLBACK_NAMES
+                    for end in ("", "_adjoint"))
+    if not (tensor_clock and p.method.tensor_clock) or float_clock or t_grad or callbacks:
         return "sample_by_sample"
     return "batched"
 
 
-def setup(func, y0, t, *, rtol, atol, method, options, gradient: Gradient) -> _Setup:
+def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _Setup:
+    """Validate a per-sample solve and choose its driver (``tensor_clock``: the gradient
+    strategy can run on the batched driver)."""
     opts, ps = _split_options(options)
     items, _ = check_y0(y0, batch=True)
     B = items[0].shape[0]
@@ -180,16 +174,16 @@ def setup(func, y0, t, *, rtol, atol, method, options, gradient: Gradient) -> _S
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=opts, batch=True,
                 time_arg=ps["time_arg"])
     ts = batch_times(t, B, items[0].device)
-    driver = _driver(p, func, t, gradient)
+    driver = _driver(p, func, t, tensor_clock)
     compile_step = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
     if driver != "batched" and (ps["shrink"] is not None or compile_step):
         raise ODEInputError(
             f"per_sample=True: the options 'shrink' and 'compile' need the batched driver "
-            f"(explicit Runge–Kutta methods with backprop or the adjoint, no step_t/jump_t/"
-            f"perturb/grid_constructor, callbacks or gradients in t); {p.name!r} here is "
-            f"solved sample by sample")
+            f"(explicit Runge–Kutta methods with gradient 'backprop' or 'adjoint', no step_t/"
+            f"jump_t/perturb/grid_constructor, callbacks or gradients in t); this {p.name!r} "
+            f"solve runs sample by sample")
     p.stats.driver = driver
-    return _Setup(p, ts, B, driver, ps["shrink"], compile_step)
+    return _Setup(p, t, ts, B, driver, ps["shrink"], compile_step)
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,7 +191,7 @@ def setup(func, y0, t, *, rtol, atol, method, options, gradient: Gradient) -> _S
 # ------------------------------------------------------------------------------------------
 
 
-def _batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
+def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
     """The stepper and controller of a batched solve (``norm``: another error norm, the
     adjoint's)."""
     o = p.opts
@@ -226,7 +220,7 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                             "options 'shrink' and 'compile'")
     if dense and s.shrink is not None:
         raise ODEInputError("per_sample=True dense output cannot be combined with 'shrink'")
-    stepper, controller = _batched_parts(p, s.ts)
+    stepper, controller = batched_parts(p, s.ts)
     record = [] if dense else None
     res, msgs = integrate_batched(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
@@ -283,21 +277,13 @@ class _Sample:
             return torch.as_tensor(event_fn(*self._args(t, y))).reshape(-1)
         return one
 
-    def callbacks(self) -> Callbacks | None:
-        cbs = find_callbacks(self.func, _FIXED_GRID_FREE)
-        if cbs is None:
-            return None
-
-        def wrap(cb):
-            if cb is None:
-                return None
+    def __getattr__(self, name: str):
+        """torchdiffeq's callbacks of the batch's ``func`` (and their ``_adjoint``
+        variants), called with the sample as a batch of one."""
+        if name.startswith("callback_") and callable(getattr(self.func, name, None)):
+            cb = getattr(self.func, name)
             return lambda t0, y0, dt: cb(*self._args(t0, y0), dt.reshape(1))
-        return Callbacks(wrap(cbs.step), wrap(cbs.accept), wrap(cbs.reject))
-
-
-class _FIXED_GRID_FREE:  # find_callbacks' view of a method: all three callbacks kept
-    adaptive = True
-    name = ""
+        raise AttributeError(name)
 
 
 class _SampleDense:
@@ -326,26 +312,16 @@ class _SampleDense:
         return torch.stack(cols, 1)  # (m, B, n)
 
 
-def _run_sample_by_sample(s: _Setup, func, y0, t, *, rtol, atol, method, options,
-                          gradient: Gradient, throw: bool, event_fn, dense: bool):
-    """Each sample alone on the float clock, through the one-problem solver; gradients of
-    every strategy flow through the stacked outputs."""
+def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_fn=None,
+                         dense: bool = False, throw: bool = True):
+    """Each sample alone on the float clock: ``solve_one(func_b, y0_b, t_b, event_fn_b)``
+    returns the sample's ``Solution`` (a gradient strategy's one-problem
+    solve); gradients of every strategy flow through the stacked outputs."""
     p, B = s.p, s.B
     layout = p.layout
-    opts, _ = _split_options(options)
     items, is_tuple = check_y0(y0, batch=True)
     sample = _Sample(func, layout, p.rhs.time_arg, p.rhs.dtype)
-    cbs = sample.callbacks()
     ev = sample.event(event_fn) if event_fn is not None else None
-    params = None
-    if isinstance(gradient, Adjoint):
-        params = find_params(func, gradient.params)
-    elif isinstance(gradient, Checkpoint) and gradient.params is None:
-        params = find_params(func, None, probe=lambda: func(
-            t[..., 0] if t.dim() == 1 else t[:, 0],
-            tuple(v.detach() for v in items) if is_tuple else items[0].detach()),
-            who="gradient='checkpoint'", arg="Checkpoint params")
-        gradient = Checkpoint(budget=gradient.budget, params=params)
     T = s.ts.shape[1]
     outs, status, t_fin, y_fin, n_acc, n_rej, reached, msgs, dense_sols = \
         [], [], [], [], [], [], [], [], []
@@ -353,37 +329,25 @@ def _run_sample_by_sample(s: _Setup, func, y0, t, *, rtol, atol, method, options
     st = p.stats
     for b in range(B):
         y0_b = tuple(v[b] for v in items) if is_tuple else items[0][b]
-        t_b = t if t.dim() == 1 else t[b]
-        if isinstance(gradient, Adjoint):
-            ys_b, sb = odeint_adjoint(sample, y0_b, t_b, rtol=rtol, atol=atol, method=method,
-                                      options=opts, return_stats=True,
-                                      **{**gradient.kwargs(), "adjoint_params": params})
-            status_b, msg_b, tf_b = sb.status, sb.message, sb.t_final
-            yf_b = tuple(v[-1] for v in ys_b) if is_tuple else ys_b[-1]
-        else:
-            pb = prepare(sample, y0_b, rtol=rtol, atol=atol, method=method, options=opts)
-            sol = solve_problem(pb, check_t(t_b), event_fn=ev, dense=dense, throw=throw,
-                                checkpoint=gradient if isinstance(gradient, Checkpoint)
-                                else None, callbacks=cbs)
-            ys_b, sb, status_b, msg_b = sol.ys, sol.stats, sol.status, sol.message
-            tf_b, yf_b = sol.t_final, sol.y_final
-            if sol.event_t is not None:
-                ev_t[b] = float(sol.event_t)
-            dense_sols.append(sol.dense)
-        flat = layout.flatten(ys_b, ys_b[0].shape[0] if is_tuple else ys_b.shape[0])
-        k = flat.shape[0]
-        if k < T:
-            flat = torch.cat([flat, flat.new_full((T - k, flat.shape[1]), math.nan)])
+        sol = solve_one(sample, y0_b, s.t if s.t.dim() == 1 else s.t[b], ev)
+        n_t = sol.ys[0].shape[0] if is_tuple else sol.ys.shape[0]
+        flat = layout.flatten(sol.ys, n_t)
+        if n_t < T:
+            flat = torch.cat([flat, flat.new_full((T - n_t, flat.shape[1]), math.nan)])
         outs.append(flat)
-        status.append(CODE[status_b])
-        msgs.append(f"sample {b}: {msg_b}" if msg_b else "")
-        t_fin.append(tf_b)
-        y_fin.append(layout.flatten(yf_b))
-        n_acc.append(sb.n_accepted)
-        n_rej.append(sb.n_rejected)
-        reached.append(k)
-        st.nfe += sb.nfe
-        st.batch_rows += sb.nfe
+        status.append(CODE[sol.status])
+        msgs.append(f"sample {b}: {sol.message}" if sol.message else "")
+        t_fin.append(sol.t_final)
+        y_fin.append(layout.flatten(sol.y_final))
+        n_acc.append(sol.stats.n_accepted)
+        n_rej.append(sol.stats.n_rejected)
+        reached.append(n_t)
+        if sol.event_t is not None:
+            ev_t[b] = float(sol.event_t)
+        dense_sols.append(sol.dense)
+        st.nfe += sol.stats.nfe
+        st.batch_rows += sol.stats.nfe
+        st.extra.setdefault("samples", []).append(sol.stats)
     dev = p.y0_flat.device
     res = BatchedResult(torch.stack(outs, 1), torch.tensor(status, device=dev),
                         torch.tensor(t_fin, dtype=torch.float64, device=dev), torch.stack(y_fin),
@@ -392,7 +356,16 @@ def _run_sample_by_sample(s: _Setup, func, y0, t, *, rtol, atol, method, options
     _fill_stats(st, res, msgs)
     if throw:  # the one-problem solver raised already; nothing failed silently
         assert not any(NAMES[c] in ERRORS for c in status)
-    return res.ys, res, (_SampleDense(dense_sols) if dense else None)
+    return _solution(s, t, res, _SampleDense(dense_sols) if dense else None)
+
+
+def _solution(s: _Setup, t, res: BatchedResult, dense_sol) -> PerSampleSolution:
+    p = s.p
+    return PerSampleSolution(ys=_to_user(p, res.ys), ts=t, stats=p.stats,
+                             status=list(p.stats.status), message=list(p.stats.message),
+                             t_final=res.t_final, y_final=_to_user(p, res.y_final),
+                             event_t=res.event_t, dense=dense_sol, layout=p.layout,
+                             user_dtype=p.rhs.user_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -400,230 +373,38 @@ def _run_sample_by_sample(s: _Setup, func, y0, t, *, rtol, atol, method, options
 # ------------------------------------------------------------------------------------------
 
 
-def solve_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
+def solve_per_sample(strategy, func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
                      options=None, throw: bool = True, event_fn: Callable | None = None,
-                     dense: bool = False, gradient: Gradient | None = None,
-                     sync_counter: list | None = None) -> PerSampleSolution:
-    """``solve(..., per_sample=True)``; see the module docstring. ``event_fn(t, y)`` (t (B,),
-    y (B, ...)) -> (B,) or (B, k): each sample stops at its own first sign change (status
-    "event", ``event_t`` (B,), NaN outputs after it); gradients treat the event time as
-    fixed. ``dense``: keep every step's interpolant; ``sol.evaluate(t)`` (t (m,) or (B, m))
-    gives (m, B, ...) states."""
-    gradient = gradient if gradient is not None else Backprop()
+                     dense: bool = False, sync_counter: list | None = None
+                     ) -> PerSampleSolution:
+    """``solve(..., per_sample=True)`` differentiated by ``strategy`` (a gradient strategy
+    that differentiates the loop: backprop or checkpoint); see the module docstring.
+    ``event_fn(t, y)`` (t (B,), y (B, ...)) -> (B,) or (B, k): each sample stops at its own
+    first sign change (status "event", ``event_t`` (B,), NaN outputs after it); gradients
+    treat the event time as fixed. ``dense``: keep every step's interpolant;
+    ``sol.evaluate(t)`` gives the states at t."""
     if event_fn is not None and not callable(event_fn):
         raise ODEInputError(f"event_fn must be callable, got {type(event_fn).__name__}")
     s = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-              gradient=gradient)
-    if isinstance(gradient, Adjoint) and (event_fn is not None or dense or not throw):
-        raise ODEInputError("solve(..., per_sample=True, gradient='adjoint') supports neither "
-                            "event_fn, dense=True nor throw=False; use gradient='backprop' or "
-                            "'checkpoint' for those")
-    if isinstance(gradient, Adjoint) and s.driver == "batched":
-        ys, stats = odeint_adjoint_per_sample(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-            return_stats=True, **gradient.kwargs())
-        last = tuple(v[-1] for v in ys) if s.p.layout.is_tuple else ys[-1]
-        return PerSampleSolution(ys=ys, ts=t, stats=stats, status=list(stats.status),
-                                 message=list(stats.message), t_final=stats.t_final,
-                                 y_final=last, layout=s.p.layout, user_dtype=s.p.rhs.user_dtype)
+              tensor_clock=strategy.tensor_clock)
     if s.driver == "batched":
-        ys, res, dense_sol = _run_batched(s, throw=throw, event_fn=event_fn, dense=dense,
-                                          sync_counter=sync_counter)
-    else:
-        ys, res, dense_sol = _run_sample_by_sample(
-            s, func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-            gradient=gradient, throw=throw, event_fn=event_fn, dense=dense)
-    p = s.p
-    return PerSampleSolution(ys=_to_user(p, ys), ts=t, stats=p.stats,
-                             status=list(p.stats.status), message=list(p.stats.message),
-                             t_final=res.t_final, y_final=_to_user(p, res.y_final),
-                             event_t=res.event_t, dense=dense_sol, layout=p.layout,
-                             user_dtype=p.rhs.user_dtype)
+        _, res, dense_sol = _run_batched(s, throw=throw, event_fn=event_fn, dense=dense,
+                                         sync_counter=sync_counter)
+        return _solution(s, t, res, dense_sol)
+    opts, _ = _split_options(options)
+    items, is_tuple = check_y0(y0, batch=True)
+    one = strategy.bind_params(func, lambda: func(
+        s.ts[:, 0].to(s.p.rhs.dtype),
+        tuple(v.detach() for v in items) if is_tuple else items[0].detach()))
+
+    def solve_one(f_b, y0_b, t_b, ev):
+        return one.solve(f_b, y0_b, t_b, rtol=rtol, atol=atol, method=method, options=opts,
+                         event_fn=ev, dense=dense, throw=throw)
+    return run_sample_by_sample(s, func, y0, t, solve_one, event_fn=event_fn, dense=dense,
+                                throw=throw)
 
 
 def _to_user(p: Problem, y: torch.Tensor):
     if y.dtype != p.rhs.user_dtype:
         y = y.to(p.rhs.user_dtype)
     return p.layout.unflatten(y)
-
-
-def odeint_per_sample(func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
-                      options=None, return_stats: bool = False,
-                      gradient: Gradient | None = None):
-    sol = solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                           gradient=gradient)
-    return (sol.ys, sol.stats) if return_stats else sol.ys
-
-
-# ------------------------------------------------------------------------------------------
-# the adjoint on the tensor clock: a per-sample backward solve, the parameter adjoint
-# summed over samples
-# ------------------------------------------------------------------------------------------
-
-
-class _AdjointRHS:
-    """The per-sample augmented system z = (y, a):  dy/dt = f(t, y),  da/dt = -a^T df/dy
-    (rows independent: one vector-Jacobian product of the batched f per call). The
-    backward driver's ``rhs``: ``call(t, z)``."""
-
-    def __init__(self, frhs, n: int, stats: PerSampleStats):
-        self.frhs, self.n, self.stats = frhs, n, stats
-        self.counting = True
-        self.batch = True
-
-    def call(self, t, z):
-        if self.counting:
-            self.stats.nfe += 1
-            self.stats.batch_rows += z.shape[0]
-        n = self.n
-        f, da, _ = adjoint_derivatives(lambda y: self.frhs.call(t, y), z[:, :n], z[:, n:], ())
-        return torch.cat([f, da], 1)
-
-
-class _ParamQuadrature:
-    """sum over samples of int a^T df/dtheta dt, by each accepted step's own RK weights
-    (the parameter adjoint is not part of the state: it enters no error norm, as the
-    seminorm of Kidger, Chen & Lyons 2021, and costs no memory per sample)."""
-
-    def __init__(self, frhs, n: int, params):
-        self.frhs, self.n, self.params = frhs, n, params
-        self.total = [torch.zeros_like(p) for p in params]
-
-    def __call__(self, t, z, h, accept, stepper) -> None:
-        if not self.params:
-            return
-        n = self.n
-        w_row = torch.where(accept, h, 0.0)
-        hc = h.to(z.dtype)[:, None]
-        for i, b in stepper.b_nz:
-            if i == 0:
-                zi = z
-            else:
-                comb = torch.mv(stepper.KT[i], stepper.a_rows[i]).view(z.shape)
-                zi = torch.addcmul(z, hc, comb)
-            ti = t + stepper.c[i] * h
-            cot = (b * w_row).to(z.dtype)[:, None] * zi[:, n:]
-            _, _, grads = adjoint_derivatives(lambda y, ti=ti: self.frhs.call(ti, y),
-                                              zi[:, :n], cot, self.params, need_y=False)
-            for acc, g in zip(self.total, grads):
-                if g is not None:
-                    acc.add_(g)
-
-
-class _PerSampleAdjoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg, n_state, *tensors):
-        items, params = tensors[:n_state], tensors[n_state:]
-        y0 = tuple(items) if cfg["is_tuple"] else items[0]
-        with torch.no_grad():
-            sol = solve_per_sample(cfg["func"], y0, cfg["t"], rtol=cfg["rtol"],
-                                   atol=cfg["atol"], method=cfg["method"],
-                                   options=cfg["options"])
-        cfg["stats"].__dict__.update(sol.stats.__dict__)
-        ys = sol.ys if cfg["is_tuple"] else (sol.ys,)
-        ctx.cfg, ctx.n_state = cfg, n_state
-        ctx.save_for_backward(*ys, *params)
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *grad_ys):
-        cfg, n_state = ctx.cfg, ctx.n_state
-        saved = ctx.saved_tensors
-        ys, params = saved[:n_state], saved[n_state:]
-        T, B = ys[0].shape[:2]
-        ys_flat = torch.cat([y.reshape(T, B, -1) for y in ys], 2)
-        g_flat = torch.cat([(g if g is not None else torch.zeros_like(y)).reshape(T, B, -1)
-                            for g, y in zip(grad_ys, ys)], 2)
-        s: _Setup = cfg["backward"]
-        p = s.p
-        dtype = p.rhs.dtype
-        ys_c, g_c = ys_flat.to(dtype), g_flat.to(dtype)
-        n = ys_c.shape[2]
-        ts = s.ts
-        quad = _ParamQuadrature(p.rhs, n, params)
-        a = g_c[T - 1].clone()
-        h = None
-        stats = PerSampleStats(method=p.name)
-        p.stats.nfe = 0
-        arhs = _AdjointRHS(p.rhs, n, stats)
-        n_acc = torch.zeros(B, dtype=torch.long, device=ys_c.device)
-        n_rej = torch.zeros_like(n_acc)
-        for i in range(T - 1, 0, -1):
-            seg = torch.stack([ts[:, i], ts[:, i - 1]], 1)
-            z0 = torch.cat([ys_c[i], a], 1)
-            stepper, ctrl = _batched_parts(p, seg, cfg["aug_norm"])
-            res, _ = integrate_batched(arhs, z0, seg, stepper, ctrl,
-                                       max_num_steps=p.opts["max_num_steps"], throw=True,
-                                       name=p.name + " (adjoint)", h0=h, on_step=quad)
-            a = res.y_final[:, n:] + g_c[i - 1]
-            h = res.h_next if p.method.adaptive else None
-            n_acc += res.n_accepted
-            n_rej += res.n_rejected
-        stats.n_accepted, stats.n_rejected = n_acc, n_rej
-        stats.extra["param_quadrature_nfe"] = p.stats.nfe - stats.nfe
-        cfg["stats"].extra["backward"] = stats
-        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype))
-        grads_y0 = grads_y0 if p.layout.is_tuple else (grads_y0,)
-        return (None, None, *grads_y0, *[g.to(q.dtype) for g, q in zip(quad.total, params)])
-
-
-def odeint_adjoint_per_sample(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None,
-                              adjoint_rtol=None, adjoint_atol=None, adjoint_method=None,
-                              adjoint_options=None, adjoint_params=None,
-                              return_stats: bool = False, interpolated: bool = False):
-    """``odeint_adjoint(..., per_sample=True)``. On the tensor clock: the forward solve of
-    ``solve_per_sample`` (no graph kept), and a backward solve per sample of (y, a) from
-    each sample's last output time to its first, through its own output times (where a
-    gains dL/dy(t_i) and y is reset to the stored output); the parameter gradient is the
-    sum over samples of int a^T df/dtheta dt, accumulated by each accepted backward step's
-    quadrature (it is not part of any error norm). Memory does not grow with the number of
-    steps. Where the sample-by-sample driver runs (see the module docstring, and
-    ``interpolated=True``), each sample is differentiated by ``odeint_adjoint`` alone."""
-    g = Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
-                options=adjoint_options, params=adjoint_params, interpolated=interpolated)
-    fwd = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, gradient=g)
-    items, is_tuple = check_y0(y0, batch=True)
-    params = find_params(func, adjoint_params)
-    adjoint_method = method if adjoint_method is None else adjoint_method
-    if adjoint_options is None:
-        adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}
-    b_name, _ = resolve_method(adjoint_method, {k: v for k, v in adjoint_options.items()
-                                                if k not in PER_SAMPLE_OPTIONS})
-    if fwd.driver != "batched" or not SOLVERS[b_name].tensor_clock:
-        if not (torch.is_grad_enabled() and (any(v.requires_grad for v in items) or params)):
-            sol = solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                   options=options)
-        else:
-            sol = solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                   options=options, gradient=g)
-        return (sol.ys, sol.stats) if return_stats else sol.ys
-    if adjoint_options.get("norm") is not None:
-        raise ODEInputError("adjoint_options['norm'] is not supported with per_sample=True "
-                            "(the backward error norm is the max of the RMS norms of y and "
-                            "its adjoint per sample)")
-    adjoint_options = {k: v for k, v in adjoint_options.items()
-                       if k not in ("shrink", "compile")}
-    a_rtol = rtol if adjoint_rtol is None else adjoint_rtol
-    a_atol = atol if adjoint_atol is None else adjoint_atol
-    # the backward problem, validated before the forward solve
-    bwd = setup(func, tuple(v.detach() for v in items) if is_tuple else items[0].detach(), t,
-                rtol=a_rtol, atol=a_atol, method=adjoint_method, options=adjoint_options,
-                gradient=Backprop())
-    n = bwd.p.layout.n
-    aug_layout = StateLayout([torch.Size([n]), torch.Size([n])], True)
-
-    def dup(v):
-        return v if not isinstance(v, torch.Tensor) else torch.cat([v, v])
-    aug_norm = ErrorNorm(aug_layout, dup(bwd.p.norm.rtol), dup(bwd.p.norm.atol), None)
-    stats = PerSampleStats(method=bwd.p.name)
-    cfg = {"func": func, "is_tuple": is_tuple, "t": t, "rtol": rtol, "atol": atol,
-           "method": method, "options": options, "stats": stats, "backward": bwd,
-           "aug_norm": aug_norm}
-    needs_grad = torch.is_grad_enabled() and (any(v.requires_grad for v in items) or params)
-    if not needs_grad:
-        sol = solve_per_sample(func, y0, t, rtol=rtol, atol=atol, method=method,
-                               options=options)
-        return (sol.ys, sol.stats) if return_stats else sol.ys
-    outs = _PerSampleAdjoint.apply(cfg, len(items), *items, *params)
-    ys = tuple(outs) if is_tuple else outs[0]
-    return (ys, stats) if return_stats else ys

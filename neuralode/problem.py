@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from neuralode.checkpoint import integrate_checkpointed
 from neuralode.errors import EventError, ODEInputError
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import RHS, PerSampleStats, SolverStats, StateLayout
@@ -308,14 +307,22 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats)
 
 
+def integrate_plain(p: Problem, y0_flat: torch.Tensor, ts: list[float], stepper, controller,
+                    **loop_kwargs) -> LoopResult:
+    """The float-clock loop on a prepared problem, differentiable by backprop (autograd
+    records the solver's operations). A gradient strategy may pass ``run`` another
+    integrator with this signature (checkpointing does)."""
+    return integrate(p.rhs, y0_flat, ts, stepper, controller, **loop_kwargs)
+
+
 def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
         open_end=False, event_fn=None, stops=(), callbacks: Callbacks | None = None,
-        record=False, throw=True, grid=None, checkpoint=None) -> LoopResult:
-    """Run the loop for a prepared problem (``checkpoint``: a ``gradients.Checkpoint``, to
-    differentiate by checkpointing instead of through the recorded graph)."""
+        record=False, throw=True, grid=None, integrator: Callable | None = None
+        ) -> LoopResult:
+    """Run the loop for a prepared problem (``integrator``: see ``integrate_plain``)."""
     o = p.opts
     cls = p.method
-    stepper = cls.make_stepper(o, p.norm)
+    stepper = cls.make_stepper(o, p.norm)  # before the controller: scipy_solver's share
     direction = 1.0 if len(ts) < 2 or ts[-1] > ts[0] else -1.0
     stops = list(stops)
     if cls.adaptive:
@@ -330,19 +337,10 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
     controller = make_controller(cls, o, p.norm, ts, p.func, p.y0_user, open_end, grid,
                                  [s.time for s in stops]) if len(ts) > 1 else None
     y_start = p.y0_flat if y0_flat is None else y0_flat
-    if checkpoint is not None and torch.is_grad_enabled():
-        res = integrate_checkpointed(
-            checkpoint, p.rhs, y_start, ts, lambda: cls.make_stepper(o, p.norm), controller,
-            func=p.func, perturb=bool(o.get("perturb", False)), record=record,
-            loop_kwargs={"stops": stops, "open_end": open_end, "event_fn": event_fn,
-                         "callbacks": callbacks, "max_num_steps": o["max_num_steps"],
-                         "throw": throw, "name": p.name})
-    else:
-        res = integrate(p.rhs, y_start, ts, stepper, controller, stops=stops,
-                        open_end=open_end, event_fn=event_fn, callbacks=callbacks,
-                        perturb=bool(o.get("perturb", False)),
-                        max_num_steps=o["max_num_steps"], record=record, throw=throw,
-                        name=p.name)
+    res = (integrator or integrate_plain)(
+        p, y_start, ts, stepper, controller, stops=stops, open_end=open_end, event_fn=event_fn,
+        callbacks=callbacks, perturb=bool(o.get("perturb", False)),
+        max_num_steps=o["max_num_steps"], record=record, throw=throw, name=p.name)
     p.stats.status = res.status
     p.stats.message = res.message
     p.stats.t_final = res.t_final
@@ -361,11 +359,11 @@ def start_carrying_t0(p: Problem, t: torch.Tensor, ts: list[float]):
 
 
 def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = None,
-                  dense: bool = False, throw: bool = True, checkpoint=None,
+                  dense: bool = False, throw: bool = True, integrator: Callable | None = None,
                   callbacks: Callbacks | None = None) -> Solution:
     """Solve a prepared problem at the output times ``t`` (checked) and return the
-    ``Solution``; differentiable by backprop, or with ``checkpoint`` (a
-    ``gradients.Checkpoint``) by checkpointing. See ``neuralode.solve``."""
+    ``Solution``; differentiable by backprop, or as ``integrator`` differentiates (see
+    ``integrate_plain``). See ``neuralode.solve``."""
     ts = times_of(t)
     if event_fn is not None and not callable(event_fn):
         raise ODEInputError(f"event_fn must be a callable event_fn(t, y), got "
@@ -376,7 +374,7 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
     y0_solve, dt = start_carrying_t0(p, t, ts) if t_grad else (y0_flat, None)
     res = run(p, ts, y0_solve, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
-              record=dense, throw=throw, checkpoint=checkpoint)
+              record=dense, throw=throw, integrator=integrator)
     outs = res.outs
     outs[0] = y0_flat
     ys = torch.stack(outs)
@@ -403,7 +401,7 @@ def to_user_dtype(y: torch.Tensor, p: Problem) -> torch.Tensor:
 
 
 def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks=None,
-                stats=None, checkpoint=None):
+                stats=None, integrator: Callable | None = None):
     """torchdiffeq's event mode; returns (event_t, solution of y0 and y(event_t), stats)."""
     if not callable(event_fn):
         raise ODEInputError(f"event_fn must be a callable event_fn(t, y), got "
@@ -422,7 +420,7 @@ def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks
         y0_solve, _ = start_carrying_t0(p, t, ts)  # y(t*) at a fixed t* moves with t0
     res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
-              throw=False, checkpoint=checkpoint)
+              throw=False, integrator=integrator)
     if res.status != "event":
         raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
                          f"stopped at t={res.t_final:.10g} without an event ({res.message})")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from neuralode import Adjoint, Checkpoint, odeint, odeint_adjoint, odeint_event, solve
-from neuralode.checkpoint import binomial_cost, binomial_split
+from neuralode.gradients.checkpoint import binomial_cost, binomial_split
 from neuralode.errors import ODEInputError
 from neuralode.solvers import SOLVERS
 

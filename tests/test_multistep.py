@@ -500,7 +500,7 @@ def test_backward_in_time(method):
 def test_bdf_adjoint_matches_finite_differences_on_robertson():
     """odeint_adjoint with bdf: the backward (stiff) system is solved by bdf with Newton on
     the (state, adjoint) head (the backward system's Jacobian from
-    ``neuralode.adjoint_jacobian``) and the parameter adjoint as a quadrature. (Measured
+    ``neuralode.gradients.adjoint_jacobian``) and the parameter adjoint as a quadrature. (Measured
     also with options={"jacobian": "matrix_free"}: passes, 20 s.)"""
     from neuralode import odeint_adjoint
 

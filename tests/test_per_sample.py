@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from neuralode import MaxStepsError, ODEInputError, odeint, odeint_adjoint, solve
+from neuralode import Backprop, MaxStepsError, ODEInputError, odeint, odeint_adjoint, solve
 
 B = 5
 MU = torch.tensor([0.5, 2.0, 4.0, 1.0, 8.0], dtype=torch.float64)
@@ -266,19 +266,19 @@ def test_adjoint_gradients_equal_solo_gradients(method, options, tol):
 
 
 def test_one_host_synchronisation_per_adaptive_step():
-    from neuralode.per_sample import solve_per_sample
     syncs = []
-    sol = solve_per_sample(vdp(MU), Y0, T, method="dopri5", sync_counter=syncs)
+    sol = Backprop().solve(vdp(MU), Y0, T, rtol=1e-7, atol=1e-9, method="dopri5",
+                          per_sample=True, sync_counter=syncs)
     # one per attempt of the slowest sample, plus the check that finds nothing running
     assert len(syncs) == int(sol.stats.n_steps.max()) + 1
 
 
 def test_fixed_grid_synchronises_only_before_the_loop():
-    from neuralode.per_sample import solve_per_sample
     counts = []
     for h in (0.1, 0.01):
         syncs = []
-        sol = solve_per_sample(vdp(MU[:2]), Y0[:2], T, method="rk4",
+        sol = Backprop().solve(vdp(MU[:2]), Y0[:2], T, rtol=1e-7, atol=1e-9, method="rk4",
+                               per_sample=True,
                                options={"step_size": h}, sync_counter=syncs)
         counts.append(len(syncs))
         assert int(sol.stats.n_accepted[0]) == round(4.0 / h)

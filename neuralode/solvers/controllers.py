@@ -74,7 +74,7 @@ class ErrorNorm:
         """The norm of ``factor * err / scale``: a float for (n,), (B,) float64 for (B, n)
         (``factor`` a float, or (B,) per row)."""
         ratio = err / scale
-        batch = ratio.dim() == 2
+        batch = ratio.ndim == 2
         if self.user_norm is not None:
             return self._user(ratio, factor, batch)
         if not self.mixed:
@@ -273,7 +273,9 @@ class StepBounds:
         whole step (a neural ODE solve is often 3-4 steps); the controller's safety factor
         (0.9^-5 ~ 1.7 for dopri5) leaves room for the 10% longer step's larger error."""
         t_try = t + h
-        return where(direction * (stop - t_try) <= self.STRETCH * abs(h), stop, t_try)
+        if type(t_try) is float:
+            return stop if direction * (stop - t_try) <= self.STRETCH * abs(h) else t_try
+        return torch.where(direction * (stop - t_try) <= self.STRETCH * abs(h), stop, t_try)
 
     def shrink(self, h, factor: float, direction):
         """The next attempt after a failed one (an implicit method's Newton solve did not
@@ -436,7 +438,7 @@ class PIDRun(StepBounds):
         norm = self.norm
         absy1 = (y1.detach() if y1.requires_grad else y1).abs()
         ratio = norm(err, norm.scale(torch.maximum(self.absy, absy1)), h)
-        finite = isfinite(ratio)
+        finite = math.isfinite(ratio) if type(ratio) is float else torch.isfinite(ratio)
         if norm.user_norm is not None and not every(finite) and \
                 bool(torch.isfinite(err).all()) and bool(torch.isfinite(y1).all()):
             raise ODEFuncError(f"the error norm (options['norm']) returned {ratio} for a "
@@ -444,18 +446,20 @@ class PIDRun(StepBounds):
                                f"non-negative number")
         # ratio == 0 asks for the largest growth: the factors are evaluated at ratio > 0
         # (their limit is clipped to ifactor either way)
-        r = maximum(ratio, 1e-300)
         if not isinstance(ratio, torch.Tensor):
             self.nonfinite = not finite
             if not finite:
                 return False, self.nonfinite_step(h, direction)
             accept = ratio <= 1.0 or self.at_min_step(h)
-            f = clip(self.growth(r, h), self.accept_floor, self.ifactor) if accept else \
-                self.rejected_factor(r)
-            self.remember(accept, ratio, h)
+            r = ratio if ratio > 1e-300 else 1e-300
             if accept:
+                f = clip(self.growth(r, h), self.accept_floor, self.ifactor)
                 self.absy = absy1
+            else:
+                f = self.rejected_factor(r)
+            self.remember(accept, ratio, h)
             return accept, self.clamp(h * f, direction)
+        r = ratio.clamp(min=1e-300)
         accept = finite & ((ratio <= 1.0) | self.at_min_step(h))
         if live is not None:
             accept = accept & live

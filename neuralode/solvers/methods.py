@@ -95,6 +95,18 @@ class Method:
     def describe(cls) -> str:
         return cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.name
 
+    @classmethod
+    def check(cls, o: dict) -> None:
+        """Validate the options ``o`` (defaults filled in); may add derived entries."""
+
+    @classmethod
+    def make_stepper(cls, o: dict, norm: ErrorNorm):
+        raise NotImplementedError(f"{cls.__name__} defines no stepper")
+
+    @classmethod
+    def grid(cls, o: dict, ts: list[float], func, y0_user, open_end: bool):
+        raise NotImplementedError(f"{cls.__name__} is not a fixed-grid method")
+
 
 class FixedGridMethod(Method):
     """Base of fixed-grid methods: the grid from ``step_size`` or ``grid_constructor``."""

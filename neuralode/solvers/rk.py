@@ -266,7 +266,8 @@ class RKStepper:
         if self.graph:
             with torch.no_grad():
                 return torch.tensordot(self.b_err, torch.stack(self.ks[: self.s]), dims=1)
-        return torch.mv(self.KT[self.s], self.b_err).view(self.K.shape[1:])
+        err = torch.mv(self.KT[self.s], self.b_err)
+        return err.view(self.K.shape[1:]) if self.batch else err
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:

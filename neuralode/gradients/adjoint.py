@@ -29,12 +29,23 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from neuralode.adjoint_jacobian import AdjointJacobian
 from neuralode.errors import ODEInputError
-from neuralode.parameters import find_params
+from neuralode.gradients.adjoint_jacobian import AdjointJacobian
+from neuralode.gradients.backprop import Backprop
+from neuralode.parameters import as_tensors, find_params
+from neuralode.per_sample import (
+    PER_SAMPLE_OPTIONS,
+    PerSampleSolution,
+    batched_parts,
+    integrate_batched,
+    run_sample_by_sample,
+    setup,
+)
 from neuralode.problem import (
     CALLBACK_NAMES,
     Tolerance,
@@ -48,7 +59,9 @@ from neuralode.problem import (
     solve_problem,
     times_of,
 )
-from neuralode.solvers.base import SolverStats, StateLayout
+from neuralode.solution import Solution
+from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
+from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
 
@@ -60,6 +73,67 @@ class AdjointStats(SolverStats):
     filled in when ``.backward()`` runs, None before)."""
 
     backward: SolverStats | None = None
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    """The adjoint method (``odeint_adjoint``); fields are its ``adjoint_*`` arguments.
+    interpolated: the backward solve reads y(t) from the forward solve's dense output
+    (memory grows with the forward steps; no backward reconstruction error). Per sample:
+    the batched driver's per-sample backward solve, or each sample's own adjoint (the
+    interpolated adjoint, and wherever the float clock runs)."""
+
+    rtol: Any = None
+    atol: Any = None
+    method: str | None = None
+    options: dict | None = None
+    params: Any = None
+    interpolated: bool = False
+    name = "adjoint"
+
+    def __post_init__(self):
+        if not isinstance(self.interpolated, bool):
+            raise ODEInputError(f"Adjoint interpolated must be True or False, got "
+                                f"{self.interpolated!r}")
+        if self.params is not None:
+            object.__setattr__(self, "params", as_tensors(self.params, "Adjoint params"))
+
+    @property
+    def tensor_clock(self) -> bool:
+        return not self.interpolated
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``odeint_adjoint``."""
+        return {"adjoint_rtol": self.rtol, "adjoint_atol": self.atol,
+                "adjoint_method": self.method, "adjoint_options": self.options,
+                "adjoint_params": self.params, "interpolated": self.interpolated}
+
+    def solve(self, func, y0, t, *, rtol, atol, method=None, options=None, event_fn=None,
+              dense: bool = False, throw: bool = True, per_sample: bool = False,
+              sync_counter=None):
+        """``solve`` with the adjoint's gradient: the outputs of ``odeint_adjoint`` as a
+        ``Solution`` (per sample a ``PerSampleSolution``)."""
+        if event_fn is not None or dense or not throw:
+            raise ODEInputError("solve(..., gradient='adjoint') supports neither event_fn, "
+                                "dense=True nor throw=False; use odeint(..., event_fn=..., "
+                                "gradient='adjoint') for events, or gradient='checkpoint' "
+                                "(exact gradients in little memory)")
+        if per_sample:
+            return _solve_per_sample(self, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                     options=options)
+        t = check_t(t)
+        ys, stats = odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
+                                   options=options, return_stats=True, **self.kwargs())
+        last = tuple(y[-1] for y in ys) if isinstance(ys, tuple) else ys[-1]
+        return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
+                        t_final=stats.t_final, y_final=last)
+
+    def event(self, func, y0, t, *, rtol, atol, method=None, options=None, event_fn):
+        (event_t, ys), stats = odeint_adjoint(func, y0, t, rtol=rtol, atol=atol,
+                                              method=method, options=options,
+                                              event_fn=event_fn, return_stats=True,
+                                              **self.kwargs())
+        return event_t, ys, stats
 
 
 def adjoint_derivatives(f_of_y: Callable, y: torch.Tensor, a: torch.Tensor, params,
@@ -126,7 +200,7 @@ def _user_adjoint_norm(norm: Callable, layout: StateLayout, params):
 
 class _BackwardDynamics:
     """The backward system's right-hand side; implicit methods ask it for their Jacobian
-    (``implicit_jacobian``: built from the user's f, see ``neuralode.adjoint_jacobian``) and
+    (``implicit_jacobian``: built from the user's f, see ``neuralode.gradients.adjoint_jacobian``) and
     solve only the (y, a) head by Newton (the parameter adjoint is a quadrature)."""
 
     def __init__(self, backward: _Backward):
@@ -337,7 +411,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False, interpolated: bool = False):
+                   return_stats: bool = False, interpolated: bool = False,
+                   per_sample: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
     ``torchdiffeq.odeint_adjoint`` (event mode included: ``event_fn`` returns
@@ -356,12 +431,25 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             parameters of ``func``, which must then be an ``nn.Module``, that require grad).
         return_stats: also return an ``AdjointStats``; its ``backward`` field is filled
             with the backward-solve statistics once ``.backward()`` has run.
+        per_sample: y0 is a batch (B, ...) of independent problems (see ``odeint``): the
+            backward solve is per sample too, the parameter gradient is summed over
+            samples.
         interpolated: the interpolated adjoint: the backward solve reads y(t) from the
             forward solve's dense output (kept until the backward pass: memory grows with
             the forward steps) instead of integrating y backwards. Not with ``event_fn``.
     """
     if not isinstance(interpolated, bool):
         raise ODEInputError(f"interpolated must be True or False, got {interpolated!r}")
+    if per_sample:
+        if event_fn is not None:
+            raise ODEInputError("event_fn is not supported with odeint_adjoint(..., "
+                                "per_sample=True); use solve(..., per_sample=True, "
+                                "event_fn=...)")
+        g = Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
+                    options=adjoint_options, params=adjoint_params, interpolated=interpolated)
+        sol = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                options=options)
+        return (sol.ys, sol.stats) if return_stats else sol.ys
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
@@ -443,3 +531,179 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         return ((event_t, ys), stats) if return_stats else (event_t, ys)
     ys = tuple(outs) if is_tuple else outs[0]
     return (ys, stats) if return_stats else ys
+
+
+# ------------------------------------------------------------------------------------------
+# the adjoint on the tensor clock: a per-sample backward solve, the parameter adjoint
+# summed over samples
+# ------------------------------------------------------------------------------------------
+
+
+class _AdjointRHS:
+    """The per-sample augmented system z = (y, a):  dy/dt = f(t, y),  da/dt = -a^T df/dy
+    (rows independent: one vector-Jacobian product of the batched f per call). The
+    backward driver's ``rhs``: ``call(t, z)``."""
+
+    def __init__(self, frhs, n: int, stats: PerSampleStats):
+        self.frhs, self.n, self.stats = frhs, n, stats
+        self.counting = True
+        self.batch = True
+
+    def call(self, t, z):
+        if self.counting:
+            self.stats.nfe += 1
+            self.stats.batch_rows += z.shape[0]
+        n = self.n
+        f, da, _ = adjoint_derivatives(lambda y: self.frhs.call(t, y), z[:, :n], z[:, n:], ())
+        return torch.cat([f, da], 1)
+
+
+class _ParamQuadrature:
+    """sum over samples of int a^T df/dtheta dt, by each accepted step's own RK weights
+    (the parameter adjoint is not part of the state: it enters no error norm, as the
+    seminorm of Kidger, Chen & Lyons 2021, and costs no memory per sample)."""
+
+    def __init__(self, frhs, n: int, params):
+        self.frhs, self.n, self.params = frhs, n, params
+        self.total = [torch.zeros_like(p) for p in params]
+
+    def __call__(self, t, z, h, accept, stepper) -> None:
+        if not self.params:
+            return
+        n = self.n
+        w_row = torch.where(accept, h, 0.0)
+        hc = h.to(z.dtype)[:, None]
+        for i, b in stepper.b_nz:
+            if i == 0:
+                zi = z
+            else:
+                comb = torch.mv(stepper.KT[i], stepper.a_rows[i]).view(z.shape)
+                zi = torch.addcmul(z, hc, comb)
+            ti = t + stepper.c[i] * h
+            cot = (b * w_row).to(z.dtype)[:, None] * zi[:, n:]
+            _, _, grads = adjoint_derivatives(lambda y, ti=ti: self.frhs.call(ti, y),
+                                              zi[:, :n], cot, self.params, need_y=False)
+            for acc, g in zip(self.total, grads):
+                if g is not None:
+                    acc.add_(g)
+
+
+class _PerSampleAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, n_state, *tensors):
+        items, params = tensors[:n_state], tensors[n_state:]
+        y0 = tuple(items) if cfg["is_tuple"] else items[0]
+        with torch.no_grad():
+            sol = Backprop().solve(cfg["func"], y0, cfg["t"], rtol=cfg["rtol"],
+                                   atol=cfg["atol"], method=cfg["method"],
+                                   options=cfg["options"], per_sample=True)
+        cfg["stats"].__dict__.update(sol.stats.__dict__)
+        ys = sol.ys if cfg["is_tuple"] else (sol.ys,)
+        ctx.cfg, ctx.n_state = cfg, n_state
+        ctx.save_for_backward(*ys, *params)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grad_ys):
+        cfg, n_state = ctx.cfg, ctx.n_state
+        saved = ctx.saved_tensors
+        ys, params = saved[:n_state], saved[n_state:]
+        T, B = ys[0].shape[:2]
+        ys_flat = torch.cat([y.reshape(T, B, -1) for y in ys], 2)
+        g_flat = torch.cat([(g if g is not None else torch.zeros_like(y)).reshape(T, B, -1)
+                            for g, y in zip(grad_ys, ys)], 2)
+        s: _Setup = cfg["backward"]
+        p = s.p
+        dtype = p.rhs.dtype
+        ys_c, g_c = ys_flat.to(dtype), g_flat.to(dtype)
+        n = ys_c.shape[2]
+        ts = s.ts
+        quad = _ParamQuadrature(p.rhs, n, params)
+        a = g_c[T - 1].clone()
+        h = None
+        stats = PerSampleStats(method=p.name)
+        p.stats.nfe = 0
+        arhs = _AdjointRHS(p.rhs, n, stats)
+        n_acc = torch.zeros(B, dtype=torch.long, device=ys_c.device)
+        n_rej = torch.zeros_like(n_acc)
+        for i in range(T - 1, 0, -1):
+            seg = torch.stack([ts[:, i], ts[:, i - 1]], 1)
+            z0 = torch.cat([ys_c[i], a], 1)
+            stepper, ctrl = batched_parts(p, seg, cfg["aug_norm"])
+            res, _ = integrate_batched(arhs, z0, seg, stepper, ctrl,
+                                       max_num_steps=p.opts["max_num_steps"], throw=True,
+                                       name=p.name + " (adjoint)", h0=h, on_step=quad)
+            a = res.y_final[:, n:] + g_c[i - 1]
+            h = res.h_next if p.method.adaptive else None
+            n_acc += res.n_accepted
+            n_rej += res.n_rejected
+        stats.n_accepted, stats.n_rejected = n_acc, n_rej
+        stats.extra["param_quadrature_nfe"] = p.stats.nfe - stats.nfe
+        cfg["stats"].extra["backward"] = stats
+        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype))
+        grads_y0 = grads_y0 if p.layout.is_tuple else (grads_y0,)
+        return (None, None, *grads_y0, *[g.to(q.dtype) for g, q in zip(quad.total, params)])
+
+
+def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
+                      ) -> PerSampleSolution:
+    """``odeint_adjoint(..., per_sample=True)``. On the tensor clock: the forward solve of
+    ``solve_per_sample`` (no graph kept), and a backward solve per sample of (y, a) from
+    each sample's last output time to its first, through its own output times (where a
+    gains dL/dy(t_i) and y is reset to the stored output); the parameter gradient is the
+    sum over samples of int a^T df/dtheta dt, accumulated by each accepted backward step's
+    quadrature (it is not part of any error norm). Memory does not grow with the number of
+    steps. Where the sample-by-sample driver runs (see ``neuralode.per_sample``, and the
+    interpolated adjoint), each sample is differentiated by the one-problem adjoint."""
+    fwd = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                tensor_clock=g.tensor_clock)
+    items, is_tuple = check_y0(y0, batch=True)
+    params = find_params(func, g.params)
+    adjoint_method = method if g.method is None else g.method
+    adjoint_options = g.options
+    if adjoint_options is None:
+        adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}
+    b_name, _ = resolve_method(adjoint_method, {k: v for k, v in adjoint_options.items()
+                                                if k not in PER_SAMPLE_OPTIONS})
+    needs_grad = torch.is_grad_enabled() and (any(v.requires_grad for v in items) or params)
+    if fwd.driver != "batched" or not SOLVERS[b_name].tensor_clock:
+        one = replace(g, params=params)
+        opts = {k: v for k, v in (options or {}).items() if k not in PER_SAMPLE_OPTIONS}
+
+        def solve_one(f_b, y0_b, t_b, ev):
+            return one.solve(f_b, y0_b, t_b, rtol=rtol, atol=atol, method=method, options=opts)
+        return run_sample_by_sample(fwd, func, y0, t, solve_one)
+    if not needs_grad:
+        return Backprop().solve(func, y0, t, rtol=rtol, atol=atol, method=method,
+                                options=options, per_sample=True)
+    if adjoint_options.get("norm") is not None:
+        raise ODEInputError("adjoint_options['norm'] is not supported with per_sample=True "
+                            "(the backward error norm is the max of the RMS norms of y and "
+                            "its adjoint per sample)")
+    adjoint_options = {k: v for k, v in adjoint_options.items()
+                       if k not in ("shrink", "compile")}
+    a_rtol = rtol if g.rtol is None else g.rtol
+    a_atol = atol if g.atol is None else g.atol
+    # the backward problem, validated before the forward solve
+    bwd = setup(func, tuple(v.detach() for v in items) if is_tuple else items[0].detach(), t,
+                rtol=a_rtol, atol=a_atol, method=adjoint_method, options=adjoint_options,
+                tensor_clock=True)
+    n = bwd.p.layout.n
+    aug_layout = StateLayout([torch.Size([n]), torch.Size([n])], True)
+
+    def dup(v):
+        return v if not isinstance(v, torch.Tensor) else torch.cat([v, v])
+    aug_norm = ErrorNorm(aug_layout, dup(bwd.p.norm.rtol), dup(bwd.p.norm.atol), None)
+    stats = PerSampleStats(method=bwd.p.name)
+    cfg = {"func": func, "is_tuple": is_tuple, "t": t, "rtol": rtol, "atol": atol,
+           "method": method, "options": options, "stats": stats, "backward": bwd,
+           "aug_norm": aug_norm}
+    outs = _PerSampleAdjoint.apply(cfg, len(items), *items, *params)
+    ys = tuple(outs) if is_tuple else outs[0]
+    last = tuple(v[-1] for v in ys) if is_tuple else ys[-1]
+    return PerSampleSolution(ys=ys, ts=t, stats=stats, status=list(stats.status),
+                             message=list(stats.message), t_final=stats.t_final, y_final=last,
+                             layout=bwd.p.layout, user_dtype=bwd.p.rhs.user_dtype)
+
+
+__all__ = ["Adjoint", "AdjointStats", "adjoint_derivatives", "odeint_adjoint"]

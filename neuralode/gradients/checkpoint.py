@@ -25,16 +25,53 @@ steps takes the minimal number of recomputed steps,
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from neuralode.errors import ODEInputError
-from neuralode.parameters import find_params
+from neuralode.gradients.backprop import SolverGradient
+from neuralode.parameters import as_tensors, find_params
 from neuralode.solvers.base import RHS, SolverStats
 from neuralode.solvers.loop import EVENT, SUCCESS, LoopResult, integrate
+
+
+@dataclass(frozen=True)
+class Checkpoint(SolverGradient):
+    """Checkpointed backprop (see the module doc).
+
+    budget: None keeps every accepted step's start state (backward: each step redone once);
+        an int k >= 1 keeps at most k states at a time (binomial schedule, more steps
+        redone; the recomputation factor is in ``stats.extra["checkpoint"]``).
+    params: the tensors to differentiate besides y0 and t; default: an nn.Module's
+        parameters (as ``odeint_adjoint``), for any other callable the leaf tensors its
+        graph reaches in one evaluation at the start (tensors a closure uses).
+    Per sample, each sample is solved alone (the float clock)."""
+
+    budget: int | None = None
+    params: Any = None
+    name = "checkpoint"
+
+    def __post_init__(self):
+        b = self.budget
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ODEInputError(f"Checkpoint budget must be None (keep every step) or an int >= 1 "
+                                f"(checkpoints kept at once), got {b!r}")
+        if self.params is not None:
+            object.__setattr__(self, "params", as_tensors(self.params, "Checkpoint params"))
+
+    def integrator(self):
+        return functools.partial(integrate_checkpointed, self)
+
+    def bind_params(self, func, probe) -> Checkpoint:
+        if self.params is not None:
+            return self
+        return replace(self, params=find_params(func, None, probe=probe,
+                                                who="gradient='checkpoint'",
+                                                arg="Checkpoint params"))
 
 
 @dataclass
@@ -412,12 +449,20 @@ class _CheckpointFunction(torch.autograd.Function):
 
 
 # -- the entry point ----------------------------------------------------------------------------
-def integrate_checkpointed(strategy, rhs: RHS, y0: torch.Tensor, ts: list[float], make_stepper,
-                           controller, *, func, perturb: bool, record: bool,
-                           loop_kwargs: dict) -> LoopResult:
-    """``loop.integrate`` differentiated by checkpointing (see the module doc): the same
-    result, whose output states (``outs[1:]``, ``event_y``, ``y_final`` where it is an
-    output) carry the gradient of backpropagation through the solver."""
+def integrate_checkpointed(strategy: Checkpoint, p, y0: torch.Tensor, ts: list[float],
+                           stepper, controller, *, perturb: bool, record: bool,
+                           **loop_kwargs) -> LoopResult:
+    """``loop.integrate`` of the prepared problem ``p`` differentiated by checkpointing (see
+    the module doc): the same result, whose output states (``outs[1:]``, ``event_y``,
+    ``y_final`` where it is an output) carry the gradient of backpropagation through the
+    solver. (``problem.run``'s integrator.)"""
+    rhs, func = p.rhs, p.func
+
+    def make_stepper():
+        return p.method.make_stepper(p.opts, p.norm)
+    if not torch.is_grad_enabled():
+        return integrate(rhs, y0, ts, stepper, controller, perturb=perturb, record=record,
+                         **loop_kwargs)
     with torch.no_grad():
         y_user = rhs.user_state(y0.detach())
     params = find_params(func, strategy.params, probe=lambda: func(rhs.time(ts[0]), y_user),
