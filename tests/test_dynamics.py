@@ -183,8 +183,10 @@ def test_train_command_errors(tmp_path, capsys):
     base = ["train", "dynamics", "--iters", "2", "--out", str(tmp_path), "--no-plots"] + TINY
     assert main(base + ["--batch-time", "300", "--batch-stride", "1"]) == 2
     assert "spans 300 points, more than --n-points (200)" in capsys.readouterr().err
-    assert main(base + ["--method", "rk45"]) == 2
-    err = capsys.readouterr().err  # the solver's own check, reported in one line
+    with pytest.raises(SystemExit) as e:  # checked while parsing, before any work
+        main(base + ["--method", "rk45"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
     assert "unknown method 'rk45'" in err and "dopri5" in err and "Traceback" not in err
     assert main(base + ["--device", "tpu"]) == 2
     assert "valid devices here are: cpu" in capsys.readouterr().err

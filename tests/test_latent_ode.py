@@ -354,8 +354,10 @@ def test_train_command_errors(tmp_path, capsys):
     assert "--encoder ode-rnn applies to --model latent-ode" in capsys.readouterr().err
     assert main(base + ["--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(base + ["--method", "rk5"]) == 2
-    err = capsys.readouterr().err  # the solver's own check, reported in one line
+    with pytest.raises(SystemExit) as e:  # checked while parsing, before any work
+        main(base + ["--method", "rk5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
     assert "unknown method 'rk5'" in err and "dopri5" in err
     with pytest.raises(SystemExit):
         main(base + ["--model", "gru"])

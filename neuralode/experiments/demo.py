@@ -43,19 +43,28 @@ TABLE_RTOL, TABLE_ATOL = 1e-6, 1e-8
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = (
+        "Solve three well-known ODEs with several methods and print a table of their cost and "
+        "accuracy, then recover the spiral dynamics dz/dt = A z from a noisy trajectory with a "
+        "Neural ODE (about a minute on a laptop CPU), print the fit and write a plot.")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--iters", type=positive_int, default=800,
                         help="training iterations of the spiral recovery (default 800)")
     parser.add_argument("--model", choices=("mlp", "linear"), default="mlp",
                         help="learned field (default mlp)")
     add_gradient_argument(parser, "adjoint")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=threads, default=1)
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="random seed of the data noise and the model (default 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N or mps for the training part (default cpu)")
+    parser.add_argument("--threads", type=threads, default=1,
+                        help="torch CPU threads, 1 to the CPUs available (default 1)")
     parser.add_argument("--skip-table", action="store_true", help="skip the solver table")
     parser.add_argument("--resume", action="store_true", help="resume the training part")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plot", dest="no_plot", action="store_true",
+                        help="do not write the plot")
+    parser.add_argument("--no-plots", dest="no_plot", action="store_true",
+                        help=argparse.SUPPRESS)  # the old spelling, kept working
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -146,7 +155,7 @@ def _training_args(args: argparse.Namespace) -> argparse.Namespace:
             "--out", args.out, "--threads", str(args.threads),
             "--eval-every", str(max(1, args.iters // 4)),
             "--ckpt-every", str(max(1, args.iters // 4))]
-    for flag in ("resume", "no_plots", "quiet"):
+    for flag in ("resume", "no_plot", "quiet"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if not args.resume:
@@ -195,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("Result: NOT CONVERGED - the learned ODE does not match the data yet; "
               "try more --iters.")
-    if not args.no_plots:
+    if not args.no_plot:
         print(f"Plot: {out / 'dynamics.png'} (left: data and learned trajectory; right: true vs "
               f"learned vector field)")
     print(f"Total demo time {time.perf_counter() - t_all:.1f}s")

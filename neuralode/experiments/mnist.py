@@ -42,6 +42,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     UsageError,
     add_gradient_argument,
+    add_method_argument,
     check_rtol,
     format_table,
     load_checkpoint,
@@ -93,8 +94,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--model", choices=MODEL_NAMES, default="odenet",
                    help="odenet: ODE block + adjoint; rknet: ODE block, the solver's own "
                         "gradient (backprop or checkpoint); resnet: 6 residual blocks; mlp: 784-300-10 (default odenet)")
-    m.add_argument("--method", default="dopri5",
-                   help="ODE solver of the ODE block (default dopri5; see `neuralode methods`)")
+    add_method_argument(m, "dopri5", "ODE solver of the ODE block")
     m.add_argument("--tol", type=positive_float, default=1e-3,
                    help="rtol = atol of the ODE block's solver (default 1e-3)")
     m.add_argument("--step-size", type=positive_float, default=None,

@@ -4,8 +4,9 @@ An experiment (one module, one :class:`Experiment` subclass) supplies its argume
 configuration, model, data, one training step, its evaluation, final metrics and plots. The
 runner does the rest, the same way for every experiment:
 
-* command-line checks in one place (argparse types below, the threads range, tolerances the
-  dtype can resolve); the library's own checks (method names, options) are left to it;
+* command-line checks in one place (argparse types below, method names, the threads range,
+  tolerances the dtype can resolve); the library's own checks of solver options are left to
+  it;
 * seed, device, threads, and ``torchrun`` data parallelism (each rank takes its slice of
   every global batch; gradients are summed over ranks, so N processes follow 1 process);
 * the run directory: never overwritten without ``--resume`` or ``--overwrite``; stale
@@ -58,9 +59,11 @@ __all__ = [
     "Run",
     "StepOutput",
     "UsageError",
+    "add_method_argument",
     "atomic_write_text",
     "format_table",
     "load_checkpoint",
+    "method_choice",
     "nonnegative_float",
     "nonnegative_int",
     "parse_device",
@@ -171,6 +174,30 @@ def add_gradient_argument(parser, default: str | None, extra: str = "",
     parser.add_argument("--gradient", type=gradient_choice, default=default,
                         metavar="{backprop,checkpoint,checkpoint:N,adjoint,interpolated_adjoint}",
                         help=f"{GRADIENT_HELP} (default: {default_text or default}){extra}")
+
+
+def method_choice(text: str) -> str:
+    """A ``--method`` value: a name or alias of ``neuralode.SOLVERS``, checked while the
+    arguments are parsed, before any work or output."""
+    import difflib
+
+    from neuralode.solvers import ALIASES, SOLVERS
+
+    if text in SOLVERS or text in ALIASES:
+        return text
+    names = [*SOLVERS, *ALIASES]
+    close = difflib.get_close_matches(text, names, n=3)
+    maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown method {text!r}{maybe}; valid methods are: {', '.join(SOLVERS)}; aliases: "
+        f"{', '.join(f'{a} = {n}' for a, n in sorted(ALIASES.items()))} "
+        f"('neuralode methods' describes them)")
+
+
+def add_method_argument(parser, default: str, what: str) -> None:
+    """The ``--method`` option: ``what`` the solver is for; the name is checked on parsing."""
+    parser.add_argument("--method", type=method_choice, default=default, metavar="METHOD",
+                        help=f"{what} (default {default}; 'neuralode methods' lists them)")
 
 
 def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] | None = None
@@ -611,8 +638,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
                             f"{DEFAULT_MAX_NUM_STEPS}); a solve that needs more stops the run")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics to OUT/tensorboard (needs tensorboard)")
-    g.add_argument("--no-plot", "--no-plots", dest="no_plot", action="store_true",
+    g.add_argument("--no-plot", dest="no_plot", action="store_true",
                    help="do not write plots")
+    g.add_argument("--no-plots", dest="no_plot", action="store_true",
+                   help=argparse.SUPPRESS)  # the old spelling, kept working
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -651,7 +680,10 @@ class Run:
     def __init__(self, exp: Experiment, args: argparse.Namespace):
         self.exp, self.args = exp, args
         exp.run = self
-        self.prog = f"neuralode train {exp.name}"
+        # how the command was run: ``neuralode train NAME`` or ``python -m neuralode ...``
+        self.command = [getattr(args, "invocation", "neuralode"),
+                        *getattr(args, "command_words", ["train", exp.name])]
+        self.prog = " ".join(self.command)
         self.dist = DistEnv()
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -686,11 +718,12 @@ class Run:
             tqdm.write(text, file=sys.stderr)
 
     def resume_command(self) -> str:
+        """The command that resumes this run, spelled the way this one was started."""
         argv = [a for a in getattr(self.args, "argv", []) if a not in ("--overwrite", "--resume")]
-        head = ["neuralode"] if not self.dist.distributed else [
-            "torchrun", f"--nproc_per_node={self.dist.world_size}", "-m", "neuralode"]
-        return " ".join(shlex.quote(a) for a in
-                        [*head, "train", self.exp.name, *argv, "--resume"])
+        head, *words = self.command  # ``head`` is already a shell word (or words)
+        if self.dist.distributed:
+            head = f"torchrun --nproc_per_node={self.dist.world_size} -m neuralode"
+        return " ".join([head, *(shlex.quote(a) for a in [*words, *argv, "--resume"])])
 
     # ------------------------------------------------------------------ directory
     def _prepare_out(self) -> Path:
