@@ -362,8 +362,8 @@ def test_train_command_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--model", "gru"])
     assert main(base + ["--iters", "2", "--no-plots"]) == 0
-    assert main(base + ["--iters", "3", "--resume", "--no-plots"]) == 2
-    assert "--iters 2 -> 3" in capsys.readouterr().err
+    assert main(base + ["--iters", "1", "--resume", "--no-plots"]) == 2  # fewer: refused
+    assert "--iters 2 -> 1" in capsys.readouterr().err
 
 
 def test_summarize_groups_runs_by_model_and_n_obs(tmp_path):

@@ -161,7 +161,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
     t = parser.add_argument_group("training")
     t.add_argument("--iters", type=positive_int, default=1000,
-                   help="training iterations (default 1000)")
+                   help="training iterations (default 1000); --resume with a larger value "
+                        "extends the run")
     t.add_argument("--batch-size", type=positive_int, default=512,
                    help="samples per minibatch, over all processes (default 512)")
     t.add_argument("--lr", type=positive_float, default=1e-3,
@@ -205,6 +206,7 @@ class CNFExperiment(Experiment):
     name = "cnf"
     description = ("Maximum-likelihood training of a continuous normalizing flow (or a planar "
                    "flow baseline) on a 2-D toy density.")
+    length_key = "iters"
 
     def default_out(self, args: argparse.Namespace) -> None:
         return None  # --out is required
@@ -296,6 +298,9 @@ class CNFExperiment(Experiment):
         self.sched.load_state_dict(state["scheduler"])
         self.data_gen.set_state(state["data_gen"])
         self.noise_gen.set_state(state["noise_gen"])
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict:
         return _summary(self.model, self.run.config, self.run.history, self.test_x,

@@ -88,7 +88,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(FIELD_MODELS), default="mlp",
                         help="learned field: linear dz/dt = W z, or an MLP (default: mlp)")
     parser.add_argument("--iters", type=positive_int, default=1000,
-                        help="training iterations (default 1000)")
+                        help="training iterations (default 1000); --resume with a larger "
+                             "value extends a finished run")
     parser.add_argument("--batch-size", type=positive_int, default=20,
                         help="sub-trajectories per minibatch")
     parser.add_argument("--batch-time", type=positive_int, default=10,
@@ -274,6 +275,7 @@ class DynamicsExperiment(Experiment):
         "learned vector field against the true one, and writes metrics.csv, metrics.json, "
         "checkpoint.pt and dynamics.png to --out.")
     run_keys = RUN_KEYS
+    length_key = "iters"
     default_threads = 1
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -342,6 +344,9 @@ class DynamicsExperiment(Experiment):
         self.sched.load_state_dict(state["scheduler"])
         self.sampler.set_state(state["sampler"])
         self.initial_traj_mse = state["initial_traj_mse"]
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history

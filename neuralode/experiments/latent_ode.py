@@ -80,7 +80,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--test-fraction", type=fraction, default=0.2,
       help="fraction of the spirals held out for testing (default 0.2)")
     a("--iters", type=positive_int, default=1000,
-      help="training iterations (default 1000)")
+      help="training iterations (default 1000); --resume with a larger value extends a "
+           "finished run")
     a("--batch-size", type=positive_int, default=50,
       help="spirals per minibatch, over all processes (default 50)")
     a("--lr", type=positive_float, default=0.01, help="Adam learning rate, cosine-decayed")
@@ -304,6 +305,7 @@ class LatentODEExperiment(Experiment):
         "extrapolation on the test spirals against their clean trajectories, and writes "
         "metrics, a checkpoint and plots of the reconstructions to --out.")
     run_keys = RUN_KEYS
+    length_key = "iters"
     default_ckpt_every = 250
     default_threads = 1
 
@@ -365,6 +367,9 @@ class LatentODEExperiment(Experiment):
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.sampler.set_state(state["sampler"])
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history

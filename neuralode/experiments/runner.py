@@ -213,6 +213,27 @@ def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] |
     return out or None
 
 
+def stretch_schedule(sched: Any, total: int) -> None:
+    """Make a learning-rate schedule loaded from a checkpoint continue as that of a run of
+    ``total`` steps: its next steps take the rates a ``total``-step run has there (a finished
+    cosine schedule that had decayed steps up to the longer schedule's value). For
+    ``CosineAnnealingLR`` and ``LambdaLR`` (whose functions come from the new config)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
+
+    step = sched.last_epoch
+    if isinstance(sched, CosineAnnealingLR):
+        sched.T_max = total
+        lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+               for base in sched.base_lrs]
+    elif isinstance(sched, LambdaLR):
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    else:
+        raise TypeError(f"cannot stretch a {type(sched).__name__} schedule")
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports until the next step
+
+
 # --------------------------------------------------------------------------- devices
 
 
@@ -548,6 +569,9 @@ class Experiment:
     run_keys: tuple[str, ...] = ()
     default_ckpt_every = 100
     default_threads: int | None = None
+    #: the config key that sets the run's length, where a finished run may be extended by
+    #: ``--resume`` with a larger value (see :meth:`extend`); None: never
+    length_key: str | None = None
     #: add ``--max-num-steps`` (the step cap of the adaptive solves)
     uses_solver = True
     run: Run
@@ -589,6 +613,11 @@ class Experiment:
         raise NotImplementedError
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def extend(self, done: int) -> None:
+        """Prepare to continue a finished run of ``done`` steps to :attr:`total_steps` (the
+        config is the new one, the state the checkpoint's); see :func:`stretch_schedule`."""
         raise NotImplementedError
 
     def finish(self) -> dict[str, Any]:
@@ -778,13 +807,27 @@ class Run:
             raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is not a checkpoint of "
                                   f"'{self.prog}' (format {ck.get('format')!r}, experiment "
                                   f"{ck.get('experiment')!r})")
-        saved = ck["config"]
+        saved, done = ck["config"], int(ck["step"])
         changed = [k for k in self.exp.run_keys if saved.get(k) != self.config.get(k)]
+        key = self.exp.length_key
+        old, new = saved.get(key), self.config.get(key)
+        longer = (key in changed and isinstance(old, int) and isinstance(new, int)
+                  and new > old)
+        extending = longer and done >= old
+        if longer:
+            changed.remove(key)
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> "
                               f"{self.config.get(k)!r}" for k in changed)
+            more = (f" (a larger --{key} extends a finished run)"
+                    if key in changed and key is not None else "")
             raise UsageError(f"--resume: the run in {self.out} was started with different "
-                             f"settings ({diffs}); resume with the same ones")
+                             f"settings ({diffs}); resume with the same ones{more}")
+        if longer and not extending:
+            flag = f"--{key.replace('_', '-')}"  # type: ignore[union-attr]
+            raise UsageError(f"--resume: the run in {self.out} stopped at iteration {done} of "
+                             f"{old}; finish it first (--resume with {flag} {old}), then "
+                             f"extend it with {flag} {new}")
         inexact = []
         if ck["world_size"] != self.dist.world_size:
             inexact.append(f"{ck['world_size']} process(es), now {self.dist.world_size}")
@@ -796,8 +839,14 @@ class Run:
                              f"them), so run with the checkpoint's settings")
         self.exp.load_state_dict(ck)
         set_rng_state(ck["rng"])
-        self.history, self.step = list(ck["history"]), int(ck["step"])
+        self.history, self.step = list(ck["history"]), done
         self.saved_step = self.step
+        if "extended_from" in saved:
+            self.config["extended_from"] = list(saved["extended_from"])
+        if extending:
+            self.exp.extend(done)
+            self.config["extended_from"] = [*self.config.get("extended_from", []), old]
+            self.log(f"{self.prog}: extending the finished run of {old} iterations to {new}")
         self._elapsed_before = float(ck["elapsed_s"])
 
     # ------------------------------------------------------------------ main

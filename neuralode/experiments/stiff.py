@@ -88,7 +88,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--atol", type=positive_float, default=1e-12,
       help="absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
     a("--iters", type=positive_int, default=150,
-      help="training iterations (default 150)")
+      help="training iterations (default 150); --resume with a larger value extends a "
+           "finished run")
     a("--lr", type=positive_float, default=0.1,
       help="Adam learning rate on log k, cosine-decayed to 5%% of it (default 0.1)")
     a("--n-obs", type=positive_int, default=46, help="observation times (default 46)")
@@ -212,6 +213,7 @@ class StiffExperiment(Experiment):
         "constants against the truth, with the maximum-likelihood estimate and its standard "
         "errors to judge them by, and writes metrics, a checkpoint and stiff.png to --out.")
     run_keys = RUN_KEYS
+    length_key = "iters"
     default_threads = 1
     default_ckpt_every = 25
 
@@ -282,6 +284,9 @@ class StiffExperiment(Experiment):
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history
