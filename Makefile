@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/neuralode demo
+	$(VENV)/bin/neuralode demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
