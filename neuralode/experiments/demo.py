@@ -236,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
               f"{m['traj_mse_obs']:.3g} against a noise floor of {noise2:.3g}")
     # Success: the field is recovered where the data constrain it, and the 25-time-unit
     # roll-out from z(0) is 100x closer to the truth than the untrained model's.
-    ok = m["field_rel_err_near"] < 0.10 and after < 0.01 * before
+    ok = (before is not None and m["field_rel_err_near"] < 0.10
+          and after < 0.01 * before)
     if ok:
         detail = ("its roll-out is closer to the truth than the noisy data are"
                   if after < noise2 else "its roll-out tracks the truth (MSE "

@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def _number(text: str, kind, what: str, ok) -> Any:
         v = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(v) or not ok(v):
+    if (kind is float and not math.isfinite(v)) or not ok(v):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
 
@@ -270,7 +270,9 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every global generator's state, as tensors and plain lists (checkpoint-safe)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]",
+                    np.random.get_state(legacy=True))  # MT19937: always the legacy tuple
+    kind, keys, pos, has_gauss, gauss = np_state
     state: dict[str, Any] = {"python": random.getstate(),
                              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss),
                                        float(gauss)],
@@ -508,7 +510,8 @@ class DistEnv:
         if not self.distributed:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        ops = torch.distributed.ReduceOp
+        reduce_op = ops.MAX if op == "max" else ops.SUM
         torch.distributed.all_reduce(t, op=reduce_op)
         return t.tolist()
 
@@ -720,7 +723,7 @@ class Run:
         self.final: dict[str, Any] | None = None
         self._elapsed_before = 0.0
         self._t0 = time.perf_counter()
-        self._tb = None
+        self._tb: Any = None  # a TensorBoard SummaryWriter with --tensorboard
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -778,8 +781,8 @@ class Run:
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
         state = self.exp.state_dict()
-        bad = [k for k, v in state.get("model", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in state.get("model", {}).items() if torch.is_tensor(v)
+               and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingFailed(f"the parameters became non-finite ({bad[0]}) at iteration "
                                  f"{self.step}; lower --lr{self._now_lr()}")
@@ -809,22 +812,22 @@ class Run:
                                   f"{ck.get('experiment')!r})")
         saved, done = ck["config"], int(ck["step"])
         changed = [k for k in self.exp.run_keys if saved.get(k) != self.config.get(k)]
-        key = self.exp.length_key
-        old, new = saved.get(key), self.config.get(key)
-        longer = (key in changed and isinstance(old, int) and isinstance(new, int)
-                  and new > old)
-        extending = longer and done >= old
-        if longer:
-            changed.remove(key)
+        # a larger run length (--iters) is no change of settings, but an extension
+        key, old, new, longer = self.exp.length_key, None, None, False
+        if key is not None and key in changed:
+            old, new = saved.get(key), self.config.get(key)
+            longer = isinstance(old, int) and isinstance(new, int) and new > old
+            if longer:
+                changed.remove(key)
+        flag = f"--{key.replace('_', '-')}" if key is not None else ""
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> "
                               f"{self.config.get(k)!r}" for k in changed)
-            more = (f" (a larger --{key} extends a finished run)"
-                    if key in changed and key is not None else "")
+            more = f" (a larger {flag} extends a finished run)" if key in changed else ""
             raise UsageError(f"--resume: the run in {self.out} was started with different "
                              f"settings ({diffs}); resume with the same ones{more}")
+        extending = longer and isinstance(old, int) and done >= old
         if longer and not extending:
-            flag = f"--{key.replace('_', '-')}"  # type: ignore[union-attr]
             raise UsageError(f"--resume: the run in {self.out} stopped at iteration {done} of "
                              f"{old}; finish it first (--resume with {flag} {old}), then "
                              f"extend it with {flag} {new}")
@@ -870,7 +873,7 @@ class Run:
         except UsageError as e:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-        self._total = None
+        self._total: int | None = None
         clean = False  # ranks leave the process group together only after a normal end
         try:
             rc = self._main()
