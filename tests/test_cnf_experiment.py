@@ -159,8 +159,8 @@ def test_cnf_compare_rejects_unknown_target(tmp_path, capsys):
 
 def test_train_cnf_with_adjoint_and_trainable_time(tmp_path):
     out = tmp_path / "adj"
-    rc = main(["train", "cnf", "--data", "moons", "--iters", "2", "--gradient", "adjoint", "--train-time",
-               "--no-plot", "--quiet", "--out", str(out), *TINY_CNF])
+    rc = main(["train", "cnf", "--data", "moons", "--iters", "2", "--gradient", "adjoint",
+               "--train-time", "--no-plot", "--quiet", "--out", str(out), *TINY_CNF])
     assert rc == 0
     rows = _rows(out / "metrics.csv")
     assert all(int(r["nfe_backward"]) > 0 for r in rows)  # the adjoint solved backwards

@@ -39,9 +39,9 @@ from neuralode.errors import MaxStepsError, StepSizeError
 from neuralode.experiments.cnf import parameter_count, parse_int_list
 from neuralode.experiments.runner import (
     UsageError,
+    add_method_argument,
     atomic_write_text,
     check_rtol,
-    add_method_argument,
     load_checkpoint,
     parse_device,
     progress_bar,
@@ -300,8 +300,8 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
             flow.load_state_dict(load_checkpoint(path, map_location=device))
             gxs, gys, lp = flow.log_prob_grid(BOX, n)
             name = f"{'K' if m == 'planar' else 'M'}={s}"
-            _density_panel(ax, gxs, gys, lp, BOX,
-                           f"{'planar' if m == 'planar' else 'CNF'} {name}\nKL {results[key]['kl']:.2f}")
+            label = "planar" if m == "planar" else "CNF"
+            _density_panel(ax, gxs, gys, lp, BOX, f"{label} {name}\nKL {results[key]['kl']:.2f}")
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=70)
     plt.close(fig)
