@@ -331,7 +331,7 @@ def test_train_command_tiny_run(tmp_path, model, capsys):
 
 
 def test_train_command_resume_continues_exactly(tmp_path):
-    args = ["train", "latent-ode", "--iters", "6", "--no-plots"] + TINY
+    args = ["train", "latent-ode", "--iters", "6", "--no-plot"] + TINY
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--stop-after", "3"]) == 0
     partial = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
@@ -361,8 +361,8 @@ def test_train_command_errors(tmp_path, capsys):
     assert "unknown method 'rk5'" in err and "dopri5" in err
     with pytest.raises(SystemExit):
         main(base + ["--model", "gru"])
-    assert main(base + ["--iters", "2", "--no-plots"]) == 0
-    assert main(base + ["--iters", "1", "--resume", "--no-plots"]) == 2  # fewer: refused
+    assert main(base + ["--iters", "2", "--no-plot"]) == 0
+    assert main(base + ["--iters", "1", "--resume", "--no-plot"]) == 2  # fewer: refused
     assert "--iters 2 -> 1" in capsys.readouterr().err
 
 
