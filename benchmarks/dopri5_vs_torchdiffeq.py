@@ -47,7 +47,8 @@ def main():
     import torchdiffeq
 
     torch.set_num_threads(1)
-    print("| problem | tol | NFE neuralode | NFE torchdiffeq | error neuralode | error torchdiffeq |")
+    print("| problem | tol | NFE neuralode | NFE torchdiffeq | error neuralode "
+          "| error torchdiffeq |")
     print("|---|---|---|---|---|---|")
     nfe_ratios, err_ratios = [], []
     for name, (f, y0, t) in problems().items():

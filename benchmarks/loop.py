@@ -55,10 +55,10 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import Counting, interleaved
-from solver_overhead import problem_a, problem_b, problem_c
+from _util import Counting, interleaved  # noqa: E402 (from HERE, put on the path above)
+from solver_overhead import problem_a, problem_b, problem_c  # noqa: E402
 
-import neuralode
+import neuralode  # noqa: E402
 
 DEFAULT_BASELINE_REV = "267b1ec"
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
@@ -96,7 +96,7 @@ def optional(name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - any import failure just drops the column
+    except Exception as exc:
         print(f"# {name} not available: {type(exc).__name__}: {exc}")
         return None
 
@@ -213,7 +213,7 @@ def bench_adaptive(p, mode, libs, repeats):
                     with torch.no_grad():
                         ys = solve(cf, y0, t, tol)
                     nfe_f, nfe_b = cf.n, 0
-        except Exception as exc:  # noqa: BLE001 - report and drop the column
+        except Exception as exc:
             rows.append({"problem": p["name"], "mode": mode, "solver": name,
                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"})
             continue
@@ -250,7 +250,7 @@ def bench_adaptive(p, mode, libs, repeats):
     return rows
 
 
-# --------------------------------------------------------------------------- fixed grid vs hand loop
+# ---------------------------------------------------------------- fixed grid vs hand loop
 
 _TABLEAUS = {  # (c, A rows, b): explicit Runge-Kutta, written out by hand
     "euler": ([0.0], [[]], [1.0]),
@@ -438,7 +438,7 @@ def bench_events(libs, repeats, nbounces=10):
         try:
             with torch.no_grad():
                 ts = run(ball)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             rows.append({"solver": name, "error": f"{type(exc).__name__}: {exc}"[:120]})
             continue
         err = max(abs(a - b) for a, b in zip(ts, exact))
@@ -527,7 +527,8 @@ def main(argv=None):
         if "a" in only:
             jobs.append((problem_a, "fwd", reps))
         if "b" in only:
-            jobs += [(partial(problem_b, mode != "fwd"), mode, reps) for mode in ("fwd", "bwd", "adj")]
+            jobs += [(partial(problem_b, mode != "fwd"), mode, reps)
+                     for mode in ("fwd", "bwd", "adj")]
         if "c" in only:
             jobs.append((problem_c, "fwd", max(2, reps // 2)))
         for k, (make, mode, n) in enumerate(jobs):

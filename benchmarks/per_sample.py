@@ -30,9 +30,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import interleaved
+from _util import interleaved  # noqa: E402 (from HERE, put on the path above)
 
-import neuralode
+import neuralode  # noqa: E402
 
 try:
     import torchode as to

@@ -113,7 +113,8 @@ def problem_c():
                      method="dopri8").float()
     f.float()
     return {"name": "(c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, fwd", "f": f,
-                "y0": y0, "t": t, "tol": 1e-3, "exact": ref, "backward": False, "f_args": (t[0], y0)}
+                "y0": y0, "t": t, "tol": 1e-3, "exact": ref, "backward": False,
+                "f_args": (t[0], y0)}
 
 
 def run_problem(p, repeats, tdq):

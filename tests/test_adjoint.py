@@ -232,7 +232,7 @@ def test_float32_state():
 
 
 def test_error_func_not_module_without_params():
-    with pytest.raises(ODEInputError, match="nn.Module"):
+    with pytest.raises(ODEInputError, match=r"nn\.Module"):
         odeint_adjoint(lambda t, y: -y, torch.ones(2, requires_grad=True), torch.tensor([0.0, 1.0]))
 
 

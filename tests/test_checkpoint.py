@@ -295,11 +295,11 @@ def test_bad_choices_are_refused_with_the_valid_ones():
     func = Field()
     y0 = torch.tensor([0.4, -0.3, 1.2], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    with pytest.raises(ODEInputError, match="gradient must be one of.*checkpoint"):
+    with pytest.raises(ODEInputError, match=r"gradient must be one of.*checkpoint"):
         odeint(func, y0, t, gradient="exact")
     with pytest.raises(ODEInputError, match="budget after 'checkpoint:' must be an int"):
         odeint(func, y0, t, gradient="checkpoint:x")
-    with pytest.raises(ODEInputError, match="budget must be None .* or an int >= 1"):
+    with pytest.raises(ODEInputError, match=r"budget must be None .* or an int >= 1"):
         Checkpoint(budget=0)
     with pytest.raises(ODEInputError, match="dense=True cannot be combined"):
         solve(func, y0, t, dense=True, gradient="checkpoint")
@@ -333,6 +333,6 @@ def test_a_stepper_that_cannot_be_replayed_is_refused(monkeypatch):
 
     monkeypatch.setattr(cls, "make_stepper", without_carry)
     y0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
-    with pytest.raises(ODEInputError, match="cannot be replayed .* gradient='backprop'"):
+    with pytest.raises(ODEInputError, match=r"cannot be replayed .* gradient='backprop'"):
         odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), method="rk4",
                options={"step_size": 0.5}, gradient="checkpoint")

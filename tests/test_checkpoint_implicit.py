@@ -94,6 +94,6 @@ def test_rejected_attempts_are_replayed(method):
 
 def test_scipy_solver_is_refused_clearly():
     y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
-    with pytest.raises(ODEInputError, match="scipy_solver.*forward only.*odeint_adjoint"):
+    with pytest.raises(ODEInputError, match=r"scipy_solver.*forward only.*odeint_adjoint"):
         odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64),
                method="scipy_solver", gradient="checkpoint")

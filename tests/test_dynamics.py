@@ -140,7 +140,7 @@ def test_adjoint_and_backprop_gradients_agree():
 def test_linear_model_recovers_spiral_matrix(tmp_path):
     m = exp.train(_args("--model", "linear", "--iters", "120", "--lr", "0.05", "--gradient",
                         "backprop", "--batch-time", "20", "--batch-stride", "1", "--n-points",
-                        "300", "--out", str(tmp_path), "--no-plots", "--quiet", "--eval-every",
+                        "300", "--out", str(tmp_path), "--no-plot", "--quiet", "--eval-every",
                         "120", "--ckpt-every", "120"))
     learned = torch.tensor(m["learned_A"])
     true = torch.tensor([[-0.1, -1.0], [1.0, -0.1]])
@@ -166,7 +166,7 @@ def test_train_command_tiny_run(tmp_path, capsys):
 
 
 def test_train_command_resume_continues_exactly(tmp_path):
-    args = ["train", "dynamics", "--iters", "6", "--gradient", "backprop", "--no-plots"] + TINY
+    args = ["train", "dynamics", "--iters", "6", "--gradient", "backprop", "--no-plot"] + TINY
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--stop-after", "3"]) == 0
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
@@ -180,11 +180,13 @@ def test_train_command_resume_continues_exactly(tmp_path):
 
 
 def test_train_command_errors(tmp_path, capsys):
-    base = ["train", "dynamics", "--iters", "2", "--out", str(tmp_path), "--no-plots"] + TINY
+    base = ["train", "dynamics", "--iters", "2", "--out", str(tmp_path), "--no-plot"] + TINY
     assert main(base + ["--batch-time", "300", "--batch-stride", "1"]) == 2
     assert "spans 300 points, more than --n-points (200)" in capsys.readouterr().err
-    assert main(base + ["--method", "rk45"]) == 2
-    err = capsys.readouterr().err  # the solver's own check, reported in one line
+    with pytest.raises(SystemExit) as e:  # checked while parsing, before any work
+        main(base + ["--method", "rk45"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
     assert "unknown method 'rk45'" in err and "dopri5" in err and "Traceback" not in err
     assert main(base + ["--device", "tpu"]) == 2
     assert "valid devices here are: cpu" in capsys.readouterr().err

@@ -324,7 +324,7 @@ def test_counts_are_validated(tmp_path):
     with pytest.raises(ValueError, match="expected 5000 images, the files hold 10"):
         MNIST(tmp_path, split="train-5k")
     write_split(tmp_path, "test", 10, n_labels=9)
-    with pytest.raises(ValueError, match="10 images .* but 9 labels"):
+    with pytest.raises(ValueError, match=r"10 images .* but 9 labels"):
         MNIST(tmp_path, split="test")
 
 
@@ -520,7 +520,7 @@ def test_official_train_archive_checked_by_md5(tmp_path, monkeypatch):
     assert len(MNIST(tmp_path, split="train")) == 20
     assert (tmp_path / ".verified-train-labels-idx1-ubyte.gz").is_file()
     write_split(tmp_path, "train", 20, seed=1)  # same shapes, other content
-    with pytest.raises(ChecksumError, match="MD5 of the archive is [0-9a-f]{32}, expected"):
+    with pytest.raises(ChecksumError, match=r"MD5 of the archive is [0-9a-f]{32}, expected"):
         MNIST(tmp_path, split="train")
 
 

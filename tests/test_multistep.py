@@ -352,7 +352,8 @@ class ReplayController:
 
     def make(self, cls, o, norm):
         if self.log is None:
-            self.inner, self.log, self.recording = MultistepController(norm, o["_ms_settings"]), [], True
+            self.inner = MultistepController(norm, o["_ms_settings"])
+            self.log, self.recording = [], True
         else:
             self.recording, self.i = False, 0
         return self

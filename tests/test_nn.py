@@ -201,13 +201,13 @@ def test_odeblock_in_sequential_to_dtype_state_dict_and_torch_save():
 
 
 def test_odeblock_validates_its_arguments():
-    with pytest.raises(ValueError, match="unknown method 'rk5'.*valid methods are:.*dopri5"):
+    with pytest.raises(ValueError, match=r"unknown method 'rk5'.*valid methods are:.*dopri5"):
         ODEBlock(SmallMLPFunc(), method="rk5")
     with pytest.raises(ValueError, match="rtol must be a positive finite float, got -1"):
         ODEBlock(SmallMLPFunc(), rtol=-1)
     with pytest.raises(ValueError, match="t0 and t1 must be finite and different"):
         ODEBlock(SmallMLPFunc(), 1.0, 1.0)
-    with pytest.raises(TypeError, match="func must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"func must be an nn\.Module"):
         ODEBlock(lambda t, y: -y)
     with pytest.raises(ValueError, match="gradient must be one of"):
         ODEBlock(SmallMLPFunc(), gradient="yes")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -117,6 +118,40 @@ def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path,
     assert main([*FAST, "--iters", "5", "--out", str(out), "--overwrite", "--resume"]) == 2
 
 
+def test_a_finished_run_is_extended_by_a_larger_iters(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--iters", "3", "--lr", "0.02", "--out", str(out)]) == 0
+    assert main([*FAST, "--iters", "5", "--lr", "0.02", "--out", str(out), "--resume"]) == 0
+    assert "extending the finished run of 3 iterations to 5" in capsys.readouterr().err
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] == 5 and [r["iter"] for r in ck["history"]] == [1, 2, 3, 4, 5]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finished"] is True and m["iters"] == 5 and m["config"]["extended_from"] == [3]
+    # iterations 1-3 followed the 3-iteration cosine schedule, 4-5 that of a 5-iteration run
+    lr = [r["lr"] for r in ck["history"]]
+
+    def cosine(step, total):
+        return 0.02 * (0.05 + 0.95 * (1 + math.cos(math.pi * step / total)) / 2)
+
+    assert lr[:3] == pytest.approx([cosine(i, 3) for i in range(3)], rel=1e-6)
+    assert lr[3:] == pytest.approx([cosine(i, 5) for i in (3, 4)], rel=1e-6)
+
+
+def test_resume_still_refuses_what_cannot_be_extended(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*FAST, "--iters", "4", "--stop-after", "2", "--out", str(out)]) == 0
+    assert main([*FAST, "--iters", "6", "--out", str(out), "--resume"]) == 2  # unfinished
+    err = capsys.readouterr().err
+    assert "stopped at iteration 2 of 4" in err and "--iters 4" in err
+    assert main([*FAST, "--iters", "4", "--out", str(out), "--resume"]) == 0
+    assert main([*FAST, "--iters", "3", "--out", str(out), "--resume"]) == 2  # fewer
+    assert "--iters 4 -> 3" in capsys.readouterr().err
+    assert main([*FAST, "--iters", "6", "--lr", "0.5", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err  # another setting: refused, and named
+    assert "--lr 0.02 -> 0.5" in err and "--iters" not in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+
+
 def test_out_that_is_a_file_and_bad_threads_are_one_line_errors(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
@@ -183,7 +218,8 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "SIGINT" in err
-    assert "--resume" in err and "neuralode train dynamics" in err
+    # the command that resumes is spelled the way this run was started
+    assert "--resume" in err and " -m neuralode train dynamics " in err
     stopped = load_checkpoint(part / "checkpoint.pt")["step"]
     assert 5 <= stopped < 200
     status = json.loads((part / "metrics.json").read_text())

@@ -75,7 +75,7 @@ def test_gradient_through_it_raises_a_clear_error():
     y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
     ys = odeint(forced, y0, torch.tensor([0.0, 1.0], dtype=F64), method="scipy_solver")
     assert ys.requires_grad  # not silently detached
-    with pytest.raises(ScipyGradientError, match="odeint_adjoint.*rodas5p"):
+    with pytest.raises(ScipyGradientError, match=r"odeint_adjoint.*rodas5p"):
         ys.sum().backward()
 
 
@@ -144,7 +144,7 @@ def test_max_step_bounds_the_steps(solver):
 
 
 def test_options_are_checked():
-    with pytest.raises(ODEInputError, match="'solver'.*LSODA"):
+    with pytest.raises(ODEInputError, match=r"'solver'.*LSODA"):
         odeint(forced, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0]),
                method="scipy_solver", options={"solver": "Euler"})
     with pytest.warns(UserWarning, match="LSODA only"):

@@ -314,7 +314,8 @@ def _pendulum_errors(method, h0, ts, interp="cubic", only=None):
     ref = dop853_reference(forced_pendulum_np, PEND_Y0, ts)
     errs = []
     for k in range(3):
-        ys = odeint(forced_pendulum, torch.tensor(PEND_Y0), torch.tensor(ts, dtype=F64), method=method,
+        ys = odeint(forced_pendulum, torch.tensor(PEND_Y0), torch.tensor(ts, dtype=F64),
+                    method=method,
                     options={"step_size": h0 / 2**k, "interp": interp,
                              **({"max_order": 4} if "adams" in method else {})}, rtol=1e-13,
                     atol=1e-13).numpy()
@@ -376,7 +377,8 @@ def test_fixed_grid_with_irregular_grid_constructor_keeps_order():
     for method in ("rk4", "explicit_adams", "implicit_adams"):
         errs = []
         for k in range(3):
-            ys = odeint(forced_pendulum, torch.tensor(PEND_Y0), torch.tensor(ts, dtype=F64), method=method,
+            ys = odeint(forced_pendulum, torch.tensor(PEND_Y0), torch.tensor(ts, dtype=F64),
+                        method=method,
                         options={"grid_constructor": make_grid(0.1 / 2**k),
                                  **({"max_order": 4} if "adams" in method else {})}, rtol=1e-13,
                         atol=1e-13).numpy()

@@ -194,7 +194,8 @@ def test_bad_implicit_adams_iterations():
 @pytest.mark.parametrize("name", ["rtol", "atol"])
 @pytest.mark.parametrize("value", [-1e-3, math.nan, math.inf])
 def test_tolerance_must_be_non_negative_and_finite(name, value):
-    raises_early(ODEInputError, f"{name} must be a non-negative finite number, got", **{name: value})
+    raises_early(ODEInputError, f"{name} must be a non-negative finite number, got",
+                 **{name: value})
 
 
 def test_tolerance_must_not_require_grad():
@@ -248,7 +249,7 @@ def test_tuple_y0_must_share_dtype():
 
 
 def test_func_must_be_callable():
-    with pytest.raises(ODEInputError, match="func must be a callable.*got int"):
+    with pytest.raises(ODEInputError, match=r"func must be a callable.*got int"):
         odeint(3, Y0, T01)
 
 
@@ -267,13 +268,13 @@ def test_func_returning_wrong_dtype():
 
 
 def test_func_returning_wrong_tuple_length():
-    with pytest.raises(ODEFuncError, match="must return a tuple of 2 tensors .* got tuple of "
-                                           "length 1"):
+    with pytest.raises(ODEFuncError, match=r"must return a tuple of 2 tensors .* got tuple of "
+                                           r"length 1"):
         odeint(lambda t, s: (s[0],), (Y0, Y0), T01)
 
 
 def test_func_returning_a_tensor_for_a_tuple_state():
-    with pytest.raises(ODEFuncError, match="must return a tuple of 2 tensors .* got Tensor"):
+    with pytest.raises(ODEFuncError, match=r"must return a tuple of 2 tensors .* got Tensor"):
         odeint(lambda t, s: s[0], (Y0, Y0), T01)
 
 
@@ -333,7 +334,7 @@ def test_non_finite_derivative_on_a_fixed_grid_names_the_steps(method, start):
 
 
 def test_non_finite_derivative_at_the_start():
-    with pytest.raises(FloatingPointError, match="non-finite .* at t=0"):
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at t=0"):
         odeint(lambda t, y: y / 0.0, torch.tensor([1.0], dtype=F64), T01)
 
 

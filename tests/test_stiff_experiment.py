@@ -126,7 +126,9 @@ def test_train_command_errors(tmp_path, capsys):
     base = ["train", "stiff", *TINY, "--iters", "2", "--out", str(tmp_path), "--no-plot"]
     assert main(base + ["--t-min", "1.0", "--t-max", "0.5"]) == 2
     assert "--t-min (1) must be smaller than --t-max (0.5)" in capsys.readouterr().err
-    assert main(base + ["--method", "kvaerno99"]) == 2
+    with pytest.raises(SystemExit) as e:  # checked while parsing, before any work
+        main(base + ["--method", "kvaerno99"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown method 'kvaerno99'" in err and "Traceback" not in err
     assert main(base + ["--rtol", "1e-17"]) == 2

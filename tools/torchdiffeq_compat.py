@@ -166,8 +166,8 @@ def run_tests(src: Path, work: Path, shim: Path, nd_root: Path | None, files, ti
             cmd += ["-k", DESELECT[name]]
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, check=False, cwd=tests, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, check=False, cwd=tests, env=env, capture_output=True,
+                                  text=True, timeout=timeout)
             lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
             tail, timed_out = lines[-1:] or [""], False
         except subprocess.TimeoutExpired:
@@ -285,7 +285,8 @@ def main(argv=None):
     try:
         shim = build_shim(work)
         probe = subprocess.run(
-            [sys.executable, "-c", PROBE], check=False, cwd=work, env=child_env(shim, nd_root), capture_output=True, text=True)
+            [sys.executable, "-c", PROBE], check=False, cwd=work, env=child_env(shim, nd_root),
+            capture_output=True, text=True)
         print("shim exports:", (probe.stdout or probe.stderr).strip().splitlines()[-1])
         text = []
         if not args.no_tests:

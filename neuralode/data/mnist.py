@@ -38,6 +38,7 @@ processes sees exactly the images that one process sees.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -107,8 +108,10 @@ MNIST_MD5: dict[str, str] = {
 MNIST_SHA256: dict[str, str] = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    "train-5k-images-idx3-ubyte": "a4a9358b9ba319305e7cd69b2c7410e463401e152d7e9e60189b94a3f159d012",
-    "train-5k-labels-idx1-ubyte": "704256e87519240fd1d7ecdf681fe209864691e252c6642aeadc21f3c4d44b41",
+    "train-5k-images-idx3-ubyte":
+        "a4a9358b9ba319305e7cd69b2c7410e463401e152d7e9e60189b94a3f159d012",
+    "train-5k-labels-idx1-ubyte":
+        "704256e87519240fd1d7ecdf681fe209864691e252c6642aeadc21f3c4d44b41",
 }
 
 # Upper bounds on the size of each downloaded archive: a download is aborted as soon as more
@@ -616,10 +619,8 @@ def _fetch(url: str, dest_dir: Path, name: str, timeout: float, deadline: float,
         for conn in current:
             sock = conn.sock
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def remaining() -> float:
         left = deadline - time.monotonic()

@@ -36,6 +36,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     UsageError,
     add_gradient_argument,
+    add_method_argument,
     check_rtol,
     positive_float,
     positive_int,
@@ -130,7 +131,9 @@ def evaluate_nll(model: nn.Module, x: torch.Tensor, batch_size: int = 2500) -> f
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=TOY_DATASETS, default="moons", help="toy dataset")
-    parser.add_argument("--model", choices=MODELS, default="cnf")
+    parser.add_argument("--model", choices=MODELS, default="cnf",
+                        help="cnf: a continuous normalizing flow; planar: a planar flow of "
+                             "--layers layers, the discrete baseline (default cnf)")
     g = parser.add_argument_group("CNF")
     g.add_argument("--dynamics", choices=DYNAMICS, default="concat",
                    help="hypernet: the paper's gated time-dependent units (width --width); "
@@ -140,28 +143,38 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hidden width of the hypernetwork of t")
     g.add_argument("--hidden", type=parse_int_list, default=(64, 64, 64),
                    help="concat-MLP hidden widths, comma-separated")
-    g.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh")
+    g.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh",
+                   help="activation of the CNF's dynamics network (default tanh)")
     g.add_argument("--estimator", choices=ESTIMATORS, default="exact",
                    help="divergence: exact trace or Hutchinson's estimator")
     g.add_argument("--noise", choices=NOISE_KINDS, default="gaussian",
                    help="Hutchinson probe distribution")
     g.add_argument("--t1", type=positive_float, default=0.5, help="integration time T")
     g.add_argument("--train-time", action="store_true", help="learn T")
-    g.add_argument("--method", default="dopri5", help="ODE solver (see `neuralode methods`)")
-    g.add_argument("--rtol", type=positive_float, default=1e-5)
-    g.add_argument("--atol", type=positive_float, default=1e-5)
+    add_method_argument(g, "dopri5", "ODE solver of the CNF")
+    g.add_argument("--rtol", type=positive_float, default=1e-5,
+                   help="relative tolerance of the CNF solves (default 1e-5)")
+    g.add_argument("--atol", type=positive_float, default=1e-5,
+                   help="absolute tolerance of the CNF solves (default 1e-5)")
     add_gradient_argument(g, "backprop")
     p = parser.add_argument_group("planar flow")
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
     t = parser.add_argument_group("training")
-    t.add_argument("--iters", type=positive_int, default=1000)
-    t.add_argument("--batch-size", type=positive_int, default=512)
-    t.add_argument("--lr", type=positive_float, default=1e-3)
-    t.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
-    t.add_argument("--test-size", type=positive_int, default=5000)
+    t.add_argument("--iters", type=positive_int, default=1000,
+                   help="training iterations (default 1000); --resume with a larger value "
+                        "extends the run")
+    t.add_argument("--batch-size", type=positive_int, default=512,
+                   help="samples per minibatch, over all processes (default 512)")
+    t.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate (default 1e-3)")
+    t.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="constant, or cosine: decayed to 0 over --iters (default constant)")
+    t.add_argument("--test-size", type=positive_int, default=5000,
+                   help="points of the fixed test set that gives test_nll (default 5000)")
     t.add_argument("--eval-every", type=positive_int, default=None,
                    help="iterations between test evaluations (default: iters/5)")
-    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the model and the data (default float32)")
     t.add_argument("--grid", type=positive_int, default=100, help="plot grid resolution")
     t.add_argument("--plot-samples", type=positive_int, default=20000,
                    help="samples drawn for the sample histograms")
@@ -193,6 +206,7 @@ class CNFExperiment(Experiment):
     name = "cnf"
     description = ("Maximum-likelihood training of a continuous normalizing flow (or a planar "
                    "flow baseline) on a 2-D toy density.")
+    length_key = "iters"
 
     def default_out(self, args: argparse.Namespace) -> None:
         return None  # --out is required
@@ -284,6 +298,9 @@ class CNFExperiment(Experiment):
         self.sched.load_state_dict(state["scheduler"])
         self.data_gen.set_state(state["data_gen"])
         self.noise_gen.set_state(state["noise_gen"])
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict:
         return _summary(self.model, self.run.config, self.run.history, self.test_x,

@@ -39,6 +39,7 @@ from neuralode.errors import MaxStepsError, StepSizeError
 from neuralode.experiments.cnf import parameter_count, parse_int_list
 from neuralode.experiments.runner import (
     UsageError,
+    add_method_argument,
     atomic_write_text,
     check_rtol,
     load_checkpoint,
@@ -101,30 +102,43 @@ def build_parser(parser: argparse.ArgumentParser, name: str) -> None:
                         help="K (planar layers) and M (CNF units), comma-separated")
     parser.add_argument("--models", default="planar,cnf",
                         help=f"comma-separated from: {', '.join(MODELS)}")
-    parser.add_argument("--iters-planar", type=_positive_int, default=5000)
-    parser.add_argument("--iters-cnf", type=_positive_int, default=1000)
-    parser.add_argument("--lr-planar", type=_positive_float, default=1e-2)
-    parser.add_argument("--lr-cnf", type=_positive_float, default=3e-3)
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--iters-planar", type=_positive_int, default=5000,
+                        help="training iterations of each planar flow (default 5000)")
+    parser.add_argument("--iters-cnf", type=_positive_int, default=1000,
+                        help="training iterations of each CNF (default 1000)")
+    parser.add_argument("--lr-planar", type=_positive_float, default=1e-2,
+                        help="Adam learning rate of the planar flows (default 1e-2)")
+    parser.add_argument("--lr-cnf", type=_positive_float, default=3e-3,
+                        help="Adam learning rate of the CNFs (default 3e-3)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256,
+                        help="base samples per iteration (default 256)")
     parser.add_argument("--eval-samples", type=_positive_int, default=8192,
                         help="base samples for the final KL estimate")
     parser.add_argument("--hyper-hidden", type=_positive_int, default=32,
                         help="hidden width of the CNF's hypernetwork")
-    parser.add_argument("--t1", type=_positive_float, default=1.0)
-    parser.add_argument("--method", default="dopri5")
-    parser.add_argument("--rtol", type=_positive_float, default=1e-5)
-    parser.add_argument("--atol", type=_positive_float, default=1e-5)
-    parser.add_argument("--seed", type=_nonnegative_int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=_threads, default=None)
+    parser.add_argument("--t1", type=_positive_float, default=1.0,
+                        help="integration time T of the CNFs (default 1)")
+    add_method_argument(parser, "dopri5", "ODE solver of the CNFs")
+    parser.add_argument("--rtol", type=_positive_float, default=1e-5,
+                        help="relative tolerance of the CNF solves (default 1e-5)")
+    parser.add_argument("--atol", type=_positive_float, default=1e-5,
+                        help="absolute tolerance of the CNF solves (default 1e-5)")
+    parser.add_argument("--seed", type=_nonnegative_int, default=0,
+                        help="random seed (default 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N or mps (default cpu)")
+    parser.add_argument("--threads", type=_threads, default=None,
+                        help="torch CPU threads, 1 to the CPUs available (default: torch's)")
     parser.add_argument("--max-num-steps", type=_positive_int, default=10_000,
                         help="step cap of every adaptive CNF solve (default 10000)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (required)")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs from OUT/results.json, train the rest")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--grid", type=_positive_int, default=100)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="do not write plots")
+    parser.add_argument("--grid", type=_positive_int, default=100,
+                        help="plot grid resolution (default 100)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _split_choices(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
@@ -286,8 +300,8 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
             flow.load_state_dict(load_checkpoint(path, map_location=device))
             gxs, gys, lp = flow.log_prob_grid(BOX, n)
             name = f"{'K' if m == 'planar' else 'M'}={s}"
-            _density_panel(ax, gxs, gys, lp, BOX,
-                           f"{'planar' if m == 'planar' else 'CNF'} {name}\nKL {results[key]['kl']:.2f}")
+            label = "planar" if m == "planar" else "CNF"
+            _density_panel(ax, gxs, gys, lp, BOX, f"{label} {name}\nKL {results[key]['kl']:.2f}")
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=70)
     plt.close(fig)

@@ -10,12 +10,17 @@ accepted/rejected steps, max-abs error and wall time.
 Part 2: ``neuralode train dynamics --field spiral --model mlp`` with the demo's budget, trained
 with ``odeint_adjoint``; prints the fit (trajectory error before and after training, against
 the noise level; error of the learned vector field) and writes ``OUT/dynamics.png``.
+
+Like the training commands, the demo never replaces an earlier run in ``--out`` unless told
+to: ``--overwrite`` starts again, ``--resume`` continues its training part. (``make demo``
+passes ``--overwrite``, so that it can be run again and again.)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import torch
 from neuralode import odeint
 from neuralode.experiments import dynamics
 from neuralode.experiments.runner import (
+    RUN_FILES,
     Run,
     add_gradient_argument,
     nonnegative_int,
@@ -40,22 +46,39 @@ TABLE_METHODS = (
     ("euler", {"step_size": 0.01}),
 )
 TABLE_RTOL, TABLE_ATOL = 1e-6, 1e-8
+# what a demo leaves in --out: the training run's files, the table and the plot
+DEMO_FILES = (*RUN_FILES, "solver_table.txt", "dynamics.png")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.description = (
+        "Solve three well-known ODEs with several methods and print a table of their cost and "
+        "accuracy, then recover the spiral dynamics dz/dt = A z from a noisy trajectory with a "
+        "Neural ODE (about a minute on a laptop CPU), print the fit and write a plot.")
+    parser.add_argument("--out", default="runs/demo",
+                        help="output folder (default runs/demo); an earlier demo there is "
+                             "replaced only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the demo already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the training part of the demo in --out from its "
+                             "checkpoint (a larger --iters extends a finished one)")
     parser.add_argument("--iters", type=positive_int, default=800,
                         help="training iterations of the spiral recovery (default 800)")
     parser.add_argument("--model", choices=("mlp", "linear"), default="mlp",
                         help="learned field (default mlp)")
     add_gradient_argument(parser, "adjoint")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=threads, default=1)
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="random seed of the data noise and the model (default 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N or mps for the training part (default cpu)")
+    parser.add_argument("--threads", type=threads, default=1,
+                        help="torch CPU threads, 1 to the CPUs available (default 1)")
     parser.add_argument("--skip-table", action="store_true", help="skip the solver table")
-    parser.add_argument("--resume", action="store_true", help="resume the training part")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plot", dest="no_plot", action="store_true",
+                        help="do not write the plot")
+    parser.add_argument("--no-plots", dest="no_plot", action="store_true",
+                        help=argparse.SUPPRESS)  # the old spelling, kept working
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -146,20 +169,48 @@ def _training_args(args: argparse.Namespace) -> argparse.Namespace:
             "--out", args.out, "--threads", str(args.threads),
             "--eval-every", str(max(1, args.iters // 4)),
             "--ckpt-every", str(max(1, args.iters // 4))]
-    for flag in ("resume", "no_plots", "quiet"):
+    for flag in ("resume", "overwrite", "no_plot", "quiet"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
-    if not args.resume:
-        argv.append("--overwrite")  # the demo's own folder: a rerun replaces the last demo
     targs = p.parse_args(argv)
-    targs.command_name, targs.argv = "dynamics", argv
+    targs.command_name = "dynamics"
+    # an interrupted demo is resumed by the demo command, as it was run
+    targs.command_words = ["demo"]
+    targs.argv = getattr(args, "argv", [])
+    targs.invocation = getattr(args, "invocation", "neuralode")
     return targs
 
 
+def check_out(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--out`` for this demo (``None``: nothing), before any work: an
+    earlier demo is never replaced without ``--overwrite``."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a directory; choose a directory"
+    if args.resume and args.overwrite:
+        return ("--resume continues the demo in --out and --overwrite replaces it; pass one of "
+                "them")
+    if args.resume and not (out / RUN_FILES[0]).is_file():
+        return f"--resume: no checkpoint at {out / RUN_FILES[0]}; start without --resume"
+    held = [n for n in DEMO_FILES if (out / n).exists()]
+    if held and not (args.resume or args.overwrite):
+        return (f"{out} already holds a demo ({', '.join(held)}); pass --overwrite to replace "
+                f"it, --resume to continue its training, or choose another --out")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = check_out(args)
+    if problem:
+        print(f"{getattr(args, 'invocation', 'neuralode')} demo: error: {problem}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # the training run removes its own files
+        for name in DEMO_FILES[len(RUN_FILES):]:
+            (out / name).unlink(missing_ok=True)
     t_all = time.perf_counter()
     if not args.skip_table:
         text = format_table(solver_table())
@@ -185,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
               f"{m['traj_mse_obs']:.3g} against a noise floor of {noise2:.3g}")
     # Success: the field is recovered where the data constrain it, and the 25-time-unit
     # roll-out from z(0) is 100x closer to the truth than the untrained model's.
-    ok = m["field_rel_err_near"] < 0.10 and after < 0.01 * before
+    ok = (before is not None and m["field_rel_err_near"] < 0.10
+          and after < 0.01 * before)
     if ok:
         detail = ("its roll-out is closer to the truth than the noisy data are"
                   if after < noise2 else "its roll-out tracks the truth (MSE "
@@ -195,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("Result: NOT CONVERGED - the learned ODE does not match the data yet; "
               "try more --iters.")
-    if not args.no_plots:
-        print(f"Plot: {out / 'dynamics.png'} (left: data and learned trajectory; right: true vs "
-              f"learned vector field)")
+    if not args.no_plot:
+        print(f"Plot: {out / 'dynamics.png'} (three panels: the phase plane with the data, the "
+              f"true and the learned trajectory; the time series; the true and the learned "
+              f"vector field)")
     print(f"Total demo time {time.perf_counter() - t_all:.1f}s")
     return 0

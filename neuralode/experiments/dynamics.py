@@ -19,7 +19,8 @@
 
 Outputs in ``--out``: ``metrics.csv`` (per iteration), ``metrics.json`` (final),
 ``checkpoint.pt`` (every ``--ckpt-every`` iterations, atomic; ``--resume`` continues
-exactly) and ``dynamics.png`` (observations vs learned trajectory; true vs learned field).
+exactly) and ``dynamics.png`` (three panels: the phase plane with the observations, the true
+and the learned trajectory; the time series; the true and the learned vector field).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     UsageError,
     add_gradient_argument,
+    add_method_argument,
     check_rtol,
     nonnegative_float,
     positive_float,
@@ -85,7 +87,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="true vector field that generates the data (default: spiral)")
     parser.add_argument("--model", choices=sorted(FIELD_MODELS), default="mlp",
                         help="learned field: linear dz/dt = W z, or an MLP (default: mlp)")
-    parser.add_argument("--iters", type=positive_int, default=1000)
+    parser.add_argument("--iters", type=positive_int, default=1000,
+                        help="training iterations (default 1000); --resume with a larger "
+                             "value extends a finished run")
     parser.add_argument("--batch-size", type=positive_int, default=20,
                         help="sub-trajectories per minibatch")
     parser.add_argument("--batch-time", type=positive_int, default=10,
@@ -97,16 +101,22 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="observations on the uniform time grid")
     parser.add_argument("--t-max", type=positive_float, default=None,
                         help="length of the trajectory (default: 25 for both fields)")
-    parser.add_argument("--noise-std", type=nonnegative_float, default=0.05)
+    parser.add_argument("--noise-std", type=nonnegative_float, default=0.05,
+                        help="standard deviation of the Gaussian noise added to the "
+                             "observations (default 0.05)")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="Adam learning rate, cosine-decayed (default: 0.02 linear, "
                              "0.01 mlp)")
     parser.add_argument("--hidden", type=positive_int, default=64, help="MLP width")
     add_gradient_argument(parser, "adjoint")
-    parser.add_argument("--method", default="dopri5", help="ODE solver for training")
-    parser.add_argument("--rtol", type=positive_float, default=1e-5)
-    parser.add_argument("--atol", type=positive_float, default=1e-6)
-    parser.add_argument("--eval-every", type=positive_int, default=100)
+    add_method_argument(parser, "dopri5", "ODE solver for training")
+    parser.add_argument("--rtol", type=positive_float, default=1e-5,
+                        help="relative tolerance of the training solves (default 1e-5)")
+    parser.add_argument("--atol", type=positive_float, default=1e-6,
+                        help="absolute tolerance of the training solves (default 1e-6)")
+    parser.add_argument("--eval-every", type=positive_int, default=100,
+                        help="evaluate the fit (trajectory and field errors) every N "
+                             "iterations and after the last (default 100)")
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,8 +204,9 @@ def _field_box(data: Trajectory) -> tuple[Tensor, Tensor]:
 
 def plot(model: torch.nn.Module, field: str, data: Trajectory, path: str | Path,
          title: str = "", options: dict | None = None) -> None:
-    """Left: noisy observations, true and learned trajectory. Right: true (grey) and learned
-    (red) vector field on the trajectory's box."""
+    """Three panels: the phase plane (noisy observations, true and learned trajectory); the
+    time series of both coordinates; the true (grey) and learned (red) vector field
+    directions on the trajectory's box."""
     plt = pyplot()
     dev = next(model.parameters()).device
     with torch.no_grad():
@@ -255,8 +266,16 @@ class DynamicsExperiment(Experiment):
     """``neuralode train dynamics`` on the shared runner."""
 
     name = "dynamics"
-    description = __doc__.split("\n\n")[0]
+    description = (
+        "Fit a Neural ODE to one noisy 2-D trajectory (Chen et al. 2018). The data come from "
+        "a known vector field (--field) with Gaussian noise; the learned field is linear or "
+        "an MLP (--model). Each iteration integrates random sub-trajectories from their "
+        "first noisy point and minimises the squared error to the noisy points. At the end "
+        "it reports the error of the learned trajectory against the clean one and of the "
+        "learned vector field against the true one, and writes metrics.csv, metrics.json, "
+        "checkpoint.pt and dynamics.png to --out.")
     run_keys = RUN_KEYS
+    length_key = "iters"
     default_threads = 1
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -325,6 +344,9 @@ class DynamicsExperiment(Experiment):
         self.sched.load_state_dict(state["scheduler"])
         self.sampler.set_state(state["sampler"])
         self.initial_traj_mse = state["initial_traj_mse"]
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history

@@ -44,6 +44,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     UsageError,
     add_gradient_argument,
+    add_method_argument,
     check_rtol,
     fraction,
     nonnegative_int,
@@ -64,22 +65,32 @@ CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rm
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--model", choices=MODELS, default="latent-ode")
+    a("--model", choices=MODELS, default="latent-ode",
+      help="latent-ode: a latent ODE trained on the ELBO; rnn: a GRU baseline trained by "
+           "one-step-ahead prediction (default latent-ode)")
     a("--encoder", choices=("gru", "ode-rnn"), default="gru",
       help="latent ODE recognition network (default gru)")
     a("--n-obs", type=positive_int, default=100,
       help="observed points per spiral (the paper: 30, 50, 100)")
-    a("--n-spirals", type=positive_int, default=1000)
+    a("--n-spirals", type=positive_int, default=1000,
+      help="spirals in the data set, half clockwise (default 1000)")
     a("--n-total", type=positive_int, default=500, help="dense grid points per spiral")
     a("--noise-std", type=positive_float, default=0.1, help="observation noise (known to the ELBO)")
     a("--data-seed", type=nonnegative_int, default=0, help="seed of the data set and split")
-    a("--test-fraction", type=fraction, default=0.2)
-    a("--iters", type=positive_int, default=1000)
-    a("--batch-size", type=positive_int, default=50)
+    a("--test-fraction", type=fraction, default=0.2,
+      help="fraction of the spirals held out for testing (default 0.2)")
+    a("--iters", type=positive_int, default=1000,
+      help="training iterations (default 1000); --resume with a larger value extends a "
+           "finished run")
+    a("--batch-size", type=positive_int, default=50,
+      help="spirals per minibatch, over all processes (default 50)")
     a("--lr", type=positive_float, default=0.01, help="Adam learning rate, cosine-decayed")
-    a("--latent-dim", type=positive_int, default=4)
-    a("--enc-hidden", type=positive_int, default=25)
-    a("--ode-hidden", type=positive_int, default=20)
+    a("--latent-dim", type=positive_int, default=4,
+      help="dimension of the latent state z (default 4)")
+    a("--enc-hidden", type=positive_int, default=25,
+      help="hidden size of the recognition network (default 25)")
+    a("--ode-hidden", type=positive_int, default=20,
+      help="hidden width of the latent ODE's MLP (default 20)")
     a("--dec-hidden", type=nonnegative_int, default=0,
       help="latent ODE readout MLP width (default 0: linear readout, which extrapolates "
            "better than a ReLU MLP here)")
@@ -87,13 +98,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
       help="activation of the readout MLP")
     a("--rnn-hidden", type=positive_int, default=25,
       help="RNN baseline: GRU hidden size and readout MLP width")
-    a("--method", default="dopri5", help="solver of the latent ODE")
-    a("--rtol", type=positive_float, default=1e-3)
-    a("--atol", type=positive_float, default=1e-4)
+    add_method_argument(parser, "dopri5", "ODE solver of the latent ODE")
+    a("--rtol", type=positive_float, default=1e-3,
+      help="relative tolerance of the latent ODE solves (default 1e-3)")
+    a("--atol", type=positive_float, default=1e-4,
+      help="absolute tolerance of the latent ODE solves (default 1e-4)")
     add_gradient_argument(parser, "backprop", " of the latent ODE")
     a("--kl-warmup", type=nonnegative_int, default=0,
       help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")
-    a("--eval-every", type=positive_int, default=250)
+    a("--eval-every", type=positive_int, default=250,
+      help="evaluate on the test spirals every N iterations and after the last "
+           "(default 250)")
     a("--n-plot", type=positive_int, default=6, help="test spirals in reconstructions.png")
 
 
@@ -281,8 +296,16 @@ class LatentODEExperiment(Experiment):
     """``neuralode train latent-ode`` on the shared runner."""
 
     name = "latent-ode"
-    description = __doc__.split("\n\n")[0]
+    description = (
+        "Latent ODE vs RNN on irregularly sampled noisy spirals (Chen et al. 2018, Table 2). "
+        "The data are noisy 2-D spirals (--n-spirals) with --n-obs irregular observations "
+        "each, split into training and test spirals. The latent ODE (a GRU or ODE-RNN recognition "
+        "network and an MLP latent ODE) maximises the ELBO; the RNN baseline learns "
+        "one-step-ahead prediction. At the end it reports the RMSE of interpolation and "
+        "extrapolation on the test spirals against their clean trajectories, and writes "
+        "metrics, a checkpoint and plots of the reconstructions to --out.")
     run_keys = RUN_KEYS
+    length_key = "iters"
     default_ckpt_every = 250
     default_threads = 1
 
@@ -344,6 +367,9 @@ class LatentODEExperiment(Experiment):
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.sampler.set_state(state["sampler"])
+
+    def extend(self, done: int) -> None:
+        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history

@@ -42,6 +42,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     UsageError,
     add_gradient_argument,
+    add_method_argument,
     check_rtol,
     format_table,
     load_checkpoint,
@@ -69,9 +70,9 @@ PAPER_DECAY_EPOCHS = (60, 100, 140)
 PAPER_EPOCHS = 160
 TRAIN_SPLITS = ("train", "train-5k")
 # Arguments that define the model and the run; a resumed run must not change them.
-RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "gradient", "width", "batch_size", "lr",
-                "momentum", "weight_decay", "decay_epochs", "decay_factor", "augment",
-                "train_split", "train_limit", "seed")
+RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "gradient", "width",
+                "batch_size", "lr", "momentum", "weight_decay", "decay_epochs", "decay_factor",
+                "augment", "train_split", "train_limit", "seed")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -92,9 +93,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--model", choices=MODEL_NAMES, default="odenet",
                    help="odenet: ODE block + adjoint; rknet: ODE block, the solver's own "
-                        "gradient (backprop or checkpoint); resnet: 6 residual blocks; mlp: 784-300-10 (default odenet)")
-    m.add_argument("--method", default="dopri5",
-                   help="ODE solver of the ODE block (default dopri5; see `neuralode methods`)")
+                        "gradient (backprop or checkpoint); resnet: 6 residual blocks; mlp: "
+                        "784-300-10 (default odenet)")
+    add_method_argument(m, "dopri5", "ODE solver of the ODE block")
     m.add_argument("--tol", type=positive_float, default=1e-3,
                    help="rtol = atol of the ODE block's solver (default 1e-3)")
     m.add_argument("--step-size", type=positive_float, default=None,

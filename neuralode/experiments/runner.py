@@ -4,8 +4,9 @@ An experiment (one module, one :class:`Experiment` subclass) supplies its argume
 configuration, model, data, one training step, its evaluation, final metrics and plots. The
 runner does the rest, the same way for every experiment:
 
-* command-line checks in one place (argparse types below, the threads range, tolerances the
-  dtype can resolve); the library's own checks (method names, options) are left to it;
+* command-line checks in one place (argparse types below, method names, the threads range,
+  tolerances the dtype can resolve); the library's own checks of solver options are left to
+  it;
 * seed, device, threads, and ``torchrun`` data parallelism (each rank takes its slice of
   every global batch; gradients are summed over ranks, so N processes follow 1 process);
 * the run directory: never overwritten without ``--resume`` or ``--overwrite``; stale
@@ -43,7 +44,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,9 +59,11 @@ __all__ = [
     "Run",
     "StepOutput",
     "UsageError",
+    "add_method_argument",
     "atomic_write_text",
     "format_table",
     "load_checkpoint",
+    "method_choice",
     "nonnegative_float",
     "nonnegative_int",
     "parse_device",
@@ -101,7 +104,7 @@ def _number(text: str, kind, what: str, ok) -> Any:
         v = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(v) or not ok(v):
+    if (kind is float and not math.isfinite(v)) or not ok(v):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
 
@@ -173,6 +176,30 @@ def add_gradient_argument(parser, default: str | None, extra: str = "",
                         help=f"{GRADIENT_HELP} (default: {default_text or default}){extra}")
 
 
+def method_choice(text: str) -> str:
+    """A ``--method`` value: a name or alias of ``neuralode.SOLVERS``, checked while the
+    arguments are parsed, before any work or output."""
+    import difflib
+
+    from neuralode.solvers import ALIASES, SOLVERS
+
+    if text in SOLVERS or text in ALIASES:
+        return text
+    names = [*SOLVERS, *ALIASES]
+    close = difflib.get_close_matches(text, names, n=3)
+    maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown method {text!r}{maybe}; valid methods are: {', '.join(SOLVERS)}; aliases: "
+        f"{', '.join(f'{a} = {n}' for a, n in sorted(ALIASES.items()))} "
+        f"('neuralode methods' describes them)")
+
+
+def add_method_argument(parser, default: str, what: str) -> None:
+    """The ``--method`` option: ``what`` the solver is for; the name is checked on parsing."""
+    parser.add_argument("--method", type=method_choice, default=default, metavar="METHOD",
+                        help=f"{what} (default {default}; 'neuralode methods' lists them)")
+
+
 def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] | None = None
                    ) -> dict[str, Any] | None:
     """``options`` plus the step cap where ``method`` takes one (adaptive methods; fixed-grid
@@ -184,6 +211,27 @@ def solver_options(method: str, max_num_steps: int, options: Mapping[str, Any] |
     if solver is not None and solver.adaptive:
         out["max_num_steps"] = int(max_num_steps)
     return out or None
+
+
+def stretch_schedule(sched: Any, total: int) -> None:
+    """Make a learning-rate schedule loaded from a checkpoint continue as that of a run of
+    ``total`` steps: its next steps take the rates a ``total``-step run has there (a finished
+    cosine schedule that had decayed steps up to the longer schedule's value). For
+    ``CosineAnnealingLR`` and ``LambdaLR`` (whose functions come from the new config)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
+
+    step = sched.last_epoch
+    if isinstance(sched, CosineAnnealingLR):
+        sched.T_max = total
+        lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+               for base in sched.base_lrs]
+    elif isinstance(sched, LambdaLR):
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    else:
+        raise TypeError(f"cannot stretch a {type(sched).__name__} schedule")
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports until the next step
 
 
 # --------------------------------------------------------------------------- devices
@@ -222,7 +270,9 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every global generator's state, as tensors and plain lists (checkpoint-safe)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]",
+                    np.random.get_state(legacy=True))  # MT19937: always the legacy tuple
+    kind, keys, pos, has_gauss, gauss = np_state
     state: dict[str, Any] = {"python": random.getstate(),
                              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss),
                                        float(gauss)],
@@ -460,7 +510,8 @@ class DistEnv:
         if not self.distributed:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        ops = torch.distributed.ReduceOp
+        reduce_op = ops.MAX if op == "max" else ops.SUM
         torch.distributed.all_reduce(t, op=reduce_op)
         return t.tolist()
 
@@ -521,6 +572,9 @@ class Experiment:
     run_keys: tuple[str, ...] = ()
     default_ckpt_every = 100
     default_threads: int | None = None
+    #: the config key that sets the run's length, where a finished run may be extended by
+    #: ``--resume`` with a larger value (see :meth:`extend`); None: never
+    length_key: str | None = None
     #: add ``--max-num-steps`` (the step cap of the adaptive solves)
     uses_solver = True
     run: Run
@@ -562,6 +616,11 @@ class Experiment:
         raise NotImplementedError
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def extend(self, done: int) -> None:
+        """Prepare to continue a finished run of ``done`` steps to :attr:`total_steps` (the
+        config is the new one, the state the checkpoint's); see :func:`stretch_schedule`."""
         raise NotImplementedError
 
     def finish(self) -> dict[str, Any]:
@@ -611,8 +670,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
                             f"{DEFAULT_MAX_NUM_STEPS}); a solve that needs more stops the run")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics to OUT/tensorboard (needs tensorboard)")
-    g.add_argument("--no-plot", "--no-plots", dest="no_plot", action="store_true",
+    g.add_argument("--no-plot", dest="no_plot", action="store_true",
                    help="do not write plots")
+    g.add_argument("--no-plots", dest="no_plot", action="store_true",
+                   help=argparse.SUPPRESS)  # the old spelling, kept working
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -651,7 +712,10 @@ class Run:
     def __init__(self, exp: Experiment, args: argparse.Namespace):
         self.exp, self.args = exp, args
         exp.run = self
-        self.prog = f"neuralode train {exp.name}"
+        # how the command was run: ``neuralode train NAME`` or ``python -m neuralode ...``
+        self.command = [getattr(args, "invocation", "neuralode"),
+                        *getattr(args, "command_words", ["train", exp.name])]
+        self.prog = " ".join(self.command)
         self.dist = DistEnv()
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -659,7 +723,7 @@ class Run:
         self.final: dict[str, Any] | None = None
         self._elapsed_before = 0.0
         self._t0 = time.perf_counter()
-        self._tb = None
+        self._tb: Any = None  # a TensorBoard SummaryWriter with --tensorboard
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -686,11 +750,12 @@ class Run:
             tqdm.write(text, file=sys.stderr)
 
     def resume_command(self) -> str:
+        """The command that resumes this run, spelled the way this one was started."""
         argv = [a for a in getattr(self.args, "argv", []) if a not in ("--overwrite", "--resume")]
-        head = ["neuralode"] if not self.dist.distributed else [
-            "torchrun", f"--nproc_per_node={self.dist.world_size}", "-m", "neuralode"]
-        return " ".join(shlex.quote(a) for a in
-                        [*head, "train", self.exp.name, *argv, "--resume"])
+        head, *words = self.command  # ``head`` is already a shell word (or words)
+        if self.dist.distributed:
+            head = f"torchrun --nproc_per_node={self.dist.world_size} -m neuralode"
+        return " ".join([head, *(shlex.quote(a) for a in [*words, *argv, "--resume"])])
 
     # ------------------------------------------------------------------ directory
     def _prepare_out(self) -> Path:
@@ -716,8 +781,8 @@ class Run:
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
         state = self.exp.state_dict()
-        bad = [k for k, v in state.get("model", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in state.get("model", {}).items() if torch.is_tensor(v)
+               and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingFailed(f"the parameters became non-finite ({bad[0]}) at iteration "
                                  f"{self.step}; lower --lr{self._now_lr()}")
@@ -745,13 +810,27 @@ class Run:
             raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is not a checkpoint of "
                                   f"'{self.prog}' (format {ck.get('format')!r}, experiment "
                                   f"{ck.get('experiment')!r})")
-        saved = ck["config"]
+        saved, done = ck["config"], int(ck["step"])
         changed = [k for k in self.exp.run_keys if saved.get(k) != self.config.get(k)]
+        # a larger run length (--iters) is no change of settings, but an extension
+        key, old, new, longer = self.exp.length_key, None, None, False
+        if key is not None and key in changed:
+            old, new = saved.get(key), self.config.get(key)
+            longer = isinstance(old, int) and isinstance(new, int) and new > old
+            if longer:
+                changed.remove(key)
+        flag = f"--{key.replace('_', '-')}" if key is not None else ""
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> "
                               f"{self.config.get(k)!r}" for k in changed)
+            more = f" (a larger {flag} extends a finished run)" if key in changed else ""
             raise UsageError(f"--resume: the run in {self.out} was started with different "
-                             f"settings ({diffs}); resume with the same ones")
+                             f"settings ({diffs}); resume with the same ones{more}")
+        extending = longer and isinstance(old, int) and done >= old
+        if longer and not extending:
+            raise UsageError(f"--resume: the run in {self.out} stopped at iteration {done} of "
+                             f"{old}; finish it first (--resume with {flag} {old}), then "
+                             f"extend it with {flag} {new}")
         inexact = []
         if ck["world_size"] != self.dist.world_size:
             inexact.append(f"{ck['world_size']} process(es), now {self.dist.world_size}")
@@ -763,8 +842,14 @@ class Run:
                              f"them), so run with the checkpoint's settings")
         self.exp.load_state_dict(ck)
         set_rng_state(ck["rng"])
-        self.history, self.step = list(ck["history"]), int(ck["step"])
+        self.history, self.step = list(ck["history"]), done
         self.saved_step = self.step
+        if "extended_from" in saved:
+            self.config["extended_from"] = list(saved["extended_from"])
+        if extending:
+            self.exp.extend(done)
+            self.config["extended_from"] = [*self.config.get("extended_from", []), old]
+            self.log(f"{self.prog}: extending the finished run of {old} iterations to {new}")
         self._elapsed_before = float(ck["elapsed_s"])
 
     # ------------------------------------------------------------------ main
@@ -788,7 +873,7 @@ class Run:
         except UsageError as e:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-        self._total = None
+        self._total: int | None = None
         clean = False  # ranks leave the process group together only after a normal end
         try:
             rc = self._main()

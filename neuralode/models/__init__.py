@@ -1,4 +1,5 @@
-"""The paper's models, built on the public ``odeint`` (its ``gradient`` choice) and ``neuralode.nn``.
+"""The paper's models, built on the public ``odeint`` (its ``gradient`` choice) and
+``neuralode.nn``.
 
 - ``classifiers``: ODE-Net, RK-Net, ResNet and MLP for MNIST (``build_classifier``);
 - ``dynamics``: vector fields for learning dynamics from trajectories;

@@ -8,7 +8,8 @@ x = z(T), and by the instantaneous change of variables (Chen et al., Theorem 1)
 so log p(x) = log N(z(0)) - int_0^T tr(df/dz) dt. The trace replaces the log-determinant of a
 discrete flow, so any network f is allowed.
 
-The joint state (z, a) with da/dt = tr(df/dz) is solved by ``odeint`` (differentiated as the model's ``gradient`` says).
+The joint state (z, a) with da/dt = tr(df/dz) is solved by ``odeint`` (differentiated as the
+model's ``gradient`` says).
 Integrating backwards from x at time T with a(T) = 0 gives z(0) and a(0) = -int_0^T tr dt, so
 
     log p(x) = log N(z(0)) + a(0).

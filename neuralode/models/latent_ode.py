@@ -297,7 +297,8 @@ class LatentODE(nn.Module):
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, *, encoder: str = "gru",
                  enc_hidden: int = 25, ode_hidden: int = 20, dec_hidden: int = 0,
                  readout_act: str = "relu", obs_std: float = 0.1, t0: float = 0.0,
-                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, options: dict | None = None,
+                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4,
+                 options: dict | None = None,
                  gradient: str | Gradient = "backprop", union_grid: bool = False) -> None:
         super().__init__()
         if encoder not in ENCODERS:

@@ -34,6 +34,7 @@ explicit methods). Matrix-free Jacobians cannot be backpropagated through (GMRES
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -287,7 +288,10 @@ class RosenbrockStepper:
         yy = y if graph else y.detach()
         if self._forward_mode:
             try:
-                with torch.set_grad_enabled(graph):
+                # torch's forward-mode AD scripts helpers on first use and warns that
+                # torch.jit.script is deprecated: torch's own business, not the caller's
+                with torch.set_grad_enabled(graph), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                     f, ft = torch.func.jvp(lambda s: call_at(s, yy), (tt,),
                                            (torch.ones_like(tt),))
                 return f, ft
