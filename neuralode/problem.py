@@ -77,7 +77,8 @@ def check_t(t, batch: int | None = None) -> torch.Tensor:
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
-            raise ODEInputError(f"t must be a 1-D tensor of times, got {type(t).__name__}") from None
+            raise ODEInputError(f"t must be a 1-D tensor of times, got "
+                                f"{type(t).__name__}") from None
     if t.is_complex() or t.dtype == torch.bool:
         raise ODEInputError(f"t must be real, got dtype {t.dtype}")
     if batch is None and t.dim() != 1:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from neuralode import Adjoint, Checkpoint, odeint, odeint_adjoint, odeint_event, solve
-from neuralode.gradients.checkpoint import binomial_cost, binomial_split
 from neuralode.errors import ODEInputError
+from neuralode.gradients.checkpoint import binomial_cost, binomial_split
 from neuralode.solvers import SOLVERS
 
 F64 = torch.float64

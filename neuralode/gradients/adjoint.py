@@ -200,7 +200,8 @@ def _user_adjoint_norm(norm: Callable, layout: StateLayout, params):
 
 class _BackwardDynamics:
     """The backward system's right-hand side; implicit methods ask it for their Jacobian
-    (``implicit_jacobian``: built from the user's f, see ``neuralode.gradients.adjoint_jacobian``) and
+    (``implicit_jacobian``: built from the user's f, see
+    ``neuralode.gradients.adjoint_jacobian``) and
     solve only the (y, a) head by Newton (the parameter adjoint is a quadrature)."""
 
     def __init__(self, backward: _Backward):
@@ -612,7 +613,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         ys_flat = torch.cat([y.reshape(T, B, -1) for y in ys], 2)
         g_flat = torch.cat([(g if g is not None else torch.zeros_like(y)).reshape(T, B, -1)
                             for g, y in zip(grad_ys, ys)], 2)
-        s: _Setup = cfg["backward"]
+        s = cfg["backward"]  # the backward problem's per_sample setup
         p = s.p
         dtype = p.rhs.dtype
         ys_c, g_c = ys_flat.to(dtype), g_flat.to(dtype)

@@ -293,8 +293,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                 with torch.no_grad():
                     yd = y_s.detach()
                     t_ev = locate_event(
-                        event, lambda tm: stepper.interpolate(yd, h_s, ((tm - t_s) / hs)[:, None]
-                                                              )[:, 0],
+                        event, lambda tm, yd=yd, h_s=h_s, t_s=t_s, hs=hs: stepper.interpolate(
+                            yd, h_s, ((tm - t_s) / hs)[:, None])[:, 0],
                         t_s, yd, h_s, g1, active=ev)
                 theta = torch.where(ev, (t_ev - t_s) / hs, 0.0)
                 y_ev = stepper.interpolate(y_s, h_s, theta[:, None])[:, 0]

@@ -1,13 +1,13 @@
 """The float-clock driver: one problem, time and step size as Python floats.
 
 Every method runs here (``batched.py`` is the same loop on a tensor clock, for per-sample
-batches of the explicit RK methods). The driver owns everything that is not one step of a method and not the choice of the step
-size: statistics, ``max_num_steps``, stop times (``step_t``, ``jump_t``, state jumps),
-non-finite handling, outputs at the requested times (from the stepper's dense output),
-events, callbacks, the dense record of the solution, and the final status. A *stepper*
-(``rk.RKStepper``, ``adams.AdamsStepper``) takes one step; a *controller*
-(``controllers.FixedGridController``, ``controllers.PIDController``) says where the step
-ends and whether it is accepted.
+batches of the explicit RK methods). The driver owns everything that is not one step of a
+method and not the choice of the step size: statistics, ``max_num_steps``, stop times
+(``step_t``, ``jump_t``, state jumps), non-finite handling, outputs at the requested times
+(from the stepper's dense output), events, callbacks, the dense record of the solution,
+and the final status. A *stepper* (``rk.RKStepper``, ``adams.AdamsStepper``) takes one
+step; a *controller* (``controllers.FixedGridController``, ``controllers.PIDController``)
+says where the step ends and whether it is accepted.
 
 The solver state is the flat 1-D tensor of the front door (``neuralode.odeint``); time is a
 Python float (float64).
@@ -207,8 +207,8 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                 with torch.no_grad():
                     yd = y.detach()
                     t_ev = locate_event(
-                        event, lambda tm: stepper.interpolate(yd, h, [(tm - t) / h])[0],
-                        t, yd, h, g1)
+                        event, lambda tm, yd=yd, t=t, h=h: stepper.interpolate(
+                            yd, h, [(tm - t) / h])[0], t, yd, h, g1)
                 y_ev = stepper.interpolate(y, h, [(t_ev - t) / h])[0] if t_ev != t else y
                 while i_out < n_out and direction * (ts[i_out] - t_ev) <= 0:
                     out_t = ts[i_out]
