@@ -18,6 +18,7 @@ is only done when ``t.requires_grad``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -124,4 +125,4 @@ def odeint_dense(func: Callable, y0, t0, t1, *, rtol: Tolerance = 1e-7, atol: To
                          torch.as_tensor(t1, dtype=torch.float64).reshape(())])
     sol = solve(func, y0, times, rtol=rtol, atol=atol, method=method, options=options,
                 dense=True)
-    return sol.dense
+    return cast(DenseSolution, sol.dense)  # dense=True: always there

@@ -92,7 +92,7 @@ class PerSampleSolution:
     stats: PerSampleStats
     status: list[str]
     message: list[str]
-    t_final: torch.Tensor
+    t_final: torch.Tensor | None
     y_final: Any
     event_t: torch.Tensor | None = None  # (B,) float64 event times (NaN: no event)
     dense: Any = None
@@ -197,6 +197,7 @@ def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
     o = p.opts
     norm = norm or p.norm
     stepper = p.method.make_stepper(o, norm)
+    controller: Any
     if p.method.adaptive:
         controller = controller_or_default(o).bind(norm, stepper.error_order, o,
                                                    o.get("_pid_settings"))
@@ -221,7 +222,7 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
     if dense and s.shrink is not None:
         raise ODEInputError("per_sample=True dense output cannot be combined with 'shrink'")
     stepper, controller = batched_parts(p, s.ts)
-    record = [] if dense else None
+    record: list | None = [] if dense else None
     res, msgs = integrate_batched(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
                                   name=p.name, shrink=s.shrink, sync_counter=sync_counter,

@@ -162,10 +162,10 @@ def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
                           for k, (v, s) in enumerate(zip(tol, layout.shapes))])
     elif layout.is_tuple:
         v = tensor_of(tol, (), name)
-        flat = v.expand(layout.n) if v.numel() == 1 else None
-        if flat is None:
+        if v.numel() != 1:
             raise ODEInputError(f"{name} for a tuple state must be a number or a sequence with "
                                 f"one value (or tensor) per element")
+        flat = v.expand(layout.n)
     else:
         flat = tensor_of(tol, layout.shapes[0], name)
     if flat.numel() == 0:
@@ -273,7 +273,7 @@ class Problem:
     name: str
     opts: dict
     norm: ErrorNorm
-    stats: SolverStats
+    stats: Any  # SolverStats, or PerSampleStats for a per-sample batch
 
 
 def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = False,
@@ -372,14 +372,17 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
     func = p.func
     t_grad = t.requires_grad and torch.is_grad_enabled()
     y0_flat = p.y0_flat
-    y0_solve, dt = start_carrying_t0(p, t, ts) if t_grad else (y0_flat, None)
+    dt: torch.Tensor | None = None
+    y0_solve = y0_flat
+    if t_grad:
+        y0_solve, dt = start_carrying_t0(p, t, ts)
     res = run(p, ts, y0_solve, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
               record=dense, throw=throw, integrator=integrator)
     outs = res.outs
     outs[0] = y0_flat
     ys = torch.stack(outs)
-    if t_grad and len(outs) > 1:
+    if dt is not None and len(outs) > 1:
         with torch.no_grad():
             f_out = torch.stack([p.rhs.call(ts[i], outs[i].detach()) for i in range(1, len(outs))])
         ys = torch.cat([ys[:1], ys[1:] + dt[1:len(outs), None] * f_out])
@@ -388,7 +391,7 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
     if dense:
         dense_sol = DenseSolution(res.segments, p.layout, ts[0], res.t_final, p.rhs.user_dtype)
     event_t = event_y = None
-    if res.event_t is not None:
+    if res.event_t is not None and res.event_y is not None:
         event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)
         event_y = to_user_dtype(res.event_y, p)
     return Solution(ys=p.layout.unflatten(ys), ts=t, stats=p.stats, status=res.status,
@@ -422,7 +425,7 @@ def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks
     res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
               throw=False, integrator=integrator)
-    if res.status != "event":
+    if res.status != "event" or res.event_y is None:
         raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
                          f"stopped at t={res.t_final:.10g} without an event ({res.message})")
     ys = torch.stack([p.y0_flat, res.event_y])

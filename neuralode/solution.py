@@ -26,6 +26,13 @@ class DenseSolution:
         self.user_dtype = user_dtype
         self._keys = [self.direction * ta for ta, _, _ in segments]
 
+    def flat_at(self, v: float) -> torch.Tensor:
+        """The flat state at the time ``v`` (inside the span), in the solver's dtype."""
+        k = bisect.bisect_right(self._keys, self.direction * v) - 1
+        k = min(max(k, 0), len(self.segments) - 1)
+        ta, tb, seg = self.segments[k]
+        return seg.evaluate([(v - ta) / (tb - ta)])[0]
+
     def __call__(self, t) -> Any:
         tt = torch.as_tensor(t, dtype=torch.float64)
         flat_t = tt.detach().reshape(-1).tolist()
@@ -36,13 +43,7 @@ class DenseSolution:
                                 f"{bad[:5]}")
         if not self.segments:
             raise ODEInputError("the solve took no step, so there is no dense solution")
-        rows = []
-        for v in flat_t:
-            k = bisect.bisect_right(self._keys, self.direction * v) - 1
-            k = min(max(k, 0), len(self.segments) - 1)
-            ta, tb, seg = self.segments[k]
-            rows.append(seg.evaluate([(v - ta) / (tb - ta)])[0])
-        y = torch.stack(rows).to(self.user_dtype)
+        y = torch.stack([self.flat_at(v) for v in flat_t]).to(self.user_dtype)
         y = y.reshape(*tt.shape, self.layout.n)
         return self.layout.unflatten(y)
 

@@ -26,7 +26,6 @@ steps (one interpolant per step), not with the graph.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -59,7 +58,7 @@ from neuralode.problem import (
     solve_problem,
     times_of,
 )
-from neuralode.solution import Solution
+from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
@@ -148,7 +147,7 @@ def adjoint_derivatives(f_of_y: Callable, y: torch.Tensor, a: torch.Tensor, para
         if f.requires_grad and inputs:
             grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
         else:  # f depends on neither y nor the parameters
-            grads = (None,) * len(inputs)
+            grads = (None,) * len(inputs)  # type: ignore[assignment]
     if not need_y:
         return f.detach(), None, grads
     da = grads[0] if grads[0] is not None else torch.zeros_like(y)
@@ -222,7 +221,8 @@ class _Backward:
                  options, stats: AdjointStats, interpolated: bool = False):
         self.func, self.layout, self.params = func, layout, params
         self.interpolated = interpolated
-        self.dense = None  # the forward solve's dense output (interpolated adjoint)
+        # the forward solve's dense output (interpolated adjoint)
+        self.dense: DenseSolution | None = None
         self.n = layout.n
         self.n_par = sum(p.numel() for p in params)
         self.dtype, self.device = dtype, device
@@ -239,19 +239,10 @@ class _Backward:
     def flat_func(self, t, y):
         return self.layout.flatten(self.func(t, self.layout.unflatten(y)))
 
-    def _y_at(self, t) -> torch.Tensor:
-        """y(t) from the forward solve's dense output (flat)."""
-        d = self.dense
-        v = float(t)
-        k = bisect.bisect_right(d._keys, d.direction * v) - 1
-        k = min(max(k, 0), len(d.segments) - 1)
-        ta, tb, seg = d.segments[k]
-        return seg.evaluate([(v - ta) / (tb - ta)])[0].to(self.dtype)
-
     def _dynamics(self, t, state):
         y, a, _ = state
-        if self.dense is not None:
-            y = self._y_at(t)
+        if self.dense is not None:  # y(t) from the forward solve's dense output
+            y = self.dense.flat_at(float(t)).to(self.dtype)
         f, da, gp = adjoint_derivatives(lambda y_: self.flat_func(t, y_), y, a, self.params)
         if self.params:
             dg = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -448,9 +439,9 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                                 "event_fn=...)")
         g = Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
                     options=adjoint_options, params=adjoint_params, interpolated=interpolated)
-        sol = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                options=options)
-        return (sol.ys, sol.stats) if return_stats else sol.ys
+        batch = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                  options=options)
+        return (batch.ys, batch.stats) if return_stats else batch.ys
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")

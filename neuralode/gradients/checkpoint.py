@@ -271,7 +271,7 @@ class _Tape:
             if rec.retry is not None:
                 st.resume(rhs, y, (st.carry()[0], rec.retry), True)
             y1 = st.step(t, y, h, left_end)
-            t1_eval = left_end(t1) if rec.left else t1
+            t1_eval = left_end(t1) if left_end is not None else t1
             if slots and rec.outs:
                 inner = [(i, th) for i, th in rec.outs if th is not None]
                 if inner:
@@ -309,9 +309,9 @@ class _Reverser:
         self.tape = tape
         self.y0 = y0
         self.grads = grads  # per output slot (None: no gradient)
-        self.a_y = None
-        self.a_c = None
-        self.g_par = [None] * len(tape.params)
+        self.a_y: torch.Tensor | None = None
+        self.a_c: list[torch.Tensor | None] | None = None
+        self.g_par: list[torch.Tensor | None] = [None] * len(tape.params)
         self.slot_step = {}
         for k, rec in enumerate(tape.steps):
             for i, _ in rec.outs:
@@ -349,13 +349,14 @@ class _Reverser:
                 got = torch.autograd.grad([ys[j] for j in keep], inputs,
                                           [cots[j] for j in keep], allow_unused=True)
             else:
-                got = [None] * len(inputs)
+                got = (None,) * len(inputs)  # type: ignore[assignment]
         self.a_y = got[0] if got[0] is not None else torch.zeros_like(y)
         n_c = len(c_in[0]) if c_in is not None else 0
         self.a_c = list(got[1:1 + n_c]) if n_c else None
         for j, g in enumerate(got[1 + n_c:]):
             if g is not None:
-                self.g_par[j] = g if self.g_par[j] is None else self.g_par[j] + g
+                prev = self.g_par[j]
+                self.g_par[j] = g if prev is None else prev + g
 
     # -- schedules ----------------------------------------------------------------------
     def reverse_all_kept(self) -> None:
@@ -515,12 +516,13 @@ def integrate_checkpointed(strategy: Checkpoint, p, y0: torch.Tensor, ts: list[f
 
     n_outs = len(res.outs)
     targets = [(ts[i], False) for i in range(1, n_outs)]
-    if res.status == EVENT and res.event_y is not None:
+    if res.status == EVENT and res.event_y is not None and res.event_t is not None:
         targets.append((res.event_t, True))
     found = [res.outs[i] for i in range(1, n_outs)]
     if res.status == EVENT and res.event_y is not None:
         found.append(res.event_y)
-    values, where = [], []  # where[j]: index into values, or -1 for the start state
+    values: list[torch.Tensor] = []
+    where: list[int] = []  # where[j]: index into values, or -1 for the start state
     for (time, event), v in zip(targets, found):
         kk, th = slot_of(time, event)
         if kk < 0:

@@ -76,10 +76,10 @@ class Callbacks:
 @dataclass
 class LoopResult:
     outs: list[torch.Tensor]  # flat states at the output times reached
+    y_final: torch.Tensor  # the state where the solve stopped
     status: str = SUCCESS
     message: str = ""
     t_final: float = math.nan
-    y_final: torch.Tensor | None = None
     event_t: float | None = None
     event_y: torch.Tensor | None = None
     segments: list[tuple[float, float, Any]] | None = None
