@@ -35,19 +35,14 @@ solve, like torchdiffeq's per-call solver set-up.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
 from functools import partial
-from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -55,7 +50,15 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import Counting, interleaved
+from _util import (
+    Counting,
+    add_baseline_args,
+    baseline_label,
+    interleaved,
+    load_baseline,
+    loadavg,
+    optional,
+)
 from solver_overhead import problem_a, problem_b, problem_c
 
 import neuralode
@@ -63,42 +66,6 @@ import neuralode
 DEFAULT_BASELINE_REV = "267b1ec"
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
                  "implicit_adams")
-
-
-# --------------------------------------------------------------------------- library loading
-
-def load_baseline(rev: str | None, root: Path | None, tmp: Path):
-    """Copy the baseline ``neuralode`` package to ``tmp/neuralode_base`` and import it."""
-    dst = tmp / "neuralode_base"
-    if root is not None:
-        shutil.copytree(root / "neuralode", dst,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    else:
-        repo = HERE.parent
-        data = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev,
-                               "neuralode"], check=True, capture_output=True).stdout
-        with tarfile.open(fileobj=BytesIO(data)) as tar:
-            tar.extractall(tmp / "_archive", filter="data")
-        shutil.move(str(tmp / "_archive" / "neuralode"), dst)
-    pattern = re.compile(r"\bneuralode\b(?=[.\s]|$)")
-    for py in dst.rglob("*.py"):
-        text = py.read_text()
-        new = "\n".join(pattern.sub("neuralode_base", ln)
-                        if re.match(r"\s*(from|import)\s", ln) else ln
-                        for ln in text.splitlines())
-        py.write_text(new + "\n")
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("neuralode_base")
-
-
-def optional(name):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - any import failure just drops the column
-        print(f"# {name} not available: {type(exc).__name__}: {exc}")
-        return None
 
 
 class Flat(nn.Module):
@@ -495,10 +462,7 @@ def main(argv=None):
     ap.add_argument("--only", default="a,b,c,d,e", help="comma list of a, b, c, d, e")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 repeats, (c) with 2")
-    ap.add_argument("--baseline-rev", default=DEFAULT_BASELINE_REV)
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="directory holding the baseline neuralode package (instead of git)")
-    ap.add_argument("--no-baseline", action="store_true")
+    add_baseline_args(ap, DEFAULT_BASELINE_REV)
     ap.add_argument("--libs", default="torchdiffeq,torchode,torchdyn",
                     help="other libraries to compare (those that import)")
     ap.add_argument("--json", type=Path, default=Path("loop_bench.json"))
@@ -517,9 +481,10 @@ def main(argv=None):
                 libs[name] = mod
         header = (f"torch {torch.__version__}, 1 thread; neuralode from "
                   f"{Path(neuralode.__file__).parent.parent.name}/; base = "
-                  f"{'none' if args.no_baseline else (args.baseline or args.baseline_rev)}; "
+                  f"{baseline_label(args)}; "
                   + ", ".join(f"{k} {getattr(v, '__version__', '?')}" for k, v in libs.items()
-                              if k not in ("neuralode", "base")))
+                              if k not in ("neuralode", "base"))
+                  + f"; {reps} repeats; {loadavg()}")
         print(header, flush=True)
         result = {"header": header, "adaptive": [], "fixed": [], "events": []}
         t_start = time.monotonic()
@@ -544,7 +509,8 @@ def main(argv=None):
             print("\n(e) bouncing ball, 10 bounces, dopri5 1e-8, float64\n")
             print(fmt_events(result["events"]))
         result["seconds"] = round(time.monotonic() - t_start, 1)
-        print(f"\n{result['seconds']} s")
+        result["loadavg_end"] = loadavg()
+        print(f"\n{result['seconds']} s ({loadavg()})")
         args.json.write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
