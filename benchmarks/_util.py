@@ -38,12 +38,23 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, repeats: int, inner: int = 1) -> dict:
+def interleaved(fns: dict, repeats: int, inner: int = 1, warm: bool = False) -> dict:
     """Median seconds per call of each function, alternating between them every round so
-    that machine noise hits all of them alike."""
+    that machine noise hits all of them alike.
+
+    warm: call each function once more, untimed, right before its timed call(s), so that
+    it is not timed just after another library's code. Without it the function timed
+    after torchdiffeq in a round was systematically slower: on loop.py's (a) (2-D spiral,
+    dopri5, ~8 ms) the same neuralode code ran 20-30% slower in that position (ratio of
+    two copies of c1709e5: 0.79 / 1.30 / 0.76 for the orders neuralode-base-torchdiffeq /
+    base-neuralode-torchdiffeq / torchdiffeq-neuralode-base; rotating the order each round
+    left it, as the predecessors stay; with warm: 0.99 / 1.01 / 1.00). Doubles the run
+    time."""
     samples = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if warm:
+                fn()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()

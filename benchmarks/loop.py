@@ -17,6 +17,10 @@ cost of one f is f plus its backward; for the adjoint it is forward NFE x f + ba
       restitution 0.8), time and NFE per bounce, neuralode vs torchdiffeq; skipped for a
       neuralode without ``odeint_event``
 
+Each timed call follows an untimed call of the same function (``--cold``: not, as in the
+runs before; then the function timed just after torchdiffeq is slowed, by 20-30% on (a);
+see ``_util.interleaved``).
+
 "neuralode" is whatever ``import neuralode`` finds (choose it with PYTHONPATH); "base" is the
 baseline tree's ``neuralode`` package copied into a temporary directory as ``neuralode_base``
 (``--baseline-rev``, default 267b1ec, read with ``git archive`` from this repository, or
@@ -29,7 +33,8 @@ torchdyn (no interpolator) shortens steps to land on every output time, so on (a
 steps. Module construction for torchode (term, step method, controller) is timed with the
 solve, like torchdiffeq's per-call solver set-up.
 
-    python benchmarks/loop.py [--quick] [--only a,b,c,d,e] [--repeats 7] [--json out.json]
+    python benchmarks/loop.py [--quick] [--only a,b,c,d,e] [--repeats 7] [--libs ...]
+        [--baseline-rev REV | --baseline ROOT | --no-baseline] [--cold] [--json out.json]
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ def make_solvers(libs: dict, mode: str):
     return out
 
 
-def bench_adaptive(p, mode, libs, repeats):
+def bench_adaptive(p, mode, libs, repeats, warm=True):
     f, y0, t, tol, exact = p["f"], p["y0"], p["t"], p["tol"], p["exact"]
     if mode == "adj":
         p = dict(p, name=p["name"].replace("fwd+bwd", "adjoint"))
@@ -203,7 +208,7 @@ def bench_adaptive(p, mode, libs, repeats):
         warnings.simplefilter("ignore")
         for fn in fns.values():
             fn()
-        times = interleaved(fns, repeats)
+        times = interleaved(fns, repeats, warm=warm)
     t_f = times.pop("f") / inner
     if mode == "adj":
         fb = times.pop("fb") / inner
@@ -298,7 +303,7 @@ def _hand_solve(method, y0, h, func):
     return hand_loop(method, func, y0, 0.0, 1.0, h)
 
 
-def bench_fixed(libs, repeats, methods=FIXED_METHODS):
+def bench_fixed(libs, repeats, methods=FIXED_METHODS, warm=True):
     torch.manual_seed(0)
     f = problem_b(False)["f"]
     y0 = torch.randn(512, 32)
@@ -325,7 +330,7 @@ def bench_fixed(libs, repeats, methods=FIXED_METHODS):
                 fns[name] = partial(solve, f)
             for fn in fns.values():
                 fn()
-            times = interleaved(fns, repeats)
+            times = interleaved(fns, repeats, warm=warm)
         for name in solvers:
             nfe, y1 = info[name]
             rows.append({"method": method, "solver": name, "time_ms": 1e3 * times[name],
@@ -376,7 +381,7 @@ def _fresh_ball(run):
     return run(Ball())
 
 
-def bench_events(libs, repeats, nbounces=10):
+def bench_events(libs, repeats, nbounces=10, warm=True):
     cands = {}
     for name in ("neuralode", "base"):
         lib = libs.get(name)
@@ -414,7 +419,7 @@ def bench_events(libs, repeats, nbounces=10):
         fns[name] = partial(_fresh_ball, run)
     if fns:
         with torch.no_grad():
-            times = interleaved(fns, repeats)
+            times = interleaved(fns, repeats, warm=warm)
         for r in rows:
             if r["solver"] in times:
                 r["ms_per_bounce"] = 1e3 * times[r["solver"]] / nbounces
@@ -465,6 +470,10 @@ def main(argv=None):
     add_baseline_args(ap, DEFAULT_BASELINE_REV)
     ap.add_argument("--libs", default="torchdiffeq,torchode,torchdyn",
                     help="other libraries to compare (those that import)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no untimed call of each function right before its timed one (the "
+                         "protocol before; a function timed just after torchdiffeq is then "
+                         "slowed, see _util.interleaved)")
     ap.add_argument("--json", type=Path, default=Path("loop_bench.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -484,7 +493,7 @@ def main(argv=None):
                   f"{baseline_label(args)}; "
                   + ", ".join(f"{k} {getattr(v, '__version__', '?')}" for k, v in libs.items()
                               if k not in ("neuralode", "base"))
-                  + f"; {reps} repeats; {loadavg()}")
+                  + f"; {reps} repeats{', cold' if args.cold else ', warm'}; {loadavg()}")
         print(header, flush=True)
         result = {"header": header, "adaptive": [], "fixed": [], "events": []}
         t_start = time.monotonic()
@@ -496,16 +505,16 @@ def main(argv=None):
         if "c" in only:
             jobs.append((problem_c, "fwd", max(2, reps // 2)))
         for k, (make, mode, n) in enumerate(jobs):
-            rows = bench_adaptive(make(), mode, libs, n)
+            rows = bench_adaptive(make(), mode, libs, n, warm=not args.cold)
             result["adaptive"] += rows
             table = fmt_adaptive(rows)
             print(("\n" + table) if k == 0 else table.split("\n", 2)[2], flush=True)
         if "d" in only:
-            result["fixed"] = bench_fixed(libs, reps)
+            result["fixed"] = bench_fixed(libs, reps, warm=not args.cold)
             print("\n(d) fixed grid, MLP 512x32 w64, step 0.05 on [0, 1], float32, no autograd\n")
             print(fmt_fixed(result["fixed"]), flush=True)
         if "e" in only:
-            result["events"] = bench_events(libs, reps)
+            result["events"] = bench_events(libs, reps, warm=not args.cold)
             print("\n(e) bouncing ball, 10 bounces, dopri5 1e-8, float64\n")
             print(fmt_events(result["events"]))
         result["seconds"] = round(time.monotonic() - t_start, 1)

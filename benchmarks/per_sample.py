@@ -28,12 +28,15 @@ restructuring should change the time, not the numbers. A baseline without an API
 (a revision before per_sample existed) gets a "failed" line instead of rows.
 torchode and torchdiffeq rows appear for the libraries in ``--libs`` that import.
 
+Each timed call follows an untimed call of the same function (``--cold``: not, as before;
+then a row timed just after torchdiffeq's is slowed, see ``_util.interleaved``).
+
 ``--quick``: one repetition (unless ``--repeats`` says otherwise) and the solo-solve check of
 (a) on the first 32 samples instead of all 256; the problems are unchanged.
 
     python benchmarks/per_sample.py [--only a,b,c] [--repeats 3] [--quick]
         [--baseline-rev REV | --baseline ROOT | --no-baseline] [--libs torchode,torchdiffeq]
-        [--json out.json]
+        [--cold] [--json out.json]
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def vdp_carried(t, y):
     return torch.stack([v, mu * (1 - x**2) * v - x, torch.zeros_like(mu)], -1)
 
 
-def bench_a(repeats: int, libs: dict, n_solo: int | None = None) -> dict:
+def bench_a(repeats: int, libs: dict, n_solo: int | None = None, warm: bool = True) -> dict:
     to, tdq, base = libs.get("torchode"), libs.get("torchdiffeq"), libs.get("base")
     mu, y0, t = vdp_problem()
     B = len(mu)
@@ -154,7 +157,7 @@ def bench_a(repeats: int, libs: dict, n_solo: int | None = None) -> dict:
         ref = neuralode.solve(VdP(mu[b]), y0[b], t, rtol=tol, atol=tol, method="dopri5")
         same += int(steps[b]) == ref.stats.n_steps and \
             int(sol.stats.n_accepted[b]) == ref.stats.n_accepted
-    times = interleaved(fns, repeats)
+    times = interleaved(fns, repeats, warm=warm)
     print(f"\n### (a) {B} Van der Pol, mu ~ U[1, 10], t in [0, 10], dopri5 {tol:g}, float64\n")
     print(f"samples whose steps (accepted and rejected) equal their solo solve's: "
           f"{same}/{n_solo}\n")
@@ -202,7 +205,7 @@ def bench_a(repeats: int, libs: dict, n_solo: int | None = None) -> dict:
     # asserted
     d_shrink = (runs["masked"].ys - runs["shrink=0.5"].ys).abs()
     same_steps = torch.equal(runs["masked"].stats.n_steps, runs["shrink=0.5"].stats.n_steps)
-    tm = interleaved(tfns, repeats)
+    tm = interleaved(tfns, repeats, warm=warm)
     print(f"\nfinished samples: masking vs shrinking the batch (mu carried in the state; "
           f"outputs differ by at most {d_shrink.max().item():.1e} in "
           f"{int((d_shrink > 0).sum())} of {d_shrink.numel()}; per-sample steps "
@@ -254,7 +257,7 @@ class Auto(nn.Module):
         return self.net(y)
 
 
-def bench_b(repeats: int, libs: dict) -> dict:
+def bench_b(repeats: int, libs: dict, warm: bool = True) -> dict:
     to, tdq, base = libs.get("torchode"), libs.get("torchdiffeq"), libs.get("base")
     net, y0, ts, target = mlp_problem()
     B, T = ts.shape
@@ -314,7 +317,8 @@ def bench_b(repeats: int, libs: dict) -> dict:
         nfe[k] = f.calls
         grads[k] = [q.grad.detach().clone() for q in net.parameters()]
     slow = [k for k in fns if k.startswith("torchdiffeq")]
-    times.update(interleaved({k: fn for k, fn in fns.items() if k not in slow}, repeats))
+    times.update(interleaved({k: fn for k, fn in fns.items() if k not in slow}, repeats,
+                              warm=warm))
     print(f"\n### (b) training step, MLP 4-64-4 dynamics, batch {B}, {T} per-sample output "
           f"times in [0, 2], dopri5 {tol:g}, float32, adjoint\n")
     print("| solver | wall time (s) (torchdiffeq: one run) | calls of f (forward + "
@@ -348,7 +352,7 @@ def bench_b(repeats: int, libs: dict) -> dict:
 # ------------------------------------------------------------------------------ (c)
 
 
-def bench_c(repeats: int, libs: dict) -> dict:
+def bench_c(repeats: int, libs: dict, warm: bool = True) -> dict:
     from neuralode.data.spirals import gather_points, make_spirals
     from neuralode.models.latent_ode import LatentODE
     base = libs.get("base")
@@ -390,7 +394,7 @@ def bench_c(repeats: int, libs: dict) -> dict:
         m = models["base " if k.startswith("base ") else ""]
         grads[k] = [q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q)
                     for q in m.parameters()]
-    times = interleaved(fns, repeats)
+    times = interleaved(fns, repeats, warm=warm)
     print(f"\n### (c) latent ODE training step, 64 irregular spirals ({batch.times.shape[1]} "
           f"points each, {n_union} distinct times in the batch), dopri5 1e-3\n")
     print("| decoder solve | wall time (s) | loss |")
@@ -429,6 +433,9 @@ def main(argv=None) -> None:
                     help="other libraries to compare, of torchode, torchdiffeq (those that "
                          "import); '--libs torchode' leaves out torchdiffeq's union-grid "
                          "adjoint in (b), which takes minutes")
+    ap.add_argument("--cold", action="store_true",
+                    help="no untimed call of each function right before its timed one (the "
+                         "protocol before; see _util.interleaved)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     parts = [p for p in args.only.split(",") if p]
@@ -453,19 +460,22 @@ def main(argv=None) -> None:
         header = "; ".join([f"torch {torch.__version__}, 1 thread",
                             f"neuralode from {Path(neuralode.__file__).parent.parent}",
                             f"base = {baseline_label(args)}", ", ".join(others) or "no others",
-                            f"{repeats} repetition(s){', quick' if args.quick else ''}",
+                            f"{repeats} repetition(s), {'cold' if args.cold else 'warm'}"
+                            + (", quick" if args.quick else ""),
                             loadavg()])
         print(header, flush=True)
-        result = {"header": header, "repeats": repeats, "quick": args.quick}
+        result = {"header": header, "repeats": repeats, "quick": args.quick,
+                  "warm": not args.cold}
         t0 = time.time()
         for part in parts:
             tp = time.time()
             if part == "a":
-                result["a"] = bench_a(repeats, libs, n_solo=32 if args.quick else None)
+                result["a"] = bench_a(repeats, libs, n_solo=32 if args.quick else None,
+                                      warm=not args.cold)
             elif part == "b":
-                result["b"] = bench_b(repeats, libs)
+                result["b"] = bench_b(repeats, libs, warm=not args.cold)
             else:
-                result["c"] = bench_c(repeats, libs)
+                result["c"] = bench_c(repeats, libs, warm=not args.cold)
             result[part]["seconds_total"] = round(time.time() - tp, 1)
             print(f"\n(({part}) took {result[part]['seconds_total']} s; {loadavg()})",
                   flush=True)
