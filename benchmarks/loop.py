@@ -17,6 +17,10 @@ cost of one f is f plus its backward; for the adjoint it is forward NFE x f + ba
       restitution 0.8), time and NFE per bounce, neuralode vs torchdiffeq; skipped for a
       neuralode without ``odeint_event``
 
+Each timed call follows an untimed call of the same function (``--cold``: not, as in the
+runs before; then the function timed just after torchdiffeq is slowed, by 20-30% on (a);
+see ``_util.interleaved``).
+
 "neuralode" is whatever ``import neuralode`` finds (choose it with PYTHONPATH); "base" is the
 baseline tree's ``neuralode`` package copied into a temporary directory as ``neuralode_base``
 (``--baseline-rev``, default 267b1ec, read with ``git archive`` from this repository, or
@@ -29,25 +33,21 @@ torchdyn (no interpolator) shortens steps to land on every output time, so on (a
 steps. Module construction for torchode (term, step method, controller) is timed with the
 solve, like torchdiffeq's per-call solver set-up.
 
-    python benchmarks/loop.py [--quick] [--only a,b,c,d,e] [--repeats 7] [--json out.json]
+    python benchmarks/loop.py [--quick] [--only a,b,c,d,e] [--repeats 7] [--libs ...]
+        [--baseline-rev REV | --baseline ROOT | --no-baseline] [--cold] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
 from functools import partial
-from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -55,7 +55,15 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import Counting, interleaved  # noqa: E402 (from HERE, put on the path above)
+from _util import (  # noqa: E402 (from HERE, put on the path above)
+    Counting,
+    add_baseline_args,
+    baseline_label,
+    interleaved,
+    load_baseline,
+    loadavg,
+    optional,
+)
 from solver_overhead import problem_a, problem_b, problem_c  # noqa: E402
 
 import neuralode  # noqa: E402
@@ -63,42 +71,6 @@ import neuralode  # noqa: E402
 DEFAULT_BASELINE_REV = "267b1ec"
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
                  "implicit_adams")
-
-
-# --------------------------------------------------------------------------- library loading
-
-def load_baseline(rev: str | None, root: Path | None, tmp: Path):
-    """Copy the baseline ``neuralode`` package to ``tmp/neuralode_base`` and import it."""
-    dst = tmp / "neuralode_base"
-    if root is not None:
-        shutil.copytree(root / "neuralode", dst,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    else:
-        repo = HERE.parent
-        data = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev,
-                               "neuralode"], check=True, capture_output=True).stdout
-        with tarfile.open(fileobj=BytesIO(data)) as tar:
-            tar.extractall(tmp / "_archive", filter="data")
-        shutil.move(str(tmp / "_archive" / "neuralode"), dst)
-    pattern = re.compile(r"\bneuralode\b(?=[.\s]|$)")
-    for py in dst.rglob("*.py"):
-        text = py.read_text()
-        new = "\n".join(pattern.sub("neuralode_base", ln)
-                        if re.match(r"\s*(from|import)\s", ln) else ln
-                        for ln in text.splitlines())
-        py.write_text(new + "\n")
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("neuralode_base")
-
-
-def optional(name):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return importlib.import_module(name)
-    except Exception as exc:
-        print(f"# {name} not available: {type(exc).__name__}: {exc}")
-        return None
 
 
 class Flat(nn.Module):
@@ -169,7 +141,7 @@ def make_solvers(libs: dict, mode: str):
     return out
 
 
-def bench_adaptive(p, mode, libs, repeats):
+def bench_adaptive(p, mode, libs, repeats, warm=True):
     f, y0, t, tol, exact = p["f"], p["y0"], p["t"], p["tol"], p["exact"]
     if mode == "adj":
         p = dict(p, name=p["name"].replace("fwd+bwd", "adjoint"))
@@ -236,7 +208,7 @@ def bench_adaptive(p, mode, libs, repeats):
         warnings.simplefilter("ignore")
         for fn in fns.values():
             fn()
-        times = interleaved(fns, repeats)
+        times = interleaved(fns, repeats, warm=warm)
     t_f = times.pop("f") / inner
     if mode == "adj":
         fb = times.pop("fb") / inner
@@ -250,7 +222,7 @@ def bench_adaptive(p, mode, libs, repeats):
     return rows
 
 
-# ---------------------------------------------------------------- fixed grid vs hand loop
+# ------------------------------------------------------------------ fixed grid vs hand loop
 
 _TABLEAUS = {  # (c, A rows, b): explicit Runge-Kutta, written out by hand
     "euler": ([0.0], [[]], [1.0]),
@@ -331,7 +303,7 @@ def _hand_solve(method, y0, h, func):
     return hand_loop(method, func, y0, 0.0, 1.0, h)
 
 
-def bench_fixed(libs, repeats, methods=FIXED_METHODS):
+def bench_fixed(libs, repeats, methods=FIXED_METHODS, warm=True):
     torch.manual_seed(0)
     f = problem_b(False)["f"]
     y0 = torch.randn(512, 32)
@@ -358,7 +330,7 @@ def bench_fixed(libs, repeats, methods=FIXED_METHODS):
                 fns[name] = partial(solve, f)
             for fn in fns.values():
                 fn()
-            times = interleaved(fns, repeats)
+            times = interleaved(fns, repeats, warm=warm)
         for name in solvers:
             nfe, y1 = info[name]
             rows.append({"method": method, "solver": name, "time_ms": 1e3 * times[name],
@@ -409,7 +381,7 @@ def _fresh_ball(run):
     return run(Ball())
 
 
-def bench_events(libs, repeats, nbounces=10):
+def bench_events(libs, repeats, nbounces=10, warm=True):
     cands = {}
     for name in ("neuralode", "base"):
         lib = libs.get(name)
@@ -447,7 +419,7 @@ def bench_events(libs, repeats, nbounces=10):
         fns[name] = partial(_fresh_ball, run)
     if fns:
         with torch.no_grad():
-            times = interleaved(fns, repeats)
+            times = interleaved(fns, repeats, warm=warm)
         for r in rows:
             if r["solver"] in times:
                 r["ms_per_bounce"] = 1e3 * times[r["solver"]] / nbounces
@@ -495,12 +467,13 @@ def main(argv=None):
     ap.add_argument("--only", default="a,b,c,d,e", help="comma list of a, b, c, d, e")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 repeats, (c) with 2")
-    ap.add_argument("--baseline-rev", default=DEFAULT_BASELINE_REV)
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="directory holding the baseline neuralode package (instead of git)")
-    ap.add_argument("--no-baseline", action="store_true")
+    add_baseline_args(ap, DEFAULT_BASELINE_REV)
     ap.add_argument("--libs", default="torchdiffeq,torchode,torchdyn",
                     help="other libraries to compare (those that import)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no untimed call of each function right before its timed one (the "
+                         "protocol before; a function timed just after torchdiffeq is then "
+                         "slowed, see _util.interleaved)")
     ap.add_argument("--json", type=Path, default=Path("loop_bench.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -517,9 +490,10 @@ def main(argv=None):
                 libs[name] = mod
         header = (f"torch {torch.__version__}, 1 thread; neuralode from "
                   f"{Path(neuralode.__file__).parent.parent.name}/; base = "
-                  f"{'none' if args.no_baseline else (args.baseline or args.baseline_rev)}; "
+                  f"{baseline_label(args)}; "
                   + ", ".join(f"{k} {getattr(v, '__version__', '?')}" for k, v in libs.items()
-                              if k not in ("neuralode", "base")))
+                              if k not in ("neuralode", "base"))
+                  + f"; {reps} repeats{', cold' if args.cold else ', warm'}; {loadavg()}")
         print(header, flush=True)
         result = {"header": header, "adaptive": [], "fixed": [], "events": []}
         t_start = time.monotonic()
@@ -532,20 +506,21 @@ def main(argv=None):
         if "c" in only:
             jobs.append((problem_c, "fwd", max(2, reps // 2)))
         for k, (make, mode, n) in enumerate(jobs):
-            rows = bench_adaptive(make(), mode, libs, n)
+            rows = bench_adaptive(make(), mode, libs, n, warm=not args.cold)
             result["adaptive"] += rows
             table = fmt_adaptive(rows)
             print(("\n" + table) if k == 0 else table.split("\n", 2)[2], flush=True)
         if "d" in only:
-            result["fixed"] = bench_fixed(libs, reps)
+            result["fixed"] = bench_fixed(libs, reps, warm=not args.cold)
             print("\n(d) fixed grid, MLP 512x32 w64, step 0.05 on [0, 1], float32, no autograd\n")
             print(fmt_fixed(result["fixed"]), flush=True)
         if "e" in only:
-            result["events"] = bench_events(libs, reps)
+            result["events"] = bench_events(libs, reps, warm=not args.cold)
             print("\n(e) bouncing ball, 10 bounces, dopri5 1e-8, float64\n")
             print(fmt_events(result["events"]))
         result["seconds"] = round(time.monotonic() - t_start, 1)
-        print(f"\n{result['seconds']} s")
+        result["loadavg_end"] = loadavg()
+        print(f"\n{result['seconds']} s ({loadavg()})")
         args.json.write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,6 +61,7 @@ from neuralode.problem import (
     batch_times,
     check_t,
     check_y0,
+    check_y_unchanged,
     prepare,
 )
 from neuralode.solvers.base import PerSampleStats, StateLayout
@@ -228,6 +229,7 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                                   name=p.name, shrink=s.shrink, sync_counter=sync_counter,
                                   compile_step=s.compile_step, event_fn=event_fn,
                                   record=record)
+    check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)
     dense_sol = BatchedDense(record, stepper, s.ts[:, 0], res.t_final) if record else None
     return res.ys, res, dense_sol

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from neuralode.errors import EventError, ODEInputError
+from neuralode.errors import EventError, ODEFuncError, ODEInputError
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import RHS, PerSampleStats, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
@@ -27,7 +27,9 @@ from neuralode.solvers.registry import ALIASES, DEFAULT_METHOD, SOLVERS
 
 Tolerance = float | torch.Tensor | Sequence[float]
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
-EVENT_MAX_STEPS = 10**6
+# event mode searches this many steps by default (seconds, not minutes: dopri5 takes about
+# 0.2 ms per step on a small state); options['max_num_steps'] searches further
+EVENT_MAX_STEPS = 20_000
 
 def check_func(func) -> None:
     if not callable(func):
@@ -52,6 +54,9 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
         if not v.is_floating_point():
             raise ODEInputError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
                                 f"float64), got {v.dtype}; e.g. use y0.float()")
+        if v.is_meta:
+            raise ODEInputError(f"{name} is on the meta device (a shape without values); "
+                                f"give it real data on a CPU or GPU device")
         if batch and (v.dim() < 1 or v.shape[0] == 0):
             raise ODEInputError(f"per_sample=True: {name} must have a leading batch dimension "
                                 f"(B, ...) with B >= 1, got shape {tuple(v.shape)}")
@@ -81,6 +86,9 @@ def check_t(t, batch: int | None = None) -> torch.Tensor:
                                 f"{type(t).__name__}") from None
     if t.is_complex() or t.dtype == torch.bool:
         raise ODEInputError(f"t must be real, got dtype {t.dtype}")
+    if t.is_meta:
+        raise ODEInputError("t is on the meta device (a shape without values); give it real "
+                            "times on a CPU or GPU device")
     if batch is None and t.dim() != 1:
         raise ODEInputError(f"t must be a 1-D tensor of times, got shape {tuple(t.shape)}")
     if batch is not None and not (t.dim() == 1 or (t.dim() == 2 and t.shape[0] == batch)):
@@ -302,6 +310,8 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     y0_flat = layout.flatten(tuple(items) if is_tuple else items[0], B)
     if y0_flat.dtype != rhs.dtype:
         y0_flat = y0_flat.to(rhs.dtype)
+    elif y0_flat.data_ptr() == items[0].data_ptr():
+        y0_flat = y0_flat.clone()  # func gets the solver's copy: the caller's y0 stays as is
     if cls.adaptive:
         check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
     norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
@@ -379,6 +389,7 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
     res = run(p, ts, y0_solve, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
               record=dense, throw=throw, integrator=integrator)
+    check_y_unchanged(p)
     outs = res.outs
     outs[0] = y0_flat
     ys = torch.stack(outs)
@@ -398,6 +409,18 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
                     message=res.message, event_t=event_t, event_y=event_y,
                     t_final=res.t_final, y_final=p.layout.unflatten(to_user_dtype(res.y_final, p)),
                     dense=dense_sol)
+
+
+def check_y_unchanged(p: Problem) -> None:
+    """``func`` must not change its input y in place: the solver's copy of y0 (the state the
+    first evaluation got) still equals the caller's y0. One comparison per solve."""
+    original = p.layout.flatten(tuple(p.items) if p.layout.is_tuple else p.items[0],
+                                p.y0_flat.shape[0] if p.y0_flat.dim() == 2 else None)
+    if not torch.equal(p.y0_flat.detach(), original.detach().to(p.y0_flat.dtype)):
+        raise ODEFuncError(
+            "func changed its input y in place (the initial state it was given changed during "
+            "the solve); compute dy/dt without modifying y (e.g. y = y * 2, not y *= 2): "
+            "the solver's states are shared with func, so the solution would be wrong")
 
 
 def to_user_dtype(y: torch.Tensor, p: Problem) -> torch.Tensor:
@@ -425,9 +448,14 @@ def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks
     res = run(p, ts[:2], y0_solve, open_end=True, event_fn=event_fn,
               callbacks=callbacks if callbacks is not None else find_callbacks(func, p.method),
               throw=False, integrator=integrator)
+    check_y_unchanged(p)
     if res.status != "event" or res.event_y is None:
+        limit = ("" if "max_num_steps" in opts else
+                 f"; event mode searches at most {EVENT_MAX_STEPS} steps unless "
+                 f"options['max_num_steps'] says otherwise (t[1] only gives the direction)")
         raise EventError(f"{p.name}: event_fn never changed sign: the search from t0={ts[0]} "
-                         f"stopped at t={res.t_final:.10g} without an event ({res.message})")
+                         f"stopped at t={res.t_final:.10g} without an event ({res.message})"
+                         f"{limit}")
     ys = torch.stack([p.y0_flat, res.event_y])
     ys = p.layout.unflatten(to_user_dtype(ys, p))
     event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)

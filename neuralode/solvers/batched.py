@@ -31,9 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
+from neuralode.errors import EventError
 from neuralode.solvers.controllers import PerSampleGrid
 from neuralode.solvers.elementwise import ulp
-from neuralode.solvers.event_location import EventFunction, locate_event
+from neuralode.solvers.event_location import (
+    EventFunction,
+    interior_check,
+    locate_event,
+    nonfinite_event_message,
+)
 from neuralode.solvers.rk import dense_combine, dense_weights
 from neuralode.solvers.status import (
     CODE,
@@ -225,7 +231,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
 
     no_outputs = torch.zeros(B, dtype=torch.long, device=device)
 
-    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev):
+    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev, n_bad):
         """Where each running row's attempt ends, the per-row stop checks, and the values
         of the step's one synchronisation (rows running, outputs of the last step)."""
         t1 = controller.propose(t, h, t_end, dirn)
@@ -235,7 +241,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                              status)
         status = torch.where(running & ~tiny & (n_att >= max_num_steps), _MAX_STEPS, status)
         running = status == _RUNNING
-        return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev])
+        return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev, n_bad])
 
     def attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc, n_rej,
                 i_out, k_grid):
@@ -277,25 +283,26 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     else:
         k_grid_ = torch.zeros((), dtype=torch.long, device=device)
     event_t = torch.full((B,), math.nan, dtype=torch.float64, device=device)
-    ev = no_ev = torch.zeros(B, dtype=torch.bool, device=device)
+    ev = ev_bad = no_ev = torch.zeros(B, dtype=torch.bool, device=device)
     event = EventFunction(event_fn, rhs, t, y) if event_fn is not None else None
-    g1 = None
+    state_at = h_ev = g_ev = None  # the last step's interpolant and where its event lies
     while True:
         if adaptive:
             t1, hh, status, running, flags = propose(
                 t, h, t_end, dirn, running, status, n_att, controller.nonfinite,
-                pending[5] if pending is not None else no_outputs, ev.sum())
-            n_run, m, n_ev = sync(flags)  # the one synchronisation per step
+                pending[5] if pending is not None else no_outputs, ev.sum(), ev_bad.sum())
+            n_run, m, n_ev, n_bad = sync(flags)  # the one synchronisation per step
+            if n_bad:
+                b = int(ev_bad.nonzero()[0, 0])
+                raise EventError(f"sample {int(rows[b])}: " + nonfinite_event_message(
+                    name, float(pending[4][b]), pending[1][b]))
             if n_ev:
                 # rows whose step crossed their event: locate it, keep the outputs before it
                 y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, acc_s = pending
                 hs = torch.where(h_s != 0, h_s, 1.0)
                 with torch.no_grad():
-                    yd = y_s.detach()
-                    t_ev = locate_event(
-                        event, lambda tm, yd=yd, h_s=h_s, t_s=t_s, hs=hs: stepper.interpolate(
-                            yd, h_s, ((tm - t_s) / hs)[:, None])[:, 0],
-                        t_s, yd, h_s, g1, active=ev)
+                    t_ev = locate_event(event, state_at, t_s, y_s.detach(), h_ev, g_ev,
+                                        active=ev)
                 theta = torch.where(ev, (t_ev - t_s) / hs, 0.0)
                 y_ev = stepper.interpolate(y_s, h_s, theta[:, None])[:, 0]
                 upto = torch.searchsorted(key, (dirn * t_ev)[:, None], right=True)[:, 0]
@@ -349,8 +356,15 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
             K = torch.stack(stepper.ks[:stepper.s_ext]) if stepper.graph else stepper.K.clone()
             record.append((t_old, t1m, hm, accept, y_old, y1, K))
         if event is not None:
-            g1 = event(t1m, y1)
-            ev = accept & (g1 <= 0)
+            with torch.no_grad():
+                g1 = event(t1m, y1)
+                yd, hs = y_old.detach(), torch.where(hm != 0, hm, 1.0)
+
+                def state_at(tm, yd=yd, hm=hm, t_old=t_old, hs=hs):
+                    return stepper.interpolate(yd, hm, ((tm - t_old) / hs)[:, None])[:, 0]
+                h_ev, g_ev = interior_check(event, state_at, t_old, hm, g1)
+            ev = accept & (g_ev <= 0)
+            ev_bad = accept & ~torch.isfinite(g1)
             status = torch.where(ev, _EVENT, status)
             running = status == _RUNNING
         pending = (y_old, y1, hm, t_old, t1m, cnt, i_old, rows, accept)

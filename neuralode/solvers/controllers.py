@@ -97,10 +97,18 @@ class ErrorNorm:
                 raise ODEFuncError(f"the error norm (options['norm']) must return one value "
                                    f"per sample, shape ({B},), in per_sample mode; got shape "
                                    f"{tuple(out.shape)}")
+            if bool((out < 0).any()):
+                raise ODEFuncError(f"the error norm (options['norm']) returned negative "
+                                   f"values {out[out < 0].tolist()[:4]}; it must return finite "
+                                   f"non-negative numbers")
             return out.to(torch.float64)
         if factor != 1.0:
             ratio = ratio * factor
-        return float(self.user_norm(self.layout.unflatten(ratio)))
+        value = float(self.user_norm(self.layout.unflatten(ratio)))
+        if value < 0:
+            raise ODEFuncError(f"the error norm (options['norm']) returned {value}; it must "
+                               f"return a finite non-negative number")
+        return value
 
     def convergence(self, y_new: torch.Tensor, y_old: torch.Tensor) -> float:
         """Norm of the change y_new - y_old scaled by the tolerances (corrector iterations)."""
@@ -137,11 +145,17 @@ def initial_step(rhs_call: Callable, t0, y0: torch.Tensor, f0: torch.Tensor, dir
     return where(ok, h, math.nan)
 
 
-def _number(owner: str, name: str, value, ok: Callable[[float], bool], need: str) -> float:
-    """A float option that satisfies ``ok``, or a clear error saying what is needed."""
+def option_number(owner: str, name: str, value, ok: Callable[[float], bool], need: str
+                  ) -> float:
+    """A float option that satisfies ``ok``, or a clear error saying what is needed. One
+    rule for every numeric option (as for rtol/atol): numbers (or 0-d tensors), never
+    strings or booleans."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ODEInputError(f"option {name!r}{owner} must be a number, got {value!r} (a "
+                            f"{type(value).__name__}; numeric options take numbers, not text)")
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise ODEInputError(f"option {name!r}{owner} must be a number, got {value!r}") from None
     if math.isnan(v) or not ok(v):
         raise ODEInputError(f"option {name!r}{owner} must be {need}, got {value!r}")
@@ -325,7 +339,7 @@ class PIDController:
         finite = math.isfinite
         for k in ("pcoeff", "icoeff", "dcoeff"):
             if k in s:
-                out[k] = _number(w, k, s[k], finite, "a finite number")
+                out[k] = option_number(w, k, s[k], finite, "a finite number")
         checks = {
             "safety": (lambda v: 0 < v <= 1, "a positive finite number at most 1"),
             "ifactor": (lambda v: v >= 1, "a number >= 1 (need ifactor >= 1)"),
@@ -337,7 +351,7 @@ class PIDController:
         }
         for k, (ok, need) in checks.items():
             if s.get(k) is not None:
-                out[k] = _number(w, k, s[k], ok, need)
+                out[k] = option_number(w, k, s[k], ok, need)
         if out.get("min_step", 0.0) > out.get("max_step", math.inf):
             raise ODEInputError(f"min_step={out['min_step']} exceeds max_step={out['max_step']}")
         return out

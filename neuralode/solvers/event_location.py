@@ -64,6 +64,37 @@ def _show(t) -> str:
     return f"{t}" if not isinstance(t, torch.Tensor) else f"{t.tolist()[:8]}"
 
 
+INTERIOR = (0.2, 0.4, 0.6, 0.8)  # step fractions where the interpolant is also checked
+
+
+def interior_check(event: EventFunction, state_at: Callable, t, h, g1):
+    """(end of the interval to search, event value there): the step's end, or the first of
+    the ``INTERIOR`` fractions of the step where the event value on the interpolant is <= 0
+    while it is positive at the end (two sign changes inside one step, invisible at its
+    ends: a ball thrown up through the event height and falling back within one long step).
+    A pair of crossings between two of these points is not seen. One problem: floats (the
+    check runs only where g1 > 0); per sample: (B,) arrays, rows with g1 <= 0 keep their
+    end."""
+    h_ev, g_ev = h, g1
+    found = logical_not(g1 > 0)
+    for th in INTERIOR:
+        tm = t + th * h
+        gm = event(tm, state_at(tm))
+        hit = logical_not(found) & (gm <= 0)
+        h_ev, g_ev = where(hit, th * h, h_ev), where(hit, gm, g_ev)
+        found = found | hit
+        if every(found):
+            break
+    return h_ev, g_ev
+
+
+def nonfinite_event_message(name: str, t, y: torch.Tensor) -> str:
+    big = float(y.detach().abs().max()) if y.numel() else 0.0
+    return (f"{name}: event_fn returned a non-finite value at t={t:.10g}, where the state's "
+            f"largest magnitude is {big:.3g}: the solution diverged (or event_fn failed) "
+            f"before any sign change of event_fn was found")
+
+
 def locate_event(event: EventFunction, state_at: Callable, t, y: torch.Tensor, h, g1,
                  active=None):
     """The event time in (t, t + h]: the last float64 time where the (positive at t) event
@@ -102,4 +133,4 @@ def locate_event(event: EventFunction, state_at: Callable, t, y: torch.Tensor, h
     return t_lo if active is None else torch.where(active, t_lo, t + h)
 
 
-__all__ = ["EventFunction", "locate_event"]
+__all__ = ["EventFunction", "interior_check", "locate_event", "nonfinite_event_message"]

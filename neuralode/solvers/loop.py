@@ -24,7 +24,12 @@ import torch
 
 from neuralode.errors import EventError
 from neuralode.solvers.base import StepFailure
-from neuralode.solvers.event_location import EventFunction, locate_event
+from neuralode.solvers.event_location import (
+    EventFunction,
+    interior_check,
+    locate_event,
+    nonfinite_event_message,
+)
 from neuralode.solvers.status import (
     CONVERGENCE,
     ERRORS,
@@ -201,14 +206,17 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
         if event is not None:
             g1 = event(t1, y1)
             if not math.isfinite(g1):
-                raise EventError(f"{name}: event_fn returned a non-finite value at t={t1:.10g}")
-            if g1 <= 0:
-                stepper.prepare_interp(t1_eval, y1)
+                raise EventError(nonfinite_event_message(name, t1, y1))
+            stepper.prepare_interp(t1_eval, y1)
+            yd = y.detach()
+
+            def state_at(tm, yd=yd, t=t, h=h):
+                return stepper.interpolate(yd, h, [(tm - t) / h])[0]
+            with torch.no_grad():
+                h_ev, g_ev = interior_check(event, state_at, t, h, g1) if g1 > 0 else (h, g1)
+            if g_ev <= 0:
                 with torch.no_grad():
-                    yd = y.detach()
-                    t_ev = locate_event(
-                        event, lambda tm, yd=yd, t=t, h=h: stepper.interpolate(
-                            yd, h, [(tm - t) / h])[0], t, yd, h, g1)
+                    t_ev = locate_event(event, state_at, t, yd, h_ev, g_ev)
                 y_ev = stepper.interpolate(y, h, [(t_ev - t) / h])[0] if t_ev != t else y
                 while i_out < n_out and direction * (ts[i_out] - t_ev) <= 0:
                     out_t = ts[i_out]

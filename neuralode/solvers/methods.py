@@ -21,6 +21,7 @@ from neuralode.solvers.controllers import (
     PIDController,
     grid_step_count,
     merge_times,
+    option_number,
 )
 from neuralode.solvers.rk import RKStepper
 from neuralode.solvers.tableau import TABLEAUX, ButcherTableau
@@ -180,16 +181,9 @@ def check_grid(name: str, grid: list[float], t0: float, t1: float) -> list[float
     return grid
 
 
-def _number_option(method, name, value, allow_zero=False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ODEInputError(f"option {name!r} of {method!r} must be a number, got "
-                            f"{value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ODEInputError(f"option {name!r} of {method!r} must be a positive finite number, "
-                            f"got {value!r}")
-    return v
+def _number_option(method, name, value) -> float:
+    return option_number(f" of {method!r}", name, value, lambda v: 0 < v < math.inf,
+                         "a positive finite number")
 
 
 class FixedGridRK(FixedGridMethod):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from neuralode.errors import ConvergenceError, ODEInputError, StepSizeError
+from neuralode.solvers.controllers import option_number
 from neuralode.solvers.jacobian import JacobianSource, check_jacobian_option
 from neuralode.solvers.methods import COMMON_OPTIONS, Method
 
@@ -322,22 +323,14 @@ class ScipySolver(Method):
         if o["solver"] not in SCIPY_SOLVERS:
             raise ODEInputError(f"option 'solver' of 'scipy_solver' must be one of "
                                 f"{list(SCIPY_SOLVERS)}, got {o['solver']!r}")
-        for key in ("min_step", "max_step"):
-            try:
-                v = float(o[key])
-            except (TypeError, ValueError):
-                raise ODEInputError(f"option {key!r} of 'scipy_solver' must be a number, got "
-                                    f"{o[key]!r}") from None
-            if math.isnan(v) or v < 0 or (key == "max_step" and v == 0):
-                raise ODEInputError(f"option {key!r} of 'scipy_solver' must be a "
-                                    f"{'positive' if key == 'max_step' else 'non-negative'} "
-                                    f"number, got {o[key]!r}")
-            o[key] = v
+        w = " of 'scipy_solver'"
+        o["min_step"] = option_number(w, "min_step", o["min_step"], lambda v: v >= 0,
+                                      "a non-negative number")
+        o["max_step"] = option_number(w, "max_step", o["max_step"], lambda v: v > 0,
+                                      "a positive number")
         if o["first_step"] is not None:
-            v = float(o["first_step"])
-            if not (v > 0 and math.isfinite(v)):
-                raise ODEInputError(f"option 'first_step' of 'scipy_solver' must be a positive "
-                                    f"finite number, got {o['first_step']!r}")
+            option_number(w, "first_step", o["first_step"], lambda v: 0 < v < math.inf,
+                          "a positive finite number")
         if o["min_step"] > 0 and o["solver"] != "LSODA":
             warnings.warn(f"scipy_solver: option 'min_step' is used by scipy's LSODA only; "
                           f"{o['solver']} ignores it", stacklevel=4)
