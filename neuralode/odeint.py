@@ -85,7 +85,7 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         event_fn: torchdiffeq's event mode: integrate from ``t[0]`` (in the direction of
             ``t[1]``, which is otherwise ignored) until ``event_fn(t, y)`` changes sign, and
             return ``(event_t, solution)`` with solution = y at ``t[0]`` and at ``event_t``.
-            Bounded by ``max_num_steps`` (default 1e6 steps here), then an EventError.
+            Bounded by ``max_num_steps`` (default 20,000 steps in event mode), then an EventError.
         return_stats: also return a ``SolverStats`` (NFE, accepted and rejected steps).
         gradient: how the solve is differentiated: "backprop" (default: autograd through
             the solver), "checkpoint" (the same gradient, to rounding, with memory of one
