@@ -228,7 +228,8 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
                                   name=p.name, shrink=s.shrink, sync_counter=sync_counter,
                                   compile_step=s.compile_step, event_fn=event_fn,
-                                  record=record)
+                                  record=record,
+                                  event_interior_points=p.opts["event_interior_points"])
     check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)
     dense_sol = BatchedDense(record, stepper, s.ts[:, 0], res.t_final) if record else None

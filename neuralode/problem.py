@@ -99,38 +99,35 @@ def check_t(t, batch: int | None = None) -> torch.Tensor:
     return t
 
 
-def check_time_rows(tt: torch.Tensor) -> None:
-    """Each row of the float64 (R, T) times finite and strictly monotonic."""
-    finite = torch.isfinite(tt)
-    if not bool(finite.all()):
-        raise ODEInputError(f"t contains non-finite values: {tt[~finite].tolist()[:5]}")
-    if tt.shape[1] > 1:
-        d = tt[:, 1:] - tt[:, :-1]
-        bad = (d * torch.sign(d[:, :1])) <= 0
-        if bool(bad.any()):
-            r, k = (int(v) for v in bad.nonzero()[0])
-            k += 1
-            row = f" (in row {r} of the per-sample times)" if tt.shape[0] > 1 else ""
-            raise ODEInputError(
-                f"t must be strictly increasing or strictly decreasing{row}; t[{k - 1}]="
-                f"{tt[r, k - 1].item()!r} and t[{k}]={tt[r, k].item()!r} break the order set "
-                f"by t[0], t[1]")
+def check_time_rows(rows: list[list[float]]) -> None:
+    """Each row of times (float64 values) finite and strictly monotonic."""
+    for r, ts in enumerate(rows):
+        bad = [x for x in ts if not math.isfinite(x)]
+        if bad:
+            raise ODEInputError(f"t contains non-finite values: {bad[:5]}")
+        direction = 1.0 if len(ts) < 2 or ts[1] > ts[0] else -1.0
+        for k in range(1, len(ts)):
+            if direction * (ts[k] - ts[k - 1]) <= 0:
+                row = f" (in row {r} of the per-sample times)" if len(rows) > 1 else ""
+                raise ODEInputError(
+                    f"t must be strictly increasing or strictly decreasing{row}; t[{k - 1}]="
+                    f"{ts[k - 1]!r} and t[{k}]={ts[k]!r} break the order set by t[0], t[1]")
 
 
 def times_of(t: torch.Tensor) -> list[float]:
     """The checked times of a 1-D ``t`` as float64 Python floats."""
-    tt = t.detach().to(torch.float64)
-    check_time_rows(tt[None])
-    return tt.tolist()
+    ts = t.detach().to(torch.float64).tolist()
+    check_time_rows([ts])
+    return ts
 
 
 def batch_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
     """(B, T) float64 checked times on ``device`` from per-sample t of shape (T,) or
     (B, T)."""
-    tt = t.detach().to(device=device, dtype=torch.float64)
-    tt = tt[None].expand(B, -1) if tt.dim() == 1 else tt
-    check_time_rows(tt)
-    return tt.contiguous()
+    tt = t.detach().to(dtype=torch.float64)
+    check_time_rows(tt.tolist() if tt.dim() == 2 else [tt.tolist()])
+    tt = tt.to(device)
+    return (tt[None].expand(B, -1) if tt.dim() == 1 else tt).contiguous()
 
 
 def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
@@ -217,6 +214,11 @@ def method_options(name: str, given: dict) -> dict:
     if not isinstance(mns, int) or isinstance(mns, bool) or mns < 1:
         raise ODEInputError(f"option 'max_num_steps' of {name!r} must be a positive int, got "
                             f"{mns!r}")
+    k = opts["event_interior_points"]
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 100:
+        raise ODEInputError(f"option 'event_interior_points' of {name!r} must be an int in "
+                            f"0..100 (points per step where the interpolant is also checked "
+                            f"for an event), got {k!r}")
     cls.check(opts)
     return opts
 
@@ -282,6 +284,7 @@ class Problem:
     opts: dict
     norm: ErrorNorm
     stats: Any  # SolverStats, or PerSampleStats for a per-sample batch
+    y0_version: int = 0  # y0_flat's version counter when prepared (``check_y_unchanged``)
 
 
 def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = False,
@@ -315,7 +318,8 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     if cls.adaptive:
         check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
     norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
-    return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats)
+    return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats,
+                   y0_flat._version)
 
 
 def integrate_plain(p: Problem, y0_flat: torch.Tensor, ts: list[float], stepper, controller,
@@ -351,7 +355,8 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
     res = (integrator or integrate_plain)(
         p, y_start, ts, stepper, controller, stops=stops, open_end=open_end, event_fn=event_fn,
         callbacks=callbacks, perturb=bool(o.get("perturb", False)),
-        max_num_steps=o["max_num_steps"], record=record, throw=throw, name=p.name)
+        max_num_steps=o["max_num_steps"], record=record, throw=throw, name=p.name,
+        event_interior_points=o["event_interior_points"])
     p.stats.status = res.status
     p.stats.message = res.message
     p.stats.t_final = res.t_final
@@ -413,10 +418,9 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
 
 def check_y_unchanged(p: Problem) -> None:
     """``func`` must not change its input y in place: the solver's copy of y0 (the state the
-    first evaluation got) still equals the caller's y0. One comparison per solve."""
-    original = p.layout.flatten(tuple(p.items) if p.layout.is_tuple else p.items[0],
-                                p.y0_flat.shape[0] if p.y0_flat.dim() == 2 else None)
-    if not torch.equal(p.y0_flat.detach(), original.detach().to(p.y0_flat.dtype)):
+    first evaluation got, and any view of it) has not been written since ``prepare`` (its
+    version counter, which every in-place operation on it or a view of it advances)."""
+    if p.y0_flat._version != p.y0_version:
         raise ODEFuncError(
             "func changed its input y in place (the initial state it was given changed during "
             "the solve); compute dy/dt without modifying y (e.g. y = y * 2, not y *= 2): "

@@ -147,7 +147,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
                       compile_step: bool | str = False, event_fn: Callable | None = None,
-                      record: list | None = None) -> tuple[BatchedResult, list[str]]:
+                      record: list | None = None, event_interior_points: int = 0
+                      ) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``rhs``: a per-sample ``RHS`` (``batch=True``); ``stepper``: an ``RKStepper``;
@@ -284,7 +285,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         k_grid_ = torch.zeros((), dtype=torch.long, device=device)
     event_t = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     ev = ev_bad = no_ev = torch.zeros(B, dtype=torch.bool, device=device)
-    event = EventFunction(event_fn, rhs, t, y) if event_fn is not None else None
+    event = (EventFunction(event_fn, rhs, t, y, event_interior_points)
+             if event_fn is not None else None)
     state_at = h_ev = g_ev = None  # the last step's interpolant and where its event lies
     while True:
         if adaptive:
@@ -300,9 +302,16 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                 # rows whose step crossed their event: locate it, keep the outputs before it
                 y_s, y1_s, h_s, t_s, t1_s, cnt, i0, rows_s, acc_s = pending
                 hs = torch.where(h_s != 0, h_s, 1.0)
+                t_ev = t1_s.clone()
                 with torch.no_grad():
-                    t_ev = locate_event(event, state_at, t_s, y_s.detach(), h_ev, g_ev,
-                                        active=ev)
+                    yd = y_s.detach()
+                    for b in ev.nonzero()[:, 0].tolist():  # each as a one-problem solve
+                        tb, hb = float(t_s[b]), float(h_s[b])
+
+                        def row_at(tm, b=b, tb=tb, hb=hb, yb=yd[b]):
+                            return stepper.interpolate(yb, hb, [(tm - tb) / hb], row=b)[0]
+                        t_ev[b] = locate_event(event.row(b), row_at, tb, yd[b],
+                                               float(h_ev[b]), float(g_ev[b]))
                 theta = torch.where(ev, (t_ev - t_s) / hs, 0.0)
                 y_ev = stepper.interpolate(y_s, h_s, theta[:, None])[:, 0]
                 upto = torch.searchsorted(key, (dirn * t_ev)[:, None], right=True)[:, 0]
@@ -362,7 +371,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
 
                 def state_at(tm, yd=yd, hm=hm, t_old=t_old, hs=hs):
                     return stepper.interpolate(yd, hm, ((tm - t_old) / hs)[:, None])[:, 0]
-                h_ev, g_ev = interior_check(event, state_at, t_old, hm, g1)
+                h_ev, g_ev = interior_check(event, state_at, t_old, hm, g1) if event.interior \
+                    else (hm, g1)
             ev = accept & (g_ev <= 0)
             ev_bad = accept & ~torch.isfinite(g1)
             status = torch.where(ev, _EVENT, status)

@@ -78,7 +78,8 @@ class ErrorNorm:
         if self.user_norm is not None:
             return self._user(ratio, factor, batch)
         if not self.mixed:
-            raw = torch.linalg.vector_norm(ratio, dim=-1)
+            raw = torch.linalg.vector_norm(ratio, dim=-1) if batch else \
+                torch.linalg.vector_norm(ratio)
         else:  # max over tuple elements of the RMS of each element
             raw = torch.stack([torch.linalg.vector_norm(ratio[..., a:b], dim=-1) / math.sqrt(b - a)
                                for a, b in itertools.pairwise(self.layout.offsets) if b > a],
@@ -261,6 +262,7 @@ class StepBounds:
     def clamp(self, h, direction):
         return direction * clip(abs(h), self.min_step, self.max_step)
 
+
     def at_min_step(self, h):
         """Steps at ``min_step`` are accepted, also when rounding (h = t1 - t) or a stretch
         onto a stop made them longer: their retry would be the same step (endless loop)."""
@@ -391,6 +393,7 @@ class PIDRun(StepBounds):
         self.b3 = s["dcoeff"] / k
         self.error_order = self.start_order = error_order
         self.accept_floor = 1.0  # an accepted step does not shrink the next one
+        self.has_history = bool(self.b2 or self.b3)  # does ``remember`` keep anything?
         self.prev1 = self.prev2 = 1.0
         self.absy = None
         self.nonfinite = False  # was the last attempt rejected for a nan/inf error?
@@ -430,9 +433,8 @@ class PIDRun(StepBounds):
 
     def remember(self, accept, ratio, h) -> None:
         """History after an attempt (PID: the last two accepted error ratios)."""
-        if self.b2 or self.b3:
-            self.prev2 = where(accept, self.prev1, self.prev2)
-            self.prev1 = where(accept, maximum(ratio, 1e-10), self.prev1)
+        self.prev2 = where(accept, self.prev1, self.prev2)
+        self.prev1 = where(accept, maximum(ratio, 1e-10), self.prev1)
 
     def rejected_factor(self, ratio):
         """After a rejection the step always shrinks (the PID history terms could otherwise
@@ -460,7 +462,7 @@ class PIDRun(StepBounds):
                                f"non-negative number")
         # ratio == 0 asks for the largest growth: the factors are evaluated at ratio > 0
         # (their limit is clipped to ifactor either way)
-        if not isinstance(ratio, torch.Tensor):
+        if isinstance(ratio, float):
             self.nonfinite = not finite
             if not finite:
                 return False, self.nonfinite_step(h, direction)
@@ -471,7 +473,8 @@ class PIDRun(StepBounds):
                 self.absy = absy1
             else:
                 f = self.rejected_factor(r)
-            self.remember(accept, ratio, h)
+            if self.has_history:
+                self.remember(accept, ratio, h)
             return accept, self.clamp(h * f, direction)
         r = ratio.clamp(min=1e-300)
         accept = finite & ((ratio <= 1.0) | self.at_min_step(h))

@@ -8,6 +8,8 @@ tensors it is a handful of elementwise kernels and no host synchronisation.
 
 Floats follow the tensor semantics where they differ: ``where`` picks without raising,
 comparisons with nan are False, and no formula here divides by a value that may be zero.
+A clock value is told apart by the Python number types (``NUMBER``): ``isinstance(x,
+torch.Tensor)`` goes through torch's metaclass and costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -17,65 +19,66 @@ import math
 import torch
 
 Tensor = torch.Tensor
+NUMBER = (float, int, bool)
 
 
 def where(cond, a, b):
     """``a`` where ``cond`` holds, else ``b``."""
-    if isinstance(cond, Tensor):
-        return torch.where(cond, a, b)
-    return a if cond else b
+    if isinstance(cond, NUMBER):
+        return a if cond else b
+    return torch.where(cond, a, b)
 
 
 def minimum(a, b):
-    if isinstance(a, Tensor):
-        return torch.minimum(a, b) if isinstance(b, Tensor) else a.clamp(max=b)
-    if isinstance(b, Tensor):
+    if isinstance(a, NUMBER):
+        if isinstance(b, NUMBER):
+            return a if (a < b or a != a) else b  # nan propagates, as in torch.minimum
         return b.clamp(max=a)
-    return a if (a < b or a != a) else b  # nan propagates, as in torch.minimum
+    return a.clamp(max=b) if isinstance(b, NUMBER) else torch.minimum(a, b)
 
 
 def maximum(a, b):
-    if isinstance(a, Tensor):
-        return torch.maximum(a, b) if isinstance(b, Tensor) else a.clamp(min=b)
-    if isinstance(b, Tensor):
+    if isinstance(a, NUMBER):
+        if isinstance(b, NUMBER):
+            return a if (a > b or a != a) else b
         return b.clamp(min=a)
-    return a if (a > b or a != a) else b
+    return a.clamp(min=b) if isinstance(b, NUMBER) else torch.maximum(a, b)
 
 
 def clip(x, lo: float, hi: float):
     """x limited to [lo, hi] (nan stays nan)."""
-    if isinstance(x, Tensor):
-        return x.clamp(min=lo, max=hi)
-    return lo if x < lo else (hi if x > hi else x)
+    if isinstance(x, NUMBER):
+        return lo if x < lo else (hi if x > hi else x)
+    return x.clamp(min=lo, max=hi)
 
 
 def isfinite(x):
-    return torch.isfinite(x) if isinstance(x, Tensor) else math.isfinite(x)
+    return math.isfinite(x) if isinstance(x, NUMBER) else torch.isfinite(x)
 
 
 def logical_not(x):
-    return ~x if isinstance(x, Tensor) else not x
+    return not x if isinstance(x, NUMBER) else ~x
 
 
 def ulp(x):
     """The spacing of float64 numbers at |x| (``math.ulp``)."""
-    if isinstance(x, Tensor):
-        x = x.abs()
-        return torch.nextafter(x, torch.full_like(x, math.inf)) - x
-    return math.ulp(x)
+    if isinstance(x, NUMBER):
+        return math.ulp(x)
+    x = x.abs()
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
 
 
 def column(h, like: Tensor):
     """A per-row value (a float, or (B,) for a (B, ...) state) shaped to multiply ``like``."""
-    if isinstance(h, Tensor):
-        return h.to(like.dtype).reshape(h.shape + (1,) * (like.dim() - h.dim()))
-    return h
+    if isinstance(h, NUMBER):
+        return h
+    return h.to(like.dtype).reshape(h.shape + (1,) * (like.dim() - h.dim()))
 
 
 def every(x) -> bool:
     """True when x holds for every row (a host synchronisation for a tensor)."""
-    return bool(x.all()) if isinstance(x, Tensor) else bool(x)
+    return bool(x) if isinstance(x, NUMBER) else bool(x.all())
 
 
 def some(x) -> bool:
-    return bool(x.any()) if isinstance(x, Tensor) else bool(x)
+    return bool(x) if isinstance(x, NUMBER) else bool(x.any())

@@ -4,19 +4,13 @@ inside an accepted step, written once for one problem (float times) and a per-sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from neuralode.errors import EventError
-from neuralode.solvers.elementwise import (
-    every,
-    logical_not,
-    maximum,
-    minimum,
-    ulp,
-    where,
-)
+from neuralode.solvers.elementwise import every, logical_not, where
 
 
 class EventFunction:
@@ -26,9 +20,11 @@ class EventFunction:
     component is multiplied by its initial sign and the minimum is watched). One problem:
     floats in and out; per sample: t (B,), y (B, n), and event_fn returns (B,) or (B, k)."""
 
-    def __init__(self, fn: Callable, rhs, t0, y0: torch.Tensor):
+    def __init__(self, fn: Callable, rhs, t0, y0: torch.Tensor, interior_points: int = 0):
         self.fn, self.rhs = fn, rhs
         self.batch = y0.dim() == 2
+        # step fractions where the interpolant is also checked (``interior_check``)
+        self.interior = [(k + 1) / (interior_points + 1) for k in range(interior_points)]
         with torch.no_grad():
             c = self._raw(t0, y0)
         if not bool(torch.isfinite(c).all()):
@@ -41,7 +37,7 @@ class EventFunction:
 
     def _raw(self, t, y: torch.Tensor) -> torch.Tensor:
         rhs = self.rhs
-        tt = t.to(rhs.dtype) if isinstance(t, torch.Tensor) else rhs.time(t)
+        tt = rhs.time(t) if isinstance(t, float) else t.to(rhs.dtype)
         yu = y if y.dtype == rhs.user_dtype else y.to(rhs.user_dtype)
         out = self.fn(tt, rhs.layout.unflatten(yu))
         if not isinstance(out, torch.Tensor):
@@ -56,28 +52,37 @@ class EventFunction:
 
     def __call__(self, t, y: torch.Tensor):
         with torch.no_grad():
-            v = (self._raw(t, y) * self.signs).amin(-1)
-        return v if self.batch else v.item()
+            if self.batch:
+                return (self._raw(t, y) * self.signs).amin(-1)
+            return (self._raw(t, y) * self.signs).min().item()
+
+    def row(self, b: int) -> Callable[[float, torch.Tensor], float]:
+        """Row b of a per-sample event as a one-problem event function (float time, (n,)
+        state -> float): ``event_fn`` sees that sample as a batch of one."""
+        signs = self.signs[b:b + 1]
+
+        def value(t: float, y: torch.Tensor) -> float:
+            with torch.no_grad():
+                tt = torch.full((1,), t, dtype=torch.float64, device=y.device)
+                return float((self._raw(tt, y[None]) * signs).amin())
+        return value
 
 
 def _show(t) -> str:
     return f"{t}" if not isinstance(t, torch.Tensor) else f"{t.tolist()[:8]}"
 
 
-INTERIOR = (0.2, 0.4, 0.6, 0.8)  # step fractions where the interpolant is also checked
-
-
 def interior_check(event: EventFunction, state_at: Callable, t, h, g1):
     """(end of the interval to search, event value there): the step's end, or the first of
-    the ``INTERIOR`` fractions of the step where the event value on the interpolant is <= 0
-    while it is positive at the end (two sign changes inside one step, invisible at its
-    ends: a ball thrown up through the event height and falling back within one long step).
-    A pair of crossings between two of these points is not seen. One problem: floats (the
-    check runs only where g1 > 0); per sample: (B,) arrays, rows with g1 <= 0 keep their
-    end."""
+    the ``event.interior`` fractions of the step (``options['event_interior_points']``
+    evenly spaced points) where the event value on the interpolant is <= 0 while it is
+    positive at the end (two sign changes inside one step, invisible at its ends: a ball
+    thrown up through the event height and falling back within one long step). A pair of
+    crossings between two of these points is not seen. One problem: floats (the check runs
+    only where g1 > 0); per sample: (B,) arrays, rows with g1 <= 0 keep their end."""
     h_ev, g_ev = h, g1
     found = logical_not(g1 > 0)
-    for th in INTERIOR:
+    for th in event.interior:
         tm = t + th * h
         gm = event(tm, state_at(tm))
         hit = logical_not(found) & (gm <= 0)
@@ -95,42 +100,39 @@ def nonfinite_event_message(name: str, t, y: torch.Tensor) -> str:
             f"before any sign change of event_fn was found")
 
 
-def locate_event(event: EventFunction, state_at: Callable, t, y: torch.Tensor, h, g1,
-                 active=None):
+def locate_event(event: Callable, state_at: Callable, t: float, y: torch.Tensor, h: float,
+                 g1: float) -> float:
     """The event time in (t, t + h]: the last float64 time where the (positive at t) event
     value is still > 0 before it turns <= 0 (or an exact zero), to adjacent float64 times.
     Illinois regula falsi on the step's interpolant ``state_at(time)``, with a bisection
-    every fifth try. Per sample: t, h, g1 (B,) and ``active`` the rows to locate (the
-    others get t + h)."""
+    every fifth try. ``event(time, state) -> float``; per sample, each row with an event
+    is located by this function alone (``EventFunction.row``), so a sample's event time is
+    its solo solve's."""
     t_lo, g_lo = t, event(t, y)
     t_hi, g_hi = t + h, g1
-    last = 0 if active is None else torch.zeros_like(g1)
-    done = False if active is None else logical_not(active)
+    last = 0
     for it in range(200):
-        done = done | (abs(t_hi - t_lo) <= 2 * ulp(maximum(abs(t_lo), abs(t_hi))))
-        if every(done):
+        if abs(t_hi - t_lo) <= 2 * math.ulp(max(abs(t_lo), abs(t_hi))):
             break
         tm = 0.5 * (t_lo + t_hi)
-        if it % 5 != 4:
-            # g_lo > 0 >= g_hi: the secant's root (g_lo - g_hi > 0 wherever it is used)
-            tf = t_lo + (t_hi - t_lo) * (g_lo / maximum(g_lo - g_hi, 1e-300))
-            use = (g_lo > 0) & (g_hi < 0) & (minimum(t_lo, t_hi) < tf) & (tf < maximum(t_lo, t_hi))
-            tm = where(use, tf, tm)
+        if g_lo > 0 > g_hi and it % 5 != 4:
+            tf = t_lo + (t_hi - t_lo) * (g_lo / (g_lo - g_hi))
+            if min(t_lo, t_hi) < tf < max(t_lo, t_hi):
+                tm = tf
         gm = event(tm, state_at(tm))
-        run = logical_not(done)
-        zero = run & (gm == 0)  # an exact zero: the event is at tm
-        up = run & (gm > 0)
-        down = run & (gm < 0)
-        # Illinois: halve the value at the end that stayed
-        g_hi = where(up & (last == 1), g_hi * 0.5, g_hi)
-        g_lo = where(down & (last == -1), g_lo * 0.5, g_lo)
-        t_lo = where(up | zero, tm, t_lo)
-        g_lo = where(up, gm, g_lo)
-        t_hi = where(down, tm, t_hi)
-        g_hi = where(down, gm, g_hi)
-        last = where(up, 1, where(down, -1, last))
-        done = done | zero
-    return t_lo if active is None else torch.where(active, t_lo, t + h)
+        if gm == 0:
+            return tm
+        if gm > 0:
+            t_lo, g_lo = tm, gm
+            if last == 1:
+                g_hi *= 0.5  # Illinois: halve the value at the end that stayed
+            last = 1
+        else:
+            t_hi, g_hi = tm, gm
+            if last == -1:
+                g_lo *= 0.5
+            last = -1
+    return t_lo
 
 
 __all__ = ["EventFunction", "interior_check", "locate_event", "nonfinite_event_message"]

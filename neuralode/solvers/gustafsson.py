@@ -34,6 +34,7 @@ class GustafssonRun(PIDRun):
         super().__init__(norm, error_order, s)
         self.exponent = 1.0 / (error_order + 1.0)
         self.accept_floor = self.dfactor
+        self.has_history = True
         self.h_acc, self.err_acc = math.nan, 1.0
         self.had_accept = self.rejected_last = False
 

@@ -109,13 +109,14 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
               stops: list[Stop] = (), open_end: bool = False, event_fn: Callable | None = None,
               callbacks: Callbacks | None = None, perturb: bool = False,
               max_num_steps: int = 2**31 - 1, record: bool = False, throw: bool = True,
-              name: str = "") -> LoopResult:
+              name: str = "", event_interior_points: int = 0) -> LoopResult:
     """Integrate from (ts[0], y0) and return the states at the times ``ts``.
 
     ``open_end``: ts[-1] only gives the direction; the solve runs until the event (event
     mode of torchdiffeq) or ``max_num_steps``. ``stops``: times strictly inside the span to
     land on (see ``Stop``). ``perturb``: every step hands f its start time from the right
     and its end time from the left (fixed grids with discontinuities at grid points).
+    ``event_interior_points``: see ``event_location.interior_check``.
     """
     stats = rhs.stats
     t0 = ts[0]
@@ -129,7 +130,8 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                                  key=lambda s: direction * s.time))
     plan = inside + [Stop(t_end, "end")]
     n_out = 1 if open_end else len(ts)
-    event = EventFunction(event_fn, rhs, t0, y0) if event_fn is not None else None
+    event = (EventFunction(event_fn, rhs, t0, y0, event_interior_points)
+             if event_fn is not None else None)
     cbs = callbacks if callbacks else None
     adaptive = controller.adaptive
 
@@ -207,13 +209,16 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
             g1 = event(t1, y1)
             if not math.isfinite(g1):
                 raise EventError(nonfinite_event_message(name, t1, y1))
-            stepper.prepare_interp(t1_eval, y1)
-            yd = y.detach()
+            h_ev, g_ev = h, g1
+            if g1 <= 0 or event.interior:
+                stepper.prepare_interp(t1_eval, y1)
+                yd = y.detach()
 
-            def state_at(tm, yd=yd, t=t, h=h):
-                return stepper.interpolate(yd, h, [(tm - t) / h])[0]
-            with torch.no_grad():
-                h_ev, g_ev = interior_check(event, state_at, t, h, g1) if g1 > 0 else (h, g1)
+                def state_at(tm, yd=yd, t=t, h=h):
+                    return stepper.interpolate(yd, h, [(tm - t) / h])[0]
+                if g1 > 0:
+                    with torch.no_grad():
+                        h_ev, g_ev = interior_check(event, state_at, t, h, g1)
             if g_ev <= 0:
                 with torch.no_grad():
                     t_ev = locate_event(event, state_at, t, yd, h_ev, g_ev)

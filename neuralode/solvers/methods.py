@@ -27,7 +27,7 @@ from neuralode.solvers.rk import RKStepper
 from neuralode.solvers.tableau import TABLEAUX, ButcherTableau
 
 # options every method takes
-COMMON_OPTIONS: dict[str, Any] = {"max_num_steps": 2**31 - 1}
+COMMON_OPTIONS: dict[str, Any] = {"max_num_steps": 2**31 - 1, "event_interior_points": 0}
 
 
 def _positive_int(method: str, name: str, value, high: int | None = None) -> int:

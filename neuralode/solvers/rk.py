@@ -55,12 +55,12 @@ def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Te
     """Weights of the extended stages at the step fractions ``thetas``, computed in float64
     (``dense_t``) and returned in ``dtype``: (m, s_ext) for a list of m fractions, (..., m,
     s_ext) for a float64 tensor (..., m) of them (per sample)."""
-    if isinstance(thetas, torch.Tensor):
-        powers = thetas[..., None] ** torch.arange(1, degree + 1, device=thetas.device,
-                                                   dtype=torch.float64)
-    else:
+    if isinstance(thetas, list):
         powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
                               dtype=torch.float64, device=dense_t.device)
+    else:
+        powers = thetas[..., None] ** torch.arange(1, degree + 1, device=thetas.device,
+                                                   dtype=torch.float64)
     w = powers @ dense_t
     return w if dtype == torch.float64 else w.to(dtype)
 
@@ -69,7 +69,7 @@ def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor) -> torch
     """The interpolant y + h sum_s w_s K_s. One problem: y (n,), h a float, w (m, s_ext),
     K (s_ext, n) -> (m, n). Per sample: y (B, n), h (B,), w (B, m, s_ext), K (B, s_ext, n)
     -> (B, m, n)."""
-    if not isinstance(h, torch.Tensor):
+    if isinstance(h, float):
         if y.dtype == torch.float64:
             return torch.addmm(y.unsqueeze(0), w, K, alpha=h)
         # below float64 the product is formed first and added once (one rounding)
@@ -85,7 +85,7 @@ def add_terms(y, terms, h, precise: bool):
     drifts: use it for values that only feed f). ``h``: a float, or (B,) per row."""
     if not terms:
         return y
-    if isinstance(h, torch.Tensor):
+    if not isinstance(h, float):
         (k0, c0), rest = terms[0], terms[1:]
         comb = k0 * c0
         for k, c in rest:
@@ -297,20 +297,22 @@ class RKStepper:
     def _stages(self) -> torch.Tensor:
         return torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
 
-    def interpolate(self, y: torch.Tensor, h, thetas):
+    def interpolate(self, y: torch.Tensor, h, thetas, row: int | None = None):
         """States at t + theta h on the accepted step (after ``prepare_interp``). One
         problem: ``thetas`` a list of floats -> a list of (n,) states. Per sample: ``y``
-        (B, n), ``h`` (B,), ``thetas`` (B, m) float64 -> (B, m, n)."""
-        if isinstance(thetas, torch.Tensor):
+        (B, n), ``h`` (B,), ``thetas`` (B, m) float64 -> (B, m, n); or one sample's step as
+        one problem's: ``row`` b, ``y`` (n,), ``h`` a float, ``thetas`` a list."""
+        if not isinstance(thetas, list):
             if self.linear:
                 return torch.addcmul(y.unsqueeze(1), thetas.to(y.dtype)[..., None],
                                      (self.y1 - y).unsqueeze(1))
             w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
             return dense_combine(y, h, w, self._stages().transpose(0, 1))
         if self.linear:
-            return chord(y, self.y1, thetas)
+            return chord(y, self.y1 if row is None else self.y1[row], thetas)
         w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
-        K = self._stages()
+        K = (torch.stack(self.ks[: self.s_ext]) if self.graph else self.K) if row is None \
+            else self._stages()[:, row]
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
                     else _mv_then_add(y, K.t(), w[0], alpha=h)]
