@@ -36,7 +36,7 @@ from torch import nn
 
 from neuralode.data.toy2d import POTENTIALS, potential_energy
 from neuralode.errors import MaxStepsError, StepSizeError
-from neuralode.experiments.cnf import parameter_count, parse_int_list
+from neuralode.experiments.cnf import parse_int_list
 from neuralode.experiments.runner import (
     UsageError,
     add_method_argument,
@@ -47,12 +47,14 @@ from neuralode.experiments.runner import (
     progress_bar,
     pyplot,
     save_checkpoint,
+    save_figure,
     solver_options,
 )
 from neuralode.experiments.runner import nonnegative_int as _nonnegative_int
 from neuralode.experiments.runner import positive_float as _positive_float
 from neuralode.experiments.runner import positive_int as _positive_int
 from neuralode.experiments.runner import threads as _threads
+from neuralode.models.classifiers import count_parameters
 from neuralode.models.cnf import CNF, HyperNetDynamics
 from neuralode.models.planar import PlanarFlow
 
@@ -242,7 +244,7 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
         sizes = _chunks(args.eval_samples, 4096)
         loss = sum(v * n for v, n in zip(losses, sizes)) / sum(sizes)
     save_checkpoint(flow.state_dict(), out / "models" / f"{_stem(f'{target}/{model}/{size}')}.pt")
-    return {"target": target, "model": model, "size": size, "params": parameter_count(flow),
+    return {"target": target, "model": model, "size": size, "params": count_parameters(flow),
             "iters": iters, "loss": loss, "kl": loss + log_z, "train_time_s": train_s,
             "sec_per_iter": train_s / iters,
             "mean_nfe_forward": (sum(nfe) / len(nfe)) if nfe else None}
@@ -302,9 +304,7 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
             name = f"{'K' if m == 'planar' else 'M'}={s}"
             label = "planar" if m == "planar" else "CNF"
             _density_panel(ax, gxs, gys, lp, BOX, f"{label} {name}\nKL {results[key]['kl']:.2f}")
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=70)
-    plt.close(fig)
+    save_figure(fig, out / "compare.png", dpi=70)
 
 
 def plot_kl_vs_size(path: Path, results: dict, targets, models, sizes) -> None:
@@ -321,6 +321,4 @@ def plot_kl_vs_size(path: Path, results: dict, targets, models, sizes) -> None:
         ax.set_xlabel("K / M")
         ax.set_ylabel("KL (nats)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

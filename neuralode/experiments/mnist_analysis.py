@@ -47,6 +47,7 @@ from neuralode.experiments.runner import (
     load_checkpoint,
     parse_device,
     pyplot,
+    save_figure,
     write_csv,
 )
 from neuralode.experiments.runner import positive_int as _positive_int
@@ -273,9 +274,7 @@ def _plot_table1(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.bar(names, values, color=["C0", "C1", "C2", "C3"][:len(names)])
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- figure 3
@@ -381,9 +380,7 @@ def _plot_fig3(path: Path, rows: list[dict[str, Any]], history: list[dict[str, f
         ax.legend(fontsize=7)
     ax.set(xlabel="training epoch", ylabel="NFE per step",
            title=f"(d) NFE during training (tol {trained_tol:g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- entry points

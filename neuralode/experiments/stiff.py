@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,7 @@ from neuralode.experiments.runner import (
     positive_float,
     positive_int,
     pyplot,
+    save_figure,
 )
 from neuralode.problems import Robertson
 
@@ -235,9 +235,7 @@ class StiffExperiment(Experiment):
         self.model.to(run.device)
         self.times = torch.cat([torch.zeros(1, dtype=F64), self.data.t]).to(run.device)
         self.obs = self.data.noisy.to(run.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=cfg["iters"], eta_min=0.05 * cfg["lr"])
+        self.adam_cosine(0.05)
 
     def _solve(self, with_stats: bool = False):
         cfg = self.run.config
@@ -258,35 +256,16 @@ class StiffExperiment(Experiment):
         return row
 
     def train_step(self, step: int) -> StepOutput:
-        run, cfg = self.run, self.run.config
         it = step + 1
-        log_stats = it % run.args.eval_every == 0 or it == cfg["iters"] or it == 1
-        pred, stats = self._solve(with_stats=log_stats)
-        loss = normalised_residuals(pred, self.obs, cfg["noise"]).pow(2).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        value = loss.item()
-        row: dict[str, Any] = {"iter": it, "loss": value, "lr": self.sched.get_last_lr()[0]}
-        self.sched.step()
-        row["elapsed_s"] = round(run.elapsed(), 3)
+        pred, stats = self._solve(with_stats=self.eval_due(it) or it == 1)
+        value = self.optimizer_step(
+            normalised_residuals(pred, self.obs, self.run.config["noise"]).pow(2).mean())
+        row = self.metrics_row(it, value)
         row.update(self._row_constants())
         if stats is not None:
             row.update(nfe=stats.nfe, steps=stats.n_steps)
         worst = max(row[f"{n}_rel_err"] for n in K_NAMES)
         return StepOutput(value, row, {"loss": value, "max_rel_err": worst})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-
-    def extend(self, done: int) -> None:
-        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history
@@ -349,9 +328,7 @@ class StiffExperiment(Experiment):
         ax.set_ylabel("log10(k / k_true)")
         ax.set_title(f"rate constants during training ({cfg['method']}, {cfg['gradient']})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.run.out / "stiff.png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, self.run.out / "stiff.png", dpi=90)
         return ["stiff.png"]
 
     def report(self, final: dict[str, Any]) -> str:
@@ -383,10 +360,4 @@ def summary(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train stiff`` (the experiment's and the runner's)."""
-    runner.build_parser(StiffExperiment(), parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    return runner.run(StiffExperiment(), args)
+build_parser, run = runner.entry_points(StiffExperiment)

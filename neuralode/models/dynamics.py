@@ -28,6 +28,7 @@ __all__ = [
     "LinearODEFunc",
     "MLPODEFunc",
     "TwoRegimeField",
+    "box_grid",
     "make_field_model",
     "make_true_field",
     "vector_field_error",
@@ -159,6 +160,14 @@ def make_field_model(name: str, dim: int = 2, hidden: int = 64, depth: int = 2) 
     return MLPODEFunc(dim, hidden=hidden, depth=depth)
 
 
+def box_grid(low: Tensor, high: Tensor, n: int) -> Tensor:
+    """The ``n x n`` grid over the box with corners ``low`` and ``high`` (``(2,)``), as
+    ``(n * n, 2)`` points (x varying fastest)."""
+    xs = torch.linspace(float(low[0]), float(high[0]), n)
+    ys = torch.linspace(float(low[1]), float(high[1]), n)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
 @torch.no_grad()
 def vector_field_error(learned: nn.Module, true: nn.Module, low: Tensor, high: Tensor,
                        n: int = 25, near: Tensor | None = None,
@@ -185,9 +194,7 @@ def vector_field_error(learned: nn.Module, true: nn.Module, low: Tensor, high: T
     if low.shape != (2,) or high.shape != (2,) or not bool((high > low).all()):
         raise ValueError(f"low and high must be (2,) with high > low, got {low.tolist()} and "
                          f"{high.tolist()}")
-    xs = torch.linspace(float(low[0]), float(high[0]), n)
-    ys = torch.linspace(float(low[1]), float(high[1]), n)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    grid = box_grid(low, high, n)
     t = torch.zeros(())
     param = next(iter(learned.parameters()), None)
     dev = param.device if param is not None else grid.device
