@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from neuralode.nn.layers import mlp
+
 __all__ = [
     "FIELD_MODELS",
     "TRUE_FIELDS",
@@ -124,17 +126,10 @@ class MLPODEFunc(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
-        layers: list[nn.Module] = []
-        width = dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.Tanh()]
-            width = hidden
-        last = nn.Linear(width, dim)
+        self.net = mlp([dim, *[hidden] * depth, dim], nn.Tanh)
         with torch.no_grad():
-            last.weight.mul_(0.1)
-            last.bias.zero_()
-        layers.append(last)
-        self.net = nn.Sequential(*layers)
+            self.net[-1].weight.mul_(0.1)
+            self.net[-1].bias.zero_()
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         return self.net(z)
