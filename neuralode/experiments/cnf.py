@@ -207,8 +207,7 @@ class CNFExperiment(Experiment):
     def default_out(self, args: argparse.Namespace) -> None:
         return None  # --out is required
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
+    add_arguments = staticmethod(_add_arguments)
 
     def configure(self, args: argparse.Namespace) -> dict:
         cfg = _config(args)

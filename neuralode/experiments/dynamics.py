@@ -276,11 +276,8 @@ class DynamicsExperiment(Experiment):
     default_threads = 1
     generators = ("sampler",)
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config)
 
     def progress_label(self, steps_done: int) -> str:
         cfg = self.run.config

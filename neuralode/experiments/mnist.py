@@ -353,11 +353,8 @@ class MNISTExperiment(Experiment):
     def default_out(self, args: argparse.Namespace) -> str:
         return f"runs/mnist/{args.model}"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config_from_args(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config_from_args)
 
     def setup(self) -> None:
         run, args, config = self.run, self.run.args, self.run.config

@@ -217,11 +217,8 @@ class StiffExperiment(Experiment):
     default_threads = 1
     default_ckpt_every = 25
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config)
 
     def progress_label(self, steps_done: int) -> str:
         return f"stiff {self.run.config['method']}"
