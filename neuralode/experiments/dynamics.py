@@ -378,12 +378,11 @@ def summary(m: dict[str, Any]) -> str:
         (f"  vector field relative error   : {m['field_rel_err']:.2%} (RMS over a 25x25 grid "
         f"on the trajectory's box), {m['field_rel_err_near']:.2%} within 0.25 of the path"),
     ]
+    def matrix(a: list[list[float]]) -> str:
+        return f"[[{a[0][0]:+.3f}, {a[0][1]:+.3f}], [{a[1][0]:+.3f}, {a[1][1]:+.3f}]]"
+
     if m.get("learned_A") is not None:
-        a = m["learned_A"]
-        lines.append(f"  learned A = [[{a[0][0]:+.3f}, {a[0][1]:+.3f}], "
-                     f"[{a[1][0]:+.3f}, {a[1][1]:+.3f}]]")
+        lines.append(f"  learned A = {matrix(m['learned_A'])}")
         if m.get("true_A") is not None:
-            b = m["true_A"]
-            lines.append(f"  true A    = [[{b[0][0]:+.3f}, {b[0][1]:+.3f}], "
-                         f"[{b[1][0]:+.3f}, {b[1][1]:+.3f}]]")
+            lines.append(f"  true A    = {matrix(m['true_A'])}")
     return "\n".join(lines)

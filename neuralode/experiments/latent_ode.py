@@ -143,14 +143,12 @@ def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: fl
     """Minibatch loss on the observed points of spirals ``idx``: the negative ELBO per
     sequence (latent ODE) or the one-step-ahead MSE (RNN). With ``part``, the share of the
     spirals ``idx[part]`` in that loss (the shares of a partition of ``idx`` sum to it)."""
+    b = gather_points(data, "obs", idx[part])
     if isinstance(model, LatentODE):
         noise = torch.randn(len(idx), model.latent_dim)  # for the whole batch, on every rank
-        b = gather_points(data, "obs", idx[part])
         terms = model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight, noise=noise[part])
         return -terms.elbo * (len(b.times) / len(idx))
-    mask = data.obs_mask[idx]
-    b = gather_points(data, "obs", idx[part])
-    return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / mask.sum())
+    return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / data.obs_mask[idx].sum())
 
 
 @torch.no_grad()
