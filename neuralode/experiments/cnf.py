@@ -57,11 +57,10 @@ MODELS = ("cnf", "planar")
 DYNAMICS = ("hypernet", "concat")
 SCHEDULES = ("constant", "cosine")
 TEST_SEED = 20190101  # the test set is the same for every run, whatever --seed
-CHECKPOINT = "checkpoint.pt"
 # Settings that must agree between a checkpoint and a --resume call.
 RUN_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
-                "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
-                "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
+            "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
+            "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +174,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--grid", type=positive_int, default=100, help="plot grid resolution")
     t.add_argument("--plot-samples", type=positive_int, default=20000,
                    help="samples drawn for the sample histograms")
-
-
 
 
 def _config(args: argparse.Namespace) -> dict:

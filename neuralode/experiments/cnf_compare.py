@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         for model in models:
             for size in args.sizes:
                 key = f"{target}/{model}/{size}"
-                if key in results and (out / "models" / f"{_stem(key)}.pt").exists():
+                if key in results and _model_path(out, key).exists():
                     continue
                 results[key] = _train_one(target, model, size, args, device, log_z[target], out)
                 atomic_write_text(results_path, json.dumps(
@@ -205,8 +205,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stem(key: str) -> str:
-    return key.replace("/", "_")
+def _model_path(out: Path, key: str) -> Path:
+    """Where the flow of the run ``TARGET/MODEL/SIZE`` is kept."""
+    return out / "models" / f"{key.replace('/', '_')}.pt"
+
+
+def _size_label(model: str, size: int) -> str:  # planar K=SIZE or CNF M=SIZE
+    return f"{'planar K' if model == 'planar' else 'CNF M'}={size}"
 
 
 def _train_one(target: str, model: str, size: int, args, device, log_z: float,
@@ -243,7 +248,7 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
                   for n in _chunks(args.eval_samples, 4096)]
         sizes = _chunks(args.eval_samples, 4096)
         loss = sum(v * n for v, n in zip(losses, sizes)) / sum(sizes)
-    save_checkpoint(flow.state_dict(), out / "models" / f"{_stem(f'{target}/{model}/{size}')}.pt")
+    save_checkpoint(flow.state_dict(), _model_path(out, f"{target}/{model}/{size}"))
     return {"target": target, "model": model, "size": size, "params": count_parameters(flow),
             "iters": iters, "loss": loss, "kl": loss + log_z, "train_time_s": train_s,
             "sec_per_iter": train_s / iters,
@@ -255,8 +260,7 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def results_table(results: dict, targets, models, sizes) -> str:
-    head = ["target"] + [f"{'planar K' if m == 'planar' else 'CNF M'}={s}"
-                         for m in models for s in sizes]
+    head = ["target"] + [_size_label(m, s) for m in models for s in sizes]
     lines = ["KL(q || p) in nats (lower is better; 0 is a perfect fit)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in targets:
@@ -271,9 +275,8 @@ def results_table(results: dict, targets, models, sizes) -> str:
         for s in sizes:
             rs = [results[f"{t}/{m}/{s}"] for t in targets if f"{t}/{m}/{s}" in results]
             if rs:
-                name = f"{'planar K' if m == 'planar' else 'CNF M'}={s}"
                 spi = sum(r["sec_per_iter"] for r in rs) / len(rs)
-                lines.append(f"| {name} | {rs[0]['params']} | {spi:.4f} |")
+                lines.append(f"| {_size_label(m, s)} | {rs[0]['params']} | {spi:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +296,7 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
         _density_panel(axes[i, 0], xs, xs, logp, BOX, f"{target} target")
         for j, (m, s) in enumerate(cols, start=1):
             key = f"{target}/{m}/{s}"
-            path = out / "models" / f"{_stem(key)}.pt"
+            path = _model_path(out, key)
             ax = axes[i, j]
             if key not in results or not path.exists():
                 ax.axis("off")
@@ -301,9 +304,8 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
             flow = build_flow(m, s, args).to(device)
             flow.load_state_dict(load_checkpoint(path, map_location=device))
             gxs, gys, lp = flow.log_prob_grid(BOX, n)
-            name = f"{'K' if m == 'planar' else 'M'}={s}"
-            label = "planar" if m == "planar" else "CNF"
-            _density_panel(ax, gxs, gys, lp, BOX, f"{label} {name}\nKL {results[key]['kl']:.2f}")
+            _density_panel(ax, gxs, gys, lp, BOX,
+                           f"{_size_label(m, s)}\nKL {results[key]['kl']:.2f}")
     save_figure(fig, out / "compare.png", dpi=70)
 
 
