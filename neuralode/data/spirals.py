@@ -49,16 +49,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = [
-    "GridBatch",
-    "IrregularBatch",
-    "SpiralData",
-    "gather_points",
-    "grid_points",
-    "make_spirals",
-    "masked_to_padded",
-    "train_test_split",
-]
+__all__ = ["GridBatch", "IrregularBatch", "SpiralData", "gather_points", "grid_points",
+           "make_spirals", "masked_to_padded", "train_test_split"]
 
 Which = Literal["obs", "interp", "extrap", "window", "all"]
 _WHICH = ("obs", "interp", "extrap", "window", "all")

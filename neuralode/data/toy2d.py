@@ -50,13 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = [
-    "POTENTIALS",
-    "TOY_DATASETS",
-    "potential_energy",
-    "sample_toy2d",
-    "toy2d_log_density",
-]
+__all__ = ["POTENTIALS", "TOY_DATASETS", "potential_energy", "sample_toy2d", "toy2d_log_density"]
 
 TOY_DATASETS: tuple[str, ...] = ("moons", "circles", "rings", "8gaussians", "pinwheel",
                                  "checkerboard", "2spirals")

@@ -51,29 +51,11 @@ import torch
 
 from neuralode.errors import MaxStepsError, StepSizeError
 
-__all__ = [
-    "CHECKPOINT_NAME",
-    "CheckpointError",
-    "DistEnv",
-    "Experiment",
-    "Run",
-    "StepOutput",
-    "UsageError",
-    "add_method_argument",
-    "atomic_write_text",
-    "format_table",
-    "load_checkpoint",
-    "method_choice",
-    "nonnegative_float",
-    "nonnegative_int",
-    "parse_device",
-    "positive_float",
-    "positive_int",
-    "pyplot",
-    "save_checkpoint",
-    "solver_options",
-    "write_json",
-]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "DistEnv", "Experiment", "Run", "StepOutput",
+           "UsageError", "add_method_argument", "atomic_write_text", "format_table",
+           "load_checkpoint", "method_choice", "nonnegative_float", "nonnegative_int",
+           "parse_device", "positive_float", "positive_int", "pyplot", "save_checkpoint",
+           "solver_options", "write_json"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_MAGIC = b"NEURALODE-CHECKPOINT 1"

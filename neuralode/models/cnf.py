@@ -34,20 +34,9 @@ from torch import Tensor, nn
 from neuralode.gradients import Gradient, gradient_strategy
 from neuralode.odeint import odeint
 
-__all__ = [
-    "ACTIVATIONS",
-    "CNF",
-    "ESTIMATORS",
-    "NOISE_KINDS",
-    "AugmentedDynamics",
-    "ConcatMLPDynamics",
-    "HyperNetDynamics",
-    "divergence_exact",
-    "divergence_hutchinson",
-    "grid_log_prob",
-    "sample_noise",
-    "standard_normal_log_prob",
-]
+__all__ = ["ACTIVATIONS", "CNF", "ESTIMATORS", "NOISE_KINDS", "AugmentedDynamics",
+           "ConcatMLPDynamics", "HyperNetDynamics", "divergence_exact", "divergence_hutchinson",
+           "grid_log_prob", "sample_noise", "standard_normal_log_prob"]
 
 ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson")
 """Ways to compute tr(df/dz): ``exact`` (D vector-Jacobian products) or ``hutchinson``."""

@@ -23,18 +23,9 @@ from torch import Tensor, nn
 
 from neuralode.nn.layers import mlp
 
-__all__ = [
-    "FIELD_MODELS",
-    "TRUE_FIELDS",
-    "LinearField",
-    "LinearODEFunc",
-    "MLPODEFunc",
-    "TwoRegimeField",
-    "box_grid",
-    "make_field_model",
-    "make_true_field",
-    "vector_field_error",
-]
+__all__ = ["FIELD_MODELS", "TRUE_FIELDS", "LinearField", "LinearODEFunc", "MLPODEFunc",
+           "TwoRegimeField", "box_grid", "make_field_model", "make_true_field",
+           "vector_field_error"]
 
 SPIRAL_A = ((-0.1, -1.0), (1.0, -0.1))
 TWO_REGIME_A = ((-0.1, -1.0), (1.0, -0.1))

@@ -37,16 +37,8 @@ from neuralode import odeint
 from neuralode.gradients import Checkpoint, Gradient, gradient_strategy
 from neuralode.nn.layers import mlp
 
-__all__ = [
-    "ELBOTerms",
-    "GRUEncoder",
-    "LatentDynamics",
-    "LatentODE",
-    "ODERNNEncoder",
-    "RNNBaseline",
-    "check_sequences",
-    "gaussian_kl",
-]
+__all__ = ["ELBOTerms", "GRUEncoder", "LatentDynamics", "LatentODE", "ODERNNEncoder", "RNNBaseline",
+           "check_sequences", "gaussian_kl"]
 
 ENCODERS = ("gru", "ode-rnn")
 READOUT_ACTS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}

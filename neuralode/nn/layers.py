@@ -13,15 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = [
-    "ConcatConv2d",
-    "ConcatLinear",
-    "ConcatSquashConv2d",
-    "ConcatSquashLinear",
-    "TimeLayer",
-    "TimeSequential",
-    "mlp",
-]
+__all__ = ["ConcatConv2d", "ConcatLinear", "ConcatSquashConv2d", "ConcatSquashLinear", "TimeLayer",
+           "TimeSequential", "mlp"]
 
 
 def _positive_int(name: str, value) -> int:
