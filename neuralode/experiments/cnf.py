@@ -35,6 +35,7 @@ from neuralode.experiments.runner import (
     StepOutput,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
     check_batch_size,
     check_rtol,
     positive_float,
@@ -148,10 +149,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--t1", type=positive_float, default=0.5, help="integration time T")
     g.add_argument("--train-time", action="store_true", help="learn T")
     add_method_argument(g, "dopri5", "ODE solver of the CNF")
-    g.add_argument("--rtol", type=positive_float, default=1e-5,
-                   help="relative tolerance of the CNF solves (default 1e-5)")
-    g.add_argument("--atol", type=positive_float, default=1e-5,
-                   help="absolute tolerance of the CNF solves (default 1e-5)")
+    add_tolerance_arguments(g, "the CNF solves", "1e-5", "1e-5")
     add_gradient_argument(g, "backprop")
     p = parser.add_argument_group("planar flow")
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")

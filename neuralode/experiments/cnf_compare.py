@@ -40,6 +40,7 @@ from neuralode.experiments.cnf import parse_int_list
 from neuralode.experiments.runner import (
     UsageError,
     add_method_argument,
+    add_tolerance_arguments,
     atomic_write_text,
     check_rtol,
     load_checkpoint,
@@ -121,10 +122,7 @@ def build_parser(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--t1", type=_positive_float, default=1.0,
                         help="integration time T of the CNFs (default 1)")
     add_method_argument(parser, "dopri5", "ODE solver of the CNFs")
-    parser.add_argument("--rtol", type=_positive_float, default=1e-5,
-                        help="relative tolerance of the CNF solves (default 1e-5)")
-    parser.add_argument("--atol", type=_positive_float, default=1e-5,
-                        help="absolute tolerance of the CNF solves (default 1e-5)")
+    add_tolerance_arguments(parser, "the CNF solves", "1e-5", "1e-5")
     parser.add_argument("--seed", type=_nonnegative_int, default=0,
                         help="random seed (default 0)")
     parser.add_argument("--device", default="cpu",

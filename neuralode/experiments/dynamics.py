@@ -44,6 +44,7 @@ from neuralode.experiments.runner import (
     UsageError,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
     check_batch_size,
     check_rtol,
     nonnegative_float,
@@ -112,10 +113,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=positive_int, default=64, help="MLP width")
     add_gradient_argument(parser, "adjoint")
     add_method_argument(parser, "dopri5", "ODE solver for training")
-    parser.add_argument("--rtol", type=positive_float, default=1e-5,
-                        help="relative tolerance of the training solves (default 1e-5)")
-    parser.add_argument("--atol", type=positive_float, default=1e-6,
-                        help="absolute tolerance of the training solves (default 1e-6)")
+    add_tolerance_arguments(parser, "the training solves", "1e-5", "1e-6")
     parser.add_argument("--eval-every", type=positive_int, default=100,
                         help="evaluate the fit (trajectory and field errors) every N "
                              "iterations and after the last (default 100)")

@@ -43,6 +43,7 @@ from neuralode.experiments.runner import (
     UsageError,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
     check_batch_size,
     check_rtol,
     fraction,
@@ -99,10 +100,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rnn-hidden", type=positive_int, default=25,
       help="RNN baseline: GRU hidden size and readout MLP width")
     add_method_argument(parser, "dopri5", "ODE solver of the latent ODE")
-    a("--rtol", type=positive_float, default=1e-3,
-      help="relative tolerance of the latent ODE solves (default 1e-3)")
-    a("--atol", type=positive_float, default=1e-4,
-      help="absolute tolerance of the latent ODE solves (default 1e-4)")
+    add_tolerance_arguments(parser, "the latent ODE solves", "1e-3", "1e-4")
     add_gradient_argument(parser, "backprop", " of the latent ODE")
     a("--kl-warmup", type=nonnegative_int, default=0,
       help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")

@@ -164,6 +164,15 @@ def add_gradient_argument(parser, default: str | None, extra: str = "",
                         help=f"{GRADIENT_HELP} (default: {default_text or default}){extra}")
 
 
+def add_tolerance_arguments(parser, solves: str, rtol: str, atol: str,
+                            atol_help: str | None = None) -> None:
+    """``--rtol`` and ``--atol`` of ``solves``, their defaults written as the help shows them."""
+    parser.add_argument("--rtol", type=positive_float, default=float(rtol),
+                        help=f"relative tolerance of {solves} (default {rtol})")
+    parser.add_argument("--atol", type=positive_float, default=float(atol),
+                        help=atol_help or f"absolute tolerance of {solves} (default {atol})")
+
+
 def method_choice(text: str) -> str:
     """A ``--method`` value: a name or alias of ``neuralode.SOLVERS``, checked while the
     arguments are parsed, before any work or output."""

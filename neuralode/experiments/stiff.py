@@ -84,10 +84,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     runner.add_method_argument(parser, DEFAULT_METHOD, "stiff ODE solver for training")
     runner.add_gradient_argument(parser, "backprop")
-    a("--rtol", type=positive_float, default=1e-6,
-      help="relative tolerance of the training solves (default 1e-6)")
-    a("--atol", type=positive_float, default=1e-12,
-      help="absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
+    runner.add_tolerance_arguments(parser, "the training solves", "1e-6", "1e-12",
+                                   "absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
     a("--iters", type=positive_int, default=150,
       help="training iterations (default 150); --resume with a larger value extends a "
            "finished run")
