@@ -185,8 +185,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- data
 
 
-def _subset(ds: MNIST, limit: int | None, random_subset: bool) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+def subset(ds: MNIST, limit: int | None, random_subset: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit`` images of ``ds`` and their labels (all where ``limit`` is None or not
+    smaller): a fixed random subset (``random_subset``), else the first ``limit``."""
     images, labels = ds.images, ds.labels
     if limit is None or limit >= len(labels):
         return images, labels
@@ -361,8 +363,8 @@ class MNISTExperiment(Experiment):
         env, device = run.dist, run.device
         self.train_ds = load_split(args.train_split, args.data_dir, args.download, env)
         self.test_ds = load_split("test", args.data_dir, args.download, env)
-        train_images, train_labels = _subset(self.train_ds, args.train_limit, random_subset=True)
-        self.test_images, self.test_labels = _subset(self.test_ds, args.test_limit,
+        train_images, train_labels = subset(self.train_ds, args.train_limit, random_subset=True)
+        self.test_images, self.test_labels = subset(self.test_ds, args.test_limit,
                                                      random_subset=False)
         self.n_train = n_train = len(train_labels)
         # Every rank needs at least one image of every batch: drop a too-small last batch.

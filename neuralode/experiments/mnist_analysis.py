@@ -39,6 +39,7 @@ from neuralode.experiments.mnist import (
     load_split,
     model_from_checkpoint,
     model_kwargs,
+    subset,
 )
 from neuralode.experiments.runner import (
     UsageError,
@@ -296,8 +297,8 @@ def _fig3(args: argparse.Namespace, out: Path) -> int:
         raise ValueError(f"{run_dir} holds a {ckpt['config']['model']!r} run; Figure 3 needs an "
                          f"ODE model (odenet or rknet)")
     test = load_split("test", args.data_dir)
-    n = len(test) if args.test_limit is None else min(args.test_limit, len(test))
-    images, labels = test.images[:n], test.labels[:n]
+    images, labels = subset(test, args.test_limit, random_subset=False)
+    n = len(labels)
     train_loader = BatchLoader((images, labels), 128, shuffle=True, seed=1)
     trained_tol = block.rtol
     rows: list[dict[str, Any]] = []
