@@ -178,12 +178,7 @@ def measure_training_step(model: str, config: dict[str, Any], batch_size: int, s
     _reset_peak_rss()
     first_time, nfe_f, nfe_b = step()
     peak_kb = _status_kb("VmHWM")
-    times, nfes = [], []
-    for _ in range(steps):
-        dt, f, b = step()
-        times.append(dt)
-        nfes.append((f, b))
-    times.sort()
+    times = sorted(step()[0] for _ in range(steps))  # sorted, for the median below
     return {"model": model, "params": count_parameters(net), "batch_size": batch_size,
             "base_rss_mib": base_kb / 1024, "peak_rss_mib": peak_kb / 1024,
             "step_memory_mib": (peak_kb - base_kb) / 1024, "first_step_s": first_time,
