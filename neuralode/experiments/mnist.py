@@ -56,16 +56,8 @@ from neuralode.experiments.runner import (
 from neuralode.gradients import describe
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
 
-__all__ = [
-    "CHECKPOINT_NAME",
-    "build_parser",
-    "evaluate",
-    "learning_rate",
-    "load_split",
-    "model_from_checkpoint",
-    "model_kwargs",
-    "run",
-]
+__all__ = ["CHECKPOINT_NAME", "build_parser", "evaluate", "learning_rate", "load_split",
+           "model_from_checkpoint", "model_kwargs", "run"]
 
 PAPER_DECAY_EPOCHS = (60, 100, 140)
 PAPER_EPOCHS = 160
