@@ -96,10 +96,15 @@ def _dispatch(kind: str, table: dict[str, str], argv: list[str], prog: str) -> i
         print(f"{prog} {kind}: unknown name {name!r}; valid names are: {names}",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(available[name])
-    args = build_parser(kind, name, prog).parse_args(rest)
+    return _run(available[name], kind, name, rest, prog)
+
+
+def _run(module_name: str, kind: str, name: str, argv: list[str], prog: str) -> int:
+    """Parse ``argv`` for ``neuralode KIND NAME`` and call the module's ``run``."""
+    module = importlib.import_module(module_name)
+    args = build_parser(kind, name, prog).parse_args(argv)
     args.command_name = name
-    args.argv = rest  # to print the command that resumes an interrupted run
+    args.argv = argv  # to print the command that resumes an interrupted run
     args.invocation = prog  # ... the way this process was started
     return int(module.run(args) or 0)
 
@@ -156,11 +161,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return _dispatch("analyze", ANALYSES, rest, prog)
     if cmd == "methods":
         return _methods(rest, prog)
-    module = importlib.import_module(DEMO_MODULE)
-    args = build_parser("demo", "", prog).parse_args(rest)
-    args.argv = rest
-    args.invocation = prog
-    return int(module.run(args) or 0)
+    return _run(DEMO_MODULE, "demo", "", rest, prog)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class StiffProblem(nn.Module):
     """Base of the test problems. Subclasses set the class attributes and implement
     ``_f(c, y)``, ``_jac(c, y)`` (torch, ``c`` the constants unbound along their last dim,
     ``y`` the state's components; or override ``func`` / ``jacobian`` with fewer tensor
-    operations) and ``_np_f``, ``_np_jac`` (NumPy, one system)."""
+    operations) and, where those expressions do not serve NumPy values too, ``_np_f``,
+    ``_np_jac`` (NumPy, one system)."""
 
     name: ClassVar[str] = ""
     #: names of the state's components and of the constants
@@ -196,13 +197,14 @@ class StiffProblem(nn.Module):
         np_f, np_jac = self._np_f, self._np_jac
         return (lambda t, y: np_f(c, y)), (lambda t, y: np.asarray(np_jac(c, y)))
 
-    @staticmethod
-    def _np_f(c, y):
-        raise NotImplementedError
+    def _np_f(self, c, y):
+        """dy/dt of one system for NumPy (``c`` the constants, ``y`` the state): by default
+        :meth:`_f`'s expressions on NumPy values."""
+        return np.array(self._f(c, y))
 
-    @staticmethod
-    def _np_jac(c, y):
-        raise NotImplementedError
+    def _np_jac(self, c, y):
+        """df/dy of one system for NumPy: by default :meth:`_jac`'s entries."""
+        return self._jac(c, y)
 
     # ------------------------------------------------------------------ reference solution
     def reference(self, t_eval, y0: Tensor | None = None, *, rtol: float = 1e-12,
@@ -324,13 +326,6 @@ class Robertson(StiffProblem):
         a, b, r = k1 * y[0], k2 * y[1] * y[1], k3 * y[1] * y[2]
         return np.array([r - a, a - r - b, b])
 
-    @staticmethod
-    def _np_jac(c, y):
-        k1, k2, k3 = c
-        return [[-k1, k3 * y[2], k3 * y[1]],
-                [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
-                [0.0, 2 * k2 * y[1], 0.0]]
-
 
 class VanDerPol(StiffProblem):
     """Van der Pol's oscillator x'' = mu (1 - x^2) x' - x as the system (x, v = x')."""
@@ -358,16 +353,6 @@ class VanDerPol(StiffProblem):
         (mu,) = c
         x, v = y
         return [[0.0, 1.0], [-2 * mu * x * v - 1, mu * (1 - x * x)]]
-
-    @staticmethod
-    def _np_f(c, y):
-        mu = c[0]
-        return np.array([y[1], mu * (1 - y[0] * y[0]) * y[1] - y[0]])
-
-    @staticmethod
-    def _np_jac(c, y):
-        mu = c[0]
-        return [[0.0, 1.0], [-2 * mu * y[0] * y[1] - 1, mu * (1 - y[0] * y[0])]]
 
 
 class Hires(StiffProblem):
@@ -481,21 +466,6 @@ class Oregonator(StiffProblem):
     def _jac(self, c, y):
         s, q, w = c
         y1, y2, _ = y
-        return [[s * (1 - 2 * q * y1 - y2), s * (1 - y1), 0.0],
-                [-y2 / s, -(1 + y1) / s, 1 / s],
-                [w, 0.0, -w]]
-
-    @staticmethod
-    def _np_f(c, y):
-        s, q, w = c
-        y1, y2, y3 = y
-        return np.array([s * (y2 + y1 * (1 - q * y1 - y2)), (y3 - (1 + y1) * y2) / s,
-                         w * (y1 - y3)])
-
-    @staticmethod
-    def _np_jac(c, y):
-        s, q, w = c
-        y1, y2 = y[0], y[1]
         return [[s * (1 - 2 * q * y1 - y2), s * (1 - y1), 0.0],
                 [-y2 / s, -(1 + y1) / s, 1 / s],
                 [w, 0.0, -w]]

@@ -61,30 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = [
-    "MIRRORS",
-    "MNIST",
-    "MNIST_MAX_BYTES",
-    "MNIST_MD5",
-    "MNIST_MEAN",
-    "MNIST_SHA256",
-    "MNIST_STD",
-    "SPLITS",
-    "BatchLoader",
-    "ChecksumError",
-    "DataDirNotFoundError",
-    "DownloadError",
-    "default_root",
-    "denormalize",
-    "download_mnist",
-    "normalize",
-    "random_crop",
-    "read_idx",
-    "resolve_data_dir",
-    "shared_data_dir",
-    "split_files",
-    "verify_sha256",
-]
+__all__ = ["MIRRORS", "MNIST", "MNIST_MAX_BYTES", "MNIST_MD5", "MNIST_MEAN", "MNIST_SHA256",
+           "MNIST_STD", "SPLITS", "BatchLoader", "ChecksumError", "DataDirNotFoundError",
+           "DownloadError", "default_root", "denormalize", "download_mnist", "normalize",
+           "random_crop", "read_idx", "resolve_data_dir", "shared_data_dir", "split_files",
+           "verify_sha256"]
 
 # Public base URLs of the official MNIST files, tried in this order.
 MIRRORS: list[str] = [

@@ -49,16 +49,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = [
-    "GridBatch",
-    "IrregularBatch",
-    "SpiralData",
-    "gather_points",
-    "grid_points",
-    "make_spirals",
-    "masked_to_padded",
-    "train_test_split",
-]
+__all__ = ["GridBatch", "IrregularBatch", "SpiralData", "gather_points", "grid_points",
+           "make_spirals", "masked_to_padded", "train_test_split"]
 
 Which = Literal["obs", "interp", "extrap", "window", "all"]
 _WHICH = ("obs", "interp", "extrap", "window", "all")
@@ -116,9 +108,8 @@ class SpiralData:
         per_spiral = ("clean", "noisy", "direction", "obs_mask", "interp_mask", "extrap_mask")
         return replace(self, **{k: getattr(self, k)[index] for k in per_spiral})
 
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> SpiralData:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> SpiralData:
         """Move tensors to ``device``; cast the floating tensors (t, clean, noisy) to ``dtype``."""
         out = {}
         for f in fields(self):
@@ -192,18 +183,10 @@ def _float_arg(value: object, name: str, *, positive: bool) -> float:
 # ----------------------------------------------------------------------------
 
 
-def make_spirals(
-    n_spirals: int = 1000,
-    n_total: int = 500,
-    n_obs: int = 100,
-    noise_std: float = 0.1,
-    seed: int = 0,
-    *,
-    n_window: int | None = None,
-    t_max: float = 10.0,
-    radius_growth: float = 0.3,
-    dtype: torch.dtype = torch.float32,
-) -> SpiralData:
+def make_spirals(n_spirals: int = 1000, n_total: int = 500, n_obs: int = 100,
+                 noise_std: float = 0.1, seed: int = 0, *, n_window: int | None = None,
+                 t_max: float = 10.0, radius_growth: float = 0.3,
+                 dtype: torch.dtype = torch.float32) -> SpiralData:
     """Generate noisy Archimedean spirals with irregular observations.
 
     Args:
@@ -233,10 +216,8 @@ def make_spirals(
     if n_window > n_total:
         raise ValueError(f"n_window ({n_window}) cannot exceed n_total ({n_total})")
     if n_obs > n_window:
-        raise ValueError(
-            f"n_obs ({n_obs}) exceeds the number of grid points in the observation "
-            f"window (n_window={n_window}); lower n_obs or raise n_window/n_total"
-        )
+        raise ValueError(f"n_obs ({n_obs}) exceeds the number of grid points in the observation "
+                         f"window (n_window={n_window}); lower n_obs or raise n_window/n_total")
     noise_std = _float_arg(noise_std, "noise_std", positive=False)
     t_max = _float_arg(t_max, "t_max", positive=True)
     radius_growth = _float_arg(radius_growth, "radius_growth", positive=True)
@@ -270,23 +251,14 @@ def make_spirals(
     interp_mask = in_window[None, :] & ~obs_mask
     extrap_mask = (~in_window)[None, :].expand(n, n_total).clone()
 
-    return SpiralData(
-        t=t.to(dtype),
-        clean=clean.to(dtype),
-        noisy=noisy.to(dtype),
-        direction=direction,
-        obs_mask=obs_mask,
-        interp_mask=interp_mask,
-        extrap_mask=extrap_mask,
-        n_obs=n_obs,
-        n_window=n_window,
-        noise_std=noise_std,
-    )
+    return SpiralData(t=t.to(dtype), clean=clean.to(dtype), noisy=noisy.to(dtype),
+                      direction=direction, obs_mask=obs_mask, interp_mask=interp_mask,
+                      extrap_mask=extrap_mask, n_obs=n_obs, n_window=n_window,
+                      noise_std=noise_std)
 
 
-def train_test_split(
-    data: SpiralData, test_fraction: float = 0.2, seed: int = 0
-) -> tuple[SpiralData, SpiralData]:
+def train_test_split(data: SpiralData, test_fraction: float = 0.2,
+                     seed: int = 0) -> tuple[SpiralData, SpiralData]:
     """Split spirals at random into ``(train, test)``, deterministically in ``seed``.
 
     The test set gets ``round(test_fraction * N)`` spirals; both parts must be
@@ -300,9 +272,8 @@ def train_test_split(
     n = len(data)
     n_test = round(float(test_fraction) * n)
     if n_test < 1 or n_test > n - 1:
-        raise ValueError(
-            f"test_fraction={test_fraction} of {n} spirals leaves an empty train or test set"
-        )
+        raise ValueError(f"test_fraction={test_fraction} of {n} spirals leaves an empty train or "
+                         f"test set")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     test_idx, _ = perm[:n_test].sort()
     train_idx, _ = perm[n_test:].sort()
@@ -326,10 +297,8 @@ def masked_to_padded(t: Tensor, values: Tensor, mask: Tensor) -> IrregularBatch:
         :class:`IrregularBatch` with ``K = max_b mask[b].sum()``.
     """
     if mask.dim() != 2 or values.dim() != 3 or values.shape[:2] != mask.shape:
-        raise ValueError(
-            f"expected values (B, T, D) and mask (B, T), got {tuple(values.shape)} "
-            f"and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"expected values (B, T, D) and mask (B, T), got "
+                         f"{tuple(values.shape)} and {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be bool, got {mask.dtype}")
     b, n_t = mask.shape
@@ -352,9 +321,8 @@ def masked_to_padded(t: Tensor, values: Tensor, mask: Tensor) -> IrregularBatch:
     return IrregularBatch(times=out_t, values=out_v, mask=out_mask)
 
 
-def _select(
-    data: SpiralData, which: Which, index: Tensor | slice | list[int] | None, noisy: bool
-) -> tuple[Tensor, Tensor]:
+def _select(data: SpiralData, which: Which, index: Tensor | slice | list[int] | None,
+            noisy: bool) -> tuple[Tensor, Tensor]:
     if which not in _WHICH:
         raise ValueError(f"unknown point set {which!r}; valid: {', '.join(_WHICH)}")
     sub = data if index is None else data.subset(index)
@@ -367,13 +335,9 @@ def _select(
     return (sub.noisy if noisy else sub.clean), mask
 
 
-def gather_points(
-    data: SpiralData,
-    which: Which = "obs",
-    index: Tensor | slice | list[int] | None = None,
-    *,
-    noisy: bool = True,
-) -> IrregularBatch:
+def gather_points(data: SpiralData, which: Which = "obs",
+                  index: Tensor | slice | list[int] | None = None, *,
+                  noisy: bool = True) -> IrregularBatch:
     """Per-spiral irregular times and values of one point set, padded.
 
     ``which`` is ``"obs"``, ``"interp"``, ``"extrap"``, ``"window"`` (obs and
@@ -385,13 +349,9 @@ def gather_points(
     return masked_to_padded(data.t, values, mask)
 
 
-def grid_points(
-    data: SpiralData,
-    which: Which = "obs",
-    index: Tensor | slice | list[int] | None = None,
-    *,
-    noisy: bool = True,
-) -> GridBatch:
+def grid_points(data: SpiralData, which: Which = "obs",
+                index: Tensor | slice | list[int] | None = None, *,
+                noisy: bool = True) -> GridBatch:
     """One point set on the union of the batch's selected times.
 
     Suits encoders that step through one shared time grid with a per-sequence

@@ -50,23 +50,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = [
-    "POTENTIALS",
-    "TOY_DATASETS",
-    "potential_energy",
-    "sample_toy2d",
-    "toy2d_log_density",
-]
+__all__ = ["POTENTIALS", "TOY_DATASETS", "potential_energy", "sample_toy2d", "toy2d_log_density"]
 
-TOY_DATASETS: tuple[str, ...] = (
-    "moons",
-    "circles",
-    "rings",
-    "8gaussians",
-    "pinwheel",
-    "checkerboard",
-    "2spirals",
-)
+TOY_DATASETS: tuple[str, ...] = ("moons", "circles", "rings", "8gaussians", "pinwheel",
+                                 "checkerboard", "2spirals")
 """Names accepted by :func:`sample_toy2d`."""
 
 POTENTIALS: tuple[str, ...] = ("u1", "u2", "u3", "u4")
@@ -203,22 +190,12 @@ def _two_spirals(n: int, g: torch.Generator | None) -> Tensor:
 
 
 _SAMPLERS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
-    "moons": _moons,
-    "circles": _circles,
-    "rings": _rings,
-    "8gaussians": _eight_gaussians,
-    "pinwheel": _pinwheel,
-    "checkerboard": _checkerboard,
-    "2spirals": _two_spirals,
-}
+    "moons": _moons, "circles": _circles, "rings": _rings, "8gaussians": _eight_gaussians,
+    "pinwheel": _pinwheel, "checkerboard": _checkerboard, "2spirals": _two_spirals}
 
 
-def sample_toy2d(
-    name: str,
-    n: int,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
     """Draw ``n`` i.i.d. points from the 2-D toy dataset ``name``.
 
     Args:
@@ -274,10 +251,8 @@ def toy2d_log_density(name: str, x: Tensor) -> Tensor:
     """
     _check_name(name, TOY_DATASETS, "toy dataset")
     if name not in _LOG_DENSITY_NAMES:
-        raise NotImplementedError(
-            f"no closed-form log density for toy dataset {name!r}; "
-            f"available for: {', '.join(_LOG_DENSITY_NAMES)}"
-        )
+        raise NotImplementedError(f"no closed-form log density for toy dataset {name!r}; "
+                                  f"available for: {', '.join(_LOG_DENSITY_NAMES)}")
     x = _check_points(x, "x")
     if name == "8gaussians":
         return _eight_gaussians_log_density(x)
@@ -327,11 +302,7 @@ def _u4(z1: Tensor, z2: Tensor) -> Tensor:
 
 
 _POTENTIAL_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "u1": _u1,
-    "u2": _u2,
-    "u3": _u3,
-    "u4": _u4,
-}
+    "u1": _u1, "u2": _u2, "u3": _u3, "u4": _u4}
 
 
 def potential_energy(name: str, z: Tensor) -> Tensor:

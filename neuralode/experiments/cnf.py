@@ -31,17 +31,19 @@ from torch import nn
 from neuralode.data.toy2d import TOY_DATASETS, sample_toy2d, toy2d_log_density
 from neuralode.experiments import runner
 from neuralode.experiments.runner import (
-    DistEnv,
     Experiment,
     StepOutput,
-    UsageError,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
+    check_batch_size,
     check_rtol,
     positive_float,
     positive_int,
     pyplot,
+    save_figure,
 )
+from neuralode.models.classifiers import count_parameters
 from neuralode.models.cnf import (
     ACTIVATIONS,
     CNF,
@@ -56,11 +58,10 @@ MODELS = ("cnf", "planar")
 DYNAMICS = ("hypernet", "concat")
 SCHEDULES = ("constant", "cosine")
 TEST_SEED = 20190101  # the test set is the same for every run, whatever --seed
-CHECKPOINT = "checkpoint.pt"
 # Settings that must agree between a checkpoint and a --resume call.
 RUN_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
-                "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
-                "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
+            "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
+            "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,10 +79,6 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive ints such as 64,64,64, got {text!r}")
     return values
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +149,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--t1", type=positive_float, default=0.5, help="integration time T")
     g.add_argument("--train-time", action="store_true", help="learn T")
     add_method_argument(g, "dopri5", "ODE solver of the CNF")
-    g.add_argument("--rtol", type=positive_float, default=1e-5,
-                   help="relative tolerance of the CNF solves (default 1e-5)")
-    g.add_argument("--atol", type=positive_float, default=1e-5,
-                   help="absolute tolerance of the CNF solves (default 1e-5)")
+    add_tolerance_arguments(g, "the CNF solves", "1e-5", "1e-5")
     add_gradient_argument(g, "backprop")
     p = parser.add_argument_group("planar flow")
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
@@ -180,13 +174,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="samples drawn for the sample histograms")
 
 
-
-
 def _config(args: argparse.Namespace) -> dict:
     check_rtol(args.rtol, getattr(torch, args.dtype))
-    if args.batch_size < DistEnv.from_env().world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
-                         f"processes")
+    check_batch_size(args.batch_size)
     cfg = {k: getattr(args, k) for k in (*RUN_KEYS, "iters")}
     cfg["hidden"] = list(cfg["hidden"])
     return cfg
@@ -207,12 +197,12 @@ class CNFExperiment(Experiment):
     description = ("Maximum-likelihood training of a continuous normalizing flow (or a planar "
                    "flow baseline) on a 2-D toy density.")
     length_key = "iters"
+    generators = ("data_gen", "noise_gen")
 
     def default_out(self, args: argparse.Namespace) -> None:
         return None  # --out is required
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
+    add_arguments = staticmethod(_add_arguments)
 
     def configure(self, args: argparse.Namespace) -> dict:
         cfg = _config(args)
@@ -287,21 +277,6 @@ class CNFExperiment(Experiment):
             show["test_nll"] = self.last_test
         return StepOutput(total, row, show)
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "data_gen": self.data_gen.get_state(),
-                "noise_gen": self.noise_gen.get_state()}
-
-    def load_state_dict(self, state) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.data_gen.set_state(state["data_gen"])
-        self.noise_gen.set_state(state["noise_gen"])
-
-    def extend(self, done: int) -> None:
-        runner.stretch_schedule(self.sched, self.run.config["iters"])
-
     def finish(self) -> dict:
         return _summary(self.model, self.run.config, self.run.history, self.test_x,
                         self.run.elapsed())
@@ -323,13 +298,7 @@ class CNFExperiment(Experiment):
         return f"test NLL {final['test_nll']:.4f} nats"
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train cnf`` (the experiment's and the runner's)."""
-    runner.build_parser(CNFExperiment(), parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    return runner.run(CNFExperiment(), args)
+build_parser, run = runner.entry_points(CNFExperiment)
 
 
 def _summary(model, cfg, history, test_x, elapsed) -> dict:
@@ -341,7 +310,7 @@ def _summary(model, cfg, history, test_x, elapsed) -> dict:
         "test_nll": final["test_nll"],
         "train_loss_last100": sum(r["loss"] for r in history[-100:]) / len(history[-100:]),
         "iters": final["iter"],
-        "params": parameter_count(model),
+        "params": count_parameters(model),
         "model": model_label(cfg),
         "mean_nfe_forward": sum(nfe) / len(nfe) if nfe else None,
         "mean_nfe_forward_last100": (sum(nfe[-100:]) / len(nfe[-100:])) if nfe else None,
@@ -398,11 +367,7 @@ def plot_density_figure(model, data: str, path: Path, n: int = 100, lim: float =
     _hist_panel(axes[0], data_pts, lim, n, "data samples")
     _density_panel(axes[1], xs, ys, logp, lim, "learned density")
     _hist_panel(axes[2], samples, lim, n, "model samples")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, title=title)
 
 
 @torch.no_grad()
@@ -419,6 +384,4 @@ def plot_evolution_figure(model: CNF, path: Path, n: int = 100, lim: float = 4.0
         _hist_panel(axes[0, k], zs[k], lim, n, f"samples, t={s:.2f}")
         xs, ys, logp = model.log_prob_grid(lim, n, time=s)
         _density_panel(axes[1, k], xs, ys, logp, lim, f"density, t={s:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -36,10 +36,11 @@ from torch import nn
 
 from neuralode.data.toy2d import POTENTIALS, potential_energy
 from neuralode.errors import MaxStepsError, StepSizeError
-from neuralode.experiments.cnf import parameter_count, parse_int_list
+from neuralode.experiments.cnf import parse_int_list
 from neuralode.experiments.runner import (
     UsageError,
     add_method_argument,
+    add_tolerance_arguments,
     atomic_write_text,
     check_rtol,
     load_checkpoint,
@@ -47,12 +48,14 @@ from neuralode.experiments.runner import (
     progress_bar,
     pyplot,
     save_checkpoint,
+    save_figure,
     solver_options,
 )
 from neuralode.experiments.runner import nonnegative_int as _nonnegative_int
 from neuralode.experiments.runner import positive_float as _positive_float
 from neuralode.experiments.runner import positive_int as _positive_int
 from neuralode.experiments.runner import threads as _threads
+from neuralode.models.classifiers import count_parameters
 from neuralode.models.cnf import CNF, HyperNetDynamics
 from neuralode.models.planar import PlanarFlow
 
@@ -119,10 +122,7 @@ def build_parser(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--t1", type=_positive_float, default=1.0,
                         help="integration time T of the CNFs (default 1)")
     add_method_argument(parser, "dopri5", "ODE solver of the CNFs")
-    parser.add_argument("--rtol", type=_positive_float, default=1e-5,
-                        help="relative tolerance of the CNF solves (default 1e-5)")
-    parser.add_argument("--atol", type=_positive_float, default=1e-5,
-                        help="absolute tolerance of the CNF solves (default 1e-5)")
+    add_tolerance_arguments(parser, "the CNF solves", "1e-5", "1e-5")
     parser.add_argument("--seed", type=_nonnegative_int, default=0,
                         help="random seed (default 0)")
     parser.add_argument("--device", default="cpu",
@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         for model in models:
             for size in args.sizes:
                 key = f"{target}/{model}/{size}"
-                if key in results and (out / "models" / f"{_stem(key)}.pt").exists():
+                if key in results and _model_path(out, key).exists():
                     continue
                 results[key] = _train_one(target, model, size, args, device, log_z[target], out)
                 atomic_write_text(results_path, json.dumps(
@@ -203,8 +203,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stem(key: str) -> str:
-    return key.replace("/", "_")
+def _model_path(out: Path, key: str) -> Path:
+    """Where the flow of the run ``TARGET/MODEL/SIZE`` is kept."""
+    return out / "models" / f"{key.replace('/', '_')}.pt"
+
+
+def _size_label(model: str, size: int) -> str:  # planar K=SIZE or CNF M=SIZE
+    return f"{'planar K' if model == 'planar' else 'CNF M'}={size}"
 
 
 def _train_one(target: str, model: str, size: int, args, device, log_z: float,
@@ -241,8 +246,8 @@ def _train_one(target: str, model: str, size: int, args, device, log_z: float,
                   for n in _chunks(args.eval_samples, 4096)]
         sizes = _chunks(args.eval_samples, 4096)
         loss = sum(v * n for v, n in zip(losses, sizes)) / sum(sizes)
-    save_checkpoint(flow.state_dict(), out / "models" / f"{_stem(f'{target}/{model}/{size}')}.pt")
-    return {"target": target, "model": model, "size": size, "params": parameter_count(flow),
+    save_checkpoint(flow.state_dict(), _model_path(out, f"{target}/{model}/{size}"))
+    return {"target": target, "model": model, "size": size, "params": count_parameters(flow),
             "iters": iters, "loss": loss, "kl": loss + log_z, "train_time_s": train_s,
             "sec_per_iter": train_s / iters,
             "mean_nfe_forward": (sum(nfe) / len(nfe)) if nfe else None}
@@ -253,8 +258,7 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def results_table(results: dict, targets, models, sizes) -> str:
-    head = ["target"] + [f"{'planar K' if m == 'planar' else 'CNF M'}={s}"
-                         for m in models for s in sizes]
+    head = ["target"] + [_size_label(m, s) for m in models for s in sizes]
     lines = ["KL(q || p) in nats (lower is better; 0 is a perfect fit)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in targets:
@@ -269,9 +273,8 @@ def results_table(results: dict, targets, models, sizes) -> str:
         for s in sizes:
             rs = [results[f"{t}/{m}/{s}"] for t in targets if f"{t}/{m}/{s}" in results]
             if rs:
-                name = f"{'planar K' if m == 'planar' else 'CNF M'}={s}"
                 spi = sum(r["sec_per_iter"] for r in rs) / len(rs)
-                lines.append(f"| {name} | {rs[0]['params']} | {spi:.4f} |")
+                lines.append(f"| {_size_label(m, s)} | {rs[0]['params']} | {spi:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +294,7 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
         _density_panel(axes[i, 0], xs, xs, logp, BOX, f"{target} target")
         for j, (m, s) in enumerate(cols, start=1):
             key = f"{target}/{m}/{s}"
-            path = out / "models" / f"{_stem(key)}.pt"
+            path = _model_path(out, key)
             ax = axes[i, j]
             if key not in results or not path.exists():
                 ax.axis("off")
@@ -299,12 +302,9 @@ def plot_compare(out: Path, results: dict, targets, models, args, device) -> Non
             flow = build_flow(m, s, args).to(device)
             flow.load_state_dict(load_checkpoint(path, map_location=device))
             gxs, gys, lp = flow.log_prob_grid(BOX, n)
-            name = f"{'K' if m == 'planar' else 'M'}={s}"
-            label = "planar" if m == "planar" else "CNF"
-            _density_panel(ax, gxs, gys, lp, BOX, f"{label} {name}\nKL {results[key]['kl']:.2f}")
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=70)
-    plt.close(fig)
+            _density_panel(ax, gxs, gys, lp, BOX,
+                           f"{_size_label(m, s)}\nKL {results[key]['kl']:.2f}")
+    save_figure(fig, out / "compare.png", dpi=70)
 
 
 def plot_kl_vs_size(path: Path, results: dict, targets, models, sizes) -> None:
@@ -321,6 +321,4 @@ def plot_kl_vs_size(path: Path, results: dict, targets, models, sizes) -> None:
         ax.set_xlabel("K / M")
         ax.set_ylabel("KL (nats)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

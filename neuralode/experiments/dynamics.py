@@ -38,23 +38,26 @@ from torch import Tensor
 from neuralode import odeint
 from neuralode.experiments import runner
 from neuralode.experiments.runner import (
-    DistEnv,
     Experiment,
     Run,
     StepOutput,
     UsageError,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
+    check_batch_size,
     check_rtol,
     nonnegative_float,
     positive_float,
     positive_int,
     pyplot,
+    save_figure,
 )
 from neuralode.models.dynamics import (
     FIELD_MODELS,
     TRUE_FIELDS,
     LinearODEFunc,
+    box_grid,
     make_field_model,
     make_true_field,
     vector_field_error,
@@ -110,10 +113,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=positive_int, default=64, help="MLP width")
     add_gradient_argument(parser, "adjoint")
     add_method_argument(parser, "dopri5", "ODE solver for training")
-    parser.add_argument("--rtol", type=positive_float, default=1e-5,
-                        help="relative tolerance of the training solves (default 1e-5)")
-    parser.add_argument("--atol", type=positive_float, default=1e-6,
-                        help="absolute tolerance of the training solves (default 1e-6)")
+    add_tolerance_arguments(parser, "the training solves", "1e-5", "1e-6")
     parser.add_argument("--eval-every", type=positive_int, default=100,
                         help="evaluate the fit (trajectory and field errors) every N "
                              "iterations and after the last (default 100)")
@@ -128,9 +128,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
                          f"({args.batch_stride}) spans {span} points, more than --n-points "
                          f"({args.n_points})")
     check_rtol(args.rtol)
-    if args.batch_size < DistEnv.from_env().world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
-                         f"processes")
+    check_batch_size(args.batch_size)
     cfg = {k: getattr(args, k) for k in RUN_KEYS if hasattr(args, k)}
     cfg["t_max"] = args.t_max if args.t_max is not None else FIELD_SETUPS[args.field]["t_max"]
     cfg["lr"] = args.lr if args.lr is not None else (0.02 if args.model == "linear" else 0.01)
@@ -178,13 +176,21 @@ def sample_batch(data: Trajectory, batch_size: int, batch_time: int,
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, data: Trajectory, method: str = "dopri5",
+            options: dict | None = None) -> Tensor:
+    """The learned field's trajectory from the true ``z(0)`` on the data's times (rtol 1e-6,
+    atol 1e-8, ``method`` and ``options``, default a cap of 100,000 steps), on the CPU."""
+    dev = next(model.parameters()).device
+    return odeint(model, data.z0.to(dev), data.t.to(dev), rtol=1e-6, atol=1e-8,
+                  method=method, options=options or {"max_num_steps": 100_000}).cpu()
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, field: str, data: Trajectory,
              method: str = "dopri5", options: dict | None = None) -> dict[str, float]:
     """Trajectory MSE (vs clean and vs noisy) and vector-field error of a learned field
-    (solved with ``method`` and ``options``, default a cap of 100,000 steps)."""
-    dev = next(model.parameters()).device
-    pred = odeint(model, data.z0.to(dev), data.t.to(dev), rtol=1e-6, atol=1e-8,
-                  method=method, options=options or {"max_num_steps": 100_000}).cpu()
+    (solved as :func:`predict` says)."""
+    pred = predict(model, data, method, options)
     low, high = _field_box(data)
     err = vector_field_error(model, make_true_field(field), low, high, near=data.clean)
     out = {"traj_mse": float(((pred - data.clean) ** 2).sum(-1).mean()),
@@ -209,17 +215,10 @@ def plot(model: torch.nn.Module, field: str, data: Trajectory, path: str | Path,
     directions on the trajectory's box."""
     plt = pyplot()
     dev = next(model.parameters()).device
+    pred = predict(model, data, options=options)
+    grid = box_grid(*_field_box(data), 17)
     with torch.no_grad():
-        pred = odeint(model, data.z0.to(dev), data.t.to(dev), rtol=1e-6, atol=1e-8,
-                      method="dopri5", options=options or {"max_num_steps": 100_000}).cpu()
-    true = make_true_field(field)
-    low, high = _field_box(data)
-    n = 17
-    xs = torch.linspace(float(low[0]), float(high[0]), n)
-    ys = torch.linspace(float(low[1]), float(high[1]), n)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
-    with torch.no_grad():
-        f_true = true(torch.zeros(()), grid)
+        f_true = make_true_field(field)(torch.zeros(()), grid)
         f_learn = model(torch.zeros((), device=dev), grid.to(dev)).cpu()
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.3))
@@ -255,11 +254,7 @@ def plot(model: torch.nn.Module, field: str, data: Trajectory, path: str | Path,
     ax.set_title("vector field (directions)")
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=7, loc="upper right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, title=title)
 
 
 class DynamicsExperiment(Experiment):
@@ -277,12 +272,10 @@ class DynamicsExperiment(Experiment):
     run_keys = RUN_KEYS
     length_key = "iters"
     default_threads = 1
+    generators = ("sampler",)
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config)
 
     def progress_label(self, steps_done: int) -> str:
         cfg = self.run.config
@@ -295,9 +288,7 @@ class DynamicsExperiment(Experiment):
                                     cfg["noise_std"], seed=cfg["seed"])
         self.model = make_field_model(cfg["model"], 2, hidden=cfg["hidden"]).to(device)
         run.dist.broadcast_parameters(self.model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=cfg["iters"], eta_min=0.05 * cfg["lr"])
+        self.adam_cosine(0.05)
         self.sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
         self.gradient = cfg["gradient"]
         self.data_dev = Trajectory(t=self.data.t.to(device), clean=self.data.clean.to(device),
@@ -317,36 +308,21 @@ class DynamicsExperiment(Experiment):
         pred = odeint(self.model, y0[mine], t_rel, rtol=cfg["rtol"], atol=cfg["atol"],
                       method=cfg["method"], options=run.options(cfg["method"]),
                       gradient=self.gradient)
-        loss = ((pred - target[:, mine]) ** 2).sum() / target.numel()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.dist.sum_gradients(self.model.parameters())
-        self.opt.step()
-        (total,) = run.dist.all_reduce([loss.item()])
+        total = self.optimizer_step(((pred - target[:, mine]) ** 2).sum() / target.numel())
         it = step + 1
-        row: dict[str, Any] = {"iter": it, "loss": total, "lr": self.sched.get_last_lr()[0]}
-        self.sched.step()
-        row["elapsed_s"] = round(run.elapsed(), 3)
-        if it % run.args.eval_every == 0 or it == cfg["iters"]:
+        row = self.metrics_row(it, total)
+        if self.eval_due(it):
             ev = self._evaluate()
             row.update({k: ev[k] for k in CSV_FIELDS[4:]})
         show = {"loss": total, **({"traj_mse": row["traj_mse"]} if "traj_mse" in row else {})}
         return StepOutput(total, row, show)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "sampler": self.sampler.get_state(),
-                "initial_traj_mse": self.initial_traj_mse}
+        return {**super().state_dict(), "initial_traj_mse": self.initial_traj_mse}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.sampler.set_state(state["sampler"])
+        super().load_state_dict(state)
         self.initial_traj_mse = state["initial_traj_mse"]
-
-    def extend(self, done: int) -> None:
-        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history
@@ -372,9 +348,7 @@ class DynamicsExperiment(Experiment):
         return summary(final)
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train dynamics`` (the experiment's and the runner's)."""
-    runner.build_parser(DynamicsExperiment(), parser)
+build_parser, run = runner.entry_points(DynamicsExperiment)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,16 +376,11 @@ def summary(m: dict[str, Any]) -> str:
         (f"  vector field relative error   : {m['field_rel_err']:.2%} (RMS over a 25x25 grid "
         f"on the trajectory's box), {m['field_rel_err_near']:.2%} within 0.25 of the path"),
     ]
+    def matrix(a: list[list[float]]) -> str:
+        return f"[[{a[0][0]:+.3f}, {a[0][1]:+.3f}], [{a[1][0]:+.3f}, {a[1][1]:+.3f}]]"
+
     if m.get("learned_A") is not None:
-        a = m["learned_A"]
-        lines.append(f"  learned A = [[{a[0][0]:+.3f}, {a[0][1]:+.3f}], "
-                     f"[{a[1][0]:+.3f}, {a[1][1]:+.3f}]]")
+        lines.append(f"  learned A = {matrix(m['learned_A'])}")
         if m.get("true_A") is not None:
-            b = m["true_A"]
-            lines.append(f"  true A    = [[{b[0][0]:+.3f}, {b[0][1]:+.3f}], "
-                         f"[{b[1][0]:+.3f}, {b[1][1]:+.3f}]]")
+            lines.append(f"  true A    = {matrix(m['true_A'])}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    return runner.run(DynamicsExperiment(), args)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,20 @@ from torch import Tensor, nn
 from neuralode.data.spirals import SpiralData, gather_points, make_spirals, train_test_split
 from neuralode.experiments import runner
 from neuralode.experiments.runner import (
-    DistEnv,
     Experiment,
     StepOutput,
     UsageError,
     add_gradient_argument,
     add_method_argument,
+    add_tolerance_arguments,
+    check_batch_size,
     check_rtol,
     fraction,
     nonnegative_int,
     positive_float,
     positive_int,
     pyplot,
+    save_figure,
 )
 from neuralode.models.latent_ode import LatentODE, RNNBaseline
 
@@ -99,10 +100,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rnn-hidden", type=positive_int, default=25,
       help="RNN baseline: GRU hidden size and readout MLP width")
     add_method_argument(parser, "dopri5", "ODE solver of the latent ODE")
-    a("--rtol", type=positive_float, default=1e-3,
-      help="relative tolerance of the latent ODE solves (default 1e-3)")
-    a("--atol", type=positive_float, default=1e-4,
-      help="absolute tolerance of the latent ODE solves (default 1e-4)")
+    add_tolerance_arguments(parser, "the latent ODE solves", "1e-3", "1e-4")
     add_gradient_argument(parser, "backprop", " of the latent ODE")
     a("--kl-warmup", type=nonnegative_int, default=0,
       help="iterations over which the KL weight ramps from 0 to 1 (0: always 1)")
@@ -116,9 +114,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "rnn" and args.encoder != "gru":
         raise UsageError(f"--encoder {args.encoder} applies to --model latent-ode only")
     check_rtol(args.rtol)
-    if args.batch_size < DistEnv.from_env().world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the number of "
-                         f"processes")
+    check_batch_size(args.batch_size)
     return {k: getattr(args, k) for k in RUN_KEYS}
 
 
@@ -145,14 +141,12 @@ def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: fl
     """Minibatch loss on the observed points of spirals ``idx``: the negative ELBO per
     sequence (latent ODE) or the one-step-ahead MSE (RNN). With ``part``, the share of the
     spirals ``idx[part]`` in that loss (the shares of a partition of ``idx`` sum to it)."""
+    b = gather_points(data, "obs", idx[part])
     if isinstance(model, LatentODE):
         noise = torch.randn(len(idx), model.latent_dim)  # for the whole batch, on every rank
-        b = gather_points(data, "obs", idx[part])
         terms = model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight, noise=noise[part])
         return -terms.elbo * (len(b.times) / len(idx))
-    mask = data.obs_mask[idx]
-    b = gather_points(data, "obs", idx[part])
-    return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / mask.sum())
+    return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / data.obs_mask[idx].sum())
 
 
 @torch.no_grad()
@@ -193,17 +187,17 @@ def evaluate(model: nn.Module, test: SpiralData) -> dict[str, float]:
 # ----------------------------------------------------------------------------
 
 
-def _plot_examples(test: SpiralData) -> list[int]:
-    """Indices of up to 3 clockwise and 3 counter-clockwise test spirals."""
-    cw = (test.direction < 0).nonzero().flatten().tolist()
-    ccw = (test.direction > 0).nonzero().flatten().tolist()
-    return cw[:3] + ccw[:3]
+def _by_direction(test: SpiralData) -> tuple[list[int], list[int]]:
+    """Indices of the clockwise and of the counter-clockwise test spirals."""
+    return ((test.direction < 0).nonzero().flatten().tolist(),
+            (test.direction > 0).nonzero().flatten().tolist())
 
 
 def plot_reconstructions(model: nn.Module, test: SpiralData, path: Path, n: int = 6,
                          title: str = "") -> None:
     plt = pyplot()
-    idx = _plot_examples(test)[:n] or list(range(min(n, len(test))))
+    cw, ccw = _by_direction(test)  # up to 3 of each
+    idx = (cw[:3] + ccw[:3])[:n] or list(range(min(n, len(test))))
     pred = predict(model, test, torch.tensor(idx))
     w = test.n_window
     cols = min(3, len(idx))
@@ -223,11 +217,7 @@ def plot_reconstructions(model: nn.Module, test: SpiralData, path: Path, n: int 
     for a in range(len(idx), rows * cols):
         axes[a // cols][a % cols].axis("off")
     axes[0][0].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, title=title)
 
 
 @torch.no_grad()
@@ -236,11 +226,10 @@ def plot_latent_interpolation(model: LatentODE, test: SpiralData, path: Path,
     """Decode ``(1 - a) mu_cw + a mu_ccw`` for ``a`` in [0, 1]: the paper's 'homotopy' between a
     clockwise and a counter-clockwise spiral."""
     plt = pyplot()
-    cw = (test.direction < 0).nonzero().flatten()
-    ccw = (test.direction > 0).nonzero().flatten()
-    if len(cw) == 0 or len(ccw) == 0:
+    cw, ccw = _by_direction(test)
+    if not cw or not ccw:
         return
-    pair = torch.stack([cw[0], ccw[0]])
+    pair = torch.tensor([cw[0], ccw[0]])
     b = gather_points(test, "obs", pair)
     mu, _ = model.encode(b.times, b.values, b.mask)
     alphas = torch.linspace(0, 1, steps)
@@ -257,12 +246,10 @@ def plot_latent_interpolation(model: LatentODE, test: SpiralData, path: Path,
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"latent interpolation z0 = (1-a) mu(spiral {int(pair[0])}, cw) + "
-                 f"a mu(spiral {int(pair[1])}, ccw), decoded on t in [0, {float(test.t[-1]):g}]"
-                 " (dot: t = 0)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, fontsize=9,
+                title=f"latent interpolation z0 = (1-a) mu(spiral {int(pair[0])}, cw) + "
+                      f"a mu(spiral {int(pair[1])}, ccw), decoded on t in "
+                      f"[0, {float(test.t[-1]):g}] (dot: t = 0)")
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -280,11 +267,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = ""
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("test RMSE")
     ax2.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, title=title)
 
 
 # ----------------------------------------------------------------------------
@@ -308,15 +291,13 @@ class LatentODEExperiment(Experiment):
     length_key = "iters"
     default_ckpt_every = 250
     default_threads = 1
+    generators = ("sampler",)
 
     def default_out(self, args: argparse.Namespace) -> str:
         return "runs/latent_ode"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config)
 
     def progress_label(self, steps_done: int) -> str:
         cfg = self.run.config
@@ -331,9 +312,7 @@ class LatentODEExperiment(Experiment):
         self.train_set, self.test_set = load_data(cfg)
         self.model = build_model(cfg, run.options(cfg["method"]))
         run.dist.broadcast_parameters(self.model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=cfg["iters"], eta_min=0.02 * cfg["lr"])
+        self.adam_cosine(0.02)
         self.sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
 
     def train_step(self, step: int) -> StepOutput:
@@ -341,35 +320,15 @@ class LatentODEExperiment(Experiment):
         it = step + 1
         idx = torch.randperm(len(self.train_set), generator=self.sampler)[:cfg["batch_size"]]
         kl_w = min(1.0, it / cfg["kl_warmup"]) if cfg["kl_warmup"] else 1.0
-        loss = training_loss(self.model, self.train_set, idx, kl_w,
-                             run.dist.shard(len(idx)))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.dist.sum_gradients(self.model.parameters())
-        self.opt.step()
-        (total,) = run.dist.all_reduce([loss.item()])
-        row: dict[str, Any] = {"iter": it, "loss": total, "lr": self.sched.get_last_lr()[0]}
-        self.sched.step()
-        row["elapsed_s"] = round(run.elapsed(), 3)
-        if it % run.args.eval_every == 0 or it == cfg["iters"]:
+        total = self.optimizer_step(training_loss(self.model, self.train_set, idx, kl_w,
+                                                  run.dist.shard(len(idx))))
+        row = self.metrics_row(it, total)
+        if self.eval_due(it):
             row.update(evaluate(self.model, self.test_set))
         show = {"loss": total}
         if "test_rmse" in row:
             show["test_rmse"] = row["test_rmse"]
         return StepOutput(total, row, show)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "sampler": self.sampler.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.sampler.set_state(state["sampler"])
-
-    def extend(self, done: int) -> None:
-        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history
@@ -404,13 +363,7 @@ class LatentODEExperiment(Experiment):
                 f"obs {m['rmse_obs']:.4f})")
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train latent-ode`` (the experiment's and the runner's)."""
-    runner.build_parser(LatentODEExperiment(), parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    return runner.run(LatentODEExperiment(), args)
+build_parser, run = runner.entry_points(LatentODEExperiment)
 
 
 # ----------------------------------------------------------------------------

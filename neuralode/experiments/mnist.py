@@ -51,20 +51,13 @@ from neuralode.experiments.runner import (
     positive_int,
     progress_bar,
     pyplot,
+    save_figure,
 )
 from neuralode.gradients import describe
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
 
-__all__ = [
-    "CHECKPOINT_NAME",
-    "build_parser",
-    "evaluate",
-    "learning_rate",
-    "load_split",
-    "model_from_checkpoint",
-    "model_kwargs",
-    "run",
-]
+__all__ = ["CHECKPOINT_NAME", "build_parser", "evaluate", "learning_rate", "load_split",
+           "model_from_checkpoint", "model_kwargs", "run"]
 
 PAPER_DECAY_EPOCHS = (60, 100, 140)
 PAPER_EPOCHS = 160
@@ -184,8 +177,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- data
 
 
-def _subset(ds: MNIST, limit: int | None, random_subset: bool) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+def subset(ds: MNIST, limit: int | None, random_subset: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit`` images of ``ds`` and their labels (all where ``limit`` is None or not
+    smaller): a fixed random subset (``random_subset``), else the first ``limit``."""
     images, labels = ds.images, ds.labels
     if limit is None or limit >= len(labels):
         return images, labels
@@ -247,9 +242,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     net = _unwrap(model)
     was_training = net.training
     net.eval()
-    n = len(labels)
-    lo, hi = env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size
-    loader = BatchLoader((images[lo:hi], labels[lo:hi]), batch_size, shuffle=False)
+    mine = env.shard(len(labels))
+    loader = BatchLoader((images[mine], labels[mine]), batch_size, shuffle=False)
     bar = progress_bar(len(loader), desc="  eval", enabled=progress, leave=False)
     loss_sum = correct = nfe_sum = batches = 0.0
     block = getattr(net, "ode_block", None)
@@ -265,7 +259,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     bar.close()
     net.train(was_training)
     loss_sum, correct, nfe_sum, batches, count = env.all_reduce(
-        [loss_sum, correct, nfe_sum, batches, hi - lo])
+        [loss_sum, correct, nfe_sum, batches, mine.stop - mine.start])
     return {"test_loss": loss_sum / count, "test_error": 1.0 - correct / count,
             "test_nfe_forward": nfe_sum / batches if block is not None else float("nan")}
 
@@ -337,9 +331,7 @@ def _plot(out: Path, history: list[dict[str, Any]], title: str) -> None:
         axes[2].set(xlabel="epoch", ylabel="NFE per step")
         axes[2].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "training.png", dpi=90)
 
 
 class MNISTExperiment(Experiment):
@@ -355,19 +347,16 @@ class MNISTExperiment(Experiment):
     def default_out(self, args: argparse.Namespace) -> str:
         return f"runs/mnist/{args.model}"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config_from_args(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config_from_args)
 
     def setup(self) -> None:
         run, args, config = self.run, self.run.args, self.run.config
         env, device = run.dist, run.device
         self.train_ds = load_split(args.train_split, args.data_dir, args.download, env)
         self.test_ds = load_split("test", args.data_dir, args.download, env)
-        train_images, train_labels = _subset(self.train_ds, args.train_limit, random_subset=True)
-        self.test_images, self.test_labels = _subset(self.test_ds, args.test_limit,
+        train_images, train_labels = subset(self.train_ds, args.train_limit, random_subset=True)
+        self.test_images, self.test_labels = subset(self.test_ds, args.test_limit,
                                                      random_subset=False)
         self.n_train = n_train = len(train_labels)
         # Every rank needs at least one image of every batch: drop a too-small last batch.
@@ -383,12 +372,12 @@ class MNISTExperiment(Experiment):
         kw = model_kwargs(config)
         if "method" in kw:
             kw["options"] = run.options(config["method"], kw.get("options"))
-        self.net = build_classifier(args.model, **kw).to(device)
-        env.broadcast_parameters(self.net)
-        self.n_params = count_parameters(self.net)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=base_lr(config),
+        self.model = build_classifier(args.model, **kw).to(device)
+        env.broadcast_parameters(self.model)
+        self.n_params = count_parameters(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=base_lr(config),
                                          momentum=args.momentum, weight_decay=args.weight_decay)
-        self.block = self.net.ode_block
+        self.block = self.model.ode_block
         self.acc, self.train_time = _new_acc(), 0.0
         self._batches = None  # the data iterator of the current epoch
         self._next_step = -1
@@ -397,7 +386,7 @@ class MNISTExperiment(Experiment):
             kind += f", {args.method} tol {args.tol:g}, gradient {describe(self.block.gradient)}"
         run.log(f"{kind}); {n_train} training images ({args.train_split}), "
                 f"{len(self.test_labels)} test images")
-        self.net.train()
+        self.model.train()
 
     @property
     def total_steps(self) -> int:
@@ -420,19 +409,19 @@ class MNISTExperiment(Experiment):
         acc, config = self.acc, run.config
         t_start = time.perf_counter()
         lr = learning_rate(step, self.steps_per_epoch, config)
-        for group in self.optimizer.param_groups:
+        for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = x.to(run.device), y.to(run.device)
-        logits = self.net(x)
+        logits = self.model(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         # each rank's share of the global batch mean; the runner sums gradients over ranks
         (loss_sum / self.sizes[batch]).backward()
-        env.sum_gradients(self.net.parameters())
+        env.sum_gradients(self.model.parameters())
         loss_value = float(loss_sum.detach())
         (global_loss,) = env.all_reduce([loss_value / self.sizes[batch]])
         if math.isfinite(global_loss):  # the runner stops the run on a non-finite loss
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t_start
         self.train_time += elapsed
         acc["time"] += elapsed
@@ -453,7 +442,7 @@ class MNISTExperiment(Experiment):
         epoch_acc = dict(zip(keys, env.all_reduce([acc[k] for k in keys])))
         epoch_acc["time"] = acc["time"]
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test = evaluate(self.net, self.test_images, self.test_labels, args.test_batch_size,
+            test = evaluate(self.model, self.test_images, self.test_labels, args.test_batch_size,
                             run.device, env, progress=run.is_main and not args.quiet)
         else:
             test = {"test_loss": math.nan, "test_error": math.nan, "test_nfe_forward": math.nan}
@@ -471,13 +460,12 @@ class MNISTExperiment(Experiment):
 
     def state_dict(self) -> dict[str, Any]:
         step = self.run.step
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch,
-                "train_time": self.train_time, "acc": dict(self.acc), "params": self.n_params}
+        return {**super().state_dict(), "epoch": step // self.steps_per_epoch,
+                "batch": step % self.steps_per_epoch, "train_time": self.train_time,
+                "acc": dict(self.acc), "params": self.n_params}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.train_time, self.acc = state["train_time"], dict(state["acc"])
 
     def finish(self) -> dict[str, Any]:
@@ -522,11 +510,4 @@ class MNISTExperiment(Experiment):
                 f"after {len(history)} epochs")
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``neuralode train mnist`` to ``parser``."""
-    runner.build_parser(MNISTExperiment(), parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say; returns the exit status."""
-    return runner.run(MNISTExperiment(), args)
+build_parser, run = runner.entry_points(MNISTExperiment)

@@ -39,6 +39,7 @@ from neuralode.experiments.mnist import (
     load_split,
     model_from_checkpoint,
     model_kwargs,
+    subset,
 )
 from neuralode.experiments.runner import (
     UsageError,
@@ -47,6 +48,7 @@ from neuralode.experiments.runner import (
     load_checkpoint,
     parse_device,
     pyplot,
+    save_figure,
     write_csv,
 )
 from neuralode.experiments.runner import positive_int as _positive_int
@@ -176,12 +178,7 @@ def measure_training_step(model: str, config: dict[str, Any], batch_size: int, s
     _reset_peak_rss()
     first_time, nfe_f, nfe_b = step()
     peak_kb = _status_kb("VmHWM")
-    times, nfes = [], []
-    for _ in range(steps):
-        dt, f, b = step()
-        times.append(dt)
-        nfes.append((f, b))
-    times.sort()
+    times = sorted(step()[0] for _ in range(steps))  # sorted, for the median below
     return {"model": model, "params": count_parameters(net), "batch_size": batch_size,
             "base_rss_mib": base_kb / 1024, "peak_rss_mib": peak_kb / 1024,
             "step_memory_mib": (peak_kb - base_kb) / 1024, "first_step_s": first_time,
@@ -238,7 +235,6 @@ def _table1(args: argparse.Namespace, out: Path) -> int:
             "paper_test_error_pct": paper["test_error_pct"], "paper_params_m": paper["params_m"],
             "paper_memory": paper["memory"], "batch_size": args.batch_size,
             "threads": m["threads"]})
-    write_csv(out / "table1.csv", rows)
     headers = ["model", "test error %", "params (M)", "step memory (MiB)", "peak RSS (MiB)",
                "time/step (s)", "NFE f/b", "epochs", "paper error %", "paper params (M)",
                "paper memory"]
@@ -251,14 +247,22 @@ def _table1(args: argparse.Namespace, out: Path) -> int:
                    r["epochs"] if r["epochs"] is not None else "n/a",
                    f"{r['paper_test_error_pct']:.2f}", f"{r['paper_params_m']:.2f}",
                    r["paper_memory"]] for r in rows]
-    md = format_table(table_rows, headers, markdown=True)
-    atomic_write_text(out / "table1.md", md + "\n")
-    print(format_table(table_rows, headers))
-    if not args.no_plot:
-        _plot_table1(out / "table1.png", rows)
-    print(f"wrote {out / 'table1.md'}, {out / 'table1.csv'}"
-          + ("" if args.no_plot else f", {out / 'table1.png'}"), file=sys.stderr)
+    _write_results(out, "table1", rows, table_rows, headers,
+                   None if args.no_plot else lambda path: _plot_table1(path, rows))
     return 0
+
+
+def _write_results(out: Path, stem: str, rows: list[dict[str, Any]], table_rows: list[list],
+                   headers: list[str], plot: Any) -> None:
+    """``OUT/STEM.csv`` (the rows), ``OUT/STEM.md`` (the table, also printed as text) and,
+    with ``plot`` (``plot(path)``), ``OUT/STEM.png``; then names them on stderr."""
+    write_csv(out / f"{stem}.csv", rows)
+    atomic_write_text(out / f"{stem}.md", format_table(table_rows, headers, markdown=True) + "\n")
+    print(format_table(table_rows, headers))
+    if plot is not None:
+        plot(out / f"{stem}.png")
+    print(f"wrote {out / f'{stem}.md'}, {out / f'{stem}.csv'}"
+          + ("" if plot is None else f", {out / f'{stem}.png'}"), file=sys.stderr)
 
 
 def _plot_table1(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -273,9 +277,7 @@ def _plot_table1(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.bar(names, values, color=["C0", "C1", "C2", "C3"][:len(names)])
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- figure 3
@@ -290,8 +292,8 @@ def _fig3(args: argparse.Namespace, out: Path) -> int:
         raise ValueError(f"{run_dir} holds a {ckpt['config']['model']!r} run; Figure 3 needs an "
                          f"ODE model (odenet or rknet)")
     test = load_split("test", args.data_dir)
-    n = len(test) if args.test_limit is None else min(args.test_limit, len(test))
-    images, labels = test.images[:n], test.labels[:n]
+    images, labels = subset(test, args.test_limit, random_subset=False)
+    n = len(labels)
     train_loader = BatchLoader((images, labels), 128, shuffle=True, seed=1)
     trained_tol = block.rtol
     rows: list[dict[str, Any]] = []
@@ -324,20 +326,13 @@ def _fig3(args: argparse.Namespace, out: Path) -> int:
               file=sys.stderr)
     block.set_tolerance(trained_tol)
     history = _read_history(run_dir / "metrics.csv")
-    write_csv(out / "fig3.csv", rows)
     headers = ["tol", "test error %", "NFE forward", "time/batch (s)", "train NFE fwd",
                "train NFE bwd"]
-    table = format_table([[f"{r['tol']:g}", f"{r['test_error_pct']:.2f}",
-                           f"{r['nfe_forward']:.1f}", f"{r['eval_time_per_batch_s']:.3f}",
-                           f"{r['train_nfe_forward']:.1f}", f"{r['train_nfe_backward']:.1f}"]
-                          for r in rows], headers, markdown=True)
-    atomic_write_text(out / "fig3.md", table + "\n")
-    print(format_table([[c.strip() for c in line.strip("|").split("|")]
-                        for line in table.splitlines()[2:]], headers))
-    if not args.no_plot:
-        _plot_fig3(out / "fig3.png", rows, history, trained_tol)
-    print(f"wrote {out / 'fig3.md'}, {out / 'fig3.csv'}"
-          + ("" if args.no_plot else f", {out / 'fig3.png'}"), file=sys.stderr)
+    table_rows = [[f"{r['tol']:g}", f"{r['test_error_pct']:.2f}", f"{r['nfe_forward']:.1f}",
+                   f"{r['eval_time_per_batch_s']:.3f}", f"{r['train_nfe_forward']:.1f}",
+                   f"{r['train_nfe_backward']:.1f}"] for r in rows]
+    _write_results(out, "fig3", rows, table_rows, headers, None if args.no_plot else
+                   lambda path: _plot_fig3(path, rows, history, trained_tol))
     return 0
 
 
@@ -381,9 +376,7 @@ def _plot_fig3(path: Path, rows: list[dict[str, Any]], history: list[dict[str, f
         ax.legend(fontsize=7)
     ax.set(xlabel="training epoch", ylabel="NFE per step",
            title=f"(d) NFE during training (tol {trained_tol:g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- entry points

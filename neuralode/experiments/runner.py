@@ -51,29 +51,11 @@ import torch
 
 from neuralode.errors import MaxStepsError, StepSizeError
 
-__all__ = [
-    "CHECKPOINT_NAME",
-    "CheckpointError",
-    "DistEnv",
-    "Experiment",
-    "Run",
-    "StepOutput",
-    "UsageError",
-    "add_method_argument",
-    "atomic_write_text",
-    "format_table",
-    "load_checkpoint",
-    "method_choice",
-    "nonnegative_float",
-    "nonnegative_int",
-    "parse_device",
-    "positive_float",
-    "positive_int",
-    "pyplot",
-    "save_checkpoint",
-    "solver_options",
-    "write_json",
-]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "DistEnv", "Experiment", "Run", "StepOutput",
+           "UsageError", "add_method_argument", "atomic_write_text", "format_table",
+           "load_checkpoint", "method_choice", "nonnegative_float", "nonnegative_int",
+           "parse_device", "positive_float", "positive_int", "pyplot", "save_checkpoint",
+           "solver_options", "write_json"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_MAGIC = b"NEURALODE-CHECKPOINT 1"
@@ -152,6 +134,12 @@ def check_rtol(rtol: float, dtype: torch.dtype = torch.float32, flag: str = "--r
                          f"can resolve (10 x eps = {floor:.3g}); use {flag} >= {floor:.2g}")
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a global batch smaller than the number of processes (a rank without samples)."""
+    if batch_size < DistEnv.from_env().world_size:
+        raise UsageError(f"--batch-size {batch_size} is smaller than the number of processes")
+
+
 GRADIENT_HELP = ("how the solve is differentiated: backprop (through the solver), checkpoint "
                  "(the same gradient in little memory), checkpoint:N (at most N states kept), "
                  "adjoint, interpolated_adjoint")
@@ -174,6 +162,15 @@ def add_gradient_argument(parser, default: str | None, extra: str = "",
     parser.add_argument("--gradient", type=gradient_choice, default=default,
                         metavar="{backprop,checkpoint,checkpoint:N,adjoint,interpolated_adjoint}",
                         help=f"{GRADIENT_HELP} (default: {default_text or default}){extra}")
+
+
+def add_tolerance_arguments(parser, solves: str, rtol: str, atol: str,
+                            atol_help: str | None = None) -> None:
+    """``--rtol`` and ``--atol`` of ``solves``, their defaults written as the help shows them."""
+    parser.add_argument("--rtol", type=positive_float, default=float(rtol),
+                        help=f"relative tolerance of {solves} (default {rtol})")
+    parser.add_argument("--atol", type=positive_float, default=float(atol),
+                        help=atol_help or f"absolute tolerance of {solves} (default {atol})")
 
 
 def method_choice(text: str) -> str:
@@ -447,6 +444,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 80, title: str = "",
+                fontsize: int = 10) -> None:
+    """Title ``fig`` (where ``title`` is given), lay it out, write it to ``path`` and close it."""
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True,
                  leave: bool = True):
     """A tqdm bar on stderr (redrawn on a terminal, a line every 10 s in a log file)."""
@@ -577,7 +584,13 @@ class Experiment:
     length_key: str | None = None
     #: add ``--max-num-steps`` (the step cap of the adaptive solves)
     uses_solver = True
+    #: the ``torch.Generator`` attributes a checkpoint holds (under their names), besides the
+    #: model, the optimizer ``opt`` and the schedule ``sched`` (see :meth:`state_dict`)
+    generators: tuple[str, ...] = ()
     run: Run
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The experiment's own options."""
@@ -612,16 +625,60 @@ class Experiment:
         return self.name
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything besides the global RNGs needed to continue exactly (``model`` first)."""
-        raise NotImplementedError
+        """Everything besides the global RNGs needed to continue exactly (``model`` first);
+        by default the model, the optimizer, the schedule (if any) and the
+        :attr:`generators`."""
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        if self.sched is not None:
+            state["scheduler"] = self.sched.state_dict()
+        state.update({name: getattr(self, name).get_state() for name in self.generators})
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        for name in self.generators:
+            getattr(self, name).set_state(state[name])
 
     def extend(self, done: int) -> None:
         """Prepare to continue a finished run of ``done`` steps to :attr:`total_steps` (the
-        config is the new one, the state the checkpoint's); see :func:`stretch_schedule`."""
-        raise NotImplementedError
+        config is the new one, the state the checkpoint's); by default the schedule is
+        stretched to the new ``iters`` (see :func:`stretch_schedule`)."""
+        stretch_schedule(self.sched, self.run.config["iters"])
+
+    # helpers of the experiments that train ``model`` with ``opt`` for ``iters`` iterations
+    def adam_cosine(self, floor: float) -> None:
+        """``opt``: Adam at the config's ``lr``; ``sched``: cosine decay over ``iters``
+        iterations to ``floor`` times that rate."""
+        cfg = self.run.config
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg["iters"], eta_min=floor * cfg["lr"])
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Backpropagate this rank's ``loss`` (its share of the global loss), sum the
+        gradients over ranks and step ``opt``; returns the global loss."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.run.dist.sum_gradients(self.model.parameters())
+        self.opt.step()
+        (total,) = self.run.dist.all_reduce([loss.item()])
+        return total
+
+    def metrics_row(self, it: int, loss: float) -> dict[str, Any]:
+        """The metrics row of iteration ``it``: its loss and learning rate (then the schedule
+        steps) and the training time so far."""
+        row: dict[str, Any] = {"iter": it, "loss": loss, "lr": self.sched.get_last_lr()[0]}
+        self.sched.step()
+        row["elapsed_s"] = round(self.run.elapsed(), 3)
+        return row
+
+    def eval_due(self, it: int) -> bool:
+        """Whether iteration ``it`` is evaluated: every ``--eval-every`` and the last."""
+        return it % self.run.args.eval_every == 0 or it == self.run.config["iters"]
 
     def finish(self) -> dict[str, Any]:
         """Final metrics (every rank calls it; collective evaluations are allowed)."""
@@ -1005,3 +1062,19 @@ def build_parser(exp: Experiment, parser: argparse.ArgumentParser) -> None:
 def run(exp: Experiment, args: argparse.Namespace) -> int:
     """Run ``exp`` as ``args`` say; returns the exit status."""
     return Run(exp, args).main()
+
+
+def entry_points(cls: type[Experiment]) -> tuple[Any, Any]:
+    """The ``build_parser(parser)`` and ``run(args)`` of the module of a training command
+    (what ``neuralode train NAME`` calls), for the experiment class ``cls``."""
+
+    def build_parser_(parser: argparse.ArgumentParser) -> None:
+        build_parser(cls(), parser)
+
+    def run_(args: argparse.Namespace) -> int:
+        return run(cls(), args)
+
+    build_parser_.__doc__ = (f"Arguments of ``neuralode train {cls.name}`` (the experiment's "
+                             f"and the runner's).")
+    run_.__doc__ = f"Run ``neuralode train {cls.name}`` as ``args`` say; returns the exit status."
+    return build_parser_, run_

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +56,14 @@ from neuralode.experiments.runner import (
     positive_float,
     positive_int,
     pyplot,
+    save_figure,
 )
 from neuralode.problems import Robertson
 
 # The stiff method used unless --method says otherwise (one line to switch).
 DEFAULT_METHOD = "kvaerno5"
 TRUE_K = Robertson.defaults
+TRUE_LOG_K = torch.log(torch.tensor(TRUE_K, dtype=torch.float64))
 K_NAMES = Robertson.constant_names
 RUN_KEYS = ("method", "gradient", "rtol", "atol", "iters", "lr", "n_obs", "t_min", "t_max", "noise",
             "init_spread", "seed")
@@ -83,10 +84,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     runner.add_method_argument(parser, DEFAULT_METHOD, "stiff ODE solver for training")
     runner.add_gradient_argument(parser, "backprop")
-    a("--rtol", type=positive_float, default=1e-6,
-      help="relative tolerance of the training solves (default 1e-6)")
-    a("--atol", type=positive_float, default=1e-12,
-      help="absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
+    runner.add_tolerance_arguments(parser, "the training solves", "1e-6", "1e-12",
+                                   "absolute tolerance (default 1e-12: y2 is about 1e-5 to 1e-7)")
     a("--iters", type=positive_int, default=150,
       help="training iterations (default 150); --resume with a larger value extends a "
            "finished run")
@@ -138,7 +137,7 @@ def initial_guess(spread: float, seed: int) -> Tensor:
     """log k of the start: the true log k plus ln(10) * U(-spread, spread) per constant."""
     g = torch.Generator().manual_seed(seed + 1)
     u = 2 * torch.rand(3, generator=g, dtype=F64) - 1
-    return torch.log(torch.tensor(TRUE_K, dtype=F64)) + math.log(10.0) * spread * u
+    return TRUE_LOG_K + math.log(10.0) * spread * u
 
 
 LOG_FLOOR = 1e-30  # a solver's non-positive concentration counts as this (not as nan)
@@ -217,11 +216,8 @@ class StiffExperiment(Experiment):
     default_threads = 1
     default_ckpt_every = 25
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _add_arguments(parser)
-
-    def configure(self, args: argparse.Namespace) -> dict[str, Any]:
-        return _config(args)
+    add_arguments = staticmethod(_add_arguments)
+    configure = staticmethod(_config)
 
     def progress_label(self, steps_done: int) -> str:
         return f"stiff {self.run.config['method']}"
@@ -235,9 +231,7 @@ class StiffExperiment(Experiment):
         self.model.to(run.device)
         self.times = torch.cat([torch.zeros(1, dtype=F64), self.data.t]).to(run.device)
         self.obs = self.data.noisy.to(run.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=cfg["iters"], eta_min=0.05 * cfg["lr"])
+        self.adam_cosine(0.05)
 
     def _solve(self, with_stats: bool = False):
         cfg = self.run.config
@@ -258,35 +252,16 @@ class StiffExperiment(Experiment):
         return row
 
     def train_step(self, step: int) -> StepOutput:
-        run, cfg = self.run, self.run.config
         it = step + 1
-        log_stats = it % run.args.eval_every == 0 or it == cfg["iters"] or it == 1
-        pred, stats = self._solve(with_stats=log_stats)
-        loss = normalised_residuals(pred, self.obs, cfg["noise"]).pow(2).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        value = loss.item()
-        row: dict[str, Any] = {"iter": it, "loss": value, "lr": self.sched.get_last_lr()[0]}
-        self.sched.step()
-        row["elapsed_s"] = round(run.elapsed(), 3)
+        pred, stats = self._solve(with_stats=self.eval_due(it) or it == 1)
+        value = self.optimizer_step(
+            normalised_residuals(pred, self.obs, self.run.config["noise"]).pow(2).mean())
+        row = self.metrics_row(it, value)
         row.update(self._row_constants())
         if stats is not None:
             row.update(nfe=stats.nfe, steps=stats.n_steps)
         worst = max(row[f"{n}_rel_err"] for n in K_NAMES)
         return StepOutput(value, row, {"loss": value, "max_rel_err": worst})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-
-    def extend(self, done: int) -> None:
-        runner.stretch_schedule(self.sched, self.run.config["iters"])
 
     def finish(self) -> dict[str, Any]:
         cfg, rows = self.run.config, self.run.history
@@ -304,7 +279,6 @@ class StiffExperiment(Experiment):
             "k": log_k.exp().tolist(), "config": cfg}
         final.update(self._row_constants())
         if cfg["noise"] > 0 and self.run.args.mle_steps > 0:
-            true_log_k = torch.log(torch.tensor(TRUE_K, dtype=F64))
             try:
                 mle, se, mle_loss = maximum_likelihood(log_k, self.data, cfg["noise"],
                                                        steps=self.run.args.mle_steps)
@@ -313,11 +287,11 @@ class StiffExperiment(Experiment):
                 final["std_err_note"] = str(e).splitlines()[0]
             else:
                 final["std_err_log_k"] = se.tolist()
-                final["z_scores"] = ((log_k - true_log_k) / se).tolist()
+                final["z_scores"] = ((log_k - TRUE_LOG_K) / se).tolist()
                 final["mle_k"] = mle.exp().tolist()
                 final["mle_loss"] = mle_loss
-                final["mle_rel_err"] = (mle - true_log_k).exp().sub(1).abs().tolist()
-                final["mle_z_scores"] = ((mle - true_log_k) / se).tolist()
+                final["mle_rel_err"] = (mle - TRUE_LOG_K).exp().sub(1).abs().tolist()
+                final["mle_z_scores"] = ((mle - TRUE_LOG_K) / se).tolist()
                 final["trained_vs_mle_z"] = ((log_k - mle) / se).tolist()
         final["history_loss_first_last"] = [rows[0]["loss"], rows[-1]["loss"]] if rows else None
         return final
@@ -349,9 +323,7 @@ class StiffExperiment(Experiment):
         ax.set_ylabel("log10(k / k_true)")
         ax.set_title(f"rate constants during training ({cfg['method']}, {cfg['gradient']})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.run.out / "stiff.png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, self.run.out / "stiff.png", dpi=90)
         return ["stiff.png"]
 
     def report(self, final: dict[str, Any]) -> str:
@@ -383,10 +355,4 @@ def summary(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neuralode train stiff`` (the experiment's and the runner's)."""
-    runner.build_parser(StiffExperiment(), parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    return runner.run(StiffExperiment(), args)
+build_parser, run = runner.entry_points(StiffExperiment)

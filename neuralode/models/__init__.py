@@ -20,21 +20,7 @@ from neuralode.models.dynamics import LinearODEFunc, MLPODEFunc, vector_field_er
 from neuralode.models.latent_ode import GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 from neuralode.models.planar import PlanarFlow
 
-__all__ = [
-    "CNF",
-    "MODEL_NAMES",
-    "ConcatMLPDynamics",
-    "ConvClassifier",
-    "GRUEncoder",
-    "HyperNetDynamics",
-    "LatentODE",
-    "LinearODEFunc",
-    "MLPClassifier",
-    "MLPODEFunc",
-    "ODERNNEncoder",
-    "PlanarFlow",
-    "RNNBaseline",
-    "build_classifier",
-    "count_parameters",
-    "vector_field_error",
-]
+__all__ = ["CNF", "MODEL_NAMES", "ConcatMLPDynamics", "ConvClassifier", "GRUEncoder",
+           "HyperNetDynamics", "LatentODE", "LinearODEFunc", "MLPClassifier", "MLPODEFunc",
+           "ODERNNEncoder", "PlanarFlow", "RNNBaseline", "build_classifier", "count_parameters",
+           "vector_field_error"]

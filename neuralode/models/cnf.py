@@ -34,20 +34,9 @@ from torch import Tensor, nn
 from neuralode.gradients import Gradient, gradient_strategy
 from neuralode.odeint import odeint
 
-__all__ = [
-    "ACTIVATIONS",
-    "CNF",
-    "ESTIMATORS",
-    "NOISE_KINDS",
-    "AugmentedDynamics",
-    "ConcatMLPDynamics",
-    "HyperNetDynamics",
-    "divergence_exact",
-    "divergence_hutchinson",
-    "grid_log_prob",
-    "sample_noise",
-    "standard_normal_log_prob",
-]
+__all__ = ["ACTIVATIONS", "CNF", "ESTIMATORS", "NOISE_KINDS", "AugmentedDynamics",
+           "ConcatMLPDynamics", "HyperNetDynamics", "divergence_exact", "divergence_hutchinson",
+           "grid_log_prob", "sample_noise", "standard_normal_log_prob"]
 
 ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson")
 """Ways to compute tr(df/dz): ``exact`` (D vector-Jacobian products) or ``hutchinson``."""
@@ -328,18 +317,19 @@ class CNF(nn.Module):
 
     # -- core solve ----------------------------------------------------------------------------
 
-    def _solve(self, z: Tensor, a: Tensor, times: Tensor, estimator: str | None,
+    def _solve(self, z: Tensor, times: Tensor, estimator: str | None,
                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Integrate the joint state through ``times``; returns (len(times), N, D), (len, N)."""
+        """Integrate the joint state, from ``(z, 0)``, through ``times``; returns
+        (len(times), N, D), (len, N)."""
         est = self.estimator if estimator is None else _check_choice(
             estimator, ESTIMATORS, "divergence estimator")
         noise = sample_noise(z, self.noise, generator) if est == "hutchinson" else None
         func = AugmentedDynamics(self.dynamics, est, noise)
         object.__setattr__(self, "_last_func", func)
-        kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method,
-                      "options": self.options or None, "return_stats": True}
-        (zs, as_), stats = odeint(func, (z, a), times, gradient=self.gradient, **kwargs)
-        self.last_stats = stats
+        (zs, as_), self.last_stats = odeint(
+            func, (z, z.new_zeros(z.shape[0])), times, rtol=self.rtol, atol=self.atol,
+            method=self.method, options=self.options or None, return_stats=True,
+            gradient=self.gradient)
         return zs, as_
 
     def _time_grid(self, start: Tensor | float, stop: Tensor | float) -> Tensor:
@@ -368,10 +358,9 @@ class CNF(nn.Module):
         ``log p_time(x) = log N(z0) + a0`` (``a0 = -int_0^time tr(df/dz) dt``)."""
         x = _check_points(x, self.dim)
         time = self._resolve_time(time)
-        a = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         if not isinstance(time, Tensor) and float(time) == 0.0:
-            return x, a
-        zs, as_ = self._solve(x, a, self._time_grid(time, 0.0).to(x.dtype), estimator, generator)
+            return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        zs, as_ = self._solve(x, self._time_grid(time, 0.0).to(x.dtype), estimator, generator)
         return zs[-1], as_[-1]
 
     def decode(self, z0: Tensor, *, estimator: str | None = None,
@@ -379,8 +368,7 @@ class CNF(nn.Module):
         """Map base points z0 forward to data space: returns ``(x, aT)`` with
         ``log q(x) = log N(z0) - aT`` (``aT = int_0^T tr(df/dz) dt``)."""
         z0 = _check_points(z0, self.dim, "z0")
-        a = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
-        zs, as_ = self._solve(z0, a, self._time_grid(0.0, self.end_time).to(z0.dtype),
+        zs, as_ = self._solve(z0, self._time_grid(0.0, self.end_time).to(z0.dtype),
                               estimator, generator)
         return zs[-1], as_[-1]
 
@@ -423,8 +411,7 @@ class CNF(nn.Module):
             raise ValueError(f"n_times must be >= 2 (the start and the end), got {n_times}")
         times = self.end_time.detach().to(z0.dtype) * torch.linspace(
             0.0, 1.0, n_times, dtype=z0.dtype, device=z0.device)
-        a = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
-        zs, as_ = self._solve(z0, a, times, "exact", None)
+        zs, as_ = self._solve(z0, times, "exact", None)
         return times, zs, standard_normal_log_prob(z0)[None] - as_
 
     @torch.no_grad()

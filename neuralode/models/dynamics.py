@@ -21,17 +21,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "FIELD_MODELS",
-    "TRUE_FIELDS",
-    "LinearField",
-    "LinearODEFunc",
-    "MLPODEFunc",
-    "TwoRegimeField",
-    "make_field_model",
-    "make_true_field",
-    "vector_field_error",
-]
+from neuralode.nn.layers import mlp
+
+__all__ = ["FIELD_MODELS", "TRUE_FIELDS", "LinearField", "LinearODEFunc", "MLPODEFunc",
+           "TwoRegimeField", "box_grid", "make_field_model", "make_true_field",
+           "vector_field_error"]
 
 SPIRAL_A = ((-0.1, -1.0), (1.0, -0.1))
 TWO_REGIME_A = ((-0.1, -1.0), (1.0, -0.1))
@@ -123,17 +117,10 @@ class MLPODEFunc(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
-        layers: list[nn.Module] = []
-        width = dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.Tanh()]
-            width = hidden
-        last = nn.Linear(width, dim)
+        self.net = mlp([dim, *[hidden] * depth, dim], nn.Tanh)
         with torch.no_grad():
-            last.weight.mul_(0.1)
-            last.bias.zero_()
-        layers.append(last)
-        self.net = nn.Sequential(*layers)
+            self.net[-1].weight.mul_(0.1)
+            self.net[-1].bias.zero_()
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         return self.net(z)
@@ -157,6 +144,14 @@ def make_field_model(name: str, dim: int = 2, hidden: int = 64, depth: int = 2) 
     if name == "linear":
         return LinearODEFunc(dim)
     return MLPODEFunc(dim, hidden=hidden, depth=depth)
+
+
+def box_grid(low: Tensor, high: Tensor, n: int) -> Tensor:
+    """The ``n x n`` grid over the box with corners ``low`` and ``high`` (``(2,)``), as
+    ``(n * n, 2)`` points (x varying fastest)."""
+    xs = torch.linspace(float(low[0]), float(high[0]), n)
+    ys = torch.linspace(float(low[1]), float(high[1]), n)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
 
 
 @torch.no_grad()
@@ -185,9 +180,7 @@ def vector_field_error(learned: nn.Module, true: nn.Module, low: Tensor, high: T
     if low.shape != (2,) or high.shape != (2,) or not bool((high > low).all()):
         raise ValueError(f"low and high must be (2,) with high > low, got {low.tolist()} and "
                          f"{high.tolist()}")
-    xs = torch.linspace(float(low[0]), float(high[0]), n)
-    ys = torch.linspace(float(low[1]), float(high[1]), n)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    grid = box_grid(low, high, n)
     t = torch.zeros(())
     param = next(iter(learned.parameters()), None)
     dev = param.device if param is not None else grid.device

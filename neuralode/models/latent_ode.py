@@ -35,17 +35,10 @@ from torch import Tensor, nn
 
 from neuralode import odeint
 from neuralode.gradients import Checkpoint, Gradient, gradient_strategy
+from neuralode.nn.layers import mlp
 
-__all__ = [
-    "ELBOTerms",
-    "GRUEncoder",
-    "LatentDynamics",
-    "LatentODE",
-    "ODERNNEncoder",
-    "RNNBaseline",
-    "check_sequences",
-    "gaussian_kl",
-]
+__all__ = ["ELBOTerms", "GRUEncoder", "LatentDynamics", "LatentODE", "ODERNNEncoder", "RNNBaseline",
+           "check_sequences", "gaussian_kl"]
 
 ENCODERS = ("gru", "ode-rnn")
 READOUT_ACTS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
@@ -153,15 +146,6 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
 
 
-def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
 # ----------------------------------------------------------------------------
 # encoders
 # ----------------------------------------------------------------------------
@@ -265,7 +249,7 @@ class LatentDynamics(nn.Module):
 
     def __init__(self, latent_dim: int, hidden: int = 20, act: type[nn.Module] = nn.ELU) -> None:
         super().__init__()
-        self.net = _mlp([latent_dim, hidden, hidden, latent_dim], act)
+        self.net = mlp([latent_dim, hidden, hidden, latent_dim], act)
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         return self.net(z)
@@ -325,7 +309,7 @@ class LatentODE(nn.Module):
                                          t0=self.t0)
         self.dynamics = LatentDynamics(latent_dim, ode_hidden)
         self.readout = (nn.Linear(latent_dim, obs_dim) if dec_hidden == 0 else
-                        _mlp([latent_dim, dec_hidden, obs_dim], READOUT_ACTS[readout_act]))
+                        mlp([latent_dim, dec_hidden, obs_dim], READOUT_ACTS[readout_act]))
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = options
         self.gradient = gradient_strategy(gradient)
@@ -454,7 +438,7 @@ class RNNBaseline(nn.Module):
         self.obs_dim, self.hidden, self.t0 = obs_dim, hidden, float(t0)
         self.h0 = nn.Parameter(torch.zeros(hidden))
         self.cell = nn.GRUCell(obs_dim + 1, hidden)
-        self.readout = _mlp([hidden + 1, readout_hidden, obs_dim], nn.Tanh)
+        self.readout = mlp([hidden + 1, readout_hidden, obs_dim], nn.Tanh)
 
     def _forecast(self, h: Tensor, gap: Tensor) -> Tensor:
         return self.readout(torch.cat([h, gap[:, None]], dim=-1))

@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = [
-    "ConcatConv2d",
-    "ConcatLinear",
-    "ConcatSquashConv2d",
-    "ConcatSquashLinear",
-    "TimeLayer",
-    "TimeSequential",
-]
+__all__ = ["ConcatConv2d", "ConcatLinear", "ConcatSquashConv2d", "ConcatSquashLinear", "TimeLayer",
+           "TimeSequential", "mlp"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -52,36 +46,41 @@ class TimeLayer(nn.Module):
     """Marker base class of layers whose forward is ``forward(t, x)``."""
 
 
-class ConcatLinear(TimeLayer):
+class _Sized(TimeLayer):
+    """A time-aware layer from ``dim_in`` to ``dim_out`` features (or channels)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.dim_in = _positive_int("dim_in", dim_in)
+        self.dim_out = _positive_int("dim_out", dim_out)
+
+    def extra_repr(self) -> str:
+        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
+
+
+class ConcatLinear(_Sized):
     """``Linear(dim_in + 1, dim_out)`` applied to ``[t, x]``.
 
     ``x``: ``(..., dim_in)`` -> ``(..., dim_out)``.
     """
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
-        super().__init__()
-        self.dim_in = _positive_int("dim_in", dim_in)
-        self.dim_out = _positive_int("dim_out", dim_out)
+        super().__init__(dim_in, dim_out)
         self.linear = nn.Linear(self.dim_in + 1, self.dim_out, bias=bias)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
         tt = _per_row(_time_like(t, x), x).expand(*x.shape[:-1], 1)
         return self.linear(torch.cat([tt, x], dim=-1))
 
-    def extra_repr(self) -> str:
-        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
 
-
-class ConcatConv2d(TimeLayer):
+class ConcatConv2d(_Sized):
     """``Conv2d(dim_in + 1, dim_out, ...)`` applied to ``x`` with a constant channel ``t``
     prepended. ``x``: ``(N, dim_in, H, W)``. ``transpose=True`` uses ``ConvTranspose2d``."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True,
                  transpose: bool = False):
-        super().__init__()
-        self.dim_in = _positive_int("dim_in", dim_in)
-        self.dim_out = _positive_int("dim_out", dim_out)
+        super().__init__(dim_in, dim_out)
         conv = nn.ConvTranspose2d if transpose else nn.Conv2d
         self.conv = conv(self.dim_in + 1, self.dim_out, kernel_size=kernel_size, stride=stride,
                          padding=padding, dilation=dilation, groups=groups, bias=bias)
@@ -93,18 +92,13 @@ class ConcatConv2d(TimeLayer):
         tt = _per_row(_time_like(t, x), x).expand(x.shape[0], 1, x.shape[2], x.shape[3])
         return self.conv(torch.cat([tt, x], dim=1))
 
-    def extra_repr(self) -> str:
-        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
 
-
-class ConcatSquashLinear(TimeLayer):
+class ConcatSquashLinear(_Sized):
     """``Linear(dim_in, dim_out)(x) * sigmoid(gate(t)) + shift(t)`` (FFJORD's
     ConcatSquashLinear). ``x``: ``(..., dim_in)`` -> ``(..., dim_out)``."""
 
     def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.dim_in = _positive_int("dim_in", dim_in)
-        self.dim_out = _positive_int("dim_out", dim_out)
+        super().__init__(dim_in, dim_out)
         self.linear = nn.Linear(self.dim_in, self.dim_out)
         self.gate = nn.Linear(1, self.dim_out)
         self.shift = nn.Linear(1, self.dim_out, bias=False)
@@ -116,19 +110,14 @@ class ConcatSquashLinear(TimeLayer):
         gate = torch.sigmoid(self.gate(tt)).reshape(shape)
         return self.linear(x) * gate + self.shift(tt).reshape(shape)
 
-    def extra_repr(self) -> str:
-        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
 
-
-class ConcatSquashConv2d(TimeLayer):
+class ConcatSquashConv2d(_Sized):
     """``Conv2d(dim_in, dim_out, ...)(x) * sigmoid(gate(t)) + shift(t)``, the gate and shift
     being one value per output channel. ``x``: ``(N, dim_in, H, W)``."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 0, dilation: int = 1, groups: int = 1, transpose: bool = False):
-        super().__init__()
-        self.dim_in = _positive_int("dim_in", dim_in)
-        self.dim_out = _positive_int("dim_out", dim_out)
+        super().__init__(dim_in, dim_out)
         conv = nn.ConvTranspose2d if transpose else nn.Conv2d
         self.conv = conv(self.dim_in, self.dim_out, kernel_size=kernel_size, stride=stride,
                          padding=padding, dilation=dilation, groups=groups)
@@ -140,8 +129,16 @@ class ConcatSquashConv2d(TimeLayer):
         gate = torch.sigmoid(self.gate(tt)).reshape(-1, self.dim_out, 1, 1)
         return self.conv(x) * gate + self.shift(tt).reshape(-1, self.dim_out, 1, 1)
 
-    def extra_repr(self) -> str:
-        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
+
+def mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """Linear layers of the widths ``sizes`` (input first, output last), ``act()`` between
+    consecutive ones."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
 
 
 class TimeSequential(nn.Sequential):
