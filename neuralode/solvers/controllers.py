@@ -260,8 +260,11 @@ class StepBounds:
     STRETCH = 0.1
 
     def clamp(self, h, direction):
-        return direction * clip(abs(h), self.min_step, self.max_step)
-
+        a = abs(h)
+        if isinstance(a, float):  # the float clock's hot path: no call
+            lo, hi = self.min_step, self.max_step
+            return direction * (lo if a < lo else (hi if a > hi else a))
+        return direction * a.clamp(min=self.min_step, max=self.max_step)
 
     def at_min_step(self, h):
         """Steps at ``min_step`` are accepted, also when rounding (h = t1 - t) or a stretch

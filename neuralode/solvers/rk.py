@@ -316,6 +316,8 @@ class RKStepper:
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
                     else _mv_then_add(y, K.t(), w[0], alpha=h)]
+        if y.dtype == torch.float64:  # dense_combine's one-problem kernel, inline (hot path)
+            return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
         return list(dense_combine(y, h, w, K).unbind(0))
 
     def segment(self, y: torch.Tensor, h: float):
@@ -335,9 +337,7 @@ class RKStepper:
             self.f0 = new if accept is None else torch.where(accept[:, None], new, self.f0)
             return
         new = f_next if f_next is not None else self.f1
-        if accept is not None:
-            new = torch.where(accept[:, None], new, self.K[0])
-        self.K[0].copy_(new)
+        self.K[0].copy_(new if accept is None else torch.where(accept[:, None], new, self.K[0]))
 
     # -- checkpointing (neuralode.checkpoint) ---------------------------------------------
     def carry(self) -> tuple[list[torch.Tensor], object]:
