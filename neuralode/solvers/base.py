@@ -320,7 +320,7 @@ class RHS:
             where = f"{what}" + (f", element {k}," if layout.is_tuple else "")
             if not isinstance(o, torch.Tensor):
                 raise ODEFuncError(f"{where} must return a tensor, got {type(o).__name__}")
-            if tuple(o.shape) != lead + tuple(shape):
+            if (o.shape != shape) if batch is None else (tuple(o.shape) != (batch, *shape)):
                 raise ODEFuncError(
                     f"{where} returned shape {tuple(o.shape)}, but the state has shape "
                     f"{lead + tuple(shape)}; dy/dt must have the same shape as y"

@@ -81,9 +81,11 @@ class ErrorNorm:
             raw = torch.linalg.vector_norm(ratio, dim=-1) if batch else \
                 torch.linalg.vector_norm(ratio)
         else:  # max over tuple elements of the RMS of each element
-            raw = torch.stack([torch.linalg.vector_norm(ratio[..., a:b], dim=-1) / math.sqrt(b - a)
+            dim = -1 if batch else None  # (the reductions without dim are the faster ones)
+            raw = torch.stack([torch.linalg.vector_norm(ratio[..., a:b], dim=dim) / math.sqrt(b - a)
                                for a, b in itertools.pairwise(self.layout.offsets) if b > a],
-                              -1).amax(-1)
+                              -1)
+            raw = raw.amax(-1) if batch else raw.max()
         raw = raw.to(torch.float64) if batch else raw.item()
         return raw * self.rms_factor * abs(factor)
 
