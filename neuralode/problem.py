@@ -313,8 +313,6 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     y0_flat = layout.flatten(tuple(items) if is_tuple else items[0], B)
     if y0_flat.dtype != rhs.dtype:
         y0_flat = y0_flat.to(rhs.dtype)
-    elif y0_flat.data_ptr() == items[0].data_ptr():
-        y0_flat = y0_flat.clone()  # func gets the solver's copy: the caller's y0 stays as is
     if cls.adaptive:
         check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
     norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
@@ -417,14 +415,16 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
 
 
 def check_y_unchanged(p: Problem) -> None:
-    """``func`` must not change its input y in place: the solver's copy of y0 (the state the
-    first evaluation got, and any view of it) has not been written since ``prepare`` (its
-    version counter, which every in-place operation on it or a view of it advances)."""
+    """``func`` must not change its input y in place: the initial state it was given (a
+    view of the caller's y0, or the solver's copy of it) has not been written since
+    ``prepare`` (its version counter, which every in-place operation on it or on a view of
+    it advances; no copy, no comparison)."""
     if p.y0_flat._version != p.y0_version:
         raise ODEFuncError(
             "func changed its input y in place (the initial state it was given changed during "
-            "the solve); compute dy/dt without modifying y (e.g. y = y * 2, not y *= 2): "
-            "the solver's states are shared with func, so the solution would be wrong")
+            "the solve, and with it the caller's y0 where it is the same memory); compute "
+            "dy/dt without modifying y (e.g. y = y * 2, not y *= 2): the solver's states are "
+            "shared with func, so the solution would be wrong")
 
 
 def to_user_dtype(y: torch.Tensor, p: Problem) -> torch.Tensor:
