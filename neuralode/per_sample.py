@@ -63,12 +63,13 @@ from neuralode.problem import (
     check_y0,
     check_y_unchanged,
     prepare,
+    to_user_dtype,
 )
 from neuralode.solvers.base import PerSampleStats, StateLayout
 from neuralode.solvers.batched import BatchedDense, BatchedResult, integrate_batched
 from neuralode.solvers.controllers import ErrorNorm, PerSampleGrid
 from neuralode.solvers.methods import controller_or_default
-from neuralode.solvers.status import CODE, ERRORS, NAMES
+from neuralode.solvers.status import CODE, ERRORS, FINISHED_WELL, NAMES
 
 PER_SAMPLE_OPTIONS = {"time_arg": "batch", "shrink": None, "compile": False}
 FLOAT_CLOCK_OPTIONS = {"step_t": None, "jump_t": None, "perturb": False,
@@ -116,7 +117,7 @@ class PerSampleSolution:
 
     @property
     def success(self) -> bool:
-        return all(s in ("success", "event") for s in self.status)
+        return all(s in FINISHED_WELL for s in self.status)
 
 
 @dataclass
@@ -365,9 +366,11 @@ def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_f
 
 def _solution(s: _Setup, t, res: BatchedResult, dense_sol) -> PerSampleSolution:
     p = s.p
-    return PerSampleSolution(ys=_to_user(p, res.ys), ts=t, stats=p.stats,
+    return PerSampleSolution(ys=p.layout.unflatten(to_user_dtype(res.ys, p)), ts=t,
+                             stats=p.stats,
                              status=list(p.stats.status), message=list(p.stats.message),
-                             t_final=res.t_final, y_final=_to_user(p, res.y_final),
+                             t_final=res.t_final,
+                             y_final=p.layout.unflatten(to_user_dtype(res.y_final, p)),
                              event_t=res.event_t, dense=dense_sol, layout=p.layout,
                              user_dtype=p.rhs.user_dtype)
 
@@ -406,9 +409,3 @@ def solve_per_sample(strategy, func: Callable, y0, t, *, rtol=1e-7, atol=1e-9, m
                          event_fn=ev, dense=dense, throw=throw)
     return run_sample_by_sample(s, func, y0, t, solve_one, event_fn=event_fn, dense=dense,
                                 throw=throw)
-
-
-def _to_user(p: Problem, y: torch.Tensor):
-    if y.dtype != p.rhs.user_dtype:
-        y = y.to(p.rhs.user_dtype)
-    return p.layout.unflatten(y)

@@ -10,6 +10,7 @@ import torch
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import SolverStats, StateLayout
+from neuralode.solvers.status import FINISHED_WELL
 
 
 class DenseSolution:
@@ -78,7 +79,7 @@ class Solution:
 
     @property
     def success(self) -> bool:
-        return self.status in ("success", "event")
+        return self.status in FINISHED_WELL
 
     def evaluate(self, t):
         """The continuous solution at ``t`` (needs ``solve(..., dense=True)``)."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from neuralode.errors import ODEFuncError
+from neuralode.solvers.status import FINISHED_WELL
 
 
 @dataclass
@@ -88,10 +89,10 @@ class PerSampleStats:
 
     @property
     def success(self) -> bool:
-        return all(s in ("success", "event") for s in self.status)
+        return all(s in FINISHED_WELL for s in self.status)
 
     def __str__(self) -> str:
-        bad = sum(s not in ("success", "event") for s in self.status)
+        bad = sum(s not in FINISHED_WELL for s in self.status)
         acc = self.n_accepted
         return (f"{self.method}: nfe={self.nfe} ({self.driver}), accepted per sample "
                 f"min/max={int(acc.min())}/{int(acc.max())}, failed samples={bad}")

@@ -390,7 +390,7 @@ class PIDRun(StepBounds):
 
     def __init__(self, norm: ErrorNorm, error_order: int, s: dict):
         k = error_order + 1.0
-        self.norm, self.settings = norm, s
+        self.norm = norm
         self.safety, self.ifactor, self.dfactor = s["safety"], s["ifactor"], s["dfactor"]
         self.min_step, self.max_step, self.first = s["min_step"], s["max_step"], s["first_step"]
         self.b1 = (s["pcoeff"] + s["icoeff"] + s["dcoeff"]) / k
@@ -399,9 +399,8 @@ class PIDRun(StepBounds):
         self.error_order = self.start_order = error_order
         self.accept_floor = 1.0  # an accepted step does not shrink the next one
         self.has_history = bool(self.b2 or self.b3)  # does ``remember`` keep anything?
-        self.prev1 = self.prev2 = 1.0
         self.absy = None
-        self.nonfinite = False  # was the last attempt rejected for a nan/inf error?
+        self.init_history(1.0)  # ``nonfinite``: was the last attempt rejected for nan/inf?
 
     def first_step(self, rhs_call, t0, y0, f0, direction):
         h = super().first_step(rhs_call, t0, y0, f0, direction)

@@ -22,6 +22,7 @@ one problem or per sample: the formulas below run on Python floats or on (B,) te
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from neuralode.solvers.controllers import PIDController, PIDRun
 from neuralode.solvers.elementwise import logical_not, maximum, minimum, where
@@ -30,13 +31,17 @@ from neuralode.solvers.elementwise import logical_not, maximum, minimum, where
 class GustafssonRun(PIDRun):
     """The per-solve state of a ``GustafssonController``."""
 
+    # the history (``history``): floats, or (B,) tensors per sample
+    h_acc: Any
+    err_acc: Any
+    had_accept: Any
+    rejected_last: Any
+
     def __init__(self, norm, error_order: int, s: dict):
         super().__init__(norm, error_order, s)
         self.exponent = 1.0 / (error_order + 1.0)
         self.accept_floor = self.dfactor
         self.has_history = True
-        self.h_acc, self.err_acc = math.nan, 1.0
-        self.had_accept = self.rejected_last = False
 
     def history(self) -> dict:
         return {**super().history(), "h_acc": math.nan, "err_acc": 1.0, "had_accept": False,
