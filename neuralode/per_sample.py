@@ -25,15 +25,19 @@ Two drivers run the same numerics (``neuralode.solvers``):
 
 * ``"batched"``, the tensor clock: the explicit Runge–Kutta methods (adaptive and fixed
   grid), with backprop or the adjoint (a per-sample backward solve), events and dense
-  output: one call of ``func`` per stage for the whole batch. Options of this driver:
-  ``options={"compile": True}`` (or a backend name, e.g. "aot_eager"): the step (RK stages
-  + controller + per-row bookkeeping) runs under ``torch.compile(fullgraph=True)``;
+  output; the Rosenbrock and ESDIRK methods with autograd Jacobians (each row's own
+  Jacobian block, LU, Newton iterations and Jacobian reuse), with backprop, events and
+  dense output: one call of ``func`` per stage (or Newton iteration) for the whole batch.
+  Options of this driver: ``options={"compile": True}`` (explicit methods; or a backend
+  name, e.g. "aot_eager"): the step (RK stages + controller + per-row bookkeeping) runs
+  under ``torch.compile(fullgraph=True)``;
   ``options={"shrink": q}`` (q in (0, 1]): when the running samples are at most the
   fraction q of the current batch, the batch is compacted to them (``func`` then sees
   fewer rows; it must accept any batch size).
-* ``"sample_by_sample"``, the float clock: every other case: the implicit, Rosenbrock,
-  multistep, Adams and scipy methods (their Newton iterations, Jacobians, order choices
-  and scipy's own steps are per problem), ``gradient="checkpoint"`` (any budget) and the
+* ``"sample_by_sample"``, the float clock: every other case: the fixed-grid implicit,
+  multistep, Adams and scipy methods (their order choices, histories and scipy's own
+  steps are per problem), the stiff one-step methods with other Jacobian options or the
+  adjoint, ``gradient="checkpoint"`` (any budget) and the
   interpolated adjoint, gradients with respect to ``t``, callbacks, and the options
   ``step_t``, ``jump_t``, ``perturb`` and ``grid_constructor``. Each sample is solved alone
   by the one-problem solver: ``func`` sees a batch of one (y (1, ...), t (1,)), and so
@@ -161,7 +165,7 @@ def _driver(p: Problem, func, t, tensor_clock: bool) -> str:
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     callbacks = any(callable(getattr(func, n + end, None)) for n in CALLBACK_NAMES
                     for end in ("", "_adjoint"))
-    if not (tensor_clock and p.method.tensor_clock) or float_clock or t_grad or callbacks:
+    if not (tensor_clock and p.method.batches(o)) or float_clock or t_grad or callbacks:
         return "sample_by_sample"
     return "batched"
 
@@ -181,9 +185,12 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
     if driver != "batched" and (ps["shrink"] is not None or compile_step):
         raise ODEInputError(
             f"per_sample=True: the options 'shrink' and 'compile' need the batched driver "
-            f"(explicit Runge–Kutta methods with gradient 'backprop' or 'adjoint', no step_t/"
-            f"jump_t/perturb/grid_constructor, callbacks or gradients in t); this {p.name!r} "
-            f"solve runs sample by sample")
+            f"(explicit Runge–Kutta and Rosenbrock methods with gradient 'backprop' (or "
+            f"'adjoint', explicit methods), no step_t/jump_t/perturb/grid_constructor, "
+            f"callbacks or gradients in t); this {p.name!r} solve runs sample by sample")
+    if compile_step and "jacobian" in p.opts:
+        raise ODEInputError(f"per_sample=True: the option 'compile' serves the explicit "
+                            f"Runge–Kutta methods; {p.name!r} builds Jacobians in its step")
     p.stats.driver = driver
     return _Setup(p, t, ts, B, driver, ps["shrink"], compile_step)
 
@@ -230,7 +237,8 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                                   name=p.name, shrink=s.shrink, sync_counter=sync_counter,
                                   compile_step=s.compile_step, event_fn=event_fn,
                                   record=record,
-                                  event_interior_points=p.opts["event_interior_points"])
+                                  event_interior_points=p.opts["event_interior_points"],
+                                  step_to_outputs=p.opts.get("step_to_outputs", False))
     check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)
     dense_sol = BatchedDense(record, stepper, s.ts[:, 0], res.t_final) if record else None
@@ -332,6 +340,7 @@ def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_f
         [], [], [], [], [], [], [], [], []
     ev_t = torch.full((B,), math.nan, dtype=torch.float64)
     st = p.stats
+    st.driver = "sample_by_sample"
     for b in range(B):
         y0_b = tuple(v[b] for v in items) if is_tuple else items[0][b]
         sol = solve_one(sample, y0_b, s.t if s.t.dim() == 1 else s.t[b], ev)

@@ -199,6 +199,8 @@ def test_bad_times_are_refused(t, match):
 def test_unsupported_options_are_refused():
     # every method and option runs per sample; the batched driver's own options need it
     with pytest.raises(ODEInputError, match="batched driver"):
+        solve(vdp(MU), Y0, T, per_sample=True, method="bdf", options={"compile": True})
+    with pytest.raises(ODEInputError, match="Jacobians"):
         solve(vdp(MU), Y0, T, per_sample=True, method="kvaerno3", options={"compile": True})
     with pytest.raises(ODEInputError, match="batched driver"):
         solve(vdp(MU), Y0, T, per_sample=True, method="dopri5",

@@ -658,7 +658,9 @@ def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
     b_name, _ = resolve_method(adjoint_method, {k: v for k, v in adjoint_options.items()
                                                 if k not in PER_SAMPLE_OPTIONS})
     needs_grad = torch.is_grad_enabled() and (any(v.requires_grad for v in items) or params)
-    if fwd.driver != "batched" or not SOLVERS[b_name].tensor_clock:
+    # (the batched backward solve and its quadrature run explicit Runge–Kutta methods)
+    if fwd.driver != "batched" or not SOLVERS[b_name].tensor_clock \
+            or "jacobian" in SOLVERS[b_name].OPTIONS:
         one = replace(g, params=params)
         opts = {k: v for k, v in (options or {}).items() if k not in PER_SAMPLE_OPTIONS}
 

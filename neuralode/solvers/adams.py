@@ -63,14 +63,22 @@ class HermiteSegment:
         return torch.stack(hermite(self.y0, self.y1, self.f0, self.f1, self.h, thetas))
 
 
-def hermite(y0, y1, f0, f1, h, thetas) -> list[torch.Tensor]:
-    out = []
-    for th in thetas:
-        w0 = th - 2 * th**2 + th**3
-        w1 = 3 * th**2 - 2 * th**3
-        w2 = th**3 - th**2
-        out.append(y0 + (h * w0) * f0 + w1 * (y1 - y0) + (h * w2) * f1)
-    return out
+def hermite(y0, y1, f0, f1, h, thetas):
+    """The cubic Hermite interpolant at the step fractions ``thetas``: a list of floats ->
+    a list of states; per sample (y0, y1, f0, f1 (B, n), h (B,), thetas (B, m) float64) ->
+    (B, m, n)."""
+    if isinstance(thetas, torch.Tensor):
+        dt = y0.dtype
+        return _hermite_at(*(v[:, None] for v in (y0, y1, f0, f1)), h.to(dt)[:, None, None],
+                           thetas.to(dt)[..., None])
+    return [_hermite_at(y0, y1, f0, f1, h, th) for th in thetas]
+
+
+def _hermite_at(y0, y1, f0, f1, h, th):
+    w0 = th - 2 * th**2 + th**3
+    w1 = 3 * th**2 - 2 * th**3
+    w2 = th**3 - th**2
+    return y0 + (h * w0) * f0 + w1 * (y1 - y0) + (h * w2) * f1
 
 
 class AdamsStepper:

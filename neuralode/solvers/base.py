@@ -69,7 +69,10 @@ class PerSampleStats:
     on success); t_final: (B,) float64 tensor, where each sample stopped; batch_rows: the
     sum over calls of the rows evaluated (with ``shrink`` below B * nfe); driver:
     "batched" (the tensor clock, one call of func per stage for the batch) or
-    "sample_by_sample" (the float clock, each sample alone).
+    "sample_by_sample" (the float clock, each sample alone); n_jac, n_lu, n_newton
+    (batched Rosenbrock and ESDIRK methods): batched Jacobian evaluations, factorisations
+    and Newton iterations (each covers every row), n_newton_fail: rows whose Newton solve
+    failed.
     """
 
     method: str = ""
@@ -81,6 +84,10 @@ class PerSampleStats:
     t_final: torch.Tensor | None = None
     batch_rows: int = 0
     driver: str = "batched"
+    n_jac: int = 0
+    n_lu: int = 0
+    n_newton: int = 0
+    n_newton_fail: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

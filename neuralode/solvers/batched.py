@@ -40,9 +40,9 @@ from neuralode.solvers.event_location import (
     locate_event,
     nonfinite_event_message,
 )
-from neuralode.solvers.rk import dense_combine, dense_weights
 from neuralode.solvers.status import (
     CODE,
+    CONVERGENCE,
     ERRORS,
     EVENT,
     MAX_STEPS,
@@ -51,6 +51,7 @@ from neuralode.solvers.status import (
     RUNNING,
     STEP_SIZE,
     SUCCESS,
+    convergence_message,
     max_steps_message,
     nonfinite_grid_message,
     nonfinite_message,
@@ -60,6 +61,7 @@ from neuralode.solvers.status import (
 )
 
 _RUNNING, _SUCCESS, _EVENT = CODE[RUNNING], CODE[SUCCESS], CODE[EVENT]
+_CONVERGENCE = CODE[CONVERGENCE]
 _MAX_STEPS, _STEP_SIZE, _NONFINITE = CODE[MAX_STEPS], CODE[STEP_SIZE], CODE[NONFINITE]
 
 
@@ -75,7 +77,7 @@ class BatchedDense:
         self.acc = torch.stack([s[3] for s in steps])
         self.y = torch.stack([s[4] for s in steps])  # (S, B, n)
         self.y1 = torch.stack([s[5] for s in steps])
-        self.K = torch.stack([s[6] for s in steps])  # (S, s_ext, B, n)
+        self.K = torch.stack([s[6] for s in steps])  # (S, stages, B, n): the stepper's record
         self.stepper = stepper
         self.t0, self.t_final = t0, t_final
 
@@ -93,15 +95,12 @@ class BatchedDense:
         h = self.h[k, b]
         theta = torch.where(found, (q - self.t_lo[k, b]) / torch.where(h != 0, h, 1.0), 0.0)
         y, y1 = self.y[k, b], self.y1[k, b]  # (B, m, n)
-        st = self.stepper
-        if st.linear:
-            val = y + theta.to(y.dtype)[..., None] * (y1 - y)
-        else:  # each (sample, time) as a row of its own step's interpolant
-            n, m = y.shape[-1], theta.shape[1]
-            w = dense_weights(st.dense_t, theta.reshape(B * m, 1), st.degree, y.dtype)
-            K = self.K.permute(0, 2, 1, 3)[k, b]  # (B, m, s_ext, n)
-            val = dense_combine(y.reshape(B * m, n), h.reshape(B * m), w,
-                                K.reshape(B * m, -1, n)).reshape(B, m, n)
+        # each (sample, time) as a row of its own step's interpolant
+        n, m = y.shape[-1], theta.shape[1]
+        K = self.K.permute(0, 2, 1, 3)[k, b]  # (B, m, stages, n)
+        val = self.stepper.dense_rows(y.reshape(B * m, n), y1.reshape(B * m, n),
+                                      h.reshape(B * m), K.reshape(B * m, -1, n),
+                                      theta.reshape(B * m)).reshape(B, m, n)
         val = torch.where((q == self.t_hi[k, b])[..., None], y1, val)
         return torch.where(found[..., None], val, math.nan).transpose(0, 1)
 
@@ -136,6 +135,9 @@ def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tenso
                    else step_size_message(name, tf, hf, "", where))
         elif st == NONFINITE:
             msg = nonfinite_message(name, tf, where, at_start=steps[b] == 0)
+        elif st == CONVERGENCE:
+            msg = convergence_message(name, tf, tf + hf, hf, "Newton iterations did not "
+                                                             "converge")
         else:
             msg = ""
         out.append(f"sample {b}: {msg}" if msg else "")
@@ -147,8 +149,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
                       compile_step: bool | str = False, event_fn: Callable | None = None,
-                      record: list | None = None, event_interior_points: int = 0
-                      ) -> tuple[BatchedResult, list[str]]:
+                      record: list | None = None, event_interior_points: int = 0,
+                      step_to_outputs: bool = False) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``rhs``: a per-sample ``RHS`` (``batch=True``); ``stepper``: an ``RKStepper``;
@@ -162,7 +164,9 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor").
     ``event_fn`` (adaptive methods): each sample stops at its own first sign change,
     located as the float-clock driver locates it (``event_location``).
-    ``record``: a list that receives every attempt's interpolant data (``BatchedDense``)."""
+    ``record``: a list that receives every attempt's interpolant data (``BatchedDense``).
+    ``step_to_outputs`` (adaptive): every output time is a step end, as the float clock's
+    stops (each row's next output is its stop, ``StepBounds.propose``)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -232,10 +236,11 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
 
     no_outputs = torch.zeros(B, dtype=torch.long, device=device)
 
-    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev, n_bad):
+    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev, n_bad,
+                stop):
         """Where each running row's attempt ends, the per-row stop checks, and the values
         of the step's one synchronisation (rows running, outputs of the last step)."""
-        t1 = controller.propose(t, h, t_end, dirn)
+        t1 = controller.propose(t, h, stop, dirn)
         hh = t1 - t
         tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
         status = torch.where(running & tiny, torch.where(nonfinite, _NONFINITE, _STEP_SIZE),
@@ -252,11 +257,22 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         y1 = stepper.step(t, y, hm)
         t1m = torch.where(running, t1, t)
         if adaptive:
-            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, running)
+            # an implicit stepper's rows whose Newton solve failed: retried with a shorter
+            # step, as the float clock retries after a ``StepFailure``
+            failed = getattr(stepper, "failed", None)
+            live = running if failed is None else running & ~failed
+            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, live)
+            if failed is not None:
+                h_next = torch.where(failed, controller.shrink(hm, stepper.failure_factor,
+                                                               dirn), h_next)
             n_rej = n_rej + (running & ~accept)
         else:
             ok = torch.isfinite(y1.detach()).all(1)
             status = torch.where(running & ~ok, _NONFINITE, status)
+            failed = getattr(stepper, "failed", None)
+            if failed is not None:  # an implicit step not solved: the row ends there
+                status = torch.where(running & failed, _CONVERGENCE, status)
+                ok = ok & ~failed
             accept = running & ok
             k_grid = k_grid + running
             h_next = hh
@@ -270,7 +286,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         status = torch.where(accept & (t1m == t_end), _SUCCESS, status)
         t_new = torch.where(accept, t1m, t)
         y_new = torch.where(accept[:, None], y1, y)
-        h = torch.where(running, h_next, h) if adaptive else hh
+        h = torch.where(running, h_next if adaptive else hh, h)
         return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == _RUNNING, n_att,
                 n_acc, n_rej, i_new, k_grid)
 
@@ -292,7 +308,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         if adaptive:
             t1, hh, status, running, flags = propose(
                 t, h, t_end, dirn, running, status, n_att, controller.nonfinite,
-                pending[5] if pending is not None else no_outputs, ev.sum(), ev_bad.sum())
+                pending[5] if pending is not None else no_outputs, ev.sum(), ev_bad.sum(),
+                next_output(key, i_out, dirn) if step_to_outputs else t_end)
             n_run, m, n_ev, n_bad = sync(flags)  # the one synchronisation per step
             if n_bad:
                 b = int(ev_bad.nonzero()[0, 0])
@@ -362,8 +379,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         if on_step is not None:
             on_step(t_old, y_old, hm, accept, stepper)
         if record is not None:
-            K = torch.stack(stepper.ks[:stepper.s_ext]) if stepper.graph else stepper.K.clone()
-            record.append((t_old, t1m, hm, accept, y_old, y1, K))
+            record.append((t_old, t1m, hm, accept, y_old, y1, stepper.record_stages()))
         if event is not None:
             with torch.no_grad():
                 g1 = event(t1m, y1)
@@ -407,6 +423,12 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
             more = f" ({len(bad)} of {B} samples failed)" if len(bad) > 1 else ""
             raise ERRORS[NAMES[code]](msgs[bad[0]] + more)
     return res, msgs
+
+
+def next_output(key: torch.Tensor, i_out: torch.Tensor, dirn: torch.Tensor) -> torch.Tensor:
+    """Each row's next output time (its last once all are written)."""
+    i = i_out.clamp(max=key.shape[1] - 1)[:, None]
+    return key.gather(1, i)[:, 0] * dirn
 
 
 def _max_outputs_per_step(grid: PerSampleGrid, ts: torch.Tensor, n_max: int, sync) -> int:

@@ -490,7 +490,10 @@ class PIDRun(StepBounds):
                              self.nonfinite_step(h, direction))
         self.nonfinite = ~finite if live is None else torch.where(live, ~finite,
                                                                    self.nonfinite)
+        before = {} if live is None else {k: getattr(self, k) for k in self.history()}
         self.remember(accept, ratio, h)
+        for k, v in before.items():  # rows that did not run keep their history
+            setattr(self, k, torch.where(live, getattr(self, k), v))
         self.absy = torch.where(accept[:, None], absy1, self.absy)
         return accept, h_next
 

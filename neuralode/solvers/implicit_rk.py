@@ -51,6 +51,7 @@ import torch
 from neuralode.solvers.adams import HermiteSegment, hermite
 from neuralode.solvers.base import StepFailure
 from neuralode.solvers.controllers import ErrorNorm
+from neuralode.solvers.elementwise import column
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
     JacobianSource,
@@ -69,6 +70,7 @@ from neuralode.solvers.methods import (
 from neuralode.solvers.rk import ChordSegment, chord
 
 SLOW_RATE = 0.25  # a Newton contraction rate above this re-evaluates J at the next step
+FAILURE_FACTOR = 0.5  # a failed attempt (Newton with a fresh Jacobian) is retried with h * this
 REFACTOR = 0.2  # |h / h_factorised - 1| above this refactorises the Newton matrix
 NEWTON_KAPPA = 0.03  # Newton stops when its predicted error is below this times the tolerance
 
@@ -258,7 +260,8 @@ class StageMatrix:
             B, m, _ = J0.shape
             Jst = torch.stack(Js, 1)  # (B, j, p, q)
             kr = A.to(J0)[None, :, None, :, None] * Jst.permute(0, 2, 1, 3)[:, None]
-            M = torch.eye(s * m, dtype=J0.dtype, device=J0.device) - h * kr.reshape(
+            hb = h if not isinstance(h, torch.Tensor) else h.to(J0.dtype).reshape(-1, 1, 1)
+            M = torch.eye(s * m, dtype=J0.dtype, device=J0.device) - hb * kr.reshape(
                 B, s * m, s * m)
         self.lu, self.piv = torch.linalg.lu_factor(M)
 
@@ -304,7 +307,15 @@ def make_jacobian_source(spec, rhs, n: int, name: str):
 
 class ImplicitRKStepper:
     """One step of an implicit Runge–Kutta method (see the module docstring); same
-    interface as ``rk.RKStepper``."""
+    interface as ``rk.RKStepper``.
+
+    Per sample (diagonally implicit tableaux; y (B, n), t and h (B,) float64 tensors): every
+    row keeps its own Jacobian block, where and when it was evaluated, its factorised
+    Newton matrices and the step sizes they were made for, and its contraction estimate;
+    each row's Newton iterations stop at its own verdict, and a row whose Newton solve
+    failed with a fresh Jacobian is marked in ``failed`` (the driver retries it with
+    h * ``FAILURE_FACTOR``, as the one-problem driver does on ``StepFailure``). A row with
+    h = 0 (finished) is left alone."""
 
     def __init__(self, tab: ImplicitTableau, norm: ErrorNorm, jacobian="autograd",
                  max_iters: int = 10, linear: bool = False, name: str = ""):
@@ -318,6 +329,7 @@ class ImplicitRKStepper:
         self.order = tab.order
         self.error_order = tab.error_order
         self.fsal = tab.stiffly_accurate
+        self.failure_factor = FAILURE_FACTOR
         self.c = [float(x) for x in tab.c]
         self.a = tab.a
         self.b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
@@ -327,7 +339,8 @@ class ImplicitRKStepper:
         self.rhs = rhs
         self.graph = graph
         self.stats = rhs.stats
-        n = y0.numel()
+        self.batch = y0.dim() == 2
+        n = y0.shape[-1]
         self.n = n
         self.jac, self.head = make_jacobian_source(self.spec, rhs, n, self.name)
         dt, dev = y0.dtype, y0.device
@@ -346,10 +359,16 @@ class ImplicitRKStepper:
         self.f0 = f0
         self.J = None  # the Jacobian in use, evaluated at (J_t, J_y)
         self.J_t, self.J_y = math.nan, None
-        self.J_stale = True  # re-evaluate at the next step
-        self.mats: dict[Any, tuple[float, Any]] = {}  # key -> (h, factorised matrix)
-        self.eta: float | None = None
+        self.J_stale: Any = True  # re-evaluate at the next step
+        self.mats: dict[Any, tuple[Any, Any]] = {}  # key -> (h, factorised matrix)
+        self.eta: Any = None
         self.K = None
+        self.failed = None
+        if self.batch:  # per row: a (B,) value each, nan for "none"
+            B = y0.shape[0]
+            self.J_t = torch.full((B,), math.nan, dtype=torch.float64, device=dev)
+            self.J_stale = torch.ones(B, dtype=torch.bool, device=dev)
+            self.eta = torch.full((B,), math.nan, dtype=torch.float64, device=dev)
 
     # -- Jacobian and Newton matrices ---------------------------------------------------
     def _fresh(self, t, y) -> bool:
@@ -380,12 +399,14 @@ class ImplicitRKStepper:
 
     # -- one attempt ------------------------------------------------------------------
     def _times(self, t, h, left_end):
+        if self.batch:  # (B,) float64 times, handed to f by ``rhs.call``
+            return [t + ci * h for ci in self.c]
         if left_end is None:
             return [self.rhs.time(t + ci * h) for ci in self.c]
         return [left_end(t + ci * h) for ci in self.c]
 
     def _f(self, tt, Y):
-        return self.rhs.call_at(tt, Y)
+        return self.rhs.call(tt, Y) if self.batch else self.rhs.call_at(tt, Y)
 
     def _full(self, y, zh):
         """y + z for an increment of the head components only."""
@@ -393,9 +414,11 @@ class ImplicitRKStepper:
             return y + zh
         return torch.cat([y[: self.head] + zh, y[self.head:]])
 
-    def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
+    def step(self, t, y: torch.Tensor, h, left_end=None) -> torch.Tensor:
         times = self._times(t, h, left_end)
         self.f1_known = False
+        if self.batch:
+            return self._step_rows(t, y, h, times)
         inside = None if left_end is None else t + h
         if self.J is None or (self.J_stale and not self._fresh(t, y)):
             self._evaluate_jacobian(t, y, inside)
@@ -409,7 +432,7 @@ class ImplicitRKStepper:
                 continue
             self.J_stale = True
             raise StepFailure(f"{failure} (t={t:.10g}, h={h:.3g}, Jacobian evaluated at the "
-                              f"step's start)", factor=0.5)
+                              f"step's start)", factor=FAILURE_FACTOR)
         if self.graph:
             self._exact_step(t, y, h, times)
         K = self.K
@@ -417,13 +440,136 @@ class ImplicitRKStepper:
             y + h * sum(K[j] * bj for j, bj in self.b_nz)
         return self.y1
 
+    # -- per sample ---------------------------------------------------------------------
+    def _fresh_rows(self, t, y) -> torch.Tensor:
+        if self.J_y is None:
+            return torch.zeros_like(self.J_stale)
+        return (self.J_t == t) & (self.J_y == y).all(-1)
+
+    def _jacobian_rows(self, t, y, rows: torch.Tensor) -> None:
+        """J at (t, y) for the ``rows`` (the others keep theirs); their Newton matrices are
+        refactorised at their next use and their contraction estimate is forgotten."""
+        with torch.no_grad():
+            J = self.jac(t, y.detach())
+        r3 = rows[:, None, None]
+        self.J = J if self.J is None else torch.where(r3, J, self.J)
+        self.J_t = torch.where(rows, t, self.J_t)
+        yd = y.detach()
+        self.J_y = yd if self.J_y is None else torch.where(rows[:, None], yd, self.J_y)
+        self.J_stale = self.J_stale & ~rows
+        self.eta = torch.where(rows, math.nan, self.eta)
+        self.mats = {k: (torch.where(rows, math.nan, hf), m) for k, (hf, m) in self.mats.items()}
+
+    def _matrix_rows(self, key, h: torch.Tensor, active: torch.Tensor):
+        """The Newton matrix I - h key J (or "A": I - h (A ⊗ J)) of every row: refactorised
+        for the active rows whose step moved by more than ``REFACTOR`` from the one it was
+        made for (or that have none), the others' kept."""
+        got = self.mats.get(key)
+        if got is not None:
+            hf, m = got
+            need = active & ~((h / hf - 1.0).abs() <= REFACTOR)
+            if not bool(need.any()):
+                return m
+        new = NewtonMatrix(self.J, h, self.A if key == "A" else key, self.stats,
+                           gmres_rtol=1e-3)
+        if got is not None:
+            new.lu = torch.where(need[:, None, None], new.lu, m.lu)
+            new.piv = torch.where(need[:, None], new.piv, m.piv)
+            h = torch.where(need, h, hf)
+        self.mats[key] = (h, new)
+        return new
+
+    def _step_rows(self, t, y, h, times) -> torch.Tensor:
+        live = h != 0
+        yd = y.detach()
+        renew = live & (self.J_stale & ~self._fresh_rows(t, yd)) if self.J is not None \
+            else live | True
+        if bool(renew.any()):
+            self._jacobian_rows(t, yd, renew)
+        with torch.no_grad():
+            failed = self._stages_rows(t, yd, h, times, live)
+            retry = failed & ~self._fresh_rows(t, yd)  # a Jacobian from an earlier step
+            if bool(retry.any()):
+                self._jacobian_rows(t, yd, retry)
+                failed = (failed & ~retry) | self._stages_rows(t, yd, h, times, retry)
+        self.J_stale = self.J_stale | failed
+        self.failed = failed
+        if self.graph:
+            self._exact_step(t, y, h, times)
+        hc = column(h, y)
+        self.y1 = torch.addcmul(y, hc, torch.tensordot(self.b, self.K, 1)) if not self.graph \
+            else y + hc * sum(self.K[j] * bj for j, bj in self.b_nz)
+        return self.y1
+
+    def _stages_rows(self, t, y, h, times, active) -> torch.Tensor:
+        """``_solve_stages`` for the ``active`` rows (their stages replace those in self.K
+        and self.Z (s, B, n)). Returns the rows whose Newton solve failed."""
+        s = self.s
+        scale = self._scale(y)
+        tol = self.kappa
+        K = y.new_zeros(s, *y.shape)
+        Z = y.new_zeros(s, *y.shape)
+        failed = torch.zeros_like(active)
+        going = active
+        worst = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+        hc = column(h, y)
+        f = self._f
+        if not self.tab.diagonal:  # all stages in one Newton system per row, (B, s n)
+            B, n = y.shape
+            cvec = torch.tensor(self.c, dtype=y.dtype, device=y.device)
+
+            def residual(zr):
+                Zc = zr.view(B, s, n).transpose(0, 1)
+                F = torch.stack([f(times[i], y + Zc[i]) for i in range(s)])
+                return (Zc - hc * torch.tensordot(self.A, F, 1)).transpose(0, 1).reshape(B, -1)
+            z0 = (hc[:, None] * cvec[None, :, None]) * self.f0.detach()[:, None]
+            res = newton(residual, z0.reshape(B, -1), self._matrix_rows("A", h, going),
+                         scale.repeat(1, s), tol=tol, max_iters=self.max_iters,
+                         stats=self.stats, eta=self.eta, active=going)
+            failed = going & ~res.converged
+            going = going & res.converged
+            self.eta = torch.where(going, _eta(res.rate), self.eta)
+            worst = torch.where(going & torch.isfinite(res.rate), res.rate, worst)
+            Z = res.z.view(B, s, n).transpose(0, 1)
+            K = torch.tensordot(self.A_inv, Z, 1) / torch.where(hc != 0, hc, 1.0)
+        for i in range(s if self.tab.diagonal else 0):
+            gi = float(self.a[i, i])
+            base = hc * torch.tensordot(self.A[i, :i], K[:i], 1) if i else torch.zeros_like(y)
+            if gi == 0.0:
+                K[i] = self.f0.detach() if i == 0 else f(times[i], y + base)
+                Z[i] = base
+                continue
+            hg = column(h * gi, y)
+
+            def residual(z, ti=times[i], base=base, hg=hg):
+                return z - base - hg * f(ti, y + z)
+            prev = K[i - 1] if i else self.f0.detach()
+            res = newton(residual, base + hg * prev, self._matrix_rows(gi, h, going),
+                         scale, tol=tol, max_iters=self.max_iters, stats=self.stats,
+                         eta=self.eta, active=going)
+            failed = failed | (going & ~res.converged)
+            going = going & res.converged
+            rate = res.rate
+            self.eta = torch.where(going, _eta(rate), self.eta)
+            worst = torch.where(going & torch.isfinite(rate), torch.maximum(worst, rate), worst)
+            Z[i] = res.z
+            K[i] = (res.z - base) / torch.where(hg != 0, hg, 1.0)
+        self.J_stale = self.J_stale | (going & (worst > SLOW_RATE))
+        if self.K is None or self.K.shape != K.shape:
+            self.K, self.Z = K, Z
+        else:
+            keep = active[None, :, None]
+            self.K, self.Z = torch.where(keep, K, self.K), torch.where(keep, Z, self.Z)
+        return failed
+
     def _scale(self, y):
-        """The Newton tolerance scale of the head components."""
-        yh = y[: self.head].abs()
-        sc = self.norm.scale(y.abs())[: self.head]
-        floor = (10 * self.eps) * (yh + math.sqrt(self.eps) * float(yh.max()) if yh.numel()
-                                   else 0.0)
-        return torch.maximum(sc, floor) if yh.numel() else sc
+        """The Newton tolerance scale of the head components (per row for (B, n))."""
+        yh = y[..., : self.head].abs()
+        sc = self.norm.scale(y.abs())[..., : self.head]
+        if not yh.numel():
+            return sc
+        floor = (10 * self.eps) * (yh + math.sqrt(self.eps) * yh.amax(-1, keepdim=True))
+        return torch.maximum(sc, floor)
 
     def _solve_stages(self, t, y, h, times) -> str | None:
         """Converge the stages (no graph); fills self.K (s, n) and self.Z (s, head). Returns
@@ -454,7 +600,7 @@ class ImplicitRKStepper:
                              max_iters=self.max_iters, stats=self.stats, eta=self.eta)
                 if not res.converged:
                     return f"{res.reason} at stage {i + 1} of {s}"
-                self.eta = _eta(res)
+                self.eta = _eta(res.rate)
                 worst = max(worst, res.rate if math.isfinite(res.rate) else 0.0)
                 Z[i] = res.z
                 K[i, :head] = (res.z - base) / hg
@@ -472,7 +618,7 @@ class ImplicitRKStepper:
                          stats=self.stats, eta=self.eta)
             if not res.converged:
                 return f"{res.reason} (all {s} stages)"
-            self.eta = _eta(res)
+            self.eta = _eta(res.rate)
             worst = res.rate if math.isfinite(res.rate) else 0.0
             Z = res.z
             K[:, :head] = (self.A_inv @ Z) / h
@@ -493,25 +639,33 @@ class ImplicitRKStepper:
         yd = y.detach()
         with torch.no_grad():
             Js = [None if (self.tab.diagonal and self.a[i, i] == 0) else
-                  self.jac(float(times[i]), self._full(yd, Z[i]))
+                  self.jac(times[i] if self.batch else float(times[i]),
+                           self._full(yd, Z[i]))
                   for i in range(s)]
         if self.tab.diagonal:
             Kg = []
+            hc = column(h, y)  # per sample: each row's own h (0 for a finished row)
             for i in range(s):
                 gi = float(self.a[i, i])
-                base = add_rows(Kg, self.a[i, :i], h)
+                base = add_rows(Kg, self.a[i, :i], hc)
                 if gi == 0.0:
                     Kg.append(self.f0 if i == 0 else f(times[i], self._full(y, base)))
                     continue
-                hg = h * gi
+                hg = hc * gi
                 zs = Z[i]
-                r = zs - base - hg * f(times[i], self._full(y, zs))[:head]
+                r = zs - base - hg * f(times[i], self._full(y, zs))[..., :head]
                 Mi = StageMatrix([Js[i]], hg, torch.ones(1, 1, dtype=y.dtype), self.gmres_rtol)
                 z = zs - Mi.solve(r.unsqueeze(0))[0]
-                Kg.append((z - base) / hg)
+                Kg.append((z - base) / (hg if not self.batch else torch.where(hg != 0, hg, 1.0)))
             self.K = torch.stack(Kg)
         else:
-            F = torch.stack([f(times[i], self._full(y, Z[i]))[:head] for i in range(s)])
+            F = torch.stack([f(times[i], self._full(y, Z[i]))[..., :head] for i in range(s)])
+            if self.batch:  # (s, B, n) stages, each row its own h
+                hc = column(h, y)
+                M = StageMatrix(Js, h, self.A, self.gmres_rtol)
+                Zg = Z - M.solve(Z - hc * torch.tensordot(self.A, F, 1))
+                self.K = torch.tensordot(self.A_inv, Zg, 1) / torch.where(hc != 0, hc, 1.0)
+                return
             R = Z - h * (self.A @ F)
             M = StageMatrix(Js, h, self.A, self.gmres_rtol)
             Zg = Z - M.solve(R)
@@ -520,7 +674,7 @@ class ImplicitRKStepper:
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (the controller multiplies by h)."""
         K = self.K.detach() if self.graph else self.K
-        return torch.mv(K.t(), self.b_err)
+        return torch.tensordot(self.b_err, K, 1) if self.batch else torch.mv(K.t(), self.b_err)
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor) -> torch.Tensor:
@@ -530,7 +684,7 @@ class ImplicitRKStepper:
         if self.fsal:
             self.f1 = self.K[self.s - 1]
         else:
-            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
+            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float) or self.batch
                        else self.rhs.call_at(t1_time, y1))
         self.f1_known = True
         return self.f1
@@ -539,10 +693,38 @@ class ImplicitRKStepper:
         if not self.linear:
             self.end_derivative(t1_time, y1)
 
-    def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
+    def interpolate(self, y: torch.Tensor, h, thetas, row: int | None = None):
+        """See ``rk.RKStepper.interpolate``: a list of fractions -> a list of states; per
+        sample (B, m) fractions -> (B, m, n); ``row`` b: one sample's step alone."""
         if self.linear:
-            return chord(y, self.y1, thetas)
+            return chord(y, self.y1 if row is None else self.y1[row], thetas)
+        if row is not None:
+            return hermite(y, self.y1[row], self.f0[row], self.f1[row], h, thetas)
         return hermite(y, self.y1, self.f0, self.f1, h, thetas)
+
+    # -- per sample: the recorded steps of a dense solution (``batched.BatchedDense``) --
+    def record_stages(self) -> torch.Tensor:
+        """(f0, f1) of the last attempt (the chord needs neither: f0 alone)."""
+        return self.f0[None] if self.linear else torch.stack([self.f0, self.f1])
+
+    def dense_rows(self, y, y1, h, stages, theta) -> torch.Tensor:
+        if self.linear:
+            return chord(y, y1, theta[:, None])[:, 0]
+        return hermite(y, y1, stages[:, 0], stages[:, 1], h, theta[:, None])[:, 0]
+
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (a per-sample batch shrinks)."""
+        for name in ("f0", "f1", "y1", "J", "J_t", "J_y", "J_stale", "eta", "failed"):
+            v = getattr(self, name, None)
+            if isinstance(v, torch.Tensor):
+                setattr(self, name, v[idx])
+        for name in ("K", "Z"):
+            v = getattr(self, name, None)
+            if v is not None:
+                setattr(self, name, v[:, idx])
+        for key, (hf, m) in self.mats.items():
+            m.lu, m.piv, m.J = m.lu[idx], m.piv[idx], m.J[idx]
+            self.mats[key] = (hf[idx], m)
 
     def segment(self, y: torch.Tensor, h: float):
         if self.linear:
@@ -553,13 +735,11 @@ class ImplicitRKStepper:
         """After a discontinuity or a state jump: re-evaluate J at the next step."""
         self.J_stale = True
 
-    def advance(self, f_next: torch.Tensor | None) -> None:
-        if f_next is not None:
-            self.f0 = f_next
-        elif self.fsal:
-            self.f0 = self.K[self.s - 1]
-        else:
-            self.f0 = self.f1
+    def advance(self, f_next: torch.Tensor | None = None, accept=None) -> None:
+        """The next first stage: ``f_next``, or f(t1, y1) of the accepted step (per sample
+        in the rows ``accept`` only)."""
+        new = f_next if f_next is not None else (self.K[self.s - 1] if self.fsal else self.f1)
+        self.f0 = new if accept is None else torch.where(accept[:, None], new, self.f0)
 
     # -- replay (gradient="checkpoint") -------------------------------------------------
     def carry(self):
@@ -576,9 +756,15 @@ class ImplicitRKStepper:
         self.mats, self.eta = dict(mats), eta
 
 
-def _eta(res) -> float | None:
-    if math.isfinite(res.rate) and res.rate < 1:
-        return max(res.rate / (1 - res.rate), 1e-16)
+def _eta(rate):
+    """The contraction estimate theta / (1 - theta) carried to the next Newton solve from a
+    converged one's rate (None, per row nan: none, after a single iteration)."""
+    if isinstance(rate, torch.Tensor):
+        ok = torch.isfinite(rate) & (rate < 1)
+        return torch.where(ok, (rate / torch.where(ok, 1 - rate, 1.0)).clamp(min=1e-16),
+                           math.nan)
+    if math.isfinite(rate) and rate < 1:
+        return max(rate / (1 - rate), 1e-16)
     return None
 
 
@@ -604,6 +790,7 @@ class FixedGridImplicitRK(FixedGridMethod):
     """Fixed-grid implicit Runge–Kutta (Newton with the Jacobian)."""
 
     tableau: ImplicitTableau
+    tensor_clock = True
     OPTIONS: ClassVar[dict[str, Any]] = dict(FixedGridMethod.OPTIONS, max_iters=100,
                                              **JACOBIAN_OPTIONS)
 
@@ -618,6 +805,14 @@ class FixedGridImplicitRK(FixedGridMethod):
         _check_implicit(cls.name, o)
 
     @classmethod
+    def batches(cls, o: dict) -> bool:
+        """Per sample on the tensor clock with autograd Jacobians (each row its own blocks:
+        stage by stage for the diagonally implicit tableaux, one (s n, s n) system per row
+        for Radau IIA and Gauss–Legendre); the other Jacobian options run sample by
+        sample."""
+        return o["jacobian"] == "autograd"
+
+    @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
                                  linear=o["interp"] == "linear", name=cls.name)
@@ -626,7 +821,7 @@ class FixedGridImplicitRK(FixedGridMethod):
 class AdaptiveImplicitRK(AdaptiveRK):
     """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output.
     ``step_to_outputs``: see ``methods.STEP_TO_OUTPUTS_DOC``."""
-    tensor_clock = False  # per sample: sample by sample (Newton per sample)
+    tensor_clock = True  # per sample: batched, each row its own Jacobian, LU and Newton
 
     tableau: ImplicitTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, max_iters=10,
@@ -642,6 +837,12 @@ class AdaptiveImplicitRK(AdaptiveRK):
     def check(cls, o: dict) -> None:
         super().check(o)
         _check_implicit(cls.name, o)
+
+    @classmethod
+    def batches(cls, o: dict) -> bool:
+        """Per sample on the tensor clock with autograd Jacobians (each row's own block);
+        the other Jacobian options run sample by sample."""
+        return o["jacobian"] == "autograd"
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):

@@ -31,10 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
+from neuralode.solvers.elementwise import isfinite, where
 
 JACOBIAN_MODES = ("autograd", "block", "matrix_free")
 JACOBIAN_OPTIONS = {"jacobian": "autograd"}
@@ -120,11 +122,18 @@ class JacobianSource:
         tail = y[head:].detach()
         return lambda yh: call(t, torch.cat([yh, tail]))[:head]
 
-    def __call__(self, t: float, y: torch.Tensor, graph: bool = False):
+    def __call__(self, t, y: torch.Tensor, graph: bool = False):
         """J at (t, y): a (head, head) tensor, (B, m, m) blocks, or a ``MatrixFree``.
         ``graph``: keep J differentiable with respect to y and f's parameters (a
-        Rosenbrock method's gradient needs it); otherwise J is computed without a graph."""
+        Rosenbrock method's gradient needs it); otherwise J is computed without a graph.
+        Per sample (``rhs`` in batch mode, y (B, n), t (B,)): each row's own (n, n) block,
+        (B, n, n), by the "block" mode's one ``jacrev``."""
         self.stats.n_jac += 1
+        if y.dim() == 2:
+            call = self.rhs.call
+            with torch.set_grad_enabled(graph):
+                return self._block(lambda v: call(t, v), y if graph else y.detach(),
+                                   y.shape[0])
         yh = y[: self.head] if graph else y[: self.head].detach()
         if callable(self.spec):
             return self._user(t, y, graph)
@@ -133,7 +142,7 @@ class JacobianSource:
             return MatrixFree(f, yh)
         with torch.set_grad_enabled(graph):
             if self.spec == "block":
-                return self._block(f, yh)
+                return self._block(f, yh, self.blocks)
             return self._dense(f, yh, graph)
 
     def _dense(self, f, yh, graph):
@@ -153,14 +162,30 @@ class JacobianSource:
                 rows.append(torch.zeros_like(y_in) if g is None else g)
         return torch.stack(rows)
 
-    def _block(self, f, yh):
-        b = self.blocks
-        m = yh.numel() // b
+    def _block(self, f, y, b: int):
+        """The b diagonal blocks (b, m, m) of df/dy for a state of b independent systems of
+        m elements each (flat (b m,) or per sample (b, m)): one ``jacrev`` of the sum of f
+        over the systems (a row-by-row autograd loop where ``torch.func`` cannot)."""
+        m = y.numel() // b
 
-        def summed(y):
-            return f(y).reshape(b, m).sum(0)
-        jb = torch.func.jacrev(summed)(yh)  # (m, B*m): row i = d(sum_b f_bi)/dy
-        return jb.reshape(m, b, m).permute(1, 0, 2)
+        def summed(v):
+            return f(v).reshape(b, m).sum(0)
+        if self._functorch:
+            try:
+                jb = torch.func.jacrev(summed)(y)  # (m, ...): row i = d(sum_b f_bi)/dy
+                return jb.reshape(m, b, m).permute(1, 0, 2)
+            except (RuntimeError, NotImplementedError, TypeError):
+                self._functorch = False
+        graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            v = y if graph and y.requires_grad else y.detach().requires_grad_(True)
+            out = summed(v)
+            rows = []
+            for i in range(m):
+                (g,) = torch.autograd.grad(out[i], v, retain_graph=True, create_graph=graph,
+                                           allow_unused=True)
+                rows.append((torch.zeros_like(v) if g is None else g).reshape(b, m))
+        return torch.stack(rows, 1)
 
     def _user(self, t, y, graph):
         with torch.set_grad_enabled(graph):
@@ -221,17 +246,29 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *, rt
     return x, False
 
 
+def identity_minus(J: torch.Tensor, c) -> torch.Tensor:
+    """I - c J for a dense (n, n) J and a float c, or for (B, m, m) blocks and a float or a
+    (B,) tensor of per-block factors (per sample: c = h gamma, one h per row; a row with
+    c = 0, a finished sample, gets I whatever its J holds)."""
+    eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+    if not isinstance(c, torch.Tensor):
+        return eye - c * J
+    c = c.to(J.dtype).reshape(-1, 1, 1)
+    return eye - torch.where(c != 0, c * J, 0.0)
+
+
 class NewtonMatrix:
     """The factorised matrix ``I - h (A ⊗ J)`` of a Newton iteration, for J as returned by
     ``JacobianSource`` (dense, blocks, or matrix-free), ``A`` a scalar gamma or an (s, s)
     matrix of stage coefficients (fully implicit Runge–Kutta).
 
     ``solve(b)``: b of shape (n,) for a scalar A, (s, n) for a matrix A (stage-major),
-    returns x of the same shape. Gradients do not flow through the matrix: it is an
-    iteration matrix (for exact gradients a stepper applies the implicit function theorem
-    with the Jacobian at the converged stages)."""
+    returns x of the same shape. Per sample: J (B, n, n) blocks, h a (B,) tensor, b (B, n).
+    Gradients do not flow through the matrix: it is an iteration matrix (for exact
+    gradients a stepper applies the implicit function theorem with the Jacobian at the
+    converged stages)."""
 
-    def __init__(self, J, h: float, A, stats, *, gmres_rtol: float = 1e-3):
+    def __init__(self, J, h, A, stats, *, gmres_rtol: float = 1e-3):
         self.h, self.stats = h, stats
         self.scalar = not isinstance(A, torch.Tensor)
         self.A = A
@@ -243,12 +280,8 @@ class NewtonMatrix:
             return
         J = J.detach().contiguous()  # jacrev of f = A @ y gives a transposed view
         if self.scalar:
-            if J.dim() == 2:
-                self.kind = "dense"
-                M = torch.eye(J.shape[0], dtype=J.dtype, device=J.device) - (h * A) * J
-            else:
-                self.kind = "block"
-                M = torch.eye(J.shape[1], dtype=J.dtype, device=J.device) - (h * A) * J
+            self.kind = "dense" if J.dim() == 2 else "block"
+            M = identity_minus(J, h * A)
         else:
             A = A.to(J.dtype).to(J.device)
             s = A.shape[0]
@@ -263,7 +296,7 @@ class NewtonMatrix:
                 # per system b: unknowns (z_1b, ..., z_sb) of length s*m
                 kr = (A[None, :, None, :, None] * J[:, None, :, None, :]).reshape(B, s * m,
                                                                                  s * m)
-                M = torch.eye(s * m, dtype=J.dtype, device=J.device) - h * kr
+                M = identity_minus(kr, h)
         self.lu, self.piv = torch.linalg.lu_factor(M)
         if not bool(torch.isfinite(self.lu).all()):
             raise ODEFuncError("the Jacobian df/dy is not finite (nan/inf) at the current state")
@@ -274,9 +307,10 @@ class NewtonMatrix:
         if self.kind == "dense":
             flat = b.reshape(-1, 1)
             return torch.linalg.lu_solve(self.lu, self.piv, flat).reshape(b.shape)
-        # blocks: b (n,) or (s, n) with n = B * m
+        # blocks: b (n,) or (s, n) with n = B * m; per sample (h per row) b (B, m) or row
+        # by row stage-major (B, s m): each row's unknowns are one block's
         B, sm = self.lu.shape[0], self.lu.shape[1]
-        if self.scalar:
+        if self.scalar or isinstance(self.h, torch.Tensor):
             rhs = b.reshape(B, sm, 1)
             return torch.linalg.lu_solve(self.lu, self.piv, rhs).reshape(b.shape)
         s = b.shape[0]
@@ -310,52 +344,91 @@ class NewtonMatrix:
 @dataclass
 class NewtonResult:
     z: torch.Tensor
-    converged: bool
+    converged: Any  # bool; per sample a (B,) bool tensor
     iterations: int
-    rate: float  # the last observed contraction factor (nan after one iteration)
+    rate: Any  # the last observed contraction factor (nan after one iteration); per row
     reason: str = ""
+
+
+# the verdict of one Newton iteration (``_newton_verdict``)
+_GOING, _CONVERGED, _NONFINITE, _DIVERGE, _SLOW = 0, 1, 2, 3, 4
+
+
+def _newton_verdict(k: int, nrm, prev, eta_k, tol: float, max_iters: int):
+    """After iteration k with scaled correction norm ``nrm`` (the previous one ``prev``):
+    (theta, eta_k, verdict) on floats or per-row (B,) tensors. Hairer & Wanner's test: the
+    rate theta = nrm / prev, eta = theta / (1 - theta); converged when eta nrm <= tol; a
+    failure when the correction is not finite, theta >= 1, or theta^remaining eta nrm
+    predicts no convergence in the iterations left."""
+    theta = math.nan
+    verdict = where(isfinite(nrm), _GOING, _NONFINITE)
+    if k > 0:
+        theta = where(prev > 0, nrm / where(prev > 0, prev, 1.0), 0.0)
+        diverge = theta >= 1.0
+        verdict = where((verdict == _GOING) & diverge, _DIVERGE, verdict)
+        eta_k = where(diverge, eta_k, theta / where(diverge, 1.0, 1.0 - theta))
+        remaining = max_iters - 1 - k
+        if remaining > 0:
+            slow = theta ** remaining * eta_k * nrm > tol
+            verdict = where((verdict == _GOING) & slow, _SLOW, verdict)
+    done = (eta_k * nrm <= tol) | (nrm == 0.0)
+    verdict = where((verdict == _GOING) & done, _CONVERGED, verdict)
+    return theta, eta_k, verdict
+
+
+def _first_eta(eta):
+    """The contraction estimate for a first iteration: eta carried from the previous solve
+    (None, or per row nan: none) to the power 0.8."""
+    if eta is None:
+        return 1.0
+    if isinstance(eta, float):
+        return max(eta, 1e-16) ** 0.8
+    return torch.where(torch.isnan(eta), 1.0, eta.clamp(min=1e-16) ** 0.8)
 
 
 def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
            matrix: NewtonMatrix, scale: torch.Tensor, *, tol: float, max_iters: int,
-           stats, eta: float | None = None) -> NewtonResult:
+           stats, eta=None, active: torch.Tensor | None = None) -> NewtonResult:
     """Simplified Newton for ``residual(z) = 0`` with the factorised ``matrix`` ~ d residual/dz:
     z <- z - matrix^{-1} residual(z).
 
     Convergence is measured in the RMS norm of dz / ``scale`` (``scale`` = atol + rtol |y|,
     the step's error tolerances) with the contraction-rate test of Hairer & Wanner (Solving
-    ODEs II, IV.8): converged when eta * ||dz|| <= tol, eta = theta / (1 - theta) from the
-    observed rate theta (``eta``, carried from the previous solve, serves the first
-    iteration). Fails (never raises) when the rate is >= 1, the iterate is not finite, or the
-    predicted error after ``max_iters`` exceeds ``tol``."""
+    ODEs II, IV.8; ``_newton_verdict``): converged when eta * ||dz|| <= tol, eta = theta /
+    (1 - theta) from the observed rate theta (``eta``, carried from the previous solve,
+    serves the first iteration). Fails (never raises) when the rate is >= 1, the iterate is
+    not finite, or the predicted error after ``max_iters`` exceeds ``tol``.
+
+    Per sample (``active``: a (B,) mask of the rows to solve; z (B, m), ``eta`` a (B,)
+    tensor, nan for none): every row iterates as it would alone and stops at its own
+    verdict (a row that stopped keeps its iterate); ``converged`` and ``rate`` are (B,)."""
+    if active is not None:
+        return _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active)
     z = z0
     inv_sqrt = 1.0 / math.sqrt(max(z.numel(), 1))
     prev = math.nan
     theta = math.nan
-    eta_k = max(eta, 1e-16) ** 0.8 if eta is not None else 1.0
+    eta_k = _first_eta(eta)
     for k in range(max_iters):
         stats.n_newton += 1
         r = residual(z)
         dz = matrix.solve(-r)
         nrm = float(torch.linalg.vector_norm(dz / scale)) * inv_sqrt
-        if not math.isfinite(nrm):
+        theta, eta_k, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters)
+        if verdict == _NONFINITE:
             stats.n_newton_fail += 1
             return NewtonResult(z, False, k + 1, theta, "the Newton iterate became non-finite")
         z = z + dz
-        if k > 0:
-            theta = nrm / prev if prev > 0 else 0.0
-            if theta >= 1.0:
-                stats.n_newton_fail += 1
-                return NewtonResult(z, False, k + 1, theta,
-                                    f"Newton iterations diverge (contraction rate {theta:.3g})")
-            eta_k = theta / (1.0 - theta)
-            remaining = max_iters - 1 - k
-            if remaining > 0 and theta ** remaining * eta_k * nrm > tol:
-                stats.n_newton_fail += 1
-                return NewtonResult(z, False, k + 1, theta,
-                                    f"Newton iterations converge too slowly (rate {theta:.3g}, "
-                                    f"would not reach the tolerance in {max_iters} iterations)")
-        if eta_k * nrm <= tol or nrm == 0.0:
+        if verdict == _DIVERGE:
+            stats.n_newton_fail += 1
+            return NewtonResult(z, False, k + 1, theta,
+                                f"Newton iterations diverge (contraction rate {theta:.3g})")
+        if verdict == _SLOW:
+            stats.n_newton_fail += 1
+            return NewtonResult(z, False, k + 1, theta,
+                                f"Newton iterations converge too slowly (rate {theta:.3g}, "
+                                f"would not reach the tolerance in {max_iters} iterations)")
+        if verdict == _CONVERGED:
             return NewtonResult(z, True, k + 1, theta)
         prev = nrm
     stats.n_newton_fail += 1
@@ -364,5 +437,39 @@ def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                         f"(last scaled correction {prev:.3g}, tolerance {tol:.3g})")
 
 
+def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active):
+    """``newton`` per row: the residual and the solves run on the whole batch, each row
+    moves until its own verdict (one host synchronisation per iteration: whether a row
+    still iterates)."""
+    z = z0
+    inv_sqrt = 1.0 / math.sqrt(max(z.shape[-1], 1))
+    nan = torch.full(active.shape, math.nan, dtype=torch.float64, device=z.device)
+    prev, rate = nan, nan
+    eta_k = _first_eta(eta)
+    if isinstance(eta_k, float):
+        eta_k = torch.full_like(nan, eta_k)
+    going = active.clone()
+    converged = torch.zeros_like(active)
+    for k in range(max_iters):
+        stats.n_newton += 1
+        r = residual(z)
+        dz = matrix.solve(-r)
+        nrm = (torch.linalg.vector_norm(dz / scale, dim=-1) * inv_sqrt).to(torch.float64)
+        theta, eta_new, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters)
+        z = torch.where((going & (verdict != _NONFINITE))[:, None], z + dz, z)
+        if k > 0:
+            rate = torch.where(going, theta, rate)
+        eta_k = torch.where(going, eta_new, eta_k)
+        converged = converged | (going & (verdict == _CONVERGED))
+        going = going & (verdict == _GOING)
+        prev = nrm
+        if not bool(going.any()):
+            break
+    fails = int((active & ~converged).sum())
+    stats.n_newton_fail += fails
+    return NewtonResult(z, converged, k + 1, rate,
+                        "Newton iterations did not converge" if fails else "")
+
+
 __all__ = ["JACOBIAN_MODES", "JACOBIAN_OPTIONS", "JacobianSource", "MatrixFree", "NewtonMatrix",
-           "NewtonResult", "check_jacobian_option", "gmres", "newton"]
+           "NewtonResult", "check_jacobian_option", "gmres", "identity_minus", "newton"]

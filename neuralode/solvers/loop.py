@@ -39,6 +39,7 @@ from neuralode.solvers.status import (
     STATUSES,
     STEP_SIZE,
     SUCCESS,
+    convergence_message,
     max_steps_message,
     nonfinite_grid_message,
     nonfinite_message,
@@ -179,9 +180,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
             y1 = step(t, y, h, left_end)
         except StepFailure as e:
             if not adaptive:
-                return fail(CONVERGENCE, f"{name}: the step from t={t:.10g} to t={t1:.10g} "
-                                         f"(h={h:.3g}) failed: {e.reason}; use a smaller "
-                                         f"step_size or an adaptive method", t, y)
+                return fail(CONVERGENCE, convergence_message(name, t, t1, h, e.reason), t, y)
             failure = e.reason
             stats.n_rejected += 1
             if cbs is not None and cbs.reject is not None:

@@ -101,6 +101,11 @@ class Method:
         """Validate the options ``o`` (defaults filled in); may add derived entries."""
 
     @classmethod
+    def batches(cls, o: dict) -> bool:
+        """Whether a per-sample solve with the options ``o`` runs on the tensor clock."""
+        return cls.tensor_clock
+
+    @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         raise NotImplementedError(f"{cls.__name__} defines no stepper")
 

@@ -121,8 +121,13 @@ class RKSegment:
         return dense_combine(self.y, self.h, w, self.K)
 
 
-def chord(y0, y1, thetas) -> list[torch.Tensor]:
-    """Linear interpolation between the ends of a step (torchdiffeq's ``interp='linear'``)."""
+def chord(y0, y1, thetas):
+    """Linear interpolation between the ends of a step (torchdiffeq's ``interp='linear'``):
+    a list of fractions -> a list of states; per sample (y0, y1 (B, n), thetas (B, m)
+    float64) -> (B, m, n)."""
+    if isinstance(thetas, torch.Tensor):
+        return torch.addcmul(y0.unsqueeze(1), thetas.to(y0.dtype)[..., None],
+                             (y1 - y0).unsqueeze(1))
     d = y1 - y0
     return [y0 if th == 0 else (y1 if th == 1 else torch.add(y0, d, alpha=th)) for th in thetas]
 
@@ -304,8 +309,7 @@ class RKStepper:
         one problem's: ``row`` b, ``y`` (n,), ``h`` a float, ``thetas`` a list."""
         if not isinstance(thetas, list):
             if self.linear:
-                return torch.addcmul(y.unsqueeze(1), thetas.to(y.dtype)[..., None],
-                                     (self.y1 - y).unsqueeze(1))
+                return chord(y, self.y1, thetas)
             w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
             return dense_combine(y, h, w, self._stages().transpose(0, 1))
         if self.linear:
@@ -319,6 +323,19 @@ class RKStepper:
         if y.dtype == torch.float64:  # dense_combine's one-problem kernel, inline (hot path)
             return list(torch.addmm(y.unsqueeze(0), w, K, alpha=h).unbind(0))
         return list(dense_combine(y, h, w, K).unbind(0))
+
+    # -- per sample: the recorded steps of a dense solution (``batched.BatchedDense``) --
+    def record_stages(self) -> torch.Tensor:
+        """The last attempt's extended stages (s_ext, B, n), a copy."""
+        return torch.stack(self.ks[: self.s_ext]) if self.graph else self.K.clone()
+
+    def dense_rows(self, y, y1, h, stages, theta) -> torch.Tensor:
+        """Rows of recorded steps at the fractions ``theta`` (R,): y, y1 (R, n), h (R,),
+        stages (R, s_ext, n) from ``record_stages`` -> (R, n)."""
+        if self.linear:
+            return chord(y, y1, theta[:, None])[:, 0]
+        w = dense_weights(self.dense_t, theta[:, None], self.degree, y.dtype)
+        return dense_combine(y, h, w, stages)[:, 0]
 
     def segment(self, y: torch.Tensor, h: float):
         if self.linear:

@@ -42,11 +42,13 @@ import torch
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import StepFailure
+from neuralode.solvers.elementwise import column
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
     JacobianSource,
     NewtonMatrix,
     check_jacobian_option,
+    identity_minus,
 )
 from neuralode.solvers.methods import STIFF_OUTPUT_OPTIONS, AdaptiveRK
 
@@ -160,12 +162,16 @@ TABLEAUX = {"rodas4": RODAS4, "rodas5p": RODAS5P}
 
 def _combine(y, terms):
     """y + sum_j c_j k_j for ``terms`` = [(k_j, c_j)], out of place (autograd keeps the
-    stages); y may be None (then the sum alone)."""
+    stages); y may be None (then the sum alone). A coefficient is a float, or per sample a
+    (B, 1) column (one value per row)."""
     out = y
     for k, cf in terms:
-        if cf == 0.0:
-            continue
-        out = k * cf if out is None else torch.add(out, k, alpha=cf)
+        if isinstance(cf, float):
+            if cf == 0.0:
+                continue
+            out = k * cf if out is None else torch.add(out, k, alpha=cf)
+        else:
+            out = k * cf if out is None else torch.addcmul(out, k, cf)
     return out
 
 
@@ -201,12 +207,12 @@ def _lu_apply(lu, piv, b, adjoint: bool):
 
 class _DifferentiableMatrix:
     """``I - hg J`` factorised once, with solves differentiable with respect to J (so to y
-    and the parameters of f) and the right-hand side: dense (n, n) or (B, m, m) blocks."""
+    and the parameters of f) and the right-hand side: dense (n, n) or (B, m, m) blocks
+    (per sample: hg a (B,) tensor)."""
 
-    def __init__(self, J, hg: float, stats):
+    def __init__(self, J, hg, stats):
         stats.n_lu += 1
-        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
-        self.M = eye - hg * J
+        self.M = identity_minus(J, hg)
         self.lu, self.piv = torch.linalg.lu_factor(self.M.detach())
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
@@ -223,6 +229,16 @@ class RosenbrockSegment:
 
     def evaluate(self, thetas) -> torch.Tensor:
         return torch.stack(_dense(self.y0, self.y1, self.D, thetas))
+
+
+def _dense_rows(y0, y1, D, theta: torch.Tensor) -> torch.Tensor:
+    """``_dense`` per row: y0, y1 and the D_m (R, n), theta (R, m) float64 -> (R, m, n)."""
+    th = theta.to(y0.dtype)[..., None]
+    acc = D[-1].unsqueeze(1)
+    for Dm in reversed(D[:-1]):
+        acc = torch.addcmul(Dm.unsqueeze(1), th, acc)
+    lin = torch.addcmul(y0.unsqueeze(1) * (1.0 - th), th, y1.unsqueeze(1))
+    return torch.addcmul(lin, th * (1.0 - th), acc)
 
 
 def _dense(y0, y1, D, thetas) -> list[torch.Tensor]:
@@ -243,10 +259,15 @@ def _dense(y0, y1, D, thetas) -> list[torch.Tensor]:
 
 
 class RosenbrockStepper:
-    """One step of a Rosenbrock method on the flat state (the loop's stepper interface;
+    """One step of a Rosenbrock method on the flat state (the drivers' stepper interface;
     see ``rk.RKStepper``). f(t, y), f_t and J at the step's start are computed once per
     accepted point and reused by rejected attempts; each attempt factorises
-    ``I - h gamma J`` once."""
+    ``I - h gamma J`` once.
+
+    One problem: y (n,), t and h floats. Per sample: y (B, n), t and h (B,) float64
+    tensors, J the (B, n, n) blocks of each row's own Jacobian, one batched LU per attempt
+    (a row with h = 0, a finished sample, is left unchanged); f, f_t and J are recomputed
+    for every row after each attempt (a rejected row's are the same values again)."""
 
     fsal = False
 
@@ -266,6 +287,7 @@ class RosenbrockStepper:
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
         self.rhs = rhs
         self.graph = graph
+        self.batch = y0.dim() == 2
         self.stats = rhs.stats
         self.jac = JacobianSource(self.jacobian_spec, rhs, y0.numel(), name=self.name)
         if graph and self.jac.matrix_free:
@@ -294,7 +316,8 @@ class RosenbrockStepper:
                     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                     f, ft = torch.func.jvp(lambda s: call_at(s, yy), (tt,),
                                            (torch.ones_like(tt),))
-                return f, ft
+                # (the tangent of a float32 state's f can come back in float64)
+                return f, ft.to(f.dtype)
             except (RuntimeError, NotImplementedError, TypeError):
                 # an op without forward-mode AD, .item() / Python control flow on t, ...
                 self._forward_mode = False
@@ -313,22 +336,29 @@ class RosenbrockStepper:
             out, ft = out.detach(), ft.detach()
         return out, ft
 
-    def _prepare_point(self, t: float, y: torch.Tensor, h: float) -> None:
+    def _prepare_point(self, t, y: torch.Tensor, h) -> None:
         rhs = self.rhs
-        tt = rhs.toward(t, t + h) if self.from_right else rhs.time(t)
-        f, ft = self._f_and_ft(tt, y)
+        if not self.batch:
+            tt = rhs.toward(t, t + h) if self.from_right else rhs.time(t)
+            f, ft = self._f_and_ft(tt, y)
+        elif rhs.time_arg == "none":  # func ignores t: f_t = 0
+            with torch.set_grad_enabled(self.graph):
+                f = rhs.call(t, y if self.graph else y.detach())
+            ft = torch.zeros_like(f)
+        else:
+            f, ft = self._f_and_ft(t.to(rhs.dtype), y)
         if self.f0 is None:
             self.f0 = f
         self.ft = ft
         self.J = self.jac(t, y, graph=self.graph)
 
-    def _matrix(self, hg: float):
+    def _matrix(self, hg):
         if self.graph:
             return _DifferentiableMatrix(self.J, hg, self.stats)
         return NewtonMatrix(self.J, hg, 1.0, self.stats, gmres_rtol=self.gmres_rtol)
 
     # -- one attempt ------------------------------------------------------------------
-    def step(self, t: float, y: torch.Tensor, h: float, left_end=None) -> torch.Tensor:
+    def step(self, t, y: torch.Tensor, h, left_end=None) -> torch.Tensor:
         if self.J is None:
             self._prepare_point(t, y, h)
         tab = self.tab
@@ -337,6 +367,10 @@ class RosenbrockStepper:
         rhs = self.rhs
         ft, c, d = self.ft, tab.c, tab.d
         matfree = self.jac.matrix_free
+        # per sample: each row's own h (a finished row's h = 0 is divided as 1: its stages
+        # are zero, as hg = 0 scales every right-hand side)
+        h_div = h if not self.batch else column(torch.where(h != 0, h, 1.0), y)
+        hg_row = hg if not self.batch else column(hg, y)
         K: list[torch.Tensor] = []
         for i in range(self.s):
             if i == 0:
@@ -345,17 +379,18 @@ class RosenbrockStepper:
                 yi = _combine(y, [(K[j], v) for j, v in self.a_nz[i]])
                 ti = t + c[i] * h
                 fi = rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi)
-            r = fi if d[i] == 0.0 else torch.add(fi, ft, alpha=d[i] * h)
-            r = _combine(r, [(K[j], v / h) for j, v in self.C_nz[i]])
+            r = fi if d[i] == 0.0 else _combine(fi, [(ft, d[i] * h if not self.batch
+                                                      else column(d[i] * h, y))])
+            r = _combine(r, [(K[j], v / h_div) for j, v in self.C_nz[i]])
             if matfree:
                 before = self.stats.extra.get("gmres_not_converged", 0)
-            k = matrix.solve(r * hg)
+            k = matrix.solve(r * hg_row)
             if matfree and self.stats.extra.get("gmres_not_converged", 0) > before:
                 raise StepFailure(f"GMRES did not solve the linear system of stage {i + 1} "
                                   f"to relative residual {self.gmres_rtol:.1e}", factor=0.5)
             K.append(k)
         self.K = K
-        self._h = h
+        self._h_div = h_div
         self.D = None
         incr = _combine(None, [(K[j], v) for j, v in self.b_nz])
         self.y1 = y1 = y + incr
@@ -364,7 +399,7 @@ class RosenbrockStepper:
     def error(self) -> torch.Tensor:
         """The last stage (y1 minus the embedded solution) divided by h (the controller
         multiplies the norm by h)."""
-        return self.K[-1].detach() / self._h
+        return self.K[-1].detach() / self._h_div
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor):
@@ -376,9 +411,39 @@ class RosenbrockStepper:
             self.D = [_combine(None, [(self.K[j], v) for j, v in enumerate(row)])
                       for row in self.tab.H]
 
-    def interpolate(self, y: torch.Tensor, h: float, thetas: list[float]) -> list[torch.Tensor]:
+    def interpolate(self, y: torch.Tensor, h, thetas, row: int | None = None):
+        """States at t + theta h on the accepted step (see ``rk.RKStepper.interpolate``):
+        a list of fractions -> a list of states; per sample (B, m) fractions -> (B, m, n);
+        ``row`` b: one sample's step as one problem's."""
         self.prepare_interp(None, None)
+        if not isinstance(thetas, list):
+            return _dense_rows(y, self.y1, self.D, thetas)
+        if row is not None:
+            return _dense(y, self.y1[row], [Dm[row] for Dm in self.D], thetas)
         return _dense(y, self.y1, self.D, thetas)
+
+    # -- per sample: the recorded steps of a dense solution (``batched.BatchedDense``) --
+    def record_stages(self) -> torch.Tensor:
+        """The last attempt's interpolation data, (number of D_m, B, n)."""
+        self.prepare_interp(None, None)
+        return torch.stack(self.D)
+
+    @staticmethod
+    def dense_rows(y, y1, h, stages, theta) -> torch.Tensor:
+        """Rows of recorded steps at the fractions ``theta`` (R,): y, y1 (R, n), stages
+        (R, number of D_m, n) from ``record_stages`` -> (R, n)."""
+        return _dense_rows(y, y1, list(stages.unbind(1)), theta[:, None])[:, 0]
+
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (a per-sample batch shrinks)."""
+        for name in ("f0", "ft", "J", "y1"):
+            v = getattr(self, name, None)
+            if v is not None:
+                setattr(self, name, v[idx])
+        for name in ("K", "D"):
+            v = getattr(self, name, None)
+            if v is not None:
+                setattr(self, name, [k[idx] for k in v])
 
     def segment(self, y: torch.Tensor, h: float):
         self.prepare_interp(None, None)
@@ -387,9 +452,10 @@ class RosenbrockStepper:
     def restart(self) -> None:
         """Nothing carried across steps but the start point (reset by ``advance``)."""
 
-    def advance(self, f_next: torch.Tensor | None) -> None:
+    def advance(self, f_next: torch.Tensor | None = None, accept=None) -> None:
         """The next step starts at the accepted point: f (``f_next``: from the right of a
-        discontinuity, or None to evaluate it with f_t), f_t and J are recomputed there."""
+        discontinuity, or None to evaluate it with f_t), f_t and J are recomputed there.
+        Per sample (``accept``: the rows that moved) every row's are recomputed."""
         self.f0 = f_next
         self.from_right = f_next is not None
         self.J = None
@@ -412,7 +478,7 @@ class RosenbrockStepper:
 class RosenbrockMethod(AdaptiveRK):
     """Rosenbrock method with error control and dense output. ``step_to_outputs``: see
     ``methods.STEP_TO_OUTPUTS_DOC``."""
-    tensor_clock = False  # per sample: sample by sample (Newton per sample)
+    tensor_clock = True  # per sample: batched, each row its own Jacobian block and LU
 
     tableau: RosenbrockTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS,
@@ -432,6 +498,13 @@ class RosenbrockMethod(AdaptiveRK):
     def check(cls, o: dict) -> None:
         super().check(o)
         check_jacobian_option(cls.name, o["jacobian"])
+
+    @classmethod
+    def batches(cls, o: dict) -> bool:
+        """Per sample on the tensor clock with autograd Jacobians (each row's own block);
+        the other Jacobian options (matrix-free GMRES, a user's callable, "block") run
+        sample by sample."""
+        return o["jacobian"] == "autograd"
 
     @classmethod
     def make_stepper(cls, o: dict, norm):

@@ -62,6 +62,12 @@ def nonfinite_grid_message(name: str, t_good: float, t1: float, h: float) -> str
             f"solution")
 
 
+def convergence_message(name: str, t: float, t1: float, h: float, failure: str) -> str:
+    """A fixed grid's implicit step that could not be solved."""
+    return (f"{name}: the step from t={t:.10g} to t={t1:.10g} (h={h:.3g}) failed: {failure}; "
+            f"use a smaller step_size or an adaptive method")
+
+
 def start_scale_message() -> str:
     return ("the error norm is not finite at the initial state, so no step size can be "
             "chosen: the tolerance scale atol + rtol * |y0| is zero somewhere (atol=0 with "
