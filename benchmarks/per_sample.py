@@ -16,6 +16,11 @@ torchode (eager) and torchdiffeq (the batch as one joint problem), in one interl
       also gives its loss and evaluations, is its time; leave it out with ``--libs torchode``).
   (c) one latent ODE training step (ELBO forward + backward) on irregularly sampled spirals,
       each sequence solved on its own times (per_sample) vs the union grid.
+  (d) stiff methods per sample: 64 Van der Pol oscillators, mu ~ log-U[10, 1000], y0 = (2,
+      0), t in [0, 2] (5 outputs), rodas5p and kvaerno5, rtol 1e-6, atol 1e-8, float64,
+      forward: the batched driver (one jacrev, one batched LU, per-row Newton) against the
+      same samples solved one after the other (what ``per_sample`` did before, and what a
+      user's loop does); each sample's steps checked against its solo solve.
 
 "neuralode" is whatever ``import neuralode`` finds (choose it with PYTHONPATH). "base" is
 another tree's ``neuralode`` package, copied into a temporary directory as ``neuralode_base``
@@ -34,7 +39,7 @@ then a row timed just after torchdiffeq's is slowed, see ``_util.interleaved``).
 ``--quick``: one repetition (unless ``--repeats`` says otherwise) and the solo-solve check of
 (a) on the first 32 samples instead of all 256; the problems are unchanged.
 
-    python benchmarks/per_sample.py [--only a,b,c] [--repeats 3] [--quick]
+    python benchmarks/per_sample.py [--only a,b,c,d] [--repeats 3] [--quick]
         [--baseline-rev REV | --baseline ROOT | --no-baseline] [--libs torchode,torchdiffeq]
         [--cold] [--json out.json]
 """
@@ -428,9 +433,71 @@ def bench_c(repeats: int, libs: dict, warm: bool = True) -> dict:
     return {"rows": rows, "notes": notes}
 
 
+# ------------------------------------------------------------------------------ (d)
+
+
+def bench_d(repeats: int, libs: dict, warm: bool = True) -> dict:
+    base = libs.get("base")
+    B = 64
+    g = torch.Generator().manual_seed(0)
+    mu = 10 ** (1 + 2 * torch.rand(B, generator=g, dtype=torch.float64))
+    y0 = torch.cat([torch.full((B, 1), 2.0, dtype=torch.float64),
+                    torch.zeros(B, 1, dtype=torch.float64), mu[:, None]], 1)
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    kw = {"rtol": 1e-6, "atol": 1e-8}
+    fns, sols, notes = {}, {}, []
+    for method in ("rodas5p", "kvaerno5"):
+        def batched(lib=neuralode, method=method):
+            return lib.solve(vdp_carried, y0, t, method=method, per_sample=True, **kw)
+
+        def one_by_one(method=method):
+            return [neuralode.solve(vdp_carried, y0[b:b + 1], t, method=method, **kw)
+                    for b in range(B)]
+        sols[method] = batched()
+        fns[f"{method} per_sample"] = batched
+        fns[f"{method} one by one"] = one_by_one
+        solo = one_by_one()
+        same = sum(int(sols[method].stats.n_accepted[b]) == s.stats.n_accepted
+                   and int(sols[method].stats.n_rejected[b]) == s.stats.n_rejected
+                   for b, s in enumerate(solo))
+        diff = max(float(((sols[method].ys[:, b] - s.ys[:, 0]).abs()
+                          / s.ys[:, 0].abs().clamp(min=1e-300)).max())
+                   for b, s in enumerate(solo))
+        notes.append(f"{method}: driver {sols[method].stats.driver}; samples whose steps "
+                     f"equal their solo solve's {same}/{B}; max relative output difference "
+                     f"{diff:.1e}")
+        if base is not None:
+            try:
+                batched(base)
+                fns[f"base {method} per_sample"] = lambda m=method: batched(base, m)
+            except Exception as exc:
+                notes.append(f"base {method} per_sample failed: {_failed(exc)}")
+    times = interleaved(fns, repeats, warm=warm)
+    print(f"\n### (d) {B} Van der Pol, mu ~ log-U[10, 1000], t in [0, 2], rtol 1e-6, "
+          f"atol 1e-8, float64\n")
+    print("| solve | wall time (s) | steps per sample min / median / max |")
+    print("|---|---|---|")
+    rows = []
+    for k in fns:
+        st = sols[k.split()[1] if k.startswith("base") else k.split()[0]].stats.n_steps
+        print(f"| {k} | {times[k]:.3f} | {int(st.min())} / {int(st.median())} / "
+              f"{int(st.max())} |")
+        rows.append({"solve": k, "seconds": times[k]})
+    print()
+    for line in notes:
+        print(line)
+    for method in ("rodas5p", "kvaerno5"):
+        print(f"{method}: per_sample vs one by one: "
+              f"{times[f'{method} one by one'] / times[f'{method} per_sample']:.2f}x faster")
+        line = _ratio_line(times, f"{method} per_sample", f"base {method} per_sample")
+        if line:
+            print(line)
+    return {"rows": rows, "notes": notes}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="a,b,c", help="comma list of a, b, c")
+    ap.add_argument("--only", default="a,b,c,d", help="comma list of a, b, c, d")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved repetitions (medians); default 3, with --quick 1")
     ap.add_argument("--quick", action="store_true",
@@ -446,8 +513,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     parts = [p for p in args.only.split(",") if p]
-    if set(parts) - {"a", "b", "c"}:
-        ap.error(f"--only: unknown part(s) {sorted(set(parts) - {'a', 'b', 'c'})}")
+    if set(parts) - {"a", "b", "c", "d"}:
+        ap.error(f"--only: unknown part(s) {sorted(set(parts) - {'a', 'b', 'c', 'd'})}")
     unknown = set(filter(None, args.libs.split(","))) - set(OTHER_LIBS)
     if unknown:
         ap.error(f"--libs: unknown {sorted(unknown)}; choose from {', '.join(OTHER_LIBS)}")
@@ -481,8 +548,10 @@ def main(argv=None) -> None:
                                       warm=not args.cold)
             elif part == "b":
                 result["b"] = bench_b(repeats, libs, warm=not args.cold)
-            else:
+            elif part == "c":
                 result["c"] = bench_c(repeats, libs, warm=not args.cold)
+            else:
+                result["d"] = bench_d(repeats, libs, warm=not args.cold)
             result[part]["seconds_total"] = round(time.time() - tp, 1)
             print(f"\n(({part}) took {result[part]['seconds_total']} s; {loadavg()})",
                   flush=True)

@@ -805,14 +805,6 @@ class FixedGridImplicitRK(FixedGridMethod):
         _check_implicit(cls.name, o)
 
     @classmethod
-    def batches(cls, o: dict) -> bool:
-        """Per sample on the tensor clock with autograd Jacobians (each row its own blocks:
-        stage by stage for the diagonally implicit tableaux, one (s n, s n) system per row
-        for Radau IIA and Gauss–Legendre); the other Jacobian options run sample by
-        sample."""
-        return o["jacobian"] == "autograd"
-
-    @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
                                  linear=o["interp"] == "linear", name=cls.name)
@@ -837,12 +829,6 @@ class AdaptiveImplicitRK(AdaptiveRK):
     def check(cls, o: dict) -> None:
         super().check(o)
         _check_implicit(cls.name, o)
-
-    @classmethod
-    def batches(cls, o: dict) -> bool:
-        """Per sample on the tensor clock with autograd Jacobians (each row's own block);
-        the other Jacobian options run sample by sample."""
-        return o["jacobian"] == "autograd"
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):

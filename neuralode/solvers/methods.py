@@ -102,8 +102,11 @@ class Method:
 
     @classmethod
     def batches(cls, o: dict) -> bool:
-        """Whether a per-sample solve with the options ``o`` runs on the tensor clock."""
-        return cls.tensor_clock
+        """Whether a per-sample solve with the options ``o`` runs on the tensor clock: the
+        methods marked ``tensor_clock``, the implicit ones with autograd Jacobians (each row
+        its own block; matrix-free GMRES, "block" and a user's callable are per problem and
+        run sample by sample)."""
+        return cls.tensor_clock and o.get("jacobian", "autograd") == "autograd"
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):

@@ -500,13 +500,6 @@ class RosenbrockMethod(AdaptiveRK):
         check_jacobian_option(cls.name, o["jacobian"])
 
     @classmethod
-    def batches(cls, o: dict) -> bool:
-        """Per sample on the tensor clock with autograd Jacobians (each row's own block);
-        the other Jacobian options (matrix-free GMRES, a user's callable, "block") run
-        sample by sample."""
-        return o["jacobian"] == "autograd"
-
-    @classmethod
     def make_stepper(cls, o: dict, norm):
         rtol = norm.rtol if isinstance(norm.rtol, float) else float(norm.rtol.min())
         # a linear solve inexact by ~rtol/10 keeps the stages within the local tolerance
