@@ -17,6 +17,7 @@ from neuralode.errors import (
     ODEFuncError,
     ODEInputError,
     StepSizeError,
+    StiffnessError,
 )
 from neuralode.events import odeint_event
 from neuralode.gradients import Adjoint, AdjointStats, Backprop, Checkpoint
@@ -46,6 +47,7 @@ __all__ = [
     "Solution",
     "SolverStats",
     "StepSizeError",
+    "StiffnessError",
     "__version__",
     "odeint",
     "odeint_adjoint",

@@ -35,5 +35,10 @@ class ConvergenceError(NeuralODEError, RuntimeError):
     """The nonlinear (Newton) or linear iterations of an implicit method did not converge."""
 
 
+class StiffnessError(NeuralODEError, RuntimeError):
+    """An explicit method found the problem stiff (its step limited by stability) with too
+    much of the span left; the message names the stiff methods."""
+
+
 class EventError(NeuralODEError, RuntimeError):
     """An event search ended without the event (torchdiffeq-style event mode only)."""

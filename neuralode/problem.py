@@ -354,7 +354,7 @@ def run(p: Problem, ts: list[float], y0_flat: torch.Tensor | None = None, *,
         p, y_start, ts, stepper, controller, stops=stops, open_end=open_end, event_fn=event_fn,
         callbacks=callbacks, perturb=bool(o.get("perturb", False)),
         max_num_steps=o["max_num_steps"], record=record, throw=throw, name=p.name,
-        event_interior_points=o["event_interior_points"])
+        event_interior_points=o["event_interior_points"], stiffness=cls.stiffness_check(o))
     p.stats.status = res.status
     p.stats.message = res.message
     p.stats.t_final = res.t_final

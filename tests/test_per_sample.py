@@ -97,15 +97,17 @@ def test_float32_and_tuple_states():
     def f(t, y):
         a, b = y
         return (-a * b[:, :1], a.sum(1, keepdim=True) * torch.cos(t)[:, None])
-    y0 = (torch.rand(4, 3), torch.rand(4, 1))
+    g = torch.Generator().manual_seed(0)
+    y0 = (torch.rand(4, 3, generator=g), torch.rand(4, 1, generator=g))
     sol = solve(f, y0, T.float(), rtol=1e-5, atol=1e-7, per_sample=True)
     assert sol.ys[0].shape == (len(T), 4, 3) and sol.ys[0].dtype == torch.float32
     for b in range(4):
         ref = solve(lambda t, y: tuple(v[0] for v in f(t.reshape(1), (y[0][None], y[1][None]))),
                     (y0[0][b], y0[1][b]), T.float(), rtol=1e-5, atol=1e-7)
+        # float32 rounds the stage sums differently: steps may differ by one or two, and
+        # the outputs by the tolerance's order
         for got, want in zip(sol.ys, ref.ys):
-            assert float((got[:, b] - want).abs().max()) < 1e-5
-        # float32 rounds the stage sums differently: steps may differ by one or two
+            assert float((got[:, b] - want).abs().max()) < 5e-5
         assert abs(int(sol.stats.n_steps[b]) - ref.stats.n_steps) <= 3
 
 

@@ -25,7 +25,8 @@ class SolverStats:
     nfe: evaluations of the user's function; n_accepted / n_rejected: step attempts
     (fixed-grid methods only accept); status: "success" once the final time is reached,
     "event" when an event ended the solve, or (with ``throw=False``) "max_steps_reached",
-    "step_size_underflow", "nonfinite", "convergence_failure"; message: what happened, for a
+    "step_size_underflow", "nonfinite", "convergence_failure", "stiff" (an explicit
+    method found the problem stiff, see ``solvers.stiffness``); message: what happened, for a
     failure. Implicit methods also count ``n_jac`` (Jacobian evaluations), ``n_lu`` (matrix
     factorisations), ``n_newton`` (Newton iterations) and ``n_newton_fail`` (Newton solves
     that did not converge; each rejects the step in an adaptive solve).

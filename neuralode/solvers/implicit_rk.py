@@ -62,6 +62,7 @@ from neuralode.solvers.jacobian import (
     newton,
 )
 from neuralode.solvers.methods import (
+    IMPLICIT_ADAPTIVE_OPTIONS,
     STIFF_OUTPUT_OPTIONS,
     AdaptiveRK,
     FixedGridMethod,
@@ -816,7 +817,7 @@ class AdaptiveImplicitRK(AdaptiveRK):
     tensor_clock = True  # per sample: batched, each row its own Jacobian, LU and Newton
 
     tableau: ImplicitTableau
-    OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, max_iters=10,
+    OPTIONS: ClassVar[dict[str, Any]] = dict(IMPLICIT_ADAPTIVE_OPTIONS, max_iters=10,
                                              **JACOBIAN_OPTIONS, **STIFF_OUTPUT_OPTIONS)
 
     @classmethod

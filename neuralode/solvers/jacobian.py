@@ -40,6 +40,9 @@ from neuralode.solvers.elementwise import isfinite, where
 
 JACOBIAN_MODES = ("autograd", "block", "matrix_free")
 JACOBIAN_OPTIONS = {"jacobian": "autograd"}
+# a dense autograd Jacobian larger than this is refused before it is built (its LU copy and
+# the jacrev intermediates need as much again)
+DENSE_JACOBIAN_LIMIT_BYTES = 2**30
 
 
 def check_jacobian_option(method: str, value) -> None:
@@ -96,6 +99,7 @@ class JacobianSource:
         self.name = name
         self.stats = rhs.stats
         self._functorch = True
+        self.size_checked = False
         self.blocks = None
         if spec == "block":
             shapes = rhs.layout.shapes
@@ -109,6 +113,21 @@ class JacobianSource:
                                     f"with quadrature components (e.g. odeint_adjoint); use "
                                     f"'autograd' or 'matrix_free'")
             self.blocks = shapes[0][0]
+
+    def _check_size(self, y: torch.Tensor) -> None:
+        """Refuse a dense Jacobian past ``DENSE_JACOBIAN_LIMIT_BYTES`` before building it."""
+        rows = y.shape[0] if y.dim() == 2 else 1  # per sample: one (n, n) block per row
+        m = y.shape[-1] if y.dim() == 2 else self.head
+        size = rows * m * m * y.element_size()
+        if size > DENSE_JACOBIAN_LIMIT_BYTES:
+            raise ODEInputError(
+                f"{self.name}: the dense Jacobian df/dy of this {m:,}-element state would take "
+                f"{size / 2**30:.3g} GiB (and as much again for its factorisation), above the "
+                f"limit of {DENSE_JACOBIAN_LIMIT_BYTES / 2**30:.3g} GiB. Use options="
+                f"{{'jacobian': 'matrix_free'}} (Newton–Krylov: products J v only), "
+                f"'block' (a state (B, ...) of B independent systems: B blocks), a callable "
+                f"returning df/dy or its (B, m, m) diagonal blocks, or an explicit method")
+        self.size_checked = True
 
     @property
     def matrix_free(self) -> bool:
@@ -129,6 +148,8 @@ class JacobianSource:
         Per sample (``rhs`` in batch mode, y (B, n), t (B,)): each row's own (n, n) block,
         (B, n, n), by the "block" mode's one ``jacrev``."""
         self.stats.n_jac += 1
+        if self.spec == "autograd" and not self.size_checked:
+            self._check_size(y)
         if y.dim() == 2:
             call = self.rhs.call
             with torch.set_grad_enabled(graph):

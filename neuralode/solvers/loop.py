@@ -38,6 +38,7 @@ from neuralode.solvers.status import (
     NONFINITE,
     STATUSES,
     STEP_SIZE,
+    STIFF,
     SUCCESS,
     convergence_message,
     max_steps_message,
@@ -46,6 +47,7 @@ from neuralode.solvers.status import (
     progress,
     step_size_message,
 )
+from neuralode.solvers.stiffness import StiffnessCheck
 
 # fixed-grid solves check the state for nan/inf every this many steps (and at outputs,
 # stops and the end) rather than synchronising with the device at every step
@@ -110,14 +112,16 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
               stops: list[Stop] = (), open_end: bool = False, event_fn: Callable | None = None,
               callbacks: Callbacks | None = None, perturb: bool = False,
               max_num_steps: int = 2**31 - 1, record: bool = False, throw: bool = True,
-              name: str = "", event_interior_points: int = 0) -> LoopResult:
+              name: str = "", event_interior_points: int = 0,
+              stiffness: StiffnessCheck | None = None) -> LoopResult:
     """Integrate from (ts[0], y0) and return the states at the times ``ts``.
 
     ``open_end``: ts[-1] only gives the direction; the solve runs until the event (event
     mode of torchdiffeq) or ``max_num_steps``. ``stops``: times strictly inside the span to
     land on (see ``Stop``). ``perturb``: every step hands f its start time from the right
     and its end time from the left (fixed grids with discontinuities at grid points).
-    ``event_interior_points``: see ``event_location.interior_check``.
+    ``event_interior_points``: see ``event_location.interior_check``. ``stiffness``: the
+    explicit methods' stiffness test (``solvers.stiffness``).
     """
     stats = rhs.stats
     t0 = ts[0]
@@ -158,6 +162,7 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
     failure = ""  # why the last attempt of an implicit method failed (for messages)
     propose, judge, step, error = controller.propose, controller.judge, stepper.step, \
         stepper.error if adaptive else None
+    stiff_next = stiffness.next if stiffness is not None else math.inf
     while True:
         stop = plan[i_stop]
         t1 = propose(t, h, stop.time, direction)
@@ -253,6 +258,11 @@ def integrate(rhs, y0: torch.Tensor, ts: list[float], stepper, controller, *,
                 return fail(NONFINITE, nonfinite_grid_message(name, t_good, t1, h), t_good,
                             y_good)
             t_good, y_good = t1, y1
+        if stats.n_accepted >= stiff_next:  # every CHECK_EVERY steps (each while suspect)
+            why = stiffness.test(stepper.stages(), stats.n_accepted, t1, h, t_end, name)
+            stiff_next = stiffness.next
+            if why:
+                return fail(STIFF, why, t1, y1)
         t, y = t1, y1
         f_next = None
         if at_stop:

@@ -24,6 +24,7 @@ from neuralode.solvers.controllers import (
     option_number,
 )
 from neuralode.solvers.rk import RKStepper
+from neuralode.solvers.stiffness import MAX_STIFF_STEPS, StiffnessCheck
 from neuralode.solvers.tableau import TABLEAUX, ButcherTableau
 
 # options every method takes
@@ -111,6 +112,11 @@ class Method:
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         raise NotImplementedError(f"{cls.__name__} defines no stepper")
+
+    @classmethod
+    def stiffness_check(cls, o: dict) -> StiffnessCheck | None:
+        """The float clock's stiffness test of a solve, or None (see ``AdaptiveRK``)."""
+        return None
 
     @classmethod
     def grid(cls, o: dict, ts: list[float], func, y0_user, open_end: bool):
@@ -238,7 +244,8 @@ def check_dtype_and_norm(method: str, o: dict) -> None:
 
 
 class AdaptiveRK(Method):
-    """Embedded Runge–Kutta pair with error control and dense output."""
+    """Embedded Runge–Kutta pair with error control and dense output. ``max_stiff_steps``
+    (explicit pairs; None: off): see ``neuralode.solvers.stiffness``."""
 
     adaptive = True
     tensor_clock = True
@@ -246,7 +253,8 @@ class AdaptiveRK(Method):
     OPTIONS: ClassVar[dict[str, Any]] = dict(
         COMMON_OPTIONS, first_step=None, safety=0.9, ifactor=10.0, dfactor=0.2, min_step=0.0,
         max_step=math.inf, step_t=None, jump_t=None, norm=None, pcoeff=0.0, icoeff=1.0,
-        dcoeff=0.0, dtype=torch.float64, step_size_controller=None)
+        dcoeff=0.0, dtype=torch.float64, step_size_controller=None,
+        max_stiff_steps=MAX_STIFF_STEPS)
 
     @classmethod
     def describe(cls) -> str:
@@ -265,11 +273,26 @@ class AdaptiveRK(Method):
                                 f"got {type(ctrl).__name__}")
         # validates safety, ifactor, ... once; ``make_controller`` reuses the result
         o["_pid_settings"] = controller_or_default(o).settings(o, cls.name)
+        v = o.get("max_stiff_steps")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ODEInputError(f"option 'max_stiff_steps' of {cls.name!r} must be a positive "
+                                f"int (a stiff solve stops when more steps than this remain) "
+                                f"or None (no stiffness test), got {v!r}")
+
+    @classmethod
+    def stiffness_check(cls, o: dict) -> StiffnessCheck | None:
+        """The float clock's stiffness test of a solve (explicit pairs), or None."""
+        limit = o.get("max_stiff_steps")
+        return None if limit is None else StiffnessCheck(cls.tableau, limit)
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):
         return RKStepper(cls.tableau)
 
+
+# the adaptive implicit methods' options: the explicit pairs' but the stiffness test
+IMPLICIT_ADAPTIVE_OPTIONS = {k: v for k, v in AdaptiveRK.OPTIONS.items()
+                             if k != "max_stiff_steps"}
 
 _DEFAULT_CONTROLLER = PIDController()
 

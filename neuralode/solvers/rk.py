@@ -299,7 +299,8 @@ class RKStepper:
             self.K[self.s_ext - 1].copy_(self.f1)  # the extended stage
             self.ext_filled = True
 
-    def _stages(self) -> torch.Tensor:
+    def stages(self) -> torch.Tensor:
+        """The last attempt's extended stages (s_ext, ...) (the buffer itself, no graph)."""
         return torch.stack(self.ks[: self.s_ext]) if self.graph else self.K
 
     def interpolate(self, y: torch.Tensor, h, thetas, row: int | None = None):
@@ -311,12 +312,12 @@ class RKStepper:
             if self.linear:
                 return chord(y, self.y1, thetas)
             w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
-            return dense_combine(y, h, w, self._stages().transpose(0, 1))
+            return dense_combine(y, h, w, self.stages().transpose(0, 1))
         if self.linear:
             return chord(y, self.y1 if row is None else self.y1[row], thetas)
         w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
         K = (torch.stack(self.ks[: self.s_ext]) if self.graph else self.K) if row is None \
-            else self._stages()[:, row]
+            else self.stages()[:, row]
         if len(thetas) == 1:
             return [torch.addmv(y, K.t(), w[0], alpha=h) if y.dtype == torch.float64
                     else _mv_then_add(y, K.t(), w[0], alpha=h)]

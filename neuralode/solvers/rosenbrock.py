@@ -50,7 +50,11 @@ from neuralode.solvers.jacobian import (
     check_jacobian_option,
     identity_minus,
 )
-from neuralode.solvers.methods import STIFF_OUTPUT_OPTIONS, AdaptiveRK
+from neuralode.solvers.methods import (
+    IMPLICIT_ADAPTIVE_OPTIONS,
+    STIFF_OUTPUT_OPTIONS,
+    AdaptiveRK,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -481,7 +485,7 @@ class RosenbrockMethod(AdaptiveRK):
     tensor_clock = True  # per sample: batched, each row its own Jacobian block and LU
 
     tableau: RosenbrockTableau
-    OPTIONS: ClassVar[dict[str, Any]] = dict(AdaptiveRK.OPTIONS, **JACOBIAN_OPTIONS,
+    OPTIONS: ClassVar[dict[str, Any]] = dict(IMPLICIT_ADAPTIVE_OPTIONS, **JACOBIAN_OPTIONS,
                                              **STIFF_OUTPUT_OPTIONS)
     # odeint_adjoint's backward solve by default (first one registered): its stages need
     # the exact Jacobian of the backward system, with second derivatives of func; an ESDIRK

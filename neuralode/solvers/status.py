@@ -9,6 +9,7 @@ from neuralode.errors import (
     MaxStepsError,
     NonFiniteError,
     StepSizeError,
+    StiffnessError,
 )
 
 RUNNING = "running"
@@ -18,11 +19,12 @@ MAX_STEPS = "max_steps_reached"
 STEP_SIZE = "step_size_underflow"
 NONFINITE = "nonfinite"
 CONVERGENCE = "convergence_failure"
-STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE, CONVERGENCE)
+STIFF = "stiff"
+STATUSES = (SUCCESS, EVENT, MAX_STEPS, STEP_SIZE, NONFINITE, CONVERGENCE, STIFF)
 NAMES = (RUNNING, *STATUSES)  # index = code
 CODE = {name: k for k, name in enumerate(NAMES)}
 ERRORS = {MAX_STEPS: MaxStepsError, STEP_SIZE: StepSizeError, NONFINITE: NonFiniteError,
-          CONVERGENCE: ConvergenceError}
+          CONVERGENCE: ConvergenceError, STIFF: StiffnessError}
 FINISHED_WELL = (SUCCESS, EVENT)
 
 
