@@ -78,7 +78,8 @@ class AdjointStats(SolverStats):
 class Adjoint:
     """The adjoint method (``odeint_adjoint``); fields are its ``adjoint_*`` arguments.
     interpolated: the backward solve reads y(t) from the forward solve's dense output
-    (memory grows with the forward steps; no backward reconstruction error). Per sample:
+    (memory grows with the forward steps; no backward reconstruction error); None (the
+    default): True for the stiff methods (``backsolve_unstable``), False otherwise. Per sample:
     the batched driver's per-sample backward solve, or each sample's own adjoint (the
     interpolated adjoint, and wherever the float clock runs)."""
 
@@ -87,13 +88,13 @@ class Adjoint:
     method: str | None = None
     options: dict | None = None
     params: Any = None
-    interpolated: bool = False
+    interpolated: bool | None = None
     name = "adjoint"
 
     def __post_init__(self):
-        if not isinstance(self.interpolated, bool):
-            raise ODEInputError(f"Adjoint interpolated must be True or False, got "
-                                f"{self.interpolated!r}")
+        if self.interpolated not in (None, True, False):
+            raise ODEInputError(f"Adjoint interpolated must be True, False or None (True for "
+                                f"the stiff methods), got {self.interpolated!r}")
         if self.params is not None:
             object.__setattr__(self, "params", as_tensors(self.params, "Adjoint params"))
 
@@ -387,6 +388,14 @@ class _AdjointFunction(torch.autograd.Function):
         return (None, grad_t, None, *grad_y0, *grad_params)
 
 
+def backsolve_unstable(method_name: str) -> bool:
+    """The stiff methods (those with a Jacobian, scipy's excepted): integrating y backwards
+    from its final value reverses the decay of their stiff modes, which grow by up to
+    exp(|lambda| T), so the backward solve fails or crawls (Robertson over [0, 1000]: a step
+    size underflow after minutes); their adjoint reads y from the forward solution."""
+    return "jacobian" in SOLVERS[method_name].OPTIONS and method_name != "scipy_solver"
+
+
 def _default_adjoint_method(method_name: str) -> str:
     """The backward method of ``odeint_adjoint`` when none is given: the forward method, or
     the first registered of the methods it names (``adjoint_method`` of Rosenbrock methods,
@@ -403,7 +412,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                    adjoint_rtol: Tolerance | None = None, adjoint_atol: Tolerance | None = None,
                    adjoint_method: str | None = None, adjoint_options: dict | None = None,
                    adjoint_params: Iterable[torch.Tensor] | None = None,
-                   return_stats: bool = False, interpolated: bool = False,
+                   return_stats: bool = False, interpolated: bool | None = None,
                    per_sample: bool = False):
     """``odeint`` whose backward pass solves the adjoint ODE instead of backpropagating
     through the solver: memory independent of the number of steps. Drop-in compatible with
@@ -429,9 +438,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         interpolated: the interpolated adjoint: the backward solve reads y(t) from the
             forward solve's dense output (kept until the backward pass: memory grows with
             the forward steps) instead of integrating y backwards. Not with ``event_fn``.
+            None (default): True for the stiff methods, whose backward reconstruction of y
+            is unstable (``backsolve_unstable``), False for the others.
     """
-    if not isinstance(interpolated, bool):
-        raise ODEInputError(f"interpolated must be True or False, got {interpolated!r}")
+    if interpolated not in (None, True, False):
+        raise ODEInputError(f"interpolated must be True, False or None (automatic: True for "
+                            f"the stiff methods), got {interpolated!r}")
     if per_sample:
         if event_fn is not None:
             raise ODEInputError("event_fn is not supported with odeint_adjoint(..., "
@@ -447,6 +459,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                             "dense output); use the plain adjoint or gradient='checkpoint'")
     params = find_params(func, adjoint_params)
     method_name, opts = resolve_method(method, options)
+    if interpolated is None:
+        interpolated = event_fn is None and backsolve_unstable(method_name)
     default_backward = adjoint_method is None
     if adjoint_method is None:
         adjoint_method = _default_adjoint_method(method_name)
