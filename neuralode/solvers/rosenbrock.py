@@ -372,8 +372,9 @@ class RosenbrockStepper:
         ft, c, d = self.ft, tab.c, tab.d
         matfree = self.jac.matrix_free
         # per sample: each row's own h (a finished row's h = 0 is divided as 1: its stages
-        # are zero, as hg = 0 scales every right-hand side)
-        h_div = h if not self.batch else column(torch.where(h != 0, h, 1.0), y)
+        # are zero, as hg = 0 scales every right-hand side); the factors C_ij / h are formed
+        # in float64 and rounded once, as the one-problem step's Python floats
+        h_div = h if not self.batch else torch.where(h != 0, h, 1.0)
         hg_row = hg if not self.batch else column(hg, y)
         K: list[torch.Tensor] = []
         for i in range(self.s):
@@ -385,7 +386,8 @@ class RosenbrockStepper:
                 fi = rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi)
             r = fi if d[i] == 0.0 else _combine(fi, [(ft, d[i] * h if not self.batch
                                                       else column(d[i] * h, y))])
-            r = _combine(r, [(K[j], v / h_div) for j, v in self.C_nz[i]])
+            r = _combine(r, [(K[j], v / h_div if not self.batch else column(v / h_div, y))
+                             for j, v in self.C_nz[i]])
             if matfree:
                 before = self.stats.extra.get("gmres_not_converged", 0)
             k = matrix.solve(r * hg_row)
@@ -403,7 +405,8 @@ class RosenbrockStepper:
     def error(self) -> torch.Tensor:
         """The last stage (y1 minus the embedded solution) divided by h (the controller
         multiplies the norm by h)."""
-        return self.K[-1].detach() / self._h_div
+        h = self._h_div
+        return self.K[-1].detach() / (h if not self.batch else column(h, self.K[-1]))
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor):
