@@ -184,11 +184,7 @@ def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
 def resolve_method(method, options) -> tuple[str, dict]:
     if options is not None and not isinstance(options, dict):
         raise ODEInputError(f"options must be a dict, got {type(options).__name__}")
-    if method is None:
-        if options:
-            raise ODEInputError(
-                f"options {sorted(options)} were given without a method; options are specific to "
-                f"a method, so name it (e.g. method='dopri5' or method='rk4')")
+    if method is None:  # as torchdiffeq: options without a method are the default's
         method = DEFAULT_METHOD
     if not isinstance(method, str):
         raise ODEInputError(f"method must be a string, got {type(method).__name__}")

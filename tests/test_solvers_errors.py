@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
 
 from neuralode import MaxStepsError, ODEFuncError, ODEInputError, StepSizeError, odeint, solve
 from neuralode.solvers import ALIASES, SOLVERS
+from neuralode.solvers.registry import DEFAULT_METHOD
 
 F64 = torch.float64
 Y0 = torch.tensor([1.0, 2.0], dtype=F64)
@@ -74,9 +76,23 @@ def test_t_must_be_real():
 
 # -- method and options ------------------------------------------------------------------
 
-def test_options_without_method():
-    raises_early(ODEInputError, r"options \['step_size'\] were given without a method",
-                 options={"step_size": 0.1})
+def test_options_without_method_apply_to_the_default_method():
+    f = lambda t, y: -y  # noqa: E731
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # max_num_steps is dopri5's: no warning
+        _, stats = odeint(f, y0, t, options={"first_step": 0.5, "max_num_steps": 1000},
+                          return_stats=True)
+    assert stats.method == DEFAULT_METHOD == "dopri5"
+    with pytest.raises(MaxStepsError):  # the option is honoured, not ignored
+        odeint(f, y0, t, options={"max_num_steps": 2})
+
+
+def test_options_without_method_the_default_does_not_use_warn():
+    with pytest.warns(UserWarning, match=r"'dopri5' does not use the option\(s\) \['step_size'\]"):
+        odeint(lambda t, y: -y, torch.tensor([1.0], dtype=F64),
+               torch.tensor([0.0, 1.0], dtype=F64), options={"step_size": 0.1})
 
 
 def test_unknown_method_lists_the_valid_ones():

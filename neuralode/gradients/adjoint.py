@@ -145,7 +145,9 @@ def adjoint_derivatives(f_of_y: Callable, y: torch.Tensor, a: torch.Tensor, para
         f = f_of_y(y_)
         inputs = ((y_,) if need_y else ()) + tuple(params)
         if f.requires_grad and inputs:
-            grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
+            # retain_graph: f may reach the parameters through tensors computed outside
+            # func (shared by every call); only this call's own graph is dropped, with f
+            grads = torch.autograd.grad(f, inputs, -a, allow_unused=True, retain_graph=True)
         else:  # f depends on neither y nor the parameters
             grads = (None,) * len(inputs)  # type: ignore[assignment]
     if not need_y:
