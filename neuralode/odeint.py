@@ -73,7 +73,9 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             structure of ``y0``; returns dy/dt with the same structure, shapes and dtype.
             Optional attributes ``func.callback_step(t0, y0, dt)``, ``callback_accept_step``,
             ``callback_reject_step`` are called around each step attempt (as torchdiffeq).
-        y0: initial state, a floating tensor of any shape (0-dim too) or a tuple of such.
+        y0: initial state, a floating or complex (complex64/complex128) tensor of any shape
+            (0-dim too) or a tuple of such (one dtype); a complex state is solved as its
+            real and imaginary parts (the error norm treats them as reals).
         t: 1-D tensor of times, strictly increasing or strictly decreasing; ``t[0]`` is the
             time of ``y0``. Time is handled in float64 internally.
         rtol, atol: relative and absolute tolerances (adaptive methods; also the corrector of

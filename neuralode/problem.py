@@ -48,12 +48,13 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
         name = f"y0[{k}]" if is_tuple else "y0"
         if not isinstance(v, torch.Tensor):
             raise ODEInputError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.is_complex():
-            raise ODEInputError(f"{name} is complex ({v.dtype}); neuralode solves real states: "
-                                f"use torch.view_as_real(y0) and the same view in func")
-        if not v.is_floating_point():
-            raise ODEInputError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
-                                f"float64), got {v.dtype}; e.g. use y0.float()")
+        if v.dtype == torch.complex32:
+            raise ODEInputError(f"{name} is {v.dtype}; complex states must be complex64 or "
+                                f"complex128 (e.g. use y0.to(torch.complex64))")
+        if not (v.is_floating_point() or v.is_complex()):
+            raise ODEInputError(f"{name} must have a floating or complex dtype (float16/"
+                                f"bfloat16/float32/float64/complex64/complex128), got "
+                                f"{v.dtype}; e.g. use y0.float()")
         if v.is_meta:
             raise ODEInputError(f"{name} is on the meta device (a shape without values); "
                                 f"give it real data on a CPU or GPU device")
@@ -74,6 +75,15 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
                     f"{d0} on {dev0}{shape(items[0])}, y0[{k}] is {v.dtype} on "
                     f"{v.device}{shape(v)}")
     return items, is_tuple
+
+
+def state_layout(items: list[torch.Tensor], is_tuple: bool, batch: bool = False
+                 ) -> StateLayout:
+    """The flat layout of checked ``y0`` tensors (a complex state: its real and imaginary
+    parts)."""
+    dtype = items[0].dtype
+    return StateLayout([v.shape[1:] if batch else v.shape for v in items], is_tuple,
+                       dtype if dtype.is_complex else None)
 
 
 def check_t(t, batch: int | None = None) -> torch.Tensor:
@@ -170,9 +180,10 @@ def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
         if v.numel() != 1:
             raise ODEInputError(f"{name} for a tuple state must be a number or a sequence with "
                                 f"one value (or tensor) per element")
-        flat = v.expand(layout.n)
+        flat = v.expand(layout.n // (2 if layout.complex_dtype is not None else 1))
     else:
         flat = tensor_of(tol, layout.shapes[0], name)
+    flat = layout.per_real(flat)  # a complex state: one value for both parts
     if flat.numel() == 0:
         return 0.0
     first = flat[0].item()
@@ -296,7 +307,7 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     cls = SOLVERS[name]
     dtype, device = items[0].dtype, items[0].device
     B = items[0].shape[0] if batch else None
-    layout = StateLayout([v.shape[1:] if batch else v.shape for v in items], is_tuple)
+    layout = state_layout(items, is_tuple, batch)
     if stats is None:
         stats = PerSampleStats(method=name) if batch else SolverStats(method=name)
     stats.method = name

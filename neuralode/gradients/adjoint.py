@@ -56,6 +56,7 @@ from neuralode.problem import (
     resolve_method,
     run,
     solve_problem,
+    state_layout,
     times_of,
 )
 from neuralode.solution import DenseSolution, Solution
@@ -353,9 +354,9 @@ class _AdjointFunction(torch.autograd.Function):
         layout = backward.layout
         ts = t_out.detach().to(torch.float64)
         n_t = len(ts)
-        dtype, device = ys[0].dtype, ys[0].device
-        ys_flat = torch.cat([y.reshape(n_t, -1) for y in ys], dim=1)
-        g_flat = torch.cat([g.reshape(n_t, -1) for g in grad_ys], dim=1)
+        dtype, device = ys[0].dtype.to_real(), ys[0].device  # a complex state's parts
+        ys_flat = layout.flatten(tuple(ys) if layout.is_tuple else ys[0], n_t)
+        g_flat = layout.flatten(tuple(grad_ys) if layout.is_tuple else grad_ys[0], n_t)
         ys_c = ys_flat.to(backward.dtype)
         g_c = g_flat.to(backward.dtype)
         backward.dense = getattr(ctx, "dense", None)
@@ -387,6 +388,18 @@ class _AdjointFunction(torch.autograd.Function):
             grad_params.append(gp[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
         return (None, grad_t, None, *grad_y0, *grad_params)
+
+
+def _real_params(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The adjoint's parameters, refused where complex (the state may be complex)."""
+    for k, p in enumerate(params):
+        if p.is_complex():
+            raise ODEInputError(
+                f"odeint_adjoint: parameter {k} ({tuple(p.shape)}) is complex ({p.dtype}); "
+                f"the adjoint's parameters must be real (a complex state is fine): keep the "
+                f"real and imaginary parts as real tensors and combine them in func, or use "
+                f"gradient='backprop' or 'checkpoint'")
+    return params
 
 
 def _default_adjoint_method(method_name: str) -> str:
@@ -447,7 +460,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
-    params = find_params(func, adjoint_params)
+    params = _real_params(find_params(func, adjoint_params))
     method_name, opts = resolve_method(method, options)
     default_backward = adjoint_method is None
     if adjoint_method is None:
@@ -493,9 +506,10 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     items, is_tuple = check_y0(y0)
     t = check_t(t)
     times_of(t)
-    layout = StateLayout([v.shape for v in items], is_tuple)
+    layout = state_layout(items, is_tuple)
     stats = AdjointStats(method=method_name)
-    dtype = torch.float32 if items[0].dtype in (torch.float16, torch.bfloat16) else items[0].dtype
+    dtype = items[0].dtype.to_real()  # the backward state: real (a complex y as its parts)
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     # the backward solve is prepared (validated) now, not deep inside .backward()
     if user_adjoint_norm is not None:
         adjoint_options["norm"] = _user_adjoint_norm(user_adjoint_norm, layout, params)
@@ -603,11 +617,15 @@ class _PerSampleAdjoint(torch.autograd.Function):
         saved = ctx.saved_tensors
         ys, params = saved[:n_state], saved[n_state:]
         T, B = ys[0].shape[:2]
-        ys_flat = torch.cat([y.reshape(T, B, -1) for y in ys], 2)
-        g_flat = torch.cat([(g if g is not None else torch.zeros_like(y)).reshape(T, B, -1)
-                            for g, y in zip(grad_ys, ys)], 2)
         s = cfg["backward"]  # the backward problem's per_sample setup
         p = s.p
+
+        def flat(items):  # (T, B, ...) items -> (T, B, n) (a complex state: its parts)
+            rows = [v.reshape(T * B, *v.shape[2:]) for v in items]
+            return p.layout.flatten(tuple(rows) if p.layout.is_tuple else rows[0],
+                                    T * B).reshape(T, B, -1)
+        ys_flat = flat(ys)
+        g_flat = flat([g if g is not None else torch.zeros_like(y) for g, y in zip(grad_ys, ys)])
         dtype = p.rhs.dtype
         ys_c, g_c = ys_flat.to(dtype), g_flat.to(dtype)
         n = ys_c.shape[2]
@@ -634,7 +652,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         stats.n_accepted, stats.n_rejected = n_acc, n_rej
         stats.extra["param_quadrature_nfe"] = p.stats.nfe - stats.nfe
         cfg["stats"].extra["backward"] = stats
-        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype))
+        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype.to_real()))
         grads_y0 = grads_y0 if p.layout.is_tuple else (grads_y0,)
         return (None, None, *grads_y0, *[g.to(q.dtype) for g, q in zip(quad.total, params)])
 
@@ -652,7 +670,7 @@ def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
     fwd = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 tensor_clock=g.tensor_clock)
     items, is_tuple = check_y0(y0, batch=True)
-    params = find_params(func, g.params)
+    params = _real_params(find_params(func, g.params))
     adjoint_method = method if g.method is None else g.method
     adjoint_options = g.options
     if adjoint_options is None:
