@@ -331,24 +331,23 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.n_state = n_state
         ctx.event = event_t is not None
-        ctx.save_for_backward(t, t_out, *ys, *params)
+        ctx.n_params = len(params)
+        # y0 too: a double backward re-solves from it (``_differentiable_backward``)
+        ctx.save_for_backward(t, t_out, *ys, *params, *y0_items)
         if event_t is not None:
             return (event_t, *ys)
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "double backward (create_graph=True, or higher-order gradients) through "
-                "odeint_adjoint is not supported; use neuralode.odeint for higher-order "
-                "gradients")
+        if torch.is_grad_enabled():  # create_graph=True: gradients of gradients
+            return _differentiable_backward(ctx, grad_outs)
         cfg = ctx.cfg
         n_state = ctx.n_state
         saved = ctx.saved_tensors
         t, t_out = saved[0], saved[1]
         ys = saved[2:2 + n_state]
-        params = saved[2 + n_state:]
+        params = saved[2 + n_state:2 + n_state + ctx.n_params]
         grad_ys = grad_outs[1:] if ctx.event else grad_outs
         backward: _Backward = cfg["backward"]
         layout = backward.layout
@@ -388,6 +387,37 @@ class _AdjointFunction(torch.autograd.Function):
             grad_params.append(gp[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
         return (None, grad_t, None, *grad_y0, *grad_params)
+
+
+def _differentiable_backward(ctx, grad_outs):
+    """``odeint_adjoint``'s backward under ``create_graph=True`` (Hessian-vector products,
+    gradient penalties): the solve is redone from the saved inputs with autograd recording
+    it, and differentiated with ``create_graph``, so the gradient is backprop's (exact for
+    the discrete solve) and itself differentiable. Memory grows with the steps in this
+    case only."""
+    cfg = ctx.cfg
+    if ctx.event:
+        raise RuntimeError("double backward (create_graph=True) through odeint_adjoint's event "
+                           "mode is not supported; use odeint(..., event_fn=...) with "
+                           "gradient='backprop' for higher-order gradients")
+    n_state, n_params = ctx.n_state, ctx.n_params
+    saved = ctx.saved_tensors
+    t = saved[0]
+    params = saved[2 + n_state:2 + n_state + n_params]
+    y0_items = saved[2 + n_state + n_params:]
+    y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
+    sol = solve_problem(prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
+                                method=cfg["method"], options=cfg["options"]), t)
+    ys = sol.ys if cfg["is_tuple"] else (sol.ys,)
+    need = ctx.needs_input_grad  # (cfg, t, n_state, *y0 items, *params)
+    wrt = [(k, v) for k, v in enumerate((t, *y0_items, *params))
+           if need[1 + k if k == 0 else 2 + k] and v.requires_grad]
+    got = torch.autograd.grad(ys, [v for _, v in wrt], grad_outs, create_graph=True,
+                              allow_unused=True) if wrt else ()
+    grads: list[torch.Tensor | None] = [None] * (1 + n_state + n_params)
+    for (k, v), g in zip(wrt, got):
+        grads[k] = torch.zeros_like(v) if g is None else g
+    return (None, grads[0], None, *grads[1:])
 
 
 def _real_params(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
