@@ -165,8 +165,20 @@ def test_event_time_gradient_of_a_complex_state_matches_finite_differences(inter
 def test_per_sample_complex_batch():
     psi0 = torch.stack([PSI0, torch.tensor([0.6, 0.8j], dtype=C128)])
     sol = solve(schrodinger, psi0, T, rtol=1e-10, atol=1e-12, per_sample=True)
+    assert sol.stats.driver == "batched"  # the tensor clock, on the real parts
     for b in range(2):
         assert float((sol.ys[:, b] - exact(T, psi0[b])).abs().max()) < 1e-8
+
+
+def test_per_sample_complex_event_and_dense_output():
+    sol = solve(schrodinger, PSI0[None], T, rtol=1e-10, atol=1e-12, per_sample=True,
+                dense=True, event_fn=lambda t, psi: psi[..., 1].abs() ** 2 - 0.1)
+    assert sol.status == ["event"]
+    assert abs(float(sol.event_t[0]) - math.pi / (4 * W)) < 1e-8
+    q = torch.tensor([0.3], dtype=F64)
+    got = sol.evaluate(q)
+    assert got.dtype == C128
+    assert float((got[0, 0] - exact(q)[0]).abs().max()) < 1e-8
 
 
 class Hamiltonian(nn.Module):
