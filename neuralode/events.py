@@ -19,8 +19,7 @@ import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
 from neuralode.odeint import odeint
-from neuralode.problem import check_y0
-from neuralode.solvers.base import StateLayout
+from neuralode.problem import check_y0, state_layout
 
 
 class _EventGradient(torch.autograd.Function):
@@ -81,7 +80,7 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
     t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + step])
     event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
     items, is_tuple = check_y0(y0)
-    layout = StateLayout([v.shape for v in items], is_tuple)
+    layout = state_layout(items, is_tuple)  # a complex state as its real and imaginary parts
     sol_items = list(solution) if is_tuple else [solution]
     state_t = layout.flatten(tuple(s[-1] for s in sol_items) if is_tuple else sol_items[0][-1])
 

@@ -26,6 +26,7 @@ from neuralode.errors import ODEInputError
 from neuralode.gradients import Gradient, gradient_strategy, odeint_adjoint
 from neuralode.problem import Tolerance
 from neuralode.solution import DenseSolution, ODESolution, Solution
+from neuralode.vmapped import is_vmapped, vmapped_odeint
 
 __all__ = ["ODESolution", "Solution", "odeint", "odeint_adjoint", "odeint_dense", "solve"]
 
@@ -73,7 +74,9 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             structure of ``y0``; returns dy/dt with the same structure, shapes and dtype.
             Optional attributes ``func.callback_step(t0, y0, dt)``, ``callback_accept_step``,
             ``callback_reject_step`` are called around each step attempt (as torchdiffeq).
-        y0: initial state, a floating tensor of any shape (0-dim too) or a tuple of such.
+        y0: initial state, a floating or complex (complex64/complex128) tensor of any shape
+            (0-dim too) or a tuple of such (one dtype); a complex state is solved as its
+            real and imaginary parts (the error norm treats them as reals).
         t: 1-D tensor of times, strictly increasing or strictly decreasing; ``t[0]`` is the
             time of ``y0``. Time is handled in float64 internally.
         rtol, atol: relative and absolute tolerances (adaptive methods; also the corrector of
@@ -92,6 +95,8 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
             step's graph; ``neuralode.Checkpoint(budget=k)`` keeps at most k states),
             "adjoint" (``odeint_adjoint``; ``neuralode.Adjoint(...)`` carries its options),
             "interpolated_adjoint". See ``neuralode.gradients``.
+        (Under ``torch.func.vmap`` the mapped axis of y0 or t becomes such a per-sample
+        solve, ``func`` still seeing one sample: see ``neuralode.vmapped``.)
         per_sample: y0 is a batch (B, ...) of independent problems, each solved with its own
             steps, output times (t of shape (T,) or (B, T)) and status; ``func`` gets t as a
             (B,) tensor; the result has shape (T, B, ...) and the stats are a
@@ -103,6 +108,13 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         first entry is ``y0``; in event mode ``(event_t, solution)``; and the stats if
         ``return_stats``.
     """
+    if is_vmapped(y0, t):  # torch.func.vmap over odeint: a per-sample solve
+        if event_fn is not None or return_stats or per_sample:
+            raise ODEInputError("odeint under torch.vmap supports neither event_fn, "
+                                "return_stats nor per_sample=True; call odeint(..., "
+                                "per_sample=True) on the batch instead")
+        return vmapped_odeint(odeint, func, y0, t, rtol=rtol, atol=atol, method=method,
+                              options=options, gradient=gradient)
     g = gradient_strategy(gradient)
     if event_fn is not None:
         if per_sample:

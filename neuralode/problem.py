@@ -48,12 +48,13 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
         name = f"y0[{k}]" if is_tuple else "y0"
         if not isinstance(v, torch.Tensor):
             raise ODEInputError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.is_complex():
-            raise ODEInputError(f"{name} is complex ({v.dtype}); neuralode solves real states: "
-                                f"use torch.view_as_real(y0) and the same view in func")
-        if not v.is_floating_point():
-            raise ODEInputError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
-                                f"float64), got {v.dtype}; e.g. use y0.float()")
+        if v.dtype == torch.complex32:
+            raise ODEInputError(f"{name} is {v.dtype}; complex states must be complex64 or "
+                                f"complex128 (e.g. use y0.to(torch.complex64))")
+        if not (v.is_floating_point() or v.is_complex()):
+            raise ODEInputError(f"{name} must have a floating or complex dtype (float16/"
+                                f"bfloat16/float32/float64/complex64/complex128), got "
+                                f"{v.dtype}; e.g. use y0.float()")
         if v.is_meta:
             raise ODEInputError(f"{name} is on the meta device (a shape without values); "
                                 f"give it real data on a CPU or GPU device")
@@ -74,6 +75,15 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
                     f"{d0} on {dev0}{shape(items[0])}, y0[{k}] is {v.dtype} on "
                     f"{v.device}{shape(v)}")
     return items, is_tuple
+
+
+def state_layout(items: list[torch.Tensor], is_tuple: bool, batch: bool = False
+                 ) -> StateLayout:
+    """The flat layout of checked ``y0`` tensors (a complex state: its real and imaginary
+    parts)."""
+    dtype = items[0].dtype
+    return StateLayout([v.shape[1:] if batch else v.shape for v in items], is_tuple,
+                       dtype if dtype.is_complex else None)
 
 
 def check_t(t, batch: int | None = None) -> torch.Tensor:
@@ -170,9 +180,10 @@ def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
         if v.numel() != 1:
             raise ODEInputError(f"{name} for a tuple state must be a number or a sequence with "
                                 f"one value (or tensor) per element")
-        flat = v.expand(layout.n)
+        flat = v.expand(layout.n // (2 if layout.complex_dtype is not None else 1))
     else:
         flat = tensor_of(tol, layout.shapes[0], name)
+    flat = layout.per_real(flat)  # a complex state: one value for both parts
     if flat.numel() == 0:
         return 0.0
     first = flat[0].item()
@@ -184,11 +195,7 @@ def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
 def resolve_method(method, options) -> tuple[str, dict]:
     if options is not None and not isinstance(options, dict):
         raise ODEInputError(f"options must be a dict, got {type(options).__name__}")
-    if method is None:
-        if options:
-            raise ODEInputError(
-                f"options {sorted(options)} were given without a method; options are specific to "
-                f"a method, so name it (e.g. method='dopri5' or method='rk4')")
+    if method is None:  # as torchdiffeq: options without a method are the default's
         method = DEFAULT_METHOD
     if not isinstance(method, str):
         raise ODEInputError(f"method must be a string, got {type(method).__name__}")
@@ -229,21 +236,24 @@ def _eps(dtype) -> float:
 
 def check_resolvable(name, rtol, atol, y0_flat, dtype) -> None:
     """Tolerances the dtype cannot resolve would make the step size crawl or fail: refuse
-    them with the limit (rtol >= eps/100 of the dtype the solver accumulates in: rtol=1e-9
-    passes in float32, 1e-12 does not)."""
+    them with the limit (rtol >= eps/1000 of the dtype the solver accumulates in: rtol=1e-9
+    passes in float32, as torchdiffeq users ask for reference solutions, 1e-12 does not;
+    the embedded error estimate scales with the step, so a tolerance near eps/1000 costs
+    steps but does not stall)."""
     eps = _eps(dtype)
+    floor = eps / 1000
     r = rtol if isinstance(rtol, float) else float(rtol.min())
     a = atol if isinstance(atol, float) else float(atol.min())
     if r == 0 and a == 0:
         raise ODEInputError(f"{name}: rtol and atol are both zero; no error is small enough. "
                             f"Give rtol > 0 and/or atol > 0")
-    if 0 < r < eps / 100:
+    if 0 < r < floor:
         raise ODEInputError(
             f"{name}: rtol={r:g} is below what {str(dtype).replace('torch.', '')} resolves "
-            f"(machine epsilon {eps:.3g}); use rtol >= {eps / 100:.3g}, or a float64 state")
+            f"(machine epsilon {eps:.3g}); use rtol >= {floor:.3g}, or a float64 state")
     if r == 0:
         ymax = float(y0_flat.detach().abs().max()) if y0_flat.numel() else 0.0
-        if a < eps / 100 * ymax:
+        if a < floor * ymax:
             raise ODEInputError(
                 f"{name}: with rtol=0, atol={a:g} is below what "
                 f"{str(dtype).replace('torch.', '')} resolves for |y0| up to {ymax:g}; use a "
@@ -300,7 +310,7 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     cls = SOLVERS[name]
     dtype, device = items[0].dtype, items[0].device
     B = items[0].shape[0] if batch else None
-    layout = StateLayout([v.shape[1:] if batch else v.shape for v in items], is_tuple)
+    layout = state_layout(items, is_tuple, batch)
     if stats is None:
         stats = PerSampleStats(method=name) if batch else SolverStats(method=name)
     stats.method = name

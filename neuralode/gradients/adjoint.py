@@ -56,6 +56,7 @@ from neuralode.problem import (
     resolve_method,
     run,
     solve_problem,
+    state_layout,
     times_of,
 )
 from neuralode.solution import DenseSolution, Solution
@@ -146,7 +147,9 @@ def adjoint_derivatives(f_of_y: Callable, y: torch.Tensor, a: torch.Tensor, para
         f = f_of_y(y_)
         inputs = ((y_,) if need_y else ()) + tuple(params)
         if f.requires_grad and inputs:
-            grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
+            # retain_graph: f may reach the parameters through tensors computed outside
+            # func (shared by every call); only this call's own graph is dropped, with f
+            grads = torch.autograd.grad(f, inputs, -a, allow_unused=True, retain_graph=True)
         else:  # f depends on neither y nor the parameters
             grads = (None,) * len(inputs)  # type: ignore[assignment]
     if not need_y:
@@ -329,32 +332,31 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.n_state = n_state
         ctx.event = event_t is not None
-        ctx.save_for_backward(t, t_out, *ys, *params)
+        ctx.n_params = len(params)
+        # y0 too: a double backward re-solves from it (``_differentiable_backward``)
+        ctx.save_for_backward(t, t_out, *ys, *params, *y0_items)
         if event_t is not None:
             return (event_t, *ys)
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "double backward (create_graph=True, or higher-order gradients) through "
-                "odeint_adjoint is not supported; use neuralode.odeint for higher-order "
-                "gradients")
+        if torch.is_grad_enabled():  # create_graph=True: gradients of gradients
+            return _differentiable_backward(ctx, grad_outs)
         cfg = ctx.cfg
         n_state = ctx.n_state
         saved = ctx.saved_tensors
         t, t_out = saved[0], saved[1]
         ys = saved[2:2 + n_state]
-        params = saved[2 + n_state:]
+        params = saved[2 + n_state:2 + n_state + ctx.n_params]
         grad_ys = grad_outs[1:] if ctx.event else grad_outs
         backward: _Backward = cfg["backward"]
         layout = backward.layout
         ts = t_out.detach().to(torch.float64)
         n_t = len(ts)
-        dtype, device = ys[0].dtype, ys[0].device
-        ys_flat = torch.cat([y.reshape(n_t, -1) for y in ys], dim=1)
-        g_flat = torch.cat([g.reshape(n_t, -1) for g in grad_ys], dim=1)
+        dtype, device = ys[0].dtype.to_real(), ys[0].device  # a complex state's parts
+        ys_flat = layout.flatten(tuple(ys) if layout.is_tuple else ys[0], n_t)
+        g_flat = layout.flatten(tuple(grad_ys) if layout.is_tuple else grad_ys[0], n_t)
         ys_c = ys_flat.to(backward.dtype)
         g_c = g_flat.to(backward.dtype)
         backward.dense = getattr(ctx, "dense", None)
@@ -394,6 +396,49 @@ def backsolve_unstable(method_name: str) -> bool:
     exp(|lambda| T), so the backward solve fails or crawls (Robertson over [0, 1000]: a step
     size underflow after minutes); their adjoint reads y from the forward solution."""
     return "jacobian" in SOLVERS[method_name].OPTIONS and method_name != "scipy_solver"
+
+
+def _differentiable_backward(ctx, grad_outs):
+    """``odeint_adjoint``'s backward under ``create_graph=True`` (Hessian-vector products,
+    gradient penalties): the solve is redone from the saved inputs with autograd recording
+    it, and differentiated with ``create_graph``, so the gradient is backprop's (exact for
+    the discrete solve) and itself differentiable. Memory grows with the steps in this
+    case only."""
+    cfg = ctx.cfg
+    if ctx.event:
+        raise RuntimeError("double backward (create_graph=True) through odeint_adjoint's event "
+                           "mode is not supported; use odeint(..., event_fn=...) with "
+                           "gradient='backprop' for higher-order gradients")
+    n_state, n_params = ctx.n_state, ctx.n_params
+    saved = ctx.saved_tensors
+    t = saved[0]
+    params = saved[2 + n_state:2 + n_state + n_params]
+    y0_items = saved[2 + n_state + n_params:]
+    y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
+    sol = solve_problem(prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
+                                method=cfg["method"], options=cfg["options"]), t)
+    ys = sol.ys if cfg["is_tuple"] else (sol.ys,)
+    need = ctx.needs_input_grad  # (cfg, t, n_state, *y0 items, *params)
+    wrt = [(k, v) for k, v in enumerate((t, *y0_items, *params))
+           if need[1 + k if k == 0 else 2 + k] and v.requires_grad]
+    got = torch.autograd.grad(ys, [v for _, v in wrt], grad_outs, create_graph=True,
+                              allow_unused=True) if wrt else ()
+    grads: list[torch.Tensor | None] = [None] * (1 + n_state + n_params)
+    for (k, v), g in zip(wrt, got):
+        grads[k] = torch.zeros_like(v) if g is None else g
+    return (None, grads[0], None, *grads[1:])
+
+
+def _real_params(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The adjoint's parameters, refused where complex (the state may be complex)."""
+    for k, p in enumerate(params):
+        if p.is_complex():
+            raise ODEInputError(
+                f"odeint_adjoint: parameter {k} ({tuple(p.shape)}) is complex ({p.dtype}); "
+                f"the adjoint's parameters must be real (a complex state is fine): keep the "
+                f"real and imaginary parts as real tensors and combine them in func, or use "
+                f"gradient='backprop' or 'checkpoint'")
+    return params
 
 
 def _default_adjoint_method(method_name: str) -> str:
@@ -457,7 +502,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
-    params = find_params(func, adjoint_params)
+    params = _real_params(find_params(func, adjoint_params))
     method_name, opts = resolve_method(method, options)
     if interpolated is None:
         interpolated = event_fn is None and backsolve_unstable(method_name)
@@ -505,9 +550,10 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
     items, is_tuple = check_y0(y0)
     t = check_t(t)
     times_of(t)
-    layout = StateLayout([v.shape for v in items], is_tuple)
+    layout = state_layout(items, is_tuple)
     stats = AdjointStats(method=method_name)
-    dtype = torch.float32 if items[0].dtype in (torch.float16, torch.bfloat16) else items[0].dtype
+    dtype = items[0].dtype.to_real()  # the backward state: real (a complex y as its parts)
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     # the backward solve is prepared (validated) now, not deep inside .backward()
     if user_adjoint_norm is not None:
         adjoint_options["norm"] = _user_adjoint_norm(user_adjoint_norm, layout, params)
@@ -615,11 +661,15 @@ class _PerSampleAdjoint(torch.autograd.Function):
         saved = ctx.saved_tensors
         ys, params = saved[:n_state], saved[n_state:]
         T, B = ys[0].shape[:2]
-        ys_flat = torch.cat([y.reshape(T, B, -1) for y in ys], 2)
-        g_flat = torch.cat([(g if g is not None else torch.zeros_like(y)).reshape(T, B, -1)
-                            for g, y in zip(grad_ys, ys)], 2)
         s = cfg["backward"]  # the backward problem's per_sample setup
         p = s.p
+
+        def flat(items):  # (T, B, ...) items -> (T, B, n) (a complex state: its parts)
+            rows = [v.reshape(T * B, *v.shape[2:]) for v in items]
+            return p.layout.flatten(tuple(rows) if p.layout.is_tuple else rows[0],
+                                    T * B).reshape(T, B, -1)
+        ys_flat = flat(ys)
+        g_flat = flat([g if g is not None else torch.zeros_like(y) for g, y in zip(grad_ys, ys)])
         dtype = p.rhs.dtype
         ys_c, g_c = ys_flat.to(dtype), g_flat.to(dtype)
         n = ys_c.shape[2]
@@ -646,7 +696,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         stats.n_accepted, stats.n_rejected = n_acc, n_rej
         stats.extra["param_quadrature_nfe"] = p.stats.nfe - stats.nfe
         cfg["stats"].extra["backward"] = stats
-        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype))
+        grads_y0 = p.layout.unflatten(a.to(ys[0].dtype.to_real()))
         grads_y0 = grads_y0 if p.layout.is_tuple else (grads_y0,)
         return (None, None, *grads_y0, *[g.to(q.dtype) for g, q in zip(quad.total, params)])
 
@@ -664,7 +714,7 @@ def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
     fwd = setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 tensor_clock=g.tensor_clock)
     items, is_tuple = check_y0(y0, batch=True)
-    params = find_params(func, g.params)
+    params = _real_params(find_params(func, g.params))
     adjoint_method = method if g.method is None else g.method
     adjoint_options = g.options
     if adjoint_options is None:

@@ -346,8 +346,11 @@ class _Reverser:
             keep = [j for j, v in enumerate(ys) if v.requires_grad]
             inputs = [y_in] + (c_in[0] if c_in is not None else []) + list(tape.params)
             if keep:
+                # retain_graph: func may reach the parameters through tensors computed
+                # outside it, a graph every step shares (this step's graph goes with ys)
                 got = torch.autograd.grad([ys[j] for j in keep], inputs,
-                                          [cots[j] for j in keep], allow_unused=True)
+                                          [cots[j] for j in keep], allow_unused=True,
+                                          retain_graph=True)
             else:
                 got = (None,) * len(inputs)  # type: ignore[assignment]
         self.a_y = got[0] if got[0] is not None else torch.zeros_like(y)

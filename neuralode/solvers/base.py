@@ -118,15 +118,31 @@ class StepFailure(Exception):
         self.factor = factor
 
 
+def _complex_view(x: torch.Tensor) -> torch.Tensor:
+    """A real (..., 2) tensor as complex (...) without a copy where its strides allow."""
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(
+            st % 2 for sz, st in zip(x.shape[:-1], x.stride()[:-1]) if sz > 1):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return torch.view_as_complex(x)
+
+
 class StateLayout:
     """How a user state (tensor or tuple of tensors, any shape including 0-dim) maps to the
     flat solver state: (n,) for one problem, (B, n) for a per-sample batch (the user's
-    tensors then have a leading batch dimension)."""
+    tensors then have a leading batch dimension).
 
-    def __init__(self, shapes: list[torch.Size], is_tuple: bool):
+    A complex state (``complex_dtype`` complex64/complex128; every tensor of a tuple has it)
+    is solved as the real state of its real and imaginary parts (``torch.view_as_real``,
+    interleaved): n counts real numbers, the flat state is real, and ``unflatten`` gives the
+    user's complex tensors back (views where the memory allows)."""
+
+    def __init__(self, shapes: list[torch.Size], is_tuple: bool,
+                 complex_dtype: torch.dtype | None = None):
         self.shapes = [torch.Size(s) for s in shapes]
         self.is_tuple = is_tuple
-        self.numels = [math.prod(s) for s in self.shapes]
+        self.complex_dtype = complex_dtype
+        per = 1 if complex_dtype is None else 2  # real numbers per element
+        self.numels = [per * math.prod(s) for s in self.shapes]
         self.n = sum(self.numels)
         offsets = [0]
         for k in self.numels:
@@ -136,6 +152,12 @@ class StateLayout:
     def unflatten(self, y: torch.Tensor):
         """(..., n) flat -> the user's structure with leading dims preserved."""
         lead = tuple(y.shape[:-1])
+        if self.complex_dtype is not None:
+            if not self.is_tuple:
+                return _complex_view(y.reshape(lead + tuple(self.shapes[0]) + (2,)))
+            return tuple(
+                _complex_view(y[..., a:b].reshape(lead + tuple(s) + (2,)))
+                for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes))
         if not self.is_tuple:
             return y.reshape(lead + tuple(self.shapes[0]))
         return tuple(
@@ -146,9 +168,19 @@ class StateLayout:
     def flatten(self, value, batch: int | None = None) -> torch.Tensor:
         """The user's structure -> (n,) flat, or (B, n) keeping a leading batch of B."""
         lead = (-1,) if batch is None else (batch, -1)
+        if self.complex_dtype is not None:
+            if not self.is_tuple:
+                return torch.view_as_real(value.resolve_conj()).reshape(lead)
+            return torch.cat([torch.view_as_real(v.resolve_conj()).reshape(lead)
+                              for v in value], dim=-1)
         if not self.is_tuple:
             return value.reshape(lead)
         return torch.cat([v.reshape(lead) for v in value], dim=-1)
+
+    def per_real(self, flat: torch.Tensor) -> torch.Tensor:
+        """Values per user element, flat (..., n / 2) for a complex state, as values per
+        real number (..., n): each for the real and the imaginary part."""
+        return flat if self.complex_dtype is None else flat.repeat_interleave(2, dim=-1)
 
 
 class RHS:
@@ -164,6 +196,10 @@ class RHS:
 
     A float16/bfloat16 state is integrated in float32 (``compute_dtype``): ``func`` still
     receives and returns the user's dtype, the solver accumulates in float32.
+
+    A complex layout: the flat state is real (``user_dtype`` and ``dtype`` are the real
+    dtype, ``dtype`` may be given as either), ``func`` receives and must return the complex
+    ``state_dtype``; t is real.
     """
 
     def __init__(self, func: Callable, layout: StateLayout, dtype: torch.dtype,
@@ -171,6 +207,11 @@ class RHS:
                  time_arg: str = "batch"):
         self.func = func
         self.layout = layout
+        if layout.complex_dtype is not None:
+            self.state_dtype = layout.complex_dtype  # what func receives and returns
+            dtype = layout.complex_dtype.to_real()
+        else:
+            self.state_dtype = dtype
         self.user_dtype = dtype
         self.dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.device = device
@@ -184,7 +225,7 @@ class RHS:
     def _make_batch_call(self):
         """f of a (B, n) batch at (B,) times."""
         func, layout = self.func, self.layout
-        udt, cdt = self.user_dtype, self.dtype
+        udt, cdt, sdt = self.user_dtype, self.dtype, self.state_dtype
         cast = udt != cdt
         check = self._check
         nan_t = torch.full((), math.nan, dtype=cdt, device=self.device)
@@ -196,7 +237,7 @@ class RHS:
                 self.stats.nfe += 1
                 self.stats.batch_rows += B
             out = func(tt, layout.unflatten(y.to(udt) if cast else y))
-            if layout.is_tuple or not self._checked or out.dtype != udt \
+            if layout.is_tuple or not self._checked or out.dtype != sdt \
                     or tuple(out.shape[1:]) != shape0 or out.shape[0] != B:
                 check(out, tt, B)
             flat = layout.flatten(out, B)
@@ -215,6 +256,20 @@ class RHS:
         shapes = layout.shapes
         check = self._check
         full = torch.full
+        if layout.complex_dtype is not None:  # complex func on the real flat state
+            sdt = self.state_dtype
+
+            def call_at(tt, y):
+                stats.nfe += 1
+                out = func(tt, layout.unflatten(y))
+                if layout.is_tuple or not self._checked or out.shape != shapes[0] \
+                        or out.dtype != sdt:
+                    check(out, tt)
+                return layout.flatten(out)
+
+            def call(t, y):
+                return call_at(full((), t, dtype=cdt, device=device), y)
+            return call_at, call
         if not layout.is_tuple and tuple(shapes[0]) == (layout.n,) and not cast:
             shape = shapes[0]
 
@@ -335,10 +390,10 @@ class RHS:
                     f"{lead + tuple(shape)}; dy/dt must have the same shape as y"
                     + (" (it had it in earlier calls)" if self._checked else "")
                     + (" (per_sample=True: the first dimension is the batch)" if lead else ""))
-            if o.dtype != self.user_dtype:
+            if o.dtype != self.state_dtype:
                 raise ODEFuncError(
                     f"{where} returned dtype {o.dtype}, but the state has dtype "
-                    f"{self.user_dtype}; dy/dt must have the same dtype as y0"
+                    f"{self.state_dtype}; dy/dt must have the same dtype as y0"
                     + (" (it had it in earlier calls)" if self._checked else ""))
             if o.device != self.device:
                 raise ODEFuncError(

@@ -67,8 +67,11 @@ class ErrorNorm:
         """atol + rtol * absmax, elementwise."""
         if self.scalar_tol:
             return absmax.mul(self.rtol).add_(self.atol)
-        return torch.addcmul(self.atol, self.rtol, absmax) if isinstance(self.atol, torch.Tensor) \
-            else (absmax * self.rtol).add_(self.atol)
+        if not isinstance(self.atol, torch.Tensor):
+            return (absmax * self.rtol).add_(self.atol)
+        if isinstance(self.rtol, torch.Tensor):
+            return torch.addcmul(self.atol, self.rtol, absmax)
+        return torch.add(self.atol, absmax, alpha=self.rtol)  # per-element atol, one rtol
 
     def __call__(self, err: torch.Tensor, scale: torch.Tensor, factor=1.0):
         """The norm of ``factor * err / scale``: a float for (n,), (B,) float64 for (B, n)
