@@ -1,11 +1,15 @@
 """Regularisation integrals (neuralode.regularizers): closed forms on linear dynamics,
 gradients against finite differences with every gradient strategy, and the step count."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from neuralode import solve
+from neuralode.models.cnf import CNF, ConcatMLPDynamics
+from neuralode.nn import NeuralODE, ODEBlock
 from neuralode.regularizers import (
     JacobianFrobenius,
     KineticEnergy,
@@ -200,3 +204,140 @@ def test_exact_jacobian_refuses_large_states():
     with pytest.raises(ValueError, match="hutchinson"):
         regularized_solve(lambda t, z: z, z0, torch.tensor([0.0, 1.0]),
                           [JacobianFrobenius("exact")])
+
+
+# -- nn blocks and the CNF: regularisers, STEER, augmented dimensions ---------------------------
+
+
+class _Diag(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+
+    def forward(self, t, z):
+        return z * self.a
+
+
+def test_ode_block_regularization_in_training_mode_only():
+    a, z0 = _diag_problem()
+    block = ODEBlock(_Diag(a), 0.0, T, rtol=1e-10, atol=1e-10,
+                     regularizers=[KineticEnergy(weight=2.0)])
+    y = block(z0)
+    expected = (a * z0 ** 2 * (torch.exp(2 * a * T) - 1) / 2).sum(-1)
+    torch.testing.assert_close(block.regularization["kinetic"], expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(block.regularization_loss(), 2.0 * expected.mean(), rtol=1e-8,
+                               atol=1e-10)
+    nfe_train = block.nfe_forward
+    (y.sum() + block.regularization_loss()).backward()
+    assert block.func.module.a.grad is not None
+    block.eval()
+    y_eval = block(z0)
+    assert block.regularization is None and float(block.regularization_loss()) == 0.0
+    assert block.nfe_forward == nfe_train
+    torch.testing.assert_close(y_eval, y.detach())
+
+
+def test_steer_end_times_are_uniform_in_training_and_fixed_in_eval():
+    torch.manual_seed(0)
+    block = ODEBlock(_Diag(torch.tensor([-0.5])), 0.0, 1.0, steer=0.3)
+    t = block.integration_times(torch.zeros(1))
+    ends = torch.tensor([float(block.steer_times(t)[-1]) for _ in range(4000)])
+    assert 0.7 <= float(ends.min()) < 0.72 and 1.28 < float(ends.max()) <= 1.3
+    assert abs(float(ends.mean()) - 1.0) < 0.01  # std of the mean: 0.3/sqrt(3*4000) = 0.003
+    assert abs(float(ends.var()) - 0.3 ** 2 / 3) < 0.003
+    block.eval()
+    assert torch.equal(block.steer_times(t), t)
+    y = block(torch.ones(2, 1))
+    torch.testing.assert_close(y, torch.full((2, 1), math.exp(-0.5)), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="steer"):
+        ODEBlock(_Diag(torch.tensor([-0.5])), 0.0, 1.0, steer=1.0)
+    with pytest.raises(ValueError, match="steer"):
+        NeuralODE(_Diag(torch.tensor([-0.5])), steer=-0.1)
+
+
+def test_steer_solves_to_the_drawn_end_time():
+    torch.manual_seed(1)
+    block = ODEBlock(_Diag(torch.tensor([-0.5], dtype=torch.float64)), 0.0, 1.0, steer=0.4,
+                     rtol=1e-9, atol=1e-9)
+    x = torch.ones(3, 1, dtype=torch.float64)
+    y = block(x)
+    end = float(block.last_times[-1])
+    assert end != 1.0
+    torch.testing.assert_close(y, x * math.exp(-0.5 * end))
+
+
+def test_cnf_steer_end_time_distribution_and_eval():
+    cnf = CNF(ConcatMLPDynamics(2, (8,)), t1=0.5, steer=0.2)
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.tensor([float(cnf.training_end_time(gen)) for _ in range(4000)])
+    assert 0.3 <= float(ends.min()) < 0.31 and 0.69 < float(ends.max()) <= 0.7
+    assert abs(float(ends.mean()) - 0.5) < 0.01
+    cnf.eval()
+    assert float(cnf.training_end_time(gen)) == 0.5
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(cnf.log_prob(x), cnf.log_prob(x))
+    with pytest.raises(ValueError, match="steer"):
+        CNF(ConcatMLPDynamics(2, (8,)), t1=0.5, steer=0.5)
+
+
+def test_cnf_regularization_integrals_over_zero_to_t():
+    a = torch.tensor([-0.5, 0.8], dtype=torch.float64)
+    cnf = CNF(_Diag(a), t1=T, rtol=1e-10, atol=1e-10,
+              regularizers=[KineticEnergy(), JacobianFrobenius("exact")]).double()
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=torch.float64)
+    logp = cnf.log_prob(x)
+    # encoding runs from x at T back to 0: z(s) = x exp(a (s - T))
+    kin = (a * x ** 2 * (1 - torch.exp(-2 * a * T)) / 2).sum(-1)
+    torch.testing.assert_close(cnf.last_regularization["kinetic"], kin, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(cnf.last_regularization["jacobian_frobenius"],
+                               torch.full((2,), float((a ** 2).sum()) * T, dtype=torch.float64))
+    (-logp.mean() + cnf.regularization_loss()).backward()
+    assert cnf.dynamics.a.grad is not None
+    cnf.eval()
+    cnf.log_prob(x)
+    assert cnf.last_regularization is None
+
+
+@pytest.mark.parametrize("output", ["keep", "drop"])
+def test_augmented_block_shapes_and_gradient_match_closed_form(output):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, dtype=torch.float64, generator=g) * 0.5
+    block = ODEBlock(_Linear(A), 0.0, 1.0, rtol=1e-10, atol=1e-10, augment=2,
+                     augment_output=output)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = block(x)
+    assert y.shape == ((4, 5) if output == "keep" else (4, 3))
+    # y(1) = expm(A) [x, 0]: the zero channels start at zero and then move
+    full = torch.cat([x, x.new_zeros(4, 2)], 1) @ torch.linalg.matrix_exp(A).T
+    torch.testing.assert_close(y, full if output == "keep" else full[:, :3])
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    rows = torch.linalg.matrix_exp(A)[: (5 if output == "keep" else 3), :3]
+    torch.testing.assert_close(gx, rows.sum(0).expand(4, 3))
+
+
+def test_augmented_block_pads_channels_of_images():
+    block = ODEBlock(_Conv(), augment=3)
+    y = block(torch.randn(2, 4, 5, 5))
+    assert y.shape == (2, 7, 5, 5)
+    with pytest.raises(ValueError, match="augment"):
+        ODEBlock(_Conv(), augment=-1)
+    with pytest.raises(ValueError, match="augment_output"):
+        ODEBlock(_Conv(), augment=1, augment_output="project")
+
+
+class _Linear(nn.Module):
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(A.clone())
+
+    def forward(self, t, z):
+        return z @ self.A.T
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(7, 7, 3, padding=1)
+
+    def forward(self, t, z):
+        return torch.tanh(self.conv(z))
