@@ -46,6 +46,7 @@ from neuralode.experiments.regularization import (
 from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
+    UsageError,
     add_gradient_argument,
     add_method_argument,
     add_tolerance_arguments,
@@ -198,10 +199,10 @@ def _config(args: argparse.Namespace) -> dict:
     cfg = {k: getattr(args, k) for k in (*RUN_KEYS, "iters")}
     cfg["hidden"] = list(cfg["hidden"])
     if cfg["model"] == "planar" and (build_regularizers(cfg) or cfg["steer"]):
-        raise ValueError("--kinetic, --jacobian-frobenius, --second-derivative and --steer are "
+        raise UsageError("--kinetic, --jacobian-frobenius, --second-derivative and --steer are "
                          "for --model cnf (a planar flow solves no ODE)")
     if cfg["steer"] >= cfg["t1"]:
-        raise ValueError(f"--steer must be smaller than --t1 ({cfg['t1']:g}), got "
+        raise UsageError(f"--steer must be smaller than --t1 ({cfg['t1']:g}), got "
                          f"{cfg['steer']:g}")
     return cfg
 
