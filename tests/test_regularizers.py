@@ -148,8 +148,10 @@ def test_regularized_solve_keeps_the_accepted_steps_of_the_plain_solve():
         (plain.stats.n_accepted, plain.stats.n_rejected)
 
 
-@pytest.mark.parametrize("gradient", ["backprop", "checkpoint", "adjoint"])
-def test_gradients_match_finite_differences(gradient):
+@pytest.mark.parametrize(("gradient", "per_sample"), [
+    ("backprop", False), ("checkpoint", False), ("adjoint", False), ("backprop", True),
+    ("adjoint", True)])
+def test_gradients_match_finite_differences(gradient, per_sample):
     func = _Tanh()
     z0 = torch.tensor([[0.5, -1.0], [1.2, 0.3]], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -157,7 +159,7 @@ def test_gradients_match_finite_differences(gradient):
 
     def loss(z0_):
         out = regularized_solve(func, z0_, t, regs, generator=torch.Generator().manual_seed(5),
-                                gradient=gradient, **TOL)
+                                gradient=gradient, per_sample=per_sample, **TOL)
         return regularization_loss(out.integrals, regs) + out.ys[-1].pow(2).sum() * 0.1
 
     value = loss(z0)
