@@ -343,3 +343,20 @@ class _Conv(nn.Module):
 
     def forward(self, t, z):
         return torch.tanh(self.conv(z))
+
+
+def test_cnf_regularised_gradient_is_the_same_with_every_strategy():
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for gradient in ("backprop", "adjoint", "checkpoint"):
+        torch.manual_seed(0)
+        cnf = CNF(ConcatMLPDynamics(2, (8,)), t1=0.5, gradient=gradient, rtol=1e-8, atol=1e-8,
+                  regularizers=[KineticEnergy(0.1), JacobianFrobenius(weight=0.1),
+                                SecondDerivative(0.1)]).double()
+        loss = -cnf.log_prob(x, generator=torch.Generator().manual_seed(3)).mean() \
+            + cnf.regularization_loss()
+        loss.backward()
+        grads[gradient] = torch.cat([p.grad.reshape(-1) for p in cnf.parameters()
+                                     if p.grad is not None])
+    torch.testing.assert_close(grads["checkpoint"], grads["backprop"])
+    torch.testing.assert_close(grads["adjoint"], grads["backprop"], rtol=1e-6, atol=1e-7)
