@@ -58,9 +58,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, monkeypatch):
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"],
                                                            rel=1e-5)
     assert a["history"][-1]["test_error"] == pytest.approx(b["history"][-1]["test_error"])
-    # rank 0 alone writes files
+    # rank 0 alone writes files (nfe_steps.csv: rank 0's NFE of every step)
     assert sorted(p.name for p in ddp.iterdir()) == ["checkpoint.pt", "metrics.csv",
-                                                    "metrics.json"]
+                                                    "metrics.json", "nfe_steps.csv"]
 
 
 # Every other training command on the same runner: a fixed RK4 grid makes each sample's

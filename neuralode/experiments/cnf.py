@@ -1,19 +1,25 @@
 """``neuralode train cnf``: maximum-likelihood training of a CNF or a planar flow on 2-D toys.
 
     neuralode train cnf --data moons --model cnf --estimator exact --iters 2000 --out runs/m
+    neuralode train cnf --data moons --kinetic 0.01 --jacobian-frobenius 0.01 --out runs/r
+
+``--kinetic``, ``--jacobian-frobenius``, ``--second-derivative`` add regularisation integrals
+to the loss (``neuralode.regularizers``; computed on z along the training solve, from the data
+at T back to the base); ``--steer B`` draws each training solve's end time from [T-B, T+B].
 
 Each iteration draws a fresh batch from the toy distribution (``neuralode.data.toy2d``) and
 takes one Adam step on the negative log-likelihood. A fixed test set (the same points for every
 run, independent of ``--seed``) gives ``test_nll`` in nats, always with the exact trace.
 
 Output in ``--out DIR``:
-  metrics.csv       one row per iteration: loss, NFE (forward and, with --gradient other than
-                    backprop, backward),
+  metrics.csv       one row per iteration: loss (NLL plus regularisation), NLL, regularisation
+                    integrals, NFE (forward and, with --gradient other than backprop, backward),
                     seconds, learning rate; test NLL on evaluation rows
   metrics.json      final summary: test_nll, NFE and time per iteration, parameter count...
   checkpoint.pt     model, optimizer, schedule, iteration and RNG states (atomic, regular)
   density.png       data, learned density and model samples
   evolution.png     (CNF) samples and density at 5 times from t=0 to T (paper's Figure 6)
+  nfe.png           (CNF) NFE per training step over the iterations
 
 ``--resume`` continues from ``DIR/checkpoint.pt`` and reproduces the uninterrupted run.
 """
@@ -30,9 +36,17 @@ from torch import nn
 
 from neuralode.data.toy2d import TOY_DATASETS, sample_toy2d, toy2d_log_density
 from neuralode.experiments import runner
+from neuralode.experiments.regularization import (
+    REGULARIZATION_KEYS,
+    add_regularization_arguments,
+    build_regularizers,
+    plot_nfe_per_step,
+    regularization_label,
+)
 from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
+    UsageError,
     add_gradient_argument,
     add_method_argument,
     add_tolerance_arguments,
@@ -61,7 +75,8 @@ TEST_SEED = 20190101  # the test set is the same for every run, whatever --seed
 # Settings that must agree between a checkpoint and a --resume call.
 RUN_KEYS = ("data", "model", "dynamics", "width", "hyper_hidden", "hidden", "activation",
             "layers", "estimator", "noise", "t1", "train_time", "method", "rtol", "atol",
-            "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype")
+            "gradient", "batch_size", "lr", "lr_schedule", "seed", "test_size", "dtype",
+            *(k for k in REGULARIZATION_KEYS if k != "augment_dims"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +112,8 @@ def build_model(cfg: dict, options: dict | None = None) -> nn.Module:
         dyn = ConcatMLPDynamics(2, hidden=tuple(cfg["hidden"]), activation=cfg["activation"])
     return CNF(dyn, t1=cfg["t1"], train_time=cfg["train_time"], estimator=cfg["estimator"],
                noise=cfg["noise"], method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-               options=options, gradient=cfg["gradient"])
+               options=options, gradient=cfg["gradient"], regularizers=build_regularizers(cfg),
+               steer=cfg.get("steer", 0.0))
 
 
 def model_label(cfg: dict) -> str:
@@ -151,6 +167,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_argument(g, "dopri5", "ODE solver of the CNF")
     add_tolerance_arguments(g, "the CNF solves", "1e-5", "1e-5")
     add_gradient_argument(g, "backprop")
+    add_regularization_arguments(parser, augment=False, default_estimator="exact",
+                                 steer_help="the end time of the solve from the data back to "
+                                            "the base")
     p = parser.add_argument_group("planar flow")
     p.add_argument("--layers", type=positive_int, default=64, help="K, planar layers")
     t = parser.add_argument_group("training")
@@ -179,6 +198,12 @@ def _config(args: argparse.Namespace) -> dict:
     check_batch_size(args.batch_size)
     cfg = {k: getattr(args, k) for k in (*RUN_KEYS, "iters")}
     cfg["hidden"] = list(cfg["hidden"])
+    if cfg["model"] == "planar" and (build_regularizers(cfg) or cfg["steer"]):
+        raise UsageError("--kinetic, --jacobian-frobenius, --second-derivative and --steer are "
+                         "for --model cnf (a planar flow solves no ODE)")
+    if cfg["steer"] >= cfg["t1"]:
+        raise UsageError(f"--steer must be smaller than --t1 ({cfg['t1']:g}), got "
+                         f"{cfg['steer']:g}")
     return cfg
 
 
@@ -246,25 +271,31 @@ class CNFExperiment(Experiment):
                 # generator in the checkpoint is every rank's)
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
                 gen = torch.Generator(device=gen.device).manual_seed(seed + run.dist.rank)
-            loss = -model.log_prob(x, generator=gen).mean() * share
+            nll = -model.log_prob(x, generator=gen).mean() * share
+            loss = nll + model.regularization_loss() * share
             nfe_fwd = model.last_stats.nfe
         else:
-            loss = -model.log_prob(x).mean() * share
+            loss = nll = -model.log_prob(x).mean() * share
             nfe_fwd = None
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.dist.sum_gradients(model.parameters())
         nfe_bwd = (model.last_nfe - nfe_fwd if self.is_cnf and cfg["gradient"] != "backprop"
                    else None)
-        (total,) = run.dist.all_reduce([float(loss.detach())])
+        (total, nll_total) = run.dist.all_reduce([float(loss.detach()), float(nll.detach())])
         if math.isfinite(total):  # the runner stops the run on a non-finite loss
             self.opt.step()
             self.sched.step()
         dt = time.perf_counter() - t0
-        row = {"iter": it, "loss": total, "nfe_forward": nfe_fwd, "nfe_backward": nfe_bwd,
-               "iter_time_s": round(dt, 5), "lr": self.opt.param_groups[0]["lr"],
+        row = {"iter": it, "loss": total, "nll": nll_total, "nfe_forward": nfe_fwd,
+               "nfe_backward": nfe_bwd, "iter_time_s": round(dt, 5),
+               "lr": self.opt.param_groups[0]["lr"],
                "end_time": float(model.end_time.detach()) if self.is_cnf else None,
+               "solve_end_time": model.last_end_time if self.is_cnf else None,
                "test_nll": None}
+        regs = model.last_regularization if self.is_cnf else None
+        for r in build_regularizers(cfg):
+            row[r.name] = float(regs[r.name].detach().mean()) if regs else None
         if it % self.eval_every == 0 or it == cfg["iters"]:
             model.eval()
             row["test_nll"] = evaluate_nll(model, self.test_x)
@@ -292,7 +323,10 @@ class CNFExperiment(Experiment):
             return ["density.png"]
         plot_evolution_figure(self.model, out / "evolution.png", n=args.grid,
                               n_samples=args.plot_samples)
-        return ["density.png", "evolution.png"]
+        plot_nfe_per_step(self.run.history, out / "nfe.png",
+                          title=f"{model_label(cfg)} on {cfg['data']}, regularisation: "
+                                f"{regularization_label(cfg)}")
+        return ["density.png", "evolution.png", "nfe.png"]
 
     def report(self, final: dict) -> str:
         return f"test NLL {final['test_nll']:.4f} nats"
@@ -314,6 +348,8 @@ def _summary(model, cfg, history, test_x, elapsed) -> dict:
         "model": model_label(cfg),
         "mean_nfe_forward": sum(nfe) / len(nfe) if nfe else None,
         "mean_nfe_forward_last100": (sum(nfe[-100:]) / len(nfe[-100:])) if nfe else None,
+        "mean_nfe_forward_last10": (sum(nfe[-10:]) / len(nfe[-10:])) if nfe else None,
+        "regularization": regularization_label(cfg),
         "mean_nfe_backward": sum(nfe_b) / len(nfe_b) if nfe_b else None,
         "sec_per_iter": sum(times) / len(times),
         "sec_per_iter_last100": sum(times[-100:]) / len(times[-100:]),

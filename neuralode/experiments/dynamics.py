@@ -37,6 +37,12 @@ from torch import Tensor
 
 from neuralode import odeint
 from neuralode.experiments import runner
+from neuralode.experiments.regularization import (
+    add_regularization_arguments,
+    build_regularizers,
+    plot_nfe_per_step,
+    regularization_label,
+)
 from neuralode.experiments.runner import (
     Experiment,
     Run,
@@ -62,6 +68,7 @@ from neuralode.models.dynamics import (
     make_true_field,
     vector_field_error,
 )
+from neuralode.regularizers import regularization_loss, regularized_solve
 
 # Initial state and time span of the data trajectory, per true field.
 FIELD_SETUPS: dict[str, dict[str, Any]] = {
@@ -70,7 +77,8 @@ FIELD_SETUPS: dict[str, dict[str, Any]] = {
 }
 # Settings that define a run; --resume refuses to continue with different values.
 RUN_KEYS = ("field", "model", "iters", "batch_size", "batch_time", "batch_stride", "n_points",
-            "t_max", "noise_std", "lr", "hidden", "gradient", "method", "rtol", "atol", "seed")
+            "t_max", "noise_std", "lr", "hidden", "gradient", "method", "rtol", "atol", "seed",
+            "kinetic", "jacobian_frobenius", "jacobian_estimator", "second_derivative")
 CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "traj_mse", "traj_mse_obs", "field_rel_err",
               "field_rel_err_near"]
 
@@ -117,6 +125,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=positive_int, default=100,
                         help="evaluate the fit (trajectory and field errors) every N "
                              "iterations and after the last (default 100)")
+    # no STEER (the solves end at observation times) and no augmented dimensions (the learned
+    # field is compared with the true 2-D field)
+    add_regularization_arguments(parser, steer=False, augment=False)
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,6 +302,7 @@ class DynamicsExperiment(Experiment):
         self.adam_cosine(0.05)
         self.sampler = torch.Generator().manual_seed(cfg["seed"] + 1)
         self.gradient = cfg["gradient"]
+        self.regularizers = build_regularizers(cfg)
         self.data_dev = Trajectory(t=self.data.t.to(device), clean=self.data.clean.to(device),
                                    noisy=self.data.noisy.to(device), z0=self.data.z0.to(device))
         self.eval_options = run.options("dopri5")
@@ -305,12 +317,24 @@ class DynamicsExperiment(Experiment):
         y0, t_rel, target = sample_batch(self.data_dev, cfg["batch_size"], cfg["batch_time"],
                                          self.sampler, cfg["batch_stride"])
         mine = run.dist.shard(cfg["batch_size"])  # this rank's sub-trajectories
-        pred = odeint(self.model, y0[mine], t_rel, rtol=cfg["rtol"], atol=cfg["atol"],
-                      method=cfg["method"], options=run.options(cfg["method"]),
-                      gradient=self.gradient)
-        total = self.optimizer_step(((pred - target[:, mine]) ** 2).sum() / target.numel())
+        kwargs = dict(rtol=cfg["rtol"], atol=cfg["atol"], method=cfg["method"],
+                      options=run.options(cfg["method"]), gradient=self.gradient)
+        integrals = None
+        if self.regularizers:
+            out = regularized_solve(self.model, y0[mine], t_rel, self.regularizers, **kwargs)
+            pred, stats, integrals = out.ys, out.stats, out.integrals
+        else:
+            pred, stats = odeint(self.model, y0[mine], t_rel, return_stats=True, **kwargs)
+        loss = ((pred - target[:, mine]) ** 2).sum() / target.numel()
+        if integrals is not None:  # this rank's share of the batch mean of the integrals
+            loss = loss + regularization_loss(integrals, self.regularizers) * \
+                (pred.shape[1] / cfg["batch_size"])
+        total = self.optimizer_step(loss)
         it = step + 1
         row = self.metrics_row(it, total)
+        row["nfe_forward"] = stats.nfe
+        for name, value in (integrals or {}).items():
+            row[name] = float(value.detach().mean())
         if self.eval_due(it):
             ev = self._evaluate()
             row.update({k: ev[k] for k in CSV_FIELDS[4:]})
@@ -342,7 +366,12 @@ class DynamicsExperiment(Experiment):
              title=f"{cfg['field']} field, {cfg['model']} model: trajectory MSE "
                    f"{final['traj_mse']:.2e}, field rel. error {final['field_rel_err']:.1%}",
              options=self.eval_options)
-        return ["dynamics.png"]
+        names = ["dynamics.png"]
+        if plot_nfe_per_step(self.run.history, self.run.out / "nfe.png",
+                             title=f"{cfg['field']} field, {cfg['model']} model, "
+                                   f"regularisation: {regularization_label(cfg)}"):
+            names.append("nfe.png")
+        return names
 
     def report(self, final: dict[str, Any]) -> str:
         return summary(final)

@@ -37,6 +37,12 @@ from torch import Tensor, nn
 
 from neuralode.data.spirals import SpiralData, gather_points, make_spirals, train_test_split
 from neuralode.experiments import runner
+from neuralode.experiments.regularization import (
+    add_regularization_arguments,
+    build_regularizers,
+    plot_nfe_per_step,
+    regularization_label,
+)
 from neuralode.experiments.runner import (
     Experiment,
     StepOutput,
@@ -59,7 +65,8 @@ MODELS = ("latent-ode", "rnn")
 RUN_KEYS = ("model", "encoder", "n_obs", "n_spirals", "n_total", "noise_std", "data_seed",
             "test_fraction", "iters", "batch_size", "lr", "latent_dim", "enc_hidden",
             "ode_hidden", "dec_hidden", "readout_act", "rnn_hidden", "method", "rtol", "atol",
-            "gradient", "kl_warmup", "seed")
+            "gradient", "kl_warmup", "seed", "kinetic", "jacobian_frobenius",
+            "jacobian_estimator", "second_derivative")
 CSV_FIELDS = ["iter", "loss", "lr", "elapsed_s", "test_rmse", "rmse_interp", "rmse_extrap",
               "rmse_obs"]
 
@@ -108,6 +115,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
       help="evaluate on the test spirals every N iterations and after the last "
            "(default 250)")
     a("--n-plot", type=positive_int, default=6, help="test spirals in reconstructions.png")
+    # no STEER (the solve ends at the observation times) and no augmented dimensions (the
+    # latent dimension is already free: --latent-dim)
+    add_regularization_arguments(parser, steer=False, augment=False)
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +125,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--encoder {args.encoder} applies to --model latent-ode only")
     check_rtol(args.rtol)
     check_batch_size(args.batch_size)
+    if args.model == "rnn" and (args.kinetic or args.jacobian_frobenius
+                                or args.second_derivative):
+        raise UsageError("--kinetic/--jacobian-frobenius/--second-derivative apply to --model "
+                         "latent-ode (the RNN solves no ODE)")
     return {k: getattr(args, k) for k in RUN_KEYS}
 
 
@@ -133,7 +147,8 @@ def build_model(cfg: dict[str, Any], options: dict | None = None) -> nn.Module:
                      ode_hidden=cfg["ode_hidden"], dec_hidden=cfg["dec_hidden"],
                      readout_act=cfg["readout_act"], obs_std=cfg["noise_std"],
                      method=cfg["method"], rtol=cfg["rtol"], atol=cfg["atol"],
-                     options=options, gradient=cfg["gradient"])
+                     options=options, gradient=cfg["gradient"],
+                     regularizers=build_regularizers(cfg))
 
 
 def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: float,
@@ -145,7 +160,7 @@ def training_loss(model: nn.Module, data: SpiralData, idx: Tensor, kl_weight: fl
     if isinstance(model, LatentODE):
         noise = torch.randn(len(idx), model.latent_dim)  # for the whole batch, on every rank
         terms = model.elbo(b.times, b.values, b.mask, kl_weight=kl_weight, noise=noise[part])
-        return -terms.elbo * (len(b.times) / len(idx))
+        return (-terms.elbo + model.regularization_loss()) * (len(b.times) / len(idx))
     return model.loss(b.times, b.values, b.mask) * (b.mask.sum() / data.obs_mask[idx].sum())
 
 
@@ -320,9 +335,17 @@ class LatentODEExperiment(Experiment):
         it = step + 1
         idx = torch.randperm(len(self.train_set), generator=self.sampler)[:cfg["batch_size"]]
         kl_w = min(1.0, it / cfg["kl_warmup"]) if cfg["kl_warmup"] else 1.0
-        total = self.optimizer_step(training_loss(self.model, self.train_set, idx, kl_w,
-                                                  run.dist.shard(len(idx))))
+        is_ode = isinstance(self.model, LatentODE)
+        if is_ode:
+            self.model.reset_nfe()
+        loss = training_loss(self.model, self.train_set, idx, kl_w, run.dist.shard(len(idx)))
+        nfe = self.model.nfe if is_ode else None  # the forward solve's calls of the dynamics
+        regs = self.model.last_regularization if is_ode else None
+        total = self.optimizer_step(loss)
         row = self.metrics_row(it, total)
+        row["nfe_forward"] = nfe
+        for name, value in (regs or {}).items():
+            row[name] = float(value.detach().mean())
         if self.eval_due(it):
             row.update(evaluate(self.model, self.test_set))
         show = {"loss": total}
@@ -351,6 +374,9 @@ class LatentODEExperiment(Experiment):
                              self.run.args.n_plot, title)
         plot_training_curves(self.run.history, out / "training_curves.png", title)
         names = ["reconstructions.png", "training_curves.png"]
+        if plot_nfe_per_step(self.run.history, out / "nfe.png",
+                             title=f"{title}\nregularisation: {regularization_label(cfg)}"):
+            names.append("nfe.png")
         if isinstance(self.model, LatentODE):
             plot_latent_interpolation(self.model, self.test_set, out / "latent_interpolation.png")
             names.append("latent_interpolation.png")

@@ -35,6 +35,13 @@ from torch import nn
 
 from neuralode.data.mnist import MNIST, BatchLoader, default_root, resolve_data_dir
 from neuralode.experiments import runner
+from neuralode.experiments.regularization import (
+    REGULARIZATION_KEYS,
+    add_regularization_arguments,
+    build_regularizers,
+    plot_nfe_per_step,
+    regularization_label,
+)
 from neuralode.experiments.runner import (
     CHECKPOINT_NAME,
     DistEnv,
@@ -52,6 +59,7 @@ from neuralode.experiments.runner import (
     progress_bar,
     pyplot,
     save_figure,
+    write_csv,
 )
 from neuralode.gradients import describe
 from neuralode.models.classifiers import MODEL_NAMES, build_classifier, count_parameters
@@ -65,7 +73,7 @@ TRAIN_SPLITS = ("train", "train-5k")
 # Arguments that define the model and the run; a resumed run must not change them.
 RUN_DEFINING = ("model", "epochs", "method", "tol", "step_size", "gradient", "width",
                 "batch_size", "lr", "momentum", "weight_decay", "decay_epochs", "decay_factor",
-                "augment", "train_split", "train_limit", "seed")
+                "augment", "train_split", "train_limit", "seed", *REGULARIZATION_KEYS)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -100,6 +108,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         "independent of the batch and of how it is split across processes")
     m.add_argument("--width", type=positive_int, default=64,
                    help="channels of the convolutional models (default 64)")
+    add_regularization_arguments(parser, steer_help="the ODE block's end time (T = 1)")
     t = parser.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=PAPER_EPOCHS,
                    help=f"epochs (default {PAPER_EPOCHS}, the paper's)")
@@ -144,6 +153,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """``build_classifier`` keyword arguments from a run's arguments."""
     kw: dict[str, Any] = {"width": config.get("width", 64)}
+    if config["model"] in ("odenet", "rknet"):
+        regs = build_regularizers(config)
+        if regs:
+            kw["regularizers"] = regs
+        if config.get("steer"):
+            kw["steer"] = config["steer"]
+        if config.get("augment_dims"):
+            kw["augment"] = config["augment_dims"]
     if config["model"] in ("odenet", "rknet"):
         options = {"step_size": config["step_size"]} if config.get("step_size") else None
         gradient = config.get("gradient")
@@ -276,6 +293,14 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                                              or args.step_size is not None):
         raise UsageError(f"--gradient/--step-size apply to the ODE models (odenet, rknet), not "
                          f"to --model {args.model}")
+    if args.model in ("resnet", "mlp") and (build_regularizers(config) or args.steer
+                                             or args.augment_dims):
+        raise UsageError(f"--kinetic/--jacobian-frobenius/--second-derivative/--steer/"
+                         f"--augment-dims apply to the ODE models (odenet, rknet), not to "
+                         f"--model {args.model}")
+    if args.steer >= 1.0:
+        raise UsageError(f"--steer must be smaller than the ODE block's end time 1, got "
+                         f"{args.steer:g}")
     if args.model in ("odenet", "rknet") and args.gradient is None:
         config["gradient"] = "adjoint" if args.model == "odenet" else "backprop"
     check_rtol(args.tol, flag="--tol")
@@ -379,6 +404,7 @@ class MNISTExperiment(Experiment):
                                          momentum=args.momentum, weight_decay=args.weight_decay)
         self.block = self.model.ode_block
         self.acc, self.train_time = _new_acc(), 0.0
+        self.step_nfe: list[dict[str, int]] = []  # NFE of every training step
         self._batches = None  # the data iterator of the current epoch
         self._next_step = -1
         kind = f"{args.model} ({self.n_params:,} parameters"
@@ -415,7 +441,11 @@ class MNISTExperiment(Experiment):
         logits = self.model(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         # each rank's share of the global batch mean; the runner sums gradients over ranks
-        (loss_sum / self.sizes[batch]).backward()
+        objective = loss_sum / self.sizes[batch]
+        if block is not None and block.regularizers:
+            # the integrals' batch mean, weighted by this rank's share of the batch
+            objective = objective + block.regularization_loss() * (len(y) / self.sizes[batch])
+        objective.backward()
         env.sum_gradients(self.model.parameters())
         loss_value = float(loss_sum.detach())
         (global_loss,) = env.all_reduce([loss_value / self.sizes[batch]])
@@ -434,6 +464,8 @@ class MNISTExperiment(Experiment):
             acc["nfe_f"] += block.nfe_forward
             acc["nfe_b"] += block.nfe_backward
             show.update(nfe_f=block.nfe_forward, nfe_b=block.nfe_backward)
+            self.step_nfe.append({"step": step + 1, "nfe_forward": block.nfe_forward,
+                                  "nfe_backward": block.nfe_backward})
         show["img/s"] = round(acc["count"] * env.world_size / max(acc["time"], 1e-9))
         if batch + 1 < self.steps_per_epoch:
             return StepOutput(global_loss, None, show)
@@ -462,14 +494,18 @@ class MNISTExperiment(Experiment):
         step = self.run.step
         return {**super().state_dict(), "epoch": step // self.steps_per_epoch,
                 "batch": step % self.steps_per_epoch, "train_time": self.train_time,
-                "acc": dict(self.acc), "params": self.n_params}
+                "acc": dict(self.acc), "params": self.n_params,
+                "step_nfe": list(self.step_nfe)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.train_time, self.acc = state["train_time"], dict(state["acc"])
+        self.step_nfe = list(state.get("step_nfe", []))
 
     def finish(self) -> dict[str, Any]:
         args, history, block = self.run.args, self.run.history, self.block
+        if self.step_nfe and self.run.is_main:
+            write_csv(self.run.out / "nfe_steps.csv", self.step_nfe)
         evaluated = [r for r in history if not math.isnan(r["test_error"])]
         last = history[-1] if history else {}
         last_eval = evaluated[-1] if evaluated else {}
@@ -480,6 +516,9 @@ class MNISTExperiment(Experiment):
             "test_error_epoch": last_eval.get("epoch"),
             "train_loss": last.get("train_loss"), "train_error": last.get("train_error"),
             "nfe_forward": last.get("nfe_forward"), "nfe_backward": last.get("nfe_backward"),
+            "nfe_forward_last10_steps": (sum(r["nfe_forward"] for r in self.step_nfe[-10:])
+                                         / len(self.step_nfe[-10:]) if self.step_nfe else None),
+            "regularization": regularization_label(self.run.config),
             "test_nfe_forward": last_eval.get("test_nfe_forward"),
             "best_test_error": min((r["test_error"] for r in evaluated), default=None),
             "train_time_s": self.train_time, "images_per_s": last.get("images_per_s"),
@@ -492,9 +531,14 @@ class MNISTExperiment(Experiment):
             "data_dirs": sorted({str(self.train_ds.root), str(self.test_ds.root)})}
 
     def plot(self, final: dict[str, Any]) -> list[str]:
-        _plot(self.run.out, self.run.history,
-              f"MNIST {self.run.args.model} ({self.n_params:,} parameters)")
-        return ["training.png"]
+        title = f"MNIST {self.run.args.model} ({self.n_params:,} parameters)"
+        _plot(self.run.out, self.run.history, title)
+        if not self.step_nfe:
+            return ["training.png"]
+        plot_nfe_per_step(self.step_nfe, self.run.out / "nfe.png", x_key="step",
+                          title=f"{title}, regularisation: "
+                                f"{regularization_label(self.run.config)}")
+        return ["training.png", "nfe.png"]
 
     def report(self, final: dict[str, Any]) -> str:
         history, block = self.run.history, self.block

@@ -18,6 +18,8 @@ Inputs are ``(N, 1, 28, 28)`` normalized images; outputs are ``(N, 10)`` logits.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 
 from neuralode.gradients import Adjoint, Gradient, gradient_strategy
 from neuralode.nn import ConcatConv2d, ODEBlock, ODEFunc
+from neuralode.regularizers import Regularizer
 
 __all__ = ["MODEL_NAMES", "PAPER_TABLE1", "ConvClassifier", "ConvODEFunc", "MLPClassifier",
            "ResBlock", "build_classifier", "classifier_head", "count_parameters", "downsampling",
@@ -42,8 +45,9 @@ PAPER_TABLE1: dict[str, dict[str, Any]] = {
 
 
 def group_norm(dim: int) -> nn.GroupNorm:
-    """``GroupNorm(min(32, dim), dim)``."""
-    return nn.GroupNorm(min(32, dim), dim)
+    """``GroupNorm(gcd(32, dim), dim)``: 32 groups for the usual widths (multiples of 32),
+    fewer where ``dim`` is not a multiple (augmented widths)."""
+    return nn.GroupNorm(math.gcd(32, dim), dim)
 
 
 def downsampling(width: int = 64) -> nn.Sequential:
@@ -109,13 +113,16 @@ class ConvODEFunc(ODEFunc):
 
 
 class ConvClassifier(nn.Module):
-    """``head(body(stem(x)))``; ``body`` is an :class:`ODEBlock` or a stack of blocks."""
+    """``head(body(stem(x)))``; ``body`` is an :class:`ODEBlock` or a stack of blocks.
+    ``head_width``: channels the head reads (default ``width``; more for an augmented ODE
+    block that keeps its extra channels)."""
 
-    def __init__(self, body: nn.Module, width: int = 64, n_classes: int = 10):
+    def __init__(self, body: nn.Module, width: int = 64, n_classes: int = 10,
+                 head_width: int | None = None):
         super().__init__()
         self.downsample = downsampling(width)
         self.body = body
-        self.head = classifier_head(width, n_classes)
+        self.head = classifier_head(width if head_width is None else head_width, n_classes)
 
     @property
     def ode_block(self) -> ODEBlock | None:
@@ -144,7 +151,9 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
                      method: str = "dopri5", rtol: float = 1e-3, atol: float | None = None,
                      options: dict[str, Any] | None = None,
                      gradient: str | Gradient | None = None,
-                     activation: str = "relu", per_sample: bool = False) -> nn.Module:
+                     activation: str = "relu", per_sample: bool = False,
+                     regularizers: Sequence[Regularizer] | None = None, steer: float = 0.0,
+                     augment: int = 0) -> nn.Module:
     """One of :data:`MODEL_NAMES`.
 
     ``width``: channels of the conv models; ``n_blocks``: residual blocks of ``resnet``;
@@ -155,7 +164,10 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
     gradient in little memory; the adjoint is refused for it). ``activation``: of the ODE
     function (see :class:`ConvODEFunc`; the paper's is ``relu``). ``per_sample``: the ODE
     block solves each image as its own problem (its result does not depend on the rest of
-    the batch).
+    the batch). ``regularizers``, ``steer``: of the ODE block (see ``neuralode.nn``; add
+    ``model.ode_block.regularization_loss()`` to the training loss); ``augment``: extra zero
+    channels of the ODE block's state (augmented neural ODE, Dupont et al. 2019), kept and
+    read by the head (which then has ``width + augment`` inputs).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(MODEL_NAMES)}")
@@ -171,10 +183,13 @@ def build_classifier(name: str, *, width: int = 64, n_blocks: int = 6, hidden: i
     if name == "rknet" and isinstance(gradient_strategy(gradient), Adjoint):
         raise ValueError("rknet's gradient is the solver's own (gradient 'backprop' or "
                          "'checkpoint'); for the adjoint method use the model 'odenet'")
-    block = ODEBlock(ConvODEFunc(width, activation), 0.0, 1.0, method=method, rtol=rtol,
-                     atol=rtol if atol is None else atol, options=options, gradient=gradient,
-                     per_sample=per_sample)
-    return ConvClassifier(block, width)
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment must be an int >= 0 (extra channels), got {augment!r}")
+    block = ODEBlock(ConvODEFunc(width + augment, activation), 0.0, 1.0, method=method,
+                     rtol=rtol, atol=rtol if atol is None else atol, options=options,
+                     gradient=gradient, per_sample=per_sample, regularizers=regularizers,
+                     steer=steer, augment=augment)
+    return ConvClassifier(block, width, head_width=width + augment)
 
 
 def count_parameters(model: nn.Module) -> int:

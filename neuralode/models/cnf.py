@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from neuralode.gradients import Gradient, gradient_strategy
 from neuralode.odeint import odeint
+from neuralode.regularizers import RegularizedFunc, Regularizer, regularized_solve
 
 __all__ = ["ACTIVATIONS", "CNF", "ESTIMATORS", "NOISE_KINDS", "AugmentedDynamics",
-           "ConcatMLPDynamics", "HyperNetDynamics", "divergence_exact", "divergence_hutchinson",
-           "grid_log_prob", "sample_noise", "standard_normal_log_prob"]
+           "ConcatMLPDynamics", "HyperNetDynamics", "check_steer", "divergence_exact",
+           "divergence_hutchinson", "grid_log_prob", "sample_noise", "standard_normal_log_prob"]
 
 ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson")
 """Ways to compute tr(df/dz): ``exact`` (D vector-Jacobian products) or ``hutchinson``."""
@@ -71,6 +72,15 @@ def _check_points(x: object, dim: int | None, what: str = "x") -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
     return x
+
+
+def check_steer(steer: object, t1: float) -> float:
+    """STEER's half-width b: a number with 0 <= b < t1 (so that every end time is > 0)."""
+    if isinstance(steer, bool) or not isinstance(steer, (int, float)) or \
+            not (0 <= steer < abs(t1) and math.isfinite(steer)):
+        raise ValueError(f"steer must be a number with 0 <= steer < |T| = {abs(t1):g} (end "
+                         f"times are drawn from [T - steer, T + steer]), got {steer!r}")
+    return float(steer)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -271,6 +281,15 @@ class CNF(nn.Module):
         gradient: how the solve is differentiated (``neuralode.gradients``): "backprop"
             (default), "checkpoint" (the same gradient in little memory), "adjoint"
             (memory O(1) in the number of steps), or a strategy object.
+        regularizers: ``neuralode.regularizers`` objects (``KineticEnergy()``,
+            ``JacobianFrobenius()``, ``SecondDerivative()``) integrated along every training
+            solve (module in training mode, gradients enabled) on ``z``, without driving the
+            step size (RNODE, Finlay et al. 2020). After such a solve
+            ``last_regularization`` holds ``{name: (N,) integral over [0, T]}`` and
+            :meth:`regularization_loss` the weighted sum of their means, to add to the loss.
+        steer: STEER (Ghosh et al. 2020): in training mode, each solve's end time is drawn
+            uniformly from ``[T - steer, T + steer]`` (0 <= steer < T); in eval mode it is T.
+            ``last_end_time`` holds the end time of the last solve.
 
     After every solve, ``last_stats`` holds the solver statistics (``.nfe`` and so on) and
     ``last_nfe`` the number of dynamics evaluations of that solve seen so far (an adjoint's
@@ -280,7 +299,8 @@ class CNF(nn.Module):
     def __init__(self, dynamics: nn.Module, *, t1: float = 1.0, train_time: bool = False,
                  estimator: str = "exact", noise: str = "gaussian", method: str = "dopri5",
                  rtol: float = 1e-5, atol: float = 1e-5, options: dict | None = None,
-                 gradient: str | Gradient = "backprop"):
+                 gradient: str | Gradient = "backprop",
+                 regularizers: Sequence[Regularizer] | None = None, steer: float = 0.0):
         super().__init__()
         if not isinstance(dynamics, nn.Module):
             raise TypeError(f"dynamics must be an nn.Module f(t, z), got {type(dynamics).__name__}")
@@ -300,7 +320,13 @@ class CNF(nn.Module):
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = dict(options or {})
         self.gradient = gradient_strategy(gradient)
+        self.regularizers = list(regularizers or [])
+        if self.regularizers:  # validated once (names, types)
+            RegularizedFunc(self.dynamics, self.regularizers, n_state=2)
+        self.steer = check_steer(steer, float(t1))
         self.last_stats = None
+        self.last_regularization: dict[str, Tensor] | None = None
+        self.last_end_time: float | None = None
         # Kept out of the module tree: it is bookkeeping, not part of the model's state.
         object.__setattr__(self, "_last_func", None)
 
@@ -326,6 +352,18 @@ class CNF(nn.Module):
         noise = sample_noise(z, self.noise, generator) if est == "hutchinson" else None
         func = AugmentedDynamics(self.dynamics, est, noise)
         object.__setattr__(self, "_last_func", func)
+        self.last_regularization = None
+        if self.regularizers and self.training and torch.is_grad_enabled():
+            out = regularized_solve(func, (z, z.new_zeros(z.shape[0])), times,
+                                    self.regularizers, component=0, generator=generator,
+                                    rtol=self.rtol, atol=self.atol, method=self.method,
+                                    options=self.options or None, gradient=self.gradient)
+            # the integrals over [0, T], whichever way the solve ran
+            sign = 1.0 if float(times[-1]) >= float(times[0]) else -1.0
+            self.last_regularization = {k: sign * v for k, v in out.integrals.items()}
+            self.last_stats = out.stats
+            zs, as_ = out.ys
+            return zs, as_
         (zs, as_), self.last_stats = odeint(
             func, (z, z.new_zeros(z.shape[0])), times, rtol=self.rtol, atol=self.atol,
             method=self.method, options=self.options or None, return_stats=True,
@@ -338,9 +376,28 @@ class CNF(nn.Module):
         stop = torch.as_tensor(stop, dtype=ref.dtype, device=ref.device)
         return torch.stack([start, stop])
 
-    def _resolve_time(self, time: float | Tensor | None) -> Tensor | float:
+    def regularization_loss(self) -> Tensor:
+        """``sum weight * mean(integral)`` of the last training solve's regularisers (a zero
+        when there are none or the last solve was not a training solve)."""
+        if not self.last_regularization:
+            return self.log_t1.new_zeros(())
+        return sum((r.weight * self.last_regularization[r.name].mean()
+                    for r in self.regularizers), self.log_t1.new_zeros(()))
+
+    def training_end_time(self, generator: torch.Generator | None = None) -> Tensor:
+        """T in eval mode; in training mode with ``steer`` > 0, T + steer * U(-1, 1)."""
+        end = self.end_time
+        if self.training and self.steer > 0:
+            dev = generator.device if generator is not None else end.device
+            u = torch.rand((), generator=generator, device=dev).to(end)
+            end = end + self.steer * (2.0 * u - 1.0)
+        self.last_end_time = float(end.detach())
+        return end
+
+    def _resolve_time(self, time: float | Tensor | None,
+                      generator: torch.Generator | None = None) -> Tensor | float:
         if time is None:
-            return self.end_time
+            return self.training_end_time(generator)
         try:
             value = float(time.detach()) if isinstance(time, Tensor) else float(time)
         except (TypeError, ValueError, RuntimeError):
@@ -357,7 +414,7 @@ class CNF(nn.Module):
         """Map points x at time ``time`` (default T) back to the base: returns ``(z0, a0)`` with
         ``log p_time(x) = log N(z0) + a0`` (``a0 = -int_0^time tr(df/dz) dt``)."""
         x = _check_points(x, self.dim)
-        time = self._resolve_time(time)
+        time = self._resolve_time(time, generator)
         if not isinstance(time, Tensor) and float(time) == 0.0:
             return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         zs, as_ = self._solve(x, self._time_grid(time, 0.0).to(x.dtype), estimator, generator)
@@ -368,8 +425,8 @@ class CNF(nn.Module):
         """Map base points z0 forward to data space: returns ``(x, aT)`` with
         ``log q(x) = log N(z0) - aT`` (``aT = int_0^T tr(df/dz) dt``)."""
         z0 = _check_points(z0, self.dim, "z0")
-        zs, as_ = self._solve(z0, self._time_grid(0.0, self.end_time).to(z0.dtype),
-                              estimator, generator)
+        zs, as_ = self._solve(z0, self._time_grid(0.0, self.training_end_time(generator))
+                              .to(z0.dtype), estimator, generator)
         return zs[-1], as_[-1]
 
     def log_prob(self, x: Tensor, *, time: float | Tensor | None = None,

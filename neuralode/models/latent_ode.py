@@ -28,6 +28,7 @@ Within each sequence the observed times must be strictly increasing and ``>= t0`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from neuralode import odeint
 from neuralode.gradients import Checkpoint, Gradient, gradient_strategy
 from neuralode.nn.layers import mlp
+from neuralode.regularizers import RegularizedFunc, Regularizer, regularized_solve
 
 __all__ = ["ELBOTerms", "GRUEncoder", "LatentDynamics", "LatentODE", "ODERNNEncoder", "RNNBaseline",
            "check_sequences", "gaussian_kl"]
@@ -276,6 +278,12 @@ class LatentODE(nn.Module):
             earlier behaviour) instead of each sequence on its own times (``per_sample``).
             ``gradient="checkpoint"`` always uses the union grid (per-sample solves are
             differentiated by backprop or the adjoint).
+        regularizers: ``neuralode.regularizers`` objects integrated along every training
+            solve of the latent ODE (training mode, gradients enabled) without driving its
+            step size; ``last_regularization`` then holds ``{name: (B,) integral}`` and
+            :meth:`regularization_loss` their weighted mean (:meth:`elbo` does not add it).
+
+    ``nfe`` counts calls of the latent dynamics (forward solves; :meth:`reset_nfe` zeroes it).
     """
 
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, *, encoder: str = "gru",
@@ -283,7 +291,8 @@ class LatentODE(nn.Module):
                  readout_act: str = "relu", obs_std: float = 0.1, t0: float = 0.0,
                  method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4,
                  options: dict | None = None,
-                 gradient: str | Gradient = "backprop", union_grid: bool = False) -> None:
+                 gradient: str | Gradient = "backprop", union_grid: bool = False,
+                 regularizers: Sequence[Regularizer] | None = None) -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid encoders are: "
@@ -314,6 +323,39 @@ class LatentODE(nn.Module):
         self.options = options
         self.gradient = gradient_strategy(gradient)
         self.union_grid = union_grid or isinstance(self.gradient, Checkpoint)
+        self.regularizers = list(regularizers or [])
+        if self.regularizers:  # validated once (types, unique names)
+            RegularizedFunc(self.dynamics, self.regularizers)
+        self.last_regularization: dict[str, Tensor] | None = None
+        self.nfe = 0
+        self.dynamics.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.nfe += 1
+
+    def reset_nfe(self) -> None:
+        """Zero ``nfe``."""
+        self.nfe = 0
+
+    def regularization_loss(self) -> Tensor:
+        """``sum weight * mean(integral)`` of the last training solve (a zero when none)."""
+        zero = self.readout.weight.new_zeros(()) if isinstance(self.readout, nn.Linear) \
+            else next(self.parameters()).new_zeros(())
+        if not self.last_regularization:
+            return zero
+        return sum((r.weight * self.last_regularization[r.name].mean()
+                    for r in self.regularizers), zero)
+
+    def _odeint(self, z0: Tensor, ts: Tensor, per_sample: bool = False) -> Tensor:
+        """The latent solve; with regularisers in training, also their integrals."""
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                      gradient=self.gradient, per_sample=per_sample)
+        self.last_regularization = None
+        if self.regularizers and self.training and torch.is_grad_enabled():
+            out = regularized_solve(self.dynamics, z0, ts, self.regularizers, **kwargs)
+            self.last_regularization = out.integrals
+            return out.ys
+        return odeint(self.dynamics, z0, ts, **kwargs)
 
     def encode(self, times: Tensor, values: Tensor,
                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -326,8 +368,7 @@ class LatentODE(nn.Module):
         t = _check_query_times(t, self.t0).to(z0.dtype)
         prepend = float(t[0]) > self.t0
         ts = torch.cat([t.new_tensor([self.t0]), t]) if prepend else t
-        zs = odeint(self.dynamics, z0, ts, rtol=self.rtol, atol=self.atol,
-                    method=self.method, options=self.options, gradient=self.gradient)
+        zs = self._odeint(z0, ts)
         if prepend:
             zs = zs[1:]
         return zs.transpose(0, 1)
@@ -370,9 +411,7 @@ class LatentODE(nn.Module):
         row = torch.where(j <= n_pad[:, None], pads, sorted_t)
         ts = torch.cat([torch.full((b, 1), t0, dtype=torch.float64, device=times.device), row],
                        1)
-        zs = odeint(self.dynamics, z0, ts, rtol=self.rtol, atol=self.atol,
-                    method=self.method, options=self.options, gradient=self.gradient,
-                    per_sample=True)
+        zs = self._odeint(z0, ts, per_sample=True)
         # the output of entry (b, j): 1 + its sorted position if observed after t0, else z0
         pos = torch.empty_like(order)
         pos.scatter_(1, order, torch.arange(k, device=times.device).expand(b, k))

@@ -6,7 +6,9 @@ extra input feature / channel), :class:`ConcatSquashLinear`, :class:`ConcatSquas
 :class:`ODEFunc` is the base class of right-hand sides (counts evaluations);
 :class:`ODEBlock` integrates one over ``[t0, t1]`` and returns the final state;
 :class:`NeuralODE` returns the trajectory at given times. Both take the solver and its
-tolerances and ``gradient`` (backprop, checkpoint, adjoint; see ``neuralode.gradients``).
+tolerances and ``gradient`` (backprop, checkpoint, adjoint; see ``neuralode.gradients``), and
+options for dynamics that stay cheap to solve: ``regularizers`` (``neuralode.regularizers``),
+``steer`` (random end times in training) and ``augment`` (zero-padded extra channels).
 """
 
 from neuralode.nn.blocks import CountedFunc, NeuralODE, ODEBlock, ODEFunc

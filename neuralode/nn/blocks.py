@@ -14,11 +14,26 @@ forward call ``nfe_forward`` holds the number of evaluations of ``f`` it made; a
 backward pass ``nfe_backward`` holds the evaluations the backward pass made (adjoint and
 checkpoint: evaluations during the backward pass; backprop: evaluations that gradients
 flowed back through).
+
+Options for dynamics that stay cheap to solve (issue 21):
+
+* ``regularizers=[KineticEnergy(), JacobianFrobenius(), SecondDerivative()]``
+  (``neuralode.regularizers``): integrated along every training solve (module in training
+  mode, gradients enabled) without driving the step size; ``regularization`` then holds
+  ``{name: per-sample integral}`` and :meth:`NeuralODE.regularization_loss` their weighted
+  mean, to add to the loss;
+* ``steer=b`` (STEER, Ghosh et al. 2020): in training mode the final time is drawn uniformly
+  from ``[t_end - b, t_end + b]`` at every call; in eval mode it is ``t_end``;
+* ``augment=k`` (augmented neural ODEs, Dupont et al. 2019): k zero channels are appended to
+  dimension 1 of the state (features of ``(B, D)``, channels of ``(B, C, H, W)``), so ``func``
+  works on ``D + k`` features; ``augment_output="keep"`` (default) returns the augmented
+  state (a following layer projects it), ``"drop"`` returns the first ``D`` features.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,9 +41,18 @@ from torch import nn
 
 from neuralode.gradients import Adjoint, Backprop, Gradient, describe, gradient_strategy
 from neuralode.odeint import odeint
+from neuralode.regularizers import (
+    RegularizedFunc,
+    Regularizer,
+    regularization_loss,
+    regularized_solve,
+)
 from neuralode.solvers import ALIASES, SOLVERS
 
-__all__ = ["CountedFunc", "NeuralODE", "ODEBlock", "ODEFunc"]
+__all__ = ["AUGMENT_OUTPUTS", "CountedFunc", "NeuralODE", "ODEBlock", "ODEFunc"]
+
+AUGMENT_OUTPUTS: tuple[str, ...] = ("keep", "drop")
+"""What an augmented block returns: the whole augmented state, or the original channels."""
 
 
 def _first_grad_tensor(out) -> torch.Tensor | None:
@@ -115,6 +139,7 @@ class NeuralODE(nn.Module):
         per_sample: solve each sample of the batch (first dimension of y0) as its own
             problem (``odeint(..., per_sample=True)``): its result does not depend on the
             rest of the batch; ``forward`` still returns ``(len(t), *y0.shape)``.
+        regularizers, steer, augment, augment_output: see the module's docstring.
 
     ``forward(y0, t)`` returns a tensor ``(len(t), *y0.shape)`` (a tuple for tuple states).
     After each call: ``nfe_forward``, ``stats`` (the solver's ``SolverStats``); after the
@@ -123,7 +148,9 @@ class NeuralODE(nn.Module):
 
     def __init__(self, func: nn.Module, *, method: str | None = "dopri5", rtol: float = 1e-3,
                  atol: float = 1e-3, options: dict[str, Any] | None = None,
-                 gradient: str | Gradient = "backprop", per_sample: bool = False):
+                 gradient: str | Gradient = "backprop", per_sample: bool = False,
+                 regularizers: Sequence[Regularizer] | None = None, steer: float = 0.0,
+                 augment: int = 0, augment_output: str = "keep"):
         super().__init__()
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module with forward(t, y) (an ODEFunc or any "
@@ -141,8 +168,26 @@ class NeuralODE(nn.Module):
         if not isinstance(per_sample, bool):
             raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
         self.per_sample = per_sample
+        self.regularizers = list(regularizers or [])
+        if self.regularizers:  # validated once (types, unique names)
+            RegularizedFunc(self.func, self.regularizers)
+        if isinstance(steer, bool) or not isinstance(steer, (int, float)) or \
+                not (steer >= 0 and math.isfinite(steer)):
+            raise ValueError(f"steer must be a finite number >= 0 (end times are drawn from "
+                             f"[t_end - steer, t_end + steer]), got {steer!r}")
+        self.steer = float(steer)
+        if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+            raise ValueError(f"augment must be an int >= 0 (zero channels appended to "
+                             f"dimension 1), got {augment!r}")
+        self.augment = augment
+        if augment_output not in AUGMENT_OUTPUTS:
+            raise ValueError(f"unknown augment_output {augment_output!r}; valid choices are: "
+                             f"{', '.join(AUGMENT_OUTPUTS)}")
+        self.augment_output = augment_output
         self.nfe_forward = 0
         self.stats = None
+        self.regularization: dict[str, torch.Tensor] | None = None
+        self.last_times: torch.Tensor | None = None
 
     @property
     def adjoint(self) -> bool:
@@ -173,13 +218,61 @@ class NeuralODE(nn.Module):
 
     # -- solving ------------------------------------------------------------------------
 
+    def steer_times(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with its last time drawn from ``[t[-1] - steer, t[-1] + steer]`` in training
+        mode (STEER); ``t`` itself in eval mode or with ``steer`` = 0."""
+        if not (self.training and self.steer > 0):
+            return t
+        if t.dim() != 1 or t.shape[0] < 2:
+            raise ValueError(f"steer needs 1-D times with at least 2 entries, got shape "
+                             f"{tuple(t.shape)}")
+        gap = abs(float(t[-1]) - float(t[-2]))
+        if self.steer >= gap:
+            raise ValueError(f"steer={self.steer:g} must be smaller than the last interval "
+                             f"|t[-1] - t[-2]| = {gap:g}, so the times stay ordered")
+        u = torch.rand((), dtype=torch.float64).item()
+        end = t[-1] + self.steer * (2.0 * u - 1.0)
+        return torch.cat([t[:-1], end.reshape(1)])
+
+    def augment_state(self, y0):
+        """``y0`` with ``augment`` zero channels appended to dimension 1."""
+        if not self.augment:
+            return y0
+        if not isinstance(y0, torch.Tensor) or y0.dim() < 2:
+            raise ValueError(f"augment needs a batched tensor state (B, D, ...), got "
+                             f"{tuple(y0.shape) if isinstance(y0, torch.Tensor) else y0!r}")
+        pad = y0.new_zeros((y0.shape[0], self.augment, *y0.shape[2:]))
+        return torch.cat([y0, pad], dim=1)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``sum weight * mean(integral)`` of the last training solve (0 when none)."""
+        if not self.regularization:
+            p = next(iter(self.parameters()), None)
+            return torch.zeros(()) if p is None else p.new_zeros(())
+        return regularization_loss(self.regularization, self.regularizers)
+
     def _solve(self, y0, t: torch.Tensor):
         self.reset_nfe()
-        ys, stats = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
-                           method=self.method, options=self.options, return_stats=True,
-                           gradient=self.gradient, per_sample=self.per_sample)
+        self.regularization = None
+        y0 = self.augment_state(y0)
+        channels = y0.shape[1] - self.augment if self.augment else 0
+        t = self.steer_times(t)
+        self.last_times = t
+        kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.method, gradient=self.gradient,
+                      per_sample=self.per_sample)
+        if self.regularizers and self.training and torch.is_grad_enabled():
+            out = regularized_solve(self.func, y0, t, self.regularizers,
+                                    options=self.options, **kwargs)
+            ys, stats = out.ys, out.stats
+            sign = 1.0 if float(t[-1]) >= float(t[0]) else -1.0
+            self.regularization = {k: sign * v for k, v in out.integrals.items()}
+        else:
+            ys, stats = odeint(self.func, y0, t, options=self.options, return_stats=True,
+                               **kwargs)
         self.stats = stats
         self.nfe_forward = self.func.nfe
+        if self.augment and self.augment_output == "drop":
+            ys = ys[:, :, :channels]
         return ys
 
     def forward(self, y0, t) -> torch.Tensor:
@@ -190,6 +283,12 @@ class NeuralODE(nn.Module):
         s = f"method={self.method!r}, rtol={self.rtol:g}, atol={self.atol:g}"
         if self.options:
             s += f", options={self.options}"
+        if self.regularizers:
+            s += f", regularizers={self.regularizers}"
+        if self.steer:
+            s += f", steer={self.steer:g}"
+        if self.augment:
+            s += f", augment={self.augment}, augment_output={self.augment_output!r}"
         return s + f", gradient={describe(self.gradient)}"
 
 
@@ -206,6 +305,9 @@ class ODEBlock(NeuralODE):
             raise ValueError(f"t0 and t1 must be floats, got t0={t0!r}, t1={t1!r}") from None
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)) or self.t0 == self.t1:
             raise ValueError(f"t0 and t1 must be finite and different, got t0={t0!r}, t1={t1!r}")
+        if self.steer >= abs(self.t1 - self.t0):
+            raise ValueError(f"steer={self.steer:g} must be smaller than |t1 - t0| = "
+                             f"{abs(self.t1 - self.t0):g}")
 
     def integration_times(self, like: torch.Tensor) -> torch.Tensor:
         """``tensor([t0, t1])`` with the dtype and device of ``like``."""
