@@ -138,10 +138,13 @@ def times_of(t: torch.Tensor) -> list[float]:
 def batch_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
     """(B, T) checked times on ``device`` from per-sample t of shape (T,) or (B, T): float64,
     or float32 on a device without float64 (``timekeeping.time_dtype``)."""
-    tdt = time_dtype(device)
-    tt = t.detach().to(device=device, dtype=torch.promote_types(t.dtype, tdt)
-                       if t.is_floating_point() else tdt)
+    def best(dev) -> torch.dtype:
+        tdt = time_dtype(dev)
+        return torch.promote_types(t.dtype, tdt) if t.is_floating_point() else tdt
+
+    tt = t.detach().to(best(t.device))  # checked where t is (no extra transfer)
     check_time_rows(tt.tolist() if tt.dim() == 2 else [tt.tolist()])
+    tt = tt.to(device=device, dtype=best(device))
     return (tt[None].expand(B, -1) if tt.dim() == 1 else tt).contiguous()
 
 
