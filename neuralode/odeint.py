@@ -26,6 +26,7 @@ from neuralode.errors import ODEInputError
 from neuralode.gradients import Gradient, gradient_strategy, odeint_adjoint
 from neuralode.problem import Tolerance
 from neuralode.solution import DenseSolution, ODESolution, Solution
+from neuralode.solvers.timekeeping import as_time
 from neuralode.vmapped import is_vmapped, vmapped_odeint
 
 __all__ = ["ODESolution", "Solution", "odeint", "odeint_adjoint", "odeint_dense", "solve"]
@@ -133,8 +134,7 @@ def odeint_dense(func: Callable, y0, t0, t1, *, rtol: Tolerance = 1e-7, atol: To
                  method: str | None = None, options: dict | None = None) -> DenseSolution:
     """Solve from ``t0`` to ``t1`` once and return the continuous solution, a callable
     ``sol(t)`` valid on [t0, t1] (as ``torchdiffeq.odeint_dense``; every method)."""
-    times = torch.stack([torch.as_tensor(t0, dtype=torch.float64).reshape(()),
-                         torch.as_tensor(t1, dtype=torch.float64).reshape(())])
+    times = torch.stack([as_time(t0).reshape(()), as_time(t1).reshape(())])
     sol = solve(func, y0, times, rtol=rtol, atol=atol, method=method, options=options,
                 dense=True)
     return cast(DenseSolution, sol.dense)  # dense=True: always there

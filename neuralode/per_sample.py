@@ -74,6 +74,7 @@ from neuralode.solvers.batched import BatchedDense, BatchedResult, integrate_bat
 from neuralode.solvers.controllers import ErrorNorm, PerSampleGrid
 from neuralode.solvers.methods import controller_or_default
 from neuralode.solvers.status import CODE, ERRORS, FINISHED_WELL, NAMES
+from neuralode.solvers.timekeeping import as_time, time_dtype
 
 PER_SAMPLE_OPTIONS = {"time_arg": "batch", "shrink": None, "compile": False}
 FLOAT_CLOCK_OPTIONS = {"step_t": None, "jump_t": None, "perturb": False,
@@ -113,7 +114,7 @@ class PerSampleSolution:
         if self.dense is None:
             raise ODEInputError("this solution has no dense output; call "
                                 "solve(..., per_sample=True, dense=True)")
-        tt = torch.as_tensor(t, dtype=torch.float64)
+        tt = as_time(t)
         y = self.dense(tt.reshape(1) if tt.dim() == 0 else tt).to(self.user_dtype)
         if tt.dim() == 0:
             y = y[0]
@@ -180,14 +181,17 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=opts, batch=True,
                 time_arg=ps["time_arg"])
     ts = batch_times(t, B, items[0].device)
-    driver = _driver(p, func, t, tensor_clock)
+    # the tensor clock keeps (B,) float64 times on the device; without float64 there
+    # (timekeeping.time_dtype: MPS) each sample runs alone on the float clock's host floats
+    driver = _driver(p, func, t, tensor_clock and time_dtype(items[0].device) == torch.float64)
     compile_step = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
     if driver != "batched" and (ps["shrink"] is not None or compile_step):
         raise ODEInputError(
             f"per_sample=True: the options 'shrink' and 'compile' need the batched driver "
             f"(explicit Runge–Kutta and Rosenbrock methods with gradient 'backprop' (or "
             f"'adjoint', explicit methods), no step_t/jump_t/perturb/grid_constructor, "
-            f"callbacks or gradients in t); this {p.name!r} solve runs sample by sample")
+            f"callbacks or gradients in t, a device with float64); this {p.name!r} solve "
+            f"runs sample by sample")
     if compile_step and "jacobian" in p.opts:
         raise ODEInputError(f"per_sample=True: the option 'compile' serves the explicit "
                             f"Runge–Kutta methods; {p.name!r} builds Jacobians in its step")
@@ -307,14 +311,14 @@ class _SampleDense:
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         B = len(self.dense)
-        q = q.to(torch.float64)
+        q = as_time(q)
         q = q[None].expand(B, -1) if q.dim() == 1 else q
         cols = []
         for b, d in enumerate(self.dense):
             lo, hi = sorted((d.t0, d.t1))
             row = q[b]
             inside = (row >= lo) & (row <= hi)
-            val = torch.full((row.numel(), d.layout.n), math.nan, dtype=torch.float64)
+            val = torch.full((row.numel(), d.layout.n), math.nan, dtype=q.dtype, device=q.device)
             if bool(inside.any()):
                 v = d(row[inside])
                 v = torch.cat([x.reshape(x.shape[0], -1) for x in v], 1) \
@@ -338,7 +342,7 @@ def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_f
     T = s.ts.shape[1]
     outs, status, t_fin, y_fin, n_acc, n_rej, reached, msgs, dense_sols = \
         [], [], [], [], [], [], [], [], []
-    ev_t = torch.full((B,), math.nan, dtype=torch.float64)
+    ev_t = [math.nan] * B
     st = p.stats
     st.driver = "sample_by_sample"
     for b in range(B):
@@ -363,10 +367,12 @@ def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_f
         st.batch_rows += sol.stats.nfe
         st.extra.setdefault("samples", []).append(sol.stats)
     dev = p.y0_flat.device
+    tdt = time_dtype(dev)
     res = BatchedResult(torch.stack(outs, 1), torch.tensor(status, device=dev),
-                        torch.tensor(t_fin, dtype=torch.float64, device=dev), torch.stack(y_fin),
+                        torch.tensor(t_fin, dtype=tdt, device=dev), torch.stack(y_fin),
                         torch.tensor(n_acc, device=dev), torch.tensor(n_rej, device=dev),
-                        torch.tensor(reached, device=dev), event_t=ev_t.to(dev))
+                        torch.tensor(reached, device=dev),
+                        event_t=torch.tensor(ev_t, dtype=tdt, device=dev))
     _fill_stats(st, res, msgs)
     if throw:  # the one-problem solver raised already; nothing failed silently
         assert not any(NAMES[c] in ERRORS for c in status)

@@ -24,6 +24,7 @@ from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Callbacks, LoopResult, Stop, integrate
 from neuralode.solvers.methods import Method, controller_or_default, make_controller, times_inside
 from neuralode.solvers.registry import ALIASES, DEFAULT_METHOD, SOLVERS
+from neuralode.solvers.timekeeping import time_dtype
 
 Tolerance = float | torch.Tensor | Sequence[float]
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -125,18 +126,25 @@ def check_time_rows(rows: list[list[float]]) -> None:
 
 
 def times_of(t: torch.Tensor) -> list[float]:
-    """The checked times of a 1-D ``t`` as float64 Python floats."""
-    ts = t.detach().to(torch.float64).tolist()
+    """The checked times of a 1-D ``t`` as float64 Python floats (read on the host: no
+    float64 tensor is made, so ``t`` may live on a device without float64)."""
+    ts = t.detach().tolist()
+    if not t.is_floating_point():
+        ts = [float(v) for v in ts]
     check_time_rows([ts])
     return ts
 
 
 def batch_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
-    """(B, T) float64 checked times on ``device`` from per-sample t of shape (T,) or
-    (B, T)."""
-    tt = t.detach().to(dtype=torch.float64)
+    """(B, T) checked times on ``device`` from per-sample t of shape (T,) or (B, T): float64,
+    or float32 on a device without float64 (``timekeeping.time_dtype``)."""
+    def best(dev) -> torch.dtype:
+        tdt = time_dtype(dev)
+        return torch.promote_types(t.dtype, tdt) if t.is_floating_point() else tdt
+
+    tt = t.detach().to(best(t.device))  # checked where t is (no extra transfer)
     check_time_rows(tt.tolist() if tt.dim() == 2 else [tt.tolist()])
-    tt = tt.to(device)
+    tt = tt.to(device=device, dtype=best(device))
     return (tt[None].expand(B, -1) if tt.dim() == 1 else tt).contiguous()
 
 
@@ -416,7 +424,7 @@ def solve_problem(p: Problem, t: torch.Tensor, *, event_fn: Callable | None = No
         dense_sol = DenseSolution(res.segments, p.layout, ts[0], res.t_final, p.rhs.user_dtype)
     event_t = event_y = None
     if res.event_t is not None and res.event_y is not None:
-        event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)
+        event_t = torch.tensor(res.event_t, dtype=t.dtype)
         event_y = to_user_dtype(res.event_y, p)
     return Solution(ys=p.layout.unflatten(ys), ts=t, stats=p.stats, status=res.status,
                     message=res.message, event_t=event_t, event_y=event_y,
@@ -472,7 +480,7 @@ def event_solve(func, y0, t, *, rtol, atol, method, options, event_fn, callbacks
                          f"{limit}")
     ys = torch.stack([p.y0_flat, res.event_y])
     ys = p.layout.unflatten(to_user_dtype(ys, p))
-    event_t = torch.tensor(res.event_t, dtype=torch.float64).to(t.dtype)
+    event_t = torch.tensor(res.event_t, dtype=t.dtype)
     return event_t, ys, p.stats
 
 

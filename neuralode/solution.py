@@ -11,6 +11,7 @@ import torch
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import SolverStats, StateLayout
 from neuralode.solvers.status import FINISHED_WELL
+from neuralode.solvers.timekeeping import as_time
 
 
 class DenseSolution:
@@ -35,7 +36,7 @@ class DenseSolution:
         return seg.evaluate([(v - ta) / (tb - ta)])[0]
 
     def __call__(self, t) -> Any:
-        tt = torch.as_tensor(t, dtype=torch.float64)
+        tt = as_time(t)  # read on the host; float32 where the device has no float64
         flat_t = tt.detach().reshape(-1).tolist()
         lo, hi = sorted((self.t0, self.t1))
         bad = [v for v in flat_t if not lo <= v <= hi]

@@ -64,6 +64,7 @@ from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
+from neuralode.solvers.timekeeping import time_dtype
 
 ADJOINT_CALLBACK_NAMES = tuple(n + "_adjoint" for n in CALLBACK_NAMES)
 
@@ -325,8 +326,8 @@ class _AdjointFunction(torch.autograd.Function):
                 event_t, ys, fstats = event_solve(
                     cfg["func"], y0, t, rtol=cfg["rtol"], atol=cfg["atol"],
                     method=cfg["method"], options=cfg["options"], event_fn=cfg["event_fn"])
-                t_out = torch.stack([t[0].detach().to(torch.float64),
-                                     event_t.to(torch.float64)])
+                tdt = torch.promote_types(t.dtype, time_dtype(t.device))
+                t_out = torch.stack([t[0].detach().to(tdt), event_t.to(tdt)])
         cfg["stats"].__dict__.update({k: v for k, v in fstats.__dict__.items()})
         ys = ys if cfg["is_tuple"] else (ys,)
         ctx.cfg = cfg
@@ -352,7 +353,8 @@ class _AdjointFunction(torch.autograd.Function):
         grad_ys = grad_outs[1:] if ctx.event else grad_outs
         backward: _Backward = cfg["backward"]
         layout = backward.layout
-        ts = t_out.detach().to(torch.float64)
+        # float64 where the device has it (timekeeping.time_dtype); read on the host
+        ts = t_out.detach().to(torch.promote_types(t_out.dtype, time_dtype(t_out.device)))
         n_t = len(ts)
         dtype, device = ys[0].dtype.to_real(), ys[0].device  # a complex state's parts
         ys_flat = layout.flatten(tuple(ys) if layout.is_tuple else ys[0], n_t)

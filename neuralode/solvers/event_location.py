@@ -11,6 +11,7 @@ import torch
 
 from neuralode.errors import EventError
 from neuralode.solvers.elementwise import every, logical_not, where
+from neuralode.solvers.timekeeping import time_dtype
 
 
 class EventFunction:
@@ -23,6 +24,7 @@ class EventFunction:
     def __init__(self, fn: Callable, rhs, t0, y0: torch.Tensor, interior_points: int = 0):
         self.fn, self.rhs = fn, rhs
         self.batch = y0.dim() == 2
+        self.vdt = time_dtype(y0.device)  # the values' dtype: float64 where the device has it
         # step fractions where the interpolant is also checked (``interior_check``)
         self.interior = [(k + 1) / (interior_points + 1) for k in range(interior_points)]
         with torch.no_grad():
@@ -43,12 +45,12 @@ class EventFunction:
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(out)
         if not self.batch:
-            return out.detach().reshape(-1).to(torch.float64)
+            return out.detach().reshape(-1).to(self.vdt)
         B = y.shape[0]
         if out.shape[:1] != (B,) or out.dim() > 2:
             raise EventError(f"event_fn(t, y) must return shape ({B},) or ({B}, k) in "
                              f"per_sample mode, got {tuple(out.shape)}")
-        return out.detach().reshape(B, -1).to(torch.float64)
+        return out.detach().reshape(B, -1).to(self.vdt)
 
     def __call__(self, t, y: torch.Tensor):
         with torch.no_grad():

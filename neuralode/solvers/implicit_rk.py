@@ -69,6 +69,7 @@ from neuralode.solvers.methods import (
     _positive_int,
 )
 from neuralode.solvers.rk import ChordSegment, chord
+from neuralode.solvers.timekeeping import time_dtype
 
 SLOW_RATE = 0.25  # a Newton contraction rate above this re-evaluates J at the next step
 FAILURE_FACTOR = 0.5  # a failed attempt (Newton with a fresh Jacobian) is retried with h * this
@@ -350,7 +351,7 @@ class ImplicitRKStepper:
         self.b_err = None if self.tab.b_err is None else torch.tensor(self.tab.b_err, dtype=dt,
                                                                      device=dev)
         if not self.tab.diagonal:
-            self.A_inv = torch.linalg.inv(self.A.double()).to(dt)
+            self.A_inv = torch.linalg.inv(self.A.to(time_dtype(dev))).to(dt)
         rtol = self.norm.rtol
         r = float(rtol) if not isinstance(rtol, torch.Tensor) else float(rtol.min())
         eps = torch.finfo(dt).eps

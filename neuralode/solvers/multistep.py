@@ -50,6 +50,7 @@ from neuralode.solvers.methods import (
     _positive_int,
     check_dtype_and_norm,
 )
+from neuralode.solvers.timekeeping import time_dtype
 
 MAX_ADAMS_ORDER = 12
 MAX_BDF_ORDER = 5
@@ -169,7 +170,6 @@ class _Coefficients:
             t["l0"] = d["l"][0]
             t["delta_factor"] = d["fact"] * float(d["l_top"])  # q! l_q
             self.by_order[q] = t
-        self.powers = torch.arange(max_order + 2, dtype=torch.float64)
 
 
 # -- the step record the controller reads ------------------------------------------------------
@@ -205,10 +205,11 @@ class NordsieckSegment:
 
 
 def _eval_poly(Z: torch.Tensor, thetas) -> torch.Tensor:
-    """P(theta - 1) for the Nordsieck array Z of the step (weights formed in float64)."""
+    """P(theta - 1) for the Nordsieck array Z of the step (weights formed in float64, or
+    float32 on a device without float64: ``timekeeping.time_dtype``)."""
     k = Z.shape[0]
     V = torch.tensor([[(th - 1.0) ** j for j in range(k)] for th in thetas],
-                     dtype=torch.float64, device=Z.device)
+                     dtype=time_dtype(Z.device), device=Z.device)
     return V.to(Z.dtype) @ Z
 
 

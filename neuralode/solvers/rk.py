@@ -25,6 +25,7 @@ import torch
 
 from neuralode.solvers.elementwise import column
 from neuralode.solvers.tableau import ButcherTableau
+from neuralode.solvers.timekeeping import time_dtype
 
 
 @functools.cache
@@ -37,32 +38,40 @@ def _python_coefficients(tab: ButcherTableau):
     return c, a_nz, b_nz
 
 
-@functools.lru_cache(maxsize=64)
 def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
     """A tableau's coefficients as tensors of the state's dtype and device, made once per
-    (tableau, dtype, device). Read-only: nothing writes into them."""
+    (tableau, dtype, device, time dtype). Read-only: nothing writes into them."""
+    return _coefficients(tab, dtype, device, time_dtype(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device,
+                  tdtype: torch.dtype):
     s = tab.stages
     a_rows = [torch.tensor(tab.a[i, :i], dtype=dtype, device=device) for i in range(s)]
     b = torch.tensor(tab.b, dtype=dtype, device=device)
     b_err = None if tab.b_err is None else torch.tensor(tab.b_err, dtype=dtype, device=device)
     # the interpolant's weights are polynomials in theta with large coefficients of both
-    # signs (dopri8): they are formed in float64 and cast, or float32 loses ~1e-5 to them
-    dense_t = torch.tensor(tab.dense.T, dtype=torch.float64, device=device)  # (degree, s_ext)
+    # signs (dopri8): they are formed in float64 and cast, or float32 loses ~1e-5 to them;
+    # on a device without float64 (timekeeping.time_dtype) in float32
+    dense_t = torch.tensor(tab.dense.T, dtype=tdtype, device=device)  # (deg, s_ext)
     return a_rows, b, b_err, dense_t
 
 
 def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Tensor:
-    """Weights of the extended stages at the step fractions ``thetas``, computed in float64
-    (``dense_t``) and returned in ``dtype``: (m, s_ext) for a list of m fractions, (..., m,
-    s_ext) for a float64 tensor (..., m) of them (per sample)."""
+    """Weights of the extended stages at the step fractions ``thetas``, computed in
+    ``dense_t``'s dtype (float64, or float32 on a device without it) and returned in
+    ``dtype``: (m, s_ext) for a list of m fractions, (..., m, s_ext) for a tensor (..., m)
+    of them (per sample)."""
+    wdt = dense_t.dtype
     if isinstance(thetas, list):
         powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
-                              dtype=torch.float64, device=dense_t.device)
+                              dtype=wdt, device=dense_t.device)
     else:
-        powers = thetas[..., None] ** torch.arange(1, degree + 1, device=thetas.device,
-                                                   dtype=torch.float64)
+        powers = thetas.to(wdt)[..., None] ** torch.arange(1, degree + 1,
+                                                           device=thetas.device, dtype=wdt)
     w = powers @ dense_t
-    return w if dtype == torch.float64 else w.to(dtype)
+    return w if dtype == wdt else w.to(dtype)
 
 
 def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
