@@ -438,8 +438,9 @@ class PIDRun(StepBounds):
             f = f * self.prev2 ** (-self.b3)
         return f
 
-    def remember(self, accept, ratio, h) -> None:
-        """History after an attempt (PID: the last two accepted error ratios)."""
+    def remember(self, accept, ratio, h, live=None) -> None:
+        """History after an attempt (PID: the last two accepted error ratios); per sample
+        the rows ``live`` ran (the others, never accepted, keep their history)."""
         self.prev2 = where(accept, self.prev1, self.prev2)
         self.prev1 = where(accept, maximum(ratio, 1e-10), self.prev1)
 
@@ -493,10 +494,7 @@ class PIDRun(StepBounds):
                              self.nonfinite_step(h, direction))
         self.nonfinite = ~finite if live is None else torch.where(live, ~finite,
                                                                    self.nonfinite)
-        before = {} if live is None else {k: getattr(self, k) for k in self.history()}
-        self.remember(accept, ratio, h)
-        for k, v in before.items():  # rows that did not run keep their history
-            setattr(self, k, torch.where(live, getattr(self, k), v))
+        self.remember(accept, ratio, h, live)
         self.absy = torch.where(accept[:, None], absy1, self.absy)
         return accept, h_next
 

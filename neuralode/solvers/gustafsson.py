@@ -55,11 +55,13 @@ class GustafssonRun(PIDRun):
         f = where(self.had_accept, minimum(f, predictive), f)
         return where(self.rejected_last, minimum(f, 1.0), f)
 
-    def remember(self, accept, ratio, h) -> None:
+    def remember(self, accept, ratio, h, live=None) -> None:
         self.h_acc = where(accept, h, self.h_acc)
         self.err_acc = where(accept, maximum(ratio, 1e-2), self.err_acc)
         self.had_accept = self.had_accept | accept
-        self.rejected_last = logical_not(accept)
+        rejected = logical_not(accept)
+        self.rejected_last = rejected if live is None else where(live, rejected,
+                                                                 self.rejected_last)
 
 
 class GustafssonController(PIDController):
