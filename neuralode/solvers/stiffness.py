@@ -55,6 +55,7 @@ def real_stability_boundary(tab: ButcherTableau) -> float:
     return lo
 
 
+@functools.cache
 def stiff_pair(tab: ButcherTableau) -> tuple[int, int, list[float]] | None:
     """Two stages (i, j) at c = 1 (j the last stage) and a_j - a_i over the stages before j,
     or None."""
