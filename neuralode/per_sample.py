@@ -242,7 +242,8 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                                   compile_step=s.compile_step, event_fn=event_fn,
                                   record=record,
                                   event_interior_points=p.opts["event_interior_points"],
-                                  step_to_outputs=p.opts.get("step_to_outputs", False))
+                                  step_to_outputs=p.opts.get("step_to_outputs", False),
+                                  stiffness=p.method.stiffness_check(p.opts))
     check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)
     dense_sol = BatchedDense(record, stepper, s.ts[:, 0], res.t_final) if record else None

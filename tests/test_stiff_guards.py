@@ -55,6 +55,23 @@ def test_dopri5_on_robertson_stops_with_a_clear_message():
     assert CHECK_EVERY <= sol.stats.n_accepted < 2 * CHECK_EVERY
 
 
+def test_per_sample_stiff_rows_stop_alone():
+    p = Robertson()
+    y0 = torch.stack([p.y0, p.y0])
+    t = torch.tensor([0.0, 1.0, 1e5], dtype=torch.float64)
+
+    def f(t, y):  # sample 0: Robertson; sample 1: a slow linear decay (never stiff)
+        return torch.stack([p(t[0], y[0]), -1e-5 * y[1]])
+    sol = neuralode.solve(f, y0, t, per_sample=True, method="dopri5", throw=False,
+                          options={"time_arg": "batch"})
+    assert sol.stats.driver == "batched"
+    assert sol.status == ["stiff", "success"]
+    assert "stiff" in sol.message[0] and "rodas5p" in sol.message[0]
+    assert torch.allclose(sol.ys[-1, 1], p.y0 * math.exp(-1.0), rtol=1e-6)
+    with pytest.raises(neuralode.StiffnessError):
+        neuralode.solve(f, y0, t, per_sample=True, method="dopri5")
+
+
 def test_no_alarm_on_long_non_stiff_or_short_stiff_solves():
     # a harmonic oscillator over many periods: thousands of accuracy-limited steps
     t = torch.linspace(0, 300, 4, dtype=torch.float64)

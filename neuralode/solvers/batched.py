@@ -50,6 +50,7 @@ from neuralode.solvers.status import (
     NONFINITE,
     RUNNING,
     STEP_SIZE,
+    STIFF,
     SUCCESS,
     convergence_message,
     max_steps_message,
@@ -59,9 +60,10 @@ from neuralode.solvers.status import (
     start_scale_message,
     step_size_message,
 )
+from neuralode.solvers.stiffness import CHECK_EVERY, StiffnessCheck, stiff_message
 
 _RUNNING, _SUCCESS, _EVENT = CODE[RUNNING], CODE[SUCCESS], CODE[EVENT]
-_CONVERGENCE = CODE[CONVERGENCE]
+_CONVERGENCE, _STIFF = CODE[CONVERGENCE], CODE[STIFF]
 _MAX_STEPS, _STEP_SIZE, _NONFINITE = CODE[MAX_STEPS], CODE[STEP_SIZE], CODE[NONFINITE]
 
 
@@ -118,8 +120,8 @@ class BatchedResult:
     event_t: torch.Tensor | None = None  # (B,) float64, NaN for samples without an event
 
 
-def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tensor
-              ) -> list[str]:
+def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tensor,
+              stiff: dict | None = None) -> list[str]:
     """One message per sample ("" where it succeeded), the float-clock driver's texts."""
     out = []
     steps = (res.n_accepted + res.n_rejected).tolist()
@@ -135,6 +137,8 @@ def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tenso
                    else step_size_message(name, tf, hf, "", where))
         elif st == NONFINITE:
             msg = nonfinite_message(name, tf, where, at_start=steps[b] == 0)
+        elif st == STIFF and stiff is not None:
+            msg = stiff_message(name, *stiff[b])
         elif st == CONVERGENCE:
             msg = convergence_message(name, tf, tf + hf, hf, "Newton iterations did not "
                                                              "converge")
@@ -150,7 +154,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
                       compile_step: bool | str = False, event_fn: Callable | None = None,
                       record: list | None = None, event_interior_points: int = 0,
-                      step_to_outputs: bool = False) -> tuple[BatchedResult, list[str]]:
+                      step_to_outputs: bool = False, stiffness: StiffnessCheck | None = None
+                      ) -> tuple[BatchedResult, list[str]]:
     """Integrate every row of ``y0`` (B, n) from ts[b, 0] through the times ts[b] (B, T).
 
     ``rhs``: a per-sample ``RHS`` (``batch=True``); ``stepper``: an ``RKStepper``;
@@ -166,7 +171,9 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     located as the float-clock driver locates it (``event_location``).
     ``record``: a list that receives every attempt's interpolant data (``BatchedDense``).
     ``step_to_outputs`` (adaptive): every output time is a step end, as the float clock's
-    stops (each row's next output is its stop, ``StepBounds.propose``)."""
+    stops (each row's next output is its stop, ``StepBounds.propose``).
+    ``stiffness``: the explicit methods' stiffness test, every ``CHECK_EVERY`` attempts
+    (and at each while a row is suspect), each row counted as alone."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -304,6 +311,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     event = (EventFunction(event_fn, rhs, t, y, event_interior_points)
              if event_fn is not None else None)
     state_at = h_ev = g_ev = None  # the last step's interpolant and where its event lies
+    stiff_at: dict = {}  # rows stopped by the stiffness test: their message's values
     while True:
         if adaptive:
             t1, hh, status, running, flags = propose(
@@ -356,6 +364,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                 n_att, n_acc, n_rej, i_out = n_att[idx], n_acc[idx], n_rej[idx], i_out[idx]
                 controller.take(idx)
                 stepper.take(idx)
+                if stiffness is not None:
+                    stiffness.take(idx)
         else:
             if pending is not None:
                 if m_fixed > 0:
@@ -376,6 +386,14 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
          k_grid_) = attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc,
                             n_rej, i_out, k_grid_)
         rhs.counting = True
+        if stiffness is not None and adaptive and (it % CHECK_EVERY == 0 or stiffness.suspect):
+            fire, info = stiffness.test_rows(stepper.stages(), accept, t, hm, t_end)
+            if info is not None:
+                status = torch.where(fire, _STIFF, status)
+                running = status == _RUNNING
+                for b in fire.nonzero()[:, 0].tolist():
+                    stiff_at[int(rows[b])] = (float(t[b]), float(hm[b]), float(info[0][b]),
+                                              stiffness.boundary, float(info[1][b]))
         if on_step is not None:
             on_step(t_old, y_old, hm, accept, stepper)
         if record is not None:
@@ -410,7 +428,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     ys = torch.where(mask[:, :, None], out[:T], math.nan)
     res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
                         h_final, event_t)
-    msgs = _messages(res, name, max_num_steps, ts)
+    msgs = _messages(res, name, max_num_steps, ts, stiff_at)
     if not adaptive:  # a fixed grid's non-finite state: where it was last finite
         msgs = [nonfinite_grid_message(f"sample {b}: {name}", tf, tf + hf, hf)
                 if c == _NONFINITE and res.n_accepted[b] > 0 else msg

@@ -283,7 +283,8 @@ class AdaptiveRK(Method):
     def stiffness_check(cls, o: dict) -> StiffnessCheck | None:
         """The float clock's stiffness test of a solve (explicit pairs), or None."""
         limit = o.get("max_stiff_steps")
-        return None if limit is None else StiffnessCheck(cls.tableau, limit)
+        check = None if limit is None else StiffnessCheck(cls.tableau, limit)
+        return check if check is not None and check.active else None
 
     @classmethod
     def make_stepper(cls, o: dict, norm: ErrorNorm):

@@ -15,18 +15,21 @@ h rho >= 0.98 x_b, at every step; ``STIFF_STEPS`` such steps in a row declare th
 stiff (``NONSTIFF_STEPS`` steps below it in a row clear the suspicion). A stiff solve stops
 (status "stiff", ``StiffnessError`` naming the stiff methods) when the rest of its span would
 take more than ``max_stiff_steps`` (an option, default 100,000) steps of the current size:
-a stiff but short solve is left to finish. The methods without two stages at c = 1
-(adaptive_heun, fehlberg2, bosh3) are not tested.
+a stiff but short solve is left to finish. Per sample (the batched driver) the counters are
+per row and the test runs every ``CHECK_EVERY`` attempts of the batch. The methods without
+two stages at c = 1 (adaptive_heun, fehlberg2, bosh3) are not tested.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
+from neuralode.solvers.elementwise import isfinite, where
 from neuralode.solvers.tableau import ButcherTableau
 
 CHECK_EVERY = 1000
@@ -71,57 +74,86 @@ def stiff_pair(tab: ButcherTableau) -> tuple[int, int, list[float]] | None:
     return i, j, [float(a[j, m] - a[i, m]) for m in range(j)]
 
 
-def stiffness_ratio(K: torch.Tensor, i: int, j: int, d: torch.Tensor) -> float:
-    """h rho from the stages K (rows k_1.., one problem) of the last step."""
-    num = torch.linalg.vector_norm(K[j] - K[i])
-    den = torch.linalg.vector_norm(torch.mv(K[:j].t(), d))
-    return float(num / den) if float(den) > 0 else 0.0
+def stiffness_ratio(K: torch.Tensor, i: int, j: int, d: torch.Tensor):
+    """h rho from the stages K of the last step: (s, n) -> a float (one problem), (s, B, n)
+    -> (B,) float64 (per sample)."""
+    num = torch.linalg.vector_norm(K[j] - K[i], dim=-1)
+    den = torch.linalg.vector_norm(torch.tensordot(d, K[:j], 1), dim=-1)
+    ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+    return float(ratio) if K.dim() == 2 else ratio.to(torch.float64)
+
+
+def stiff_message(name: str, t: float, h: float, ratio: float, boundary: float,
+                  remaining: float) -> str:
+    return (f"{name}: the problem is stiff at t={t:.10g}: for {STIFF_STEPS} steps in a row "
+            f"the step size has been limited by {name}'s stability, not its accuracy "
+            f"(h * |dominant eigenvalue| ~ {ratio:.3g}, at the edge of its stability region, "
+            f"{boundary:.3g}); at h={abs(h):.3g} the rest of the span would take about "
+            f"{remaining:.3g} steps. Use a stiff method: method={STIFF_METHODS} (or "
+            f"options={{'max_stiff_steps': None}} to go on)")
 
 
 class StiffnessCheck:
-    """The float clock's stiffness test of one solve (see the module docstring)."""
+    """The stiffness test of one solve (see the module docstring): one problem (floats,
+    ``test``) or per sample (``test_rows``: (B,) counters, each row as alone)."""
 
     def __init__(self, tab: ButcherTableau, max_stiff_steps: int):
         pair = stiff_pair(tab)
         self.active = pair is not None
         self.next = CHECK_EVERY  # the accepted-step count of the next test
+        self.suspect = False
         if not self.active:
             self.next = math.inf
             return
         self.i, self.j, self.d = pair
-        self.bound = 0.98 * real_stability_boundary(tab)
+        self.boundary = real_stability_boundary(tab)
+        self.bound = 0.98 * self.boundary
         self.limit = max_stiff_steps
-        self.stiff = self.calm = 0
+        self.stiff: Any = 0
+        self.calm: Any = 0
         self.d_tensor: torch.Tensor | None = None
+
+    def _update(self, K: torch.Tensor, t, h, t_end, counted):
+        """The counters after a step (``counted``: it was accepted; per row a mask), and
+        (h rho, whether the test fires, the steps that would remain)."""
+        if self.d_tensor is None or self.d_tensor.dtype != K.dtype:
+            self.d_tensor = torch.tensor(self.d, dtype=K.dtype, device=K.device)
+        ratio = stiffness_ratio(K.detach(), self.i, self.j, self.d_tensor)
+        hit = ratio >= self.bound
+        calm = where(counted, where(hit, 0, self.calm + 1), self.calm)
+        stiff = where(counted & hit, self.stiff + 1, self.stiff)
+        stiff = where(calm >= NONSTIFF_STEPS, 0, stiff)
+        full = stiff >= STIFF_STEPS
+        self.stiff, self.calm = where(full, 0, stiff), calm
+        remaining = abs(t_end - t) / where(h != 0, abs(h), math.nan)
+        remaining = where(isfinite(remaining), remaining, math.inf)
+        return ratio, full & (remaining > self.limit), remaining
 
     def test(self, K: torch.Tensor, n_accepted: int, t: float, h: float, t_end: float,
              name: str) -> str:
         """After an accepted step (K: its stages): "" or why the solve should stop."""
-        if self.d_tensor is None or self.d_tensor.dtype != K.dtype:
-            self.d_tensor = torch.tensor(self.d, dtype=K.dtype, device=K.device)
-        ratio = stiffness_ratio(K.detach(), self.i, self.j, self.d_tensor)
-        if ratio >= self.bound:
-            self.stiff += 1
-            self.calm = 0
-        else:
-            self.calm += 1
-            if self.calm >= NONSTIFF_STEPS:
-                self.stiff = 0
-        suspect = self.stiff > 0
-        self.next = n_accepted + (1 if suspect else CHECK_EVERY)
-        if self.stiff < STIFF_STEPS:
-            return ""
-        self.stiff = 0
-        remaining = abs(t_end - t) / abs(h) if h else math.inf
-        if remaining <= self.limit:
-            return ""
-        return (f"{name}: the problem is stiff at t={t:.10g}: for {STIFF_STEPS} steps in a row "
-                f"the step size has been limited by {name}'s stability, not its accuracy "
-                f"(h * |dominant eigenvalue| ~ {ratio:.3g}, at the edge of its stability "
-                f"region, {self.bound / 0.98:.3g}); at h={abs(h):.3g} the rest of the span would "
-                f"take about {remaining:.3g} steps. Use a stiff method: method={STIFF_METHODS} "
-                f"(or options={{'max_stiff_steps': None}} to go on)")
+        ratio, fire, remaining = self._update(K, t, h, t_end, True)
+        self.next = n_accepted + (1 if self.stiff > 0 else CHECK_EVERY)
+        return stiff_message(name, t, h, ratio, self.boundary, remaining) if fire else ""
+
+    def test_rows(self, K: torch.Tensor, accepted: torch.Tensor, t: torch.Tensor,
+                  h: torch.Tensor, t_end: torch.Tensor):
+        """Per sample after an attempt of every row (K (s, B, n), ``accepted`` (B,)): the
+        rows to stop and, for them, (h rho, remaining steps) per row (one host
+        synchronisation: whether any row is suspect or fires)."""
+        if not isinstance(self.stiff, torch.Tensor):
+            self.stiff = torch.zeros_like(accepted, dtype=torch.long)
+            self.calm = torch.zeros_like(self.stiff)
+        ratio, fire, remaining = self._update(K, t, h, t_end, accepted)
+        suspect, fired = torch.stack([(self.stiff > 0).any(), fire.any()]).tolist()
+        self.suspect = bool(suspect)
+        return fire, (ratio, remaining) if fired else None
+
+    def take(self, idx) -> None:
+        """Keep the rows ``idx`` (a per-sample batch shrinks)."""
+        if isinstance(getattr(self, "stiff", None), torch.Tensor):
+            self.stiff, self.calm = self.stiff[idx], self.calm[idx]
 
 
 __all__ = ["CHECK_EVERY", "MAX_STIFF_STEPS", "STIFF_STEPS", "StiffnessCheck",
-           "real_stability_boundary", "stiff_pair", "stiffness_ratio"]
+           "real_stability_boundary", "stiff_message", "stiff_pair", "stiffness_ratio"]
