@@ -1,6 +1,6 @@
 """Stiff kinetics: recover Robertson's three rate constants from noisy observations.
 
-``neuralode train stiff --method kvaerno5 --iters 150``
+``neuralode train stiff --method rodas5p --iters 150``
 
 Robertson's reactions A -> B (k1 = 0.04), B + B -> C + B (k2 = 3e7), B + C -> A + C
 (k3 = 1e4) are the classic stiff system: its time scales span 1e-4 to 1e5. The model is the
@@ -61,7 +61,7 @@ from neuralode.experiments.runner import (
 from neuralode.problems import Robertson
 
 # The stiff method used unless --method says otherwise (one line to switch).
-DEFAULT_METHOD = "kvaerno5"
+DEFAULT_METHOD = "rodas5p"
 TRUE_K = Robertson.defaults
 TRUE_LOG_K = torch.log(torch.tensor(TRUE_K, dtype=torch.float64))
 K_NAMES = Robertson.constant_names
