@@ -303,3 +303,30 @@ def test_per_sample_shrink_without_float64_time_is_refused_clearly():
             pytest.raises(ODEInputError, match="device with float64"):
         odeint(rhs, torch.ones(2, 2), torch.linspace(0, 1, 3), per_sample=True,
                options={"shrink": 0.5})
+
+
+def test_the_solvers_float32_time_path_over_a_million_steps_keeps_exact_time():
+    # the forced float32-time path of a one-problem solve: 10^6 fixed-grid steps of 1e-6
+    # from t = 1; the clock (host floats, grid points t0 + k h) hands f every step's time
+    # within half a float32 ulp of 1 + k h, and ends exactly at t1, where float32
+    # accumulation of the same steps (t += h) drifts by tens of thousands of ulps
+    seen = []
+
+    def f(t, y):
+        seen.append(t)
+        return torch.ones_like(y)
+    y0 = torch.zeros(1, dtype=torch.float32)
+    t = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    n, h = 10**6, 1e-6
+    with timekeeping.force_time_dtype(torch.float32):
+        sol = solve(f, y0, t, method="euler", options={"step_size": h})
+    assert sol.stats.n_accepted == n and sol.t_final == 2.0
+    got = torch.stack(seen[:n]).to(torch.float64)
+    want = 1.0 + h * torch.arange(n, dtype=torch.float64)
+    ulp = torch.finfo(torch.float32).eps * want
+    assert float(((got - want).abs() / ulp).max()) <= 0.5
+    naive = torch.full((), 1.0, dtype=torch.float32)
+    for _ in range(10**4):  # the drift of float32 accumulation, on 1% of the steps
+        naive = naive + torch.tensor(h, dtype=torch.float32)
+    eps32 = torch.finfo(torch.float32).eps
+    assert float((naive.double() - (1.0 + 1e4 * h)).abs() / (eps32 * 1.01)) > 10
