@@ -114,6 +114,19 @@ def baseline_label(args) -> str:
     return str(args.baseline) if args.baseline is not None else args.baseline_rev
 
 
+def load_libs(args, tmp: Path, libs: dict | None = None) -> dict:
+    """``libs`` with "base" (``load_baseline``, unless ``--no-baseline``) and the importable
+    libraries named in ``--libs``."""
+    libs = dict(libs or {})
+    if not args.no_baseline:
+        libs["base"] = load_baseline(args.baseline_rev, args.baseline, tmp)
+    for name in filter(None, args.libs.split(",")):
+        mod = optional(name)
+        if mod is not None:
+            libs[name] = mod
+    return libs
+
+
 def load_baseline(rev: str | None, root: Path | None, tmp: Path):
     """Copy the baseline ``neuralode`` package to ``tmp/neuralode_base`` and import it.
 

@@ -60,9 +60,8 @@ from _util import (  # noqa: E402 (from HERE, put on the path above)
     add_baseline_args,
     baseline_label,
     interleaved,
-    load_baseline,
+    load_libs,
     loadavg,
-    optional,
 )
 from solver_overhead import problem_a, problem_b, problem_c  # noqa: E402
 
@@ -481,13 +480,7 @@ def main(argv=None):
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="nd_loop_bench_"))
     try:
-        libs = {"neuralode": neuralode}
-        if not args.no_baseline:
-            libs["base"] = load_baseline(args.baseline_rev, args.baseline, tmp)
-        for name in filter(None, args.libs.split(",")):
-            mod = optional(name)
-            if mod is not None:
-                libs[name] = mod
+        libs = load_libs(args, tmp, {"neuralode": neuralode})
         header = (f"torch {torch.__version__}, 1 thread; neuralode from "
                   f"{Path(neuralode.__file__).parent.parent.name}/; base = "
                   f"{baseline_label(args)}; "

@@ -63,9 +63,8 @@ from _util import (  # noqa: E402 (from HERE, put on the path above)
     add_baseline_args,
     baseline_label,
     interleaved,
-    load_baseline,
+    load_libs,
     loadavg,
-    optional,
 )
 
 import neuralode  # noqa: E402
@@ -522,13 +521,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="nd_per_sample_bench_"))
     try:
-        libs = {}
-        if not args.no_baseline:
-            libs["base"] = load_baseline(args.baseline_rev, args.baseline, tmp)
-        for name in filter(None, args.libs.split(",")):
-            mod = optional(name)
-            if mod is not None:
-                libs[name] = mod
+        libs = load_libs(args, tmp)
         others = [f"{k} {getattr(v, '__version__', '?')}" for k, v in libs.items()
                   if k != "base"]
         header = "; ".join([f"torch {torch.__version__}, 1 thread",

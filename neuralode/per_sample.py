@@ -192,7 +192,7 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
             f"'adjoint', explicit methods), no step_t/jump_t/perturb/grid_constructor, "
             f"callbacks or gradients in t, a device with float64); this {p.name!r} solve "
             f"runs sample by sample")
-    if compile_step and "jacobian" in p.opts:
+    if compile_step and p.method.builds_jacobians():
         raise ODEInputError(f"per_sample=True: the option 'compile' serves the explicit "
                             f"Runge–Kutta methods; {p.name!r} builds Jacobians in its step")
     p.stats.driver = driver

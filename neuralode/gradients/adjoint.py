@@ -397,7 +397,7 @@ def backsolve_unstable(method_name: str) -> bool:
     from its final value reverses the decay of their stiff modes, which grow by up to
     exp(|lambda| T), so the backward solve fails or crawls (Robertson over [0, 1000]: a step
     size underflow after minutes); their adjoint reads y from the forward solution."""
-    return "jacobian" in SOLVERS[method_name].OPTIONS and method_name != "scipy_solver"
+    return SOLVERS[method_name].builds_jacobians() and method_name != "scipy_solver"
 
 
 def _differentiable_backward(ctx, grad_outs):
@@ -726,7 +726,7 @@ def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
     needs_grad = torch.is_grad_enabled() and (any(v.requires_grad for v in items) or params)
     # (the batched backward solve and its quadrature run explicit Runge–Kutta methods)
     if fwd.driver != "batched" or not SOLVERS[b_name].tensor_clock \
-            or "jacobian" in SOLVERS[b_name].OPTIONS:
+            or SOLVERS[b_name].builds_jacobians():
         one = replace(g, params=params)
         opts = {k: v for k, v in (options or {}).items() if k not in PER_SAMPLE_OPTIONS}
 

@@ -485,7 +485,7 @@ class ImplicitRKStepper:
         live = h != 0
         yd = y.detach()
         renew = live & (self.J_stale & ~self._fresh_rows(t, yd)) if self.J is not None \
-            else live | True
+            else torch.ones_like(live)
         if bool(renew.any()):
             self._jacobian_rows(t, yd, renew)
         with torch.no_grad():

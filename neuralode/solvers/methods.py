@@ -102,6 +102,11 @@ class Method:
         """Validate the options ``o`` (defaults filled in); may add derived entries."""
 
     @classmethod
+    def builds_jacobians(cls) -> bool:
+        """The implicit methods (those with a ``jacobian`` option; scipy's included)."""
+        return "jacobian" in cls.OPTIONS
+
+    @classmethod
     def batches(cls, o: dict) -> bool:
         """Whether a per-sample solve with the options ``o`` runs on the tensor clock: the
         methods marked ``tensor_clock``, the implicit ones with autograd Jacobians (each row

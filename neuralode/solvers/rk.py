@@ -337,7 +337,8 @@ class RKStepper:
     # -- per sample: the recorded steps of a dense solution (``batched.BatchedDense``) --
     def record_stages(self) -> torch.Tensor:
         """The last attempt's extended stages (s_ext, B, n), a copy."""
-        return torch.stack(self.ks[: self.s_ext]) if self.graph else self.K.clone()
+        stages = self.stages()
+        return stages if self.graph else stages.clone()
 
     def dense_rows(self, y, y1, h, stages, theta) -> torch.Tensor:
         """Rows of recorded steps at the fractions ``theta`` (R,): y, y1 (R, n), h (R,),
