@@ -22,6 +22,7 @@ from typing import cast
 
 import torch
 
+from neuralode.compiled import solve_compiled_one, wants_compile
 from neuralode.errors import ODEInputError
 from neuralode.gradients import Gradient, gradient_strategy, odeint_adjoint
 from neuralode.problem import Tolerance
@@ -57,9 +58,13 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         output times t of shape (T,) or (B, T), statistics and status) and return a
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
-    return gradient_strategy(gradient).solve(
-        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
-        dense=dense, throw=throw, per_sample=per_sample)
+    g = gradient_strategy(gradient)
+    if not per_sample and wants_compile(options):
+        return solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                  options=options, event_fn=event_fn, dense=dense,
+                                  throw=throw)
+    return g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                   event_fn=event_fn, dense=dense, throw=throw, per_sample=per_sample)
 
 
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
@@ -125,8 +130,12 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         event_t, sol, stats = g.event(func, y0, t, rtol=rtol, atol=atol, method=method,
                                       options=options, event_fn=event_fn)
         return ((event_t, sol), stats) if return_stats else (event_t, sol)
-    sol = g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                  per_sample=per_sample)
+    if not per_sample and wants_compile(options):
+        sol = solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                 options=options)
+    else:
+        sol = g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                      per_sample=per_sample)
     return (sol.ys, sol.stats) if return_stats else sol.ys
 
 

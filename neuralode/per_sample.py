@@ -71,6 +71,7 @@ from neuralode.problem import (
 )
 from neuralode.solvers.base import PerSampleStats, StateLayout
 from neuralode.solvers.batched import BatchedDense, BatchedResult, integrate_batched
+from neuralode.solvers.compiled import integrate_compiled
 from neuralode.solvers.controllers import ErrorNorm, PerSampleGrid
 from neuralode.solvers.methods import controller_or_default
 from neuralode.solvers.status import CODE, ERRORS, FINISHED_WELL, NAMES
@@ -187,14 +188,16 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
     compile_step = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
     if driver != "batched" and (ps["shrink"] is not None or compile_step):
         raise ODEInputError(
-            f"per_sample=True: the options 'shrink' and 'compile' need the batched driver "
-            f"(explicit Runge–Kutta and Rosenbrock methods with gradient 'backprop' (or "
-            f"'adjoint', explicit methods), no step_t/jump_t/perturb/grid_constructor, "
-            f"callbacks or gradients in t, a device with float64); this {p.name!r} solve "
-            f"runs sample by sample")
+            f"the options 'shrink' and 'compile' need the batched driver (the tensor clock) "
+            f"('compile': explicit Runge–Kutta methods; 'shrink' also Rosenbrock and ESDIRK "
+            f"ones), with gradient 'backprop' or 'adjoint' (not 'checkpoint' or the "
+            f"interpolated adjoint), no step_t/jump_t/perturb/grid_constructor, callbacks "
+            f"or gradients in t, on a device with float64; this {p.name!r} solve cannot run "
+            f"there")
     if compile_step and p.method.builds_jacobians():
-        raise ODEInputError(f"per_sample=True: the option 'compile' serves the explicit "
-                            f"Runge–Kutta methods; {p.name!r} builds Jacobians in its step")
+        raise ODEInputError(f"the option 'compile' serves the explicit Runge–Kutta methods; "
+                            f"{p.name!r} builds Jacobians and runs Newton iterations in its "
+                            f"step (solve it without 'compile')")
     p.stats.driver = driver
     return _Setup(p, t, ts, B, driver, ps["shrink"], compile_step)
 
@@ -235,6 +238,25 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
     if dense and s.shrink is not None:
         raise ODEInputError("per_sample=True dense output cannot be combined with 'shrink'")
     stepper, controller = batched_parts(p, s.ts)
+    if s.compile_step:
+        if dense:
+            raise ODEInputError("the compiled solve (options['compile']) has no dense "
+                                "output; solve without 'compile' for dense=True")
+        if p.norm.user_norm is not None:
+            raise ODEInputError("the compiled solve (options['compile']) takes the default "
+                                "error norm; drop options['norm'] or 'compile'")
+        backend = s.compile_step if isinstance(s.compile_step, str) else "inductor"
+        tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
+        info: dict = {}
+        res, msgs = integrate_compiled(p.rhs, p.y0_flat, s.ts, stepper, controller,
+                                       max_num_steps=p.opts["max_num_steps"], throw=throw,
+                                       name=p.name, backend=backend,
+                                       stiffness=p.method.stiffness_check(p.opts),
+                                       tolerances=tols, info=info)
+        p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
+        check_y_unchanged(p)
+        _fill_stats(p.stats, res, msgs)
+        return res.ys, res, None
     record: list | None = [] if dense else None
     res, msgs = integrate_batched(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,

@@ -725,6 +725,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
         g.add_argument("--max-num-steps", type=positive_int, default=DEFAULT_MAX_NUM_STEPS,
                        help=f"step cap of every adaptive solve (default "
                             f"{DEFAULT_MAX_NUM_STEPS}); a solve that needs more stops the run")
+        g.add_argument("--compile", action="store_true",
+                       help="run every solve as one compiled graph (options={'compile': True}"
+                            ": explicit Runge-Kutta methods, gradients by backprop or the "
+                            "adjoint; the first solve of each shape compiles, for seconds to "
+                            "minutes; what torch.compile cannot capture runs eagerly with a "
+                            "warning)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics to OUT/tensorboard (needs tensorboard)")
     g.add_argument("--no-plot", dest="no_plot", action="store_true",
@@ -793,6 +799,8 @@ class Run:
 
     def options(self, method: str, options: Mapping[str, Any] | None = None) -> dict | None:
         """Solver options with this run's step cap (see :func:`solver_options`)."""
+        if getattr(self.args, "compile", False):
+            options = {**(options or {}), "compile": True}
         return solver_options(method, self.args.max_num_steps, options)
 
     def _now_lr(self) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from neuralode.compiled import solve_compiled_one, wants_compile
 from neuralode.errors import ODEInputError
 from neuralode.gradients.adjoint_jacobian import AdjointJacobian
 from neuralode.gradients.backprop import Backprop
@@ -129,6 +130,13 @@ class Adjoint:
         last = tuple(y[-1] for y in ys) if isinstance(ys, tuple) else ys[-1]
         return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
                         t_final=stats.t_final, y_final=last)
+
+    def bind_params(self, func, probe) -> Adjoint:
+        """The strategy with its parameters fixed (those of ``func`` unless given), before
+        ``func`` is wrapped into another function."""
+        if self.params is not None:
+            return self
+        return replace(self, params=find_params(func, None))
 
     def event(self, func, y0, t, *, rtol, atol, method=None, options=None, event_fn):
         (event_t, ys), stats = odeint_adjoint(func, y0, t, rtol=rtol, atol=atol,
@@ -501,6 +509,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         batch = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
                                   options=options)
         return (batch.ys, batch.stats) if return_stats else batch.ys
+    if wants_compile(options):
+        g = Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
+                    options=adjoint_options, params=adjoint_params, interpolated=interpolated)
+        sol = solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                 options=options, event_fn=event_fn)
+        return (sol.ys, sol.stats) if return_stats else sol.ys
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")

@@ -44,6 +44,8 @@ class SolverStats:
     n_lu: int = 0
     n_newton: int = 0
     n_newton_fail: int = 0
+    compile_s: float = 0.0
+    n_compiles: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -85,10 +87,14 @@ class PerSampleStats:
     t_final: torch.Tensor | None = None
     batch_rows: int = 0
     driver: str = "batched"
+    compile_s: float = 0.0
+    n_compiles: int = 0
     n_jac: int = 0
     n_lu: int = 0
     n_newton: int = 0
     n_newton_fail: int = 0
+    compile_s: float = 0.0
+    n_compiles: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

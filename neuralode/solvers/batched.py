@@ -121,7 +121,7 @@ class BatchedResult:
 
 
 def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tensor,
-              stiff: dict | None = None) -> list[str]:
+              stiff: dict | None = None, adaptive: bool = True) -> list[str]:
     """One message per sample ("" where it succeeded), the float-clock driver's texts."""
     out = []
     steps = (res.n_accepted + res.n_rejected).tolist()
@@ -130,6 +130,10 @@ def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tenso
             ts[:, 0].tolist(), ts[:, -1].tolist())):
         st = NAMES[code]
         where = progress(tf, t0, t1)
+        if st == NONFINITE and not adaptive and steps[b] > 0:
+            # a fixed grid's non-finite state: where it was last finite
+            out.append(nonfinite_grid_message(f"sample {b}: {name}", tf, tf + hf, hf))
+            continue
         if st == MAX_STEPS:
             msg = max_steps_message(name, max_num_steps, tf, hf, where)
         elif st == STEP_SIZE:
@@ -223,7 +227,6 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
     i_out = torch.ones(B, dtype=torch.long, device=device)
     m_fixed = None if adaptive else _max_outputs_per_step(controller, ts, n_iter, sync)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
     pending = None  # the last step's outputs, written before the stages are overwritten
     it = 0
 
@@ -242,60 +245,8 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
         out.index_put_((idx, rows_s[:, None].expand(-1, m)), val)
 
     no_outputs = torch.zeros(B, dtype=torch.long, device=device)
-
-    def propose(t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev, n_bad,
-                stop):
-        """Where each running row's attempt ends, the per-row stop checks, and the values
-        of the step's one synchronisation (rows running, outputs of the last step)."""
-        t1 = controller.propose(t, h, stop, dirn)
-        hh = t1 - t
-        tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
-        status = torch.where(running & tiny, torch.where(nonfinite, _NONFINITE, _STEP_SIZE),
-                             status)
-        status = torch.where(running & ~tiny & (n_att >= max_num_steps), _MAX_STEPS, status)
-        running = status == _RUNNING
-        return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev, n_bad])
-
-    def attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc, n_rej,
-                i_out, k_grid):
-        """One attempt of every running row: the stepper's step, the controller's verdict,
-        and the per-row bookkeeping (no host synchronisation)."""
-        hm = torch.where(running, hh, zero)
-        y1 = stepper.step(t, y, hm)
-        t1m = torch.where(running, t1, t)
-        if adaptive:
-            # an implicit stepper's rows whose Newton solve failed: retried with a shorter
-            # step, as the float clock retries after a ``StepFailure``
-            failed = getattr(stepper, "failed", None)
-            live = running if failed is None else running & ~failed
-            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, live)
-            if failed is not None:
-                h_next = torch.where(failed, controller.shrink(hm, stepper.failure_factor,
-                                                               dirn), h_next)
-            n_rej = n_rej + (running & ~accept)
-        else:
-            ok = torch.isfinite(y1.detach()).all(1)
-            status = torch.where(running & ~ok, _NONFINITE, status)
-            failed = getattr(stepper, "failed", None)
-            if failed is not None:  # an implicit step not solved: the row ends there
-                status = torch.where(running & failed, _CONVERGENCE, status)
-                ok = ok & ~failed
-            accept = running & ok
-            k_grid = k_grid + running
-            h_next = hh
-        n_att = n_att + running
-        n_acc = n_acc + accept
-        stepper.prepare_interp(t1m, y1)  # every row's f(t1, y1) (non-FSAL methods)
-        # outputs in (t, t1] of the accepted rows, written at the next synchronisation
-        upto = torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0]
-        cnt = torch.where(accept, upto - i_out, 0)
-        i_new = i_out + cnt
-        status = torch.where(accept & (t1m == t_end), _SUCCESS, status)
-        t_new = torch.where(accept, t1m, t)
-        y_new = torch.where(accept[:, None], y1, y)
-        h = torch.where(running, h_next if adaptive else hh, h)
-        return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == _RUNNING, n_att,
-                n_acc, n_rej, i_new, k_grid)
+    batch_step = BatchStep(stepper, controller, max_num_steps)
+    propose, attempt = batch_step.propose, batch_step.attempt
 
     calls = stepper.s - 1 + (0 if stepper.fsal else 1)  # evaluations of f per attempt
     if compile_step:
@@ -428,19 +379,89 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     ys = torch.where(mask[:, :, None], out[:T], math.nan)
     res = BatchedResult(ys, status_full, t_final, y_final, n_acc_full, n_rej_full, reached,
                         h_final, event_t)
-    msgs = _messages(res, name, max_num_steps, ts, stiff_at)
-    if not adaptive:  # a fixed grid's non-finite state: where it was last finite
-        msgs = [nonfinite_grid_message(f"sample {b}: {name}", tf, tf + hf, hf)
-                if c == _NONFINITE and res.n_accepted[b] > 0 else msg
-                for b, (c, tf, hf, msg) in enumerate(zip(
-                    res.status.tolist(), t_final.tolist(), h_final.tolist(), msgs))]
+    msgs = _messages(res, name, max_num_steps, ts, stiff_at, adaptive)
     if throw:
-        bad = [b for b, s in enumerate(res.status.tolist()) if NAMES[s] in ERRORS]
-        if bad:
-            code = int(res.status[bad[0]])
-            more = f" ({len(bad)} of {B} samples failed)" if len(bad) > 1 else ""
-            raise ERRORS[NAMES[code]](msgs[bad[0]] + more)
+        raise_failures(res, msgs)
     return res, msgs
+
+
+def raise_failures(res: BatchedResult, msgs: list[str]) -> None:
+    """Raise the first failed sample's error (its status's class), saying how many failed."""
+    bad = [b for b, s in enumerate(res.status.tolist()) if NAMES[s] in ERRORS]
+    if bad:
+        code = int(res.status[bad[0]])
+        more = f" ({len(bad)} of {len(msgs)} samples failed)" if len(bad) > 1 else ""
+        raise ERRORS[NAMES[code]](msgs[bad[0]] + more)
+
+
+class BatchStep:
+    """One step of every row of a batch, without host synchronisation: where each running
+    row's attempt ends (``propose``) and the attempt with its verdict and bookkeeping
+    (``attempt``). The eager driver (``integrate_batched``) and the compiled one
+    (``compiled.integrate_compiled``) run these same two functions."""
+
+    def __init__(self, stepper, controller, max_num_steps: int, fused: bool = False):
+        self.stepper, self.controller = stepper, controller
+        self.max_num_steps = max_num_steps
+        self.adaptive = controller.adaptive
+        self.fused = fused  # compiled: the outputs in a step counted by comparisons
+
+    def propose(self, t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev,
+                n_bad, stop):
+        """Where each running row's attempt ends, the per-row stop checks, and the values
+        of the step's one synchronisation (rows running, outputs of the last step)."""
+        t1 = self.controller.propose(t, h, stop, dirn)
+        hh = t1 - t
+        tiny = ~torch.isfinite(hh) | (hh.abs() <= 4 * ulp(torch.maximum(t.abs(), t1.abs())))
+        status = torch.where(running & tiny, torch.where(nonfinite, _NONFINITE, _STEP_SIZE),
+                             status)
+        status = torch.where(running & ~tiny & (n_att >= self.max_num_steps), _MAX_STEPS,
+                             status)
+        running = status == _RUNNING
+        return t1, hh, status, running, torch.stack([running.sum(), n_out.max(), n_ev, n_bad])
+
+    def attempt(self, t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc,
+                n_rej, i_out, k_grid):
+        """One attempt of every running row: the stepper's step, the controller's verdict,
+        and the per-row bookkeeping (no host synchronisation)."""
+        stepper, controller, adaptive = self.stepper, self.controller, self.adaptive
+        hm = torch.where(running, hh, 0.0)
+        y1 = stepper.step(t, y, hm)
+        t1m = torch.where(running, t1, t)
+        if adaptive:
+            # an implicit stepper's rows whose Newton solve failed: retried with a shorter
+            # step, as the float clock retries after a ``StepFailure``
+            failed = getattr(stepper, "failed", None)
+            live = running if failed is None else running & ~failed
+            accept, h_next = controller.judge(y1, stepper.error(), hm, dirn, live)
+            if failed is not None:
+                h_next = torch.where(failed, controller.shrink(hm, stepper.failure_factor,
+                                                               dirn), h_next)
+            n_rej = n_rej + (running & ~accept)
+        else:
+            ok = torch.isfinite(y1.detach()).all(1)
+            status = torch.where(running & ~ok, _NONFINITE, status)
+            failed = getattr(stepper, "failed", None)
+            if failed is not None:  # an implicit step not solved: the row ends there
+                status = torch.where(running & failed, _CONVERGENCE, status)
+                ok = ok & ~failed
+            accept = running & ok
+            k_grid = k_grid + running
+            h_next = hh
+        n_att = n_att + running
+        n_acc = n_acc + accept
+        stepper.prepare_interp(t1m, y1)  # every row's f(t1, y1) (non-FSAL methods)
+        # outputs in (t, t1] of the accepted rows
+        upto = ((key <= (dirn * t1m)[:, None]).sum(1) if self.fused else
+                torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0])
+        cnt = torch.where(accept, upto - i_out, 0)
+        i_new = i_out + cnt
+        status = torch.where(accept & (t1m == t_end), _SUCCESS, status)
+        t_new = torch.where(accept, t1m, t)
+        y_new = torch.where(accept[:, None], y1, y)
+        h = torch.where(running, h_next if adaptive else hh, h)
+        return (y1, hm, t1m, cnt, accept, t_new, y_new, h, status, status == _RUNNING, n_att,
+                n_acc, n_rej, i_new, k_grid)
 
 
 def next_output(key: torch.Tensor, i_out: torch.Tensor, dirn: torch.Tensor) -> torch.Tensor:

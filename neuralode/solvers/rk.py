@@ -58,11 +58,13 @@ def _coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device,
     return a_rows, b, b_err, dense_t
 
 
-def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Tensor:
+def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype, fused: bool = False
+                  ) -> torch.Tensor:
     """Weights of the extended stages at the step fractions ``thetas``, computed in
     ``dense_t``'s dtype (float64, or float32 on a device without it) and returned in
     ``dtype``: (m, s_ext) for a list of m fractions, (..., m, s_ext) for a tensor (..., m)
-    of them (per sample)."""
+    of them (per sample). ``fused``: the product with ``dense_t`` as a sum of products,
+    which a compiler fuses with its neighbours (a matrix product is a kernel of its own)."""
     wdt = dense_t.dtype
     if isinstance(thetas, list):
         powers = torch.tensor([[th ** (k + 1) for k in range(degree)] for th in thetas],
@@ -70,20 +72,21 @@ def dense_weights(dense_t: torch.Tensor, thetas, degree: int, dtype) -> torch.Te
     else:
         powers = thetas.to(wdt)[..., None] ** torch.arange(1, degree + 1,
                                                            device=thetas.device, dtype=wdt)
-    w = powers @ dense_t
+    w = (powers[..., None] * dense_t).sum(-2) if fused else powers @ dense_t
     return w if dtype == wdt else w.to(dtype)
 
 
-def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor, fused: bool = False
+                  ) -> torch.Tensor:
     """The interpolant y + h sum_s w_s K_s. One problem: y (n,), h a float, w (m, s_ext),
     K (s_ext, n) -> (m, n). Per sample: y (B, n), h (B,), w (B, m, s_ext), K (B, s_ext, n)
-    -> (B, m, n)."""
+    -> (B, m, n) (``fused``: as in ``dense_weights``)."""
     if isinstance(h, float):
         if y.dtype == torch.float64:
             return torch.addmm(y.unsqueeze(0), w, K, alpha=h)
         # below float64 the product is formed first and added once (one rounding)
         return torch.add(y.unsqueeze(0), torch.mm(w, K), alpha=h)
-    comb = torch.bmm(w, K)
+    comb = (w[..., None] * K[:, None]).sum(-2) if fused else torch.bmm(w, K)
     return torch.addcmul(y.unsqueeze(-2), column(h, comb), comb)
 
 
@@ -109,6 +112,16 @@ def add_terms(y, terms, h, precise: bool):
     out = y
     for k, c in terms:
         out = torch.add(out, k, alpha=h * c)
+    return out
+
+
+def linear_combination(ks: list, coeffs: list) -> torch.Tensor:
+    """sum_j c_j ks[j] for ``coeffs`` = [(j, c_j), ...] (elementwise: it fuses when
+    compiled)."""
+    (j0, c0), rest = coeffs[0], coeffs[1:]
+    out = ks[j0] * c0
+    for j, c in rest:
+        out = torch.add(out, ks[j], alpha=c)
     return out
 
 
@@ -174,6 +187,11 @@ class RKStepper:
         self.order = tab.order
         self.error_order = tab.error_order
         self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
+        # the compiled driver's form of the per-sample step: sums of scaled stages (they
+        # fuse under the compiler), where the eager step uses matrix-vector products
+        self.fused = False
+        self.berr_nz = [] if tab.b_err is None else \
+            [(j, float(x)) for j, x in enumerate(tab.b_err) if x != 0.0]
 
     # -- per solve --------------------------------------------------------------------
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
@@ -279,6 +297,8 @@ class RKStepper:
         times this (the controller applies the factor h to the norm)."""
         if self.graph:
             with torch.no_grad():
+                if self.fused:
+                    return linear_combination(self.ks, self.berr_nz)
                 return torch.tensordot(self.b_err, torch.stack(self.ks[: self.s]), dims=1)
         err = torch.mv(self.KT[self.s], self.b_err)
         return err.view(self.K.shape[1:]) if self.batch else err
@@ -320,8 +340,8 @@ class RKStepper:
         if not isinstance(thetas, list):
             if self.linear:
                 return chord(y, self.y1, thetas)
-            w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)
-            return dense_combine(y, h, w, self.stages().transpose(0, 1))
+            w = dense_weights(self.dense_t, thetas, self.degree, y.dtype, self.fused)
+            return dense_combine(y, h, w, self.stages().transpose(0, 1), self.fused)
         if self.linear:
             return chord(y, self.y1 if row is None else self.y1[row], thetas)
         w = dense_weights(self.dense_t, thetas, self.degree, y.dtype)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from neuralode.solvers.elementwise import isfinite, where
+from neuralode.solvers.rk import linear_combination
 from neuralode.solvers.tableau import ButcherTableau
 
 CHECK_EVERY = 1000
@@ -74,11 +75,13 @@ def stiff_pair(tab: ButcherTableau) -> tuple[int, int, list[float]] | None:
     return i, j, [float(a[j, m] - a[i, m]) for m in range(j)]
 
 
-def stiffness_ratio(K: torch.Tensor, i: int, j: int, d: torch.Tensor):
+def stiffness_ratio(K: torch.Tensor, i: int, j: int, d: list[float]):
     """h rho from the stages K of the last step: (s, n) -> a float (one problem), (s, B, n)
     -> (B,) float64 (per sample)."""
     num = torch.linalg.vector_norm(K[j] - K[i], dim=-1)
-    den = torch.linalg.vector_norm(torch.tensordot(d, K[:j], 1), dim=-1)
+    # sum_m d_m K_m written out (it fuses in a compiled loop, which tests every step)
+    den = torch.linalg.vector_norm(linear_combination(K, [(m, c) for m, c in enumerate(d)
+                                                          if c != 0.0]), dim=-1)
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
     return float(ratio) if K.dim() == 2 else ratio.to(torch.float64)
 
@@ -111,14 +114,11 @@ class StiffnessCheck:
         self.limit = max_stiff_steps
         self.stiff: Any = 0
         self.calm: Any = 0
-        self.d_tensor: torch.Tensor | None = None
 
     def _update(self, K: torch.Tensor, t, h, t_end, counted):
         """The counters after a step (``counted``: it was accepted; per row a mask), and
         (h rho, whether the test fires, the steps that would remain)."""
-        if self.d_tensor is None or self.d_tensor.dtype != K.dtype:
-            self.d_tensor = torch.tensor(self.d, dtype=K.dtype, device=K.device)
-        ratio = stiffness_ratio(K.detach(), self.i, self.j, self.d_tensor)
+        ratio = stiffness_ratio(K.detach(), self.i, self.j, self.d)
         hit = ratio >= self.bound
         calm = where(counted, where(hit, 0, self.calm + 1), self.calm)
         stiff = where(counted & hit, self.stiff + 1, self.stiff)

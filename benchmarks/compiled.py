@@ -1,0 +1,272 @@
+"""Compiled solves (``options={"compile": True}``, issue 18) against eager neuralode,
+torchdiffeq and torchode (eager and compiled), in one interleaved run (medians, one thread;
+every compiled function is compiled before the timed rounds: compile times are printed
+separately).
+
+  (a) 2-D linear spiral, 200 outputs, dopri5 rtol = atol = 1e-6, float64 (loop.py's (a))
+  (r) a 3-element state with an explicit method: Lorenz '63 on [0, 2], 100 outputs, dopri5
+      1e-6, float64
+  (b) MLP 512x32 width 64 (loop.py's (b)), dopri5 1e-5, float32: forward overhead ratio
+      (time / (NFE x one f)); an adjoint training step (forward + backward)
+  (v) 256 Van der Pol oscillators per sample (per_sample.py's (a)), dopri5 1e-6, float64
+  (d) rk4 on the MLP of (b), step 0.05 on [0, 1]: compiled neuralode against a hand-written
+      loop of the same arithmetic compiled by torch.compile
+
+For each row: the steps (accepted/rejected) of eager and compiled neuralode and the largest
+difference of their outputs, which must be rounding.
+
+    python benchmarks/compiled.py [--only a,r,b,v,d] [--repeats 11] [--libs torchdiffeq,torchode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _util import interleaved, loadavg, optional  # noqa: E402 (from HERE, put on the path)
+
+import neuralode  # noqa: E402
+from neuralode.solvers import compiled as compiled_driver  # noqa: E402
+
+C = {"compile": True}
+
+
+class MLP(nn.Module):
+    def __init__(self, dim=32, width=64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+class Flat(nn.Module):
+    """f on a state flattened to (1, n) (torchode's batch of one problem)."""
+
+    def __init__(self, f, shape):
+        super().__init__()
+        self.f, self.shape = f, shape
+
+    def forward(self, t, y):
+        return self.f(t, y.view(self.shape)).reshape(y.shape)
+
+
+def first_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def torchode_solvers(to, f, y0, t, tol, batch: bool):
+    """torchode's solve, eager and (where torch.compile takes it) compiled."""
+    term = to.ODETerm(f if batch else Flat(f, y0.shape))
+    step = to.Dopri5(term=term)
+    ctrl = to.IntegralController(atol=tol, rtol=tol, term=term)
+    solver = to.AutoDiffAdjoint(step, ctrl)
+    yb = y0 if batch else y0.reshape(1, -1)
+    tb = t.to(y0.dtype).expand(yb.shape[0], -1)
+    prob = to.InitialValueProblem(y0=yb, t_eval=tb)
+    out = {"torchode eager": lambda: solver.solve(prob)}
+    try:
+        jit = torch.compile(solver)
+        compile_s = first_call(lambda: jit.solve(prob))
+        out["torchode compiled"] = lambda: jit.solve(prob)
+        print(f"# torchode compiled: first call {compile_s:.1f} s")
+    except Exception as exc:  # its compile may fail on this torch: say so, keep eager
+        print(f"# torchode compiled failed: {type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def compare(label, e, c) -> None:
+    na = (e.stats.n_accepted, c.stats.n_accepted)
+    nr = (e.stats.n_rejected, c.stats.n_rejected)
+    ye, yc = (e.ys, c.ys)
+    diff = float((ye - yc).abs().max())
+    scale = float(ye.abs().max())
+    same = torch.equal(torch.as_tensor(na[0]), torch.as_tensor(na[1])) and \
+        torch.equal(torch.as_tensor(nr[0]), torch.as_tensor(nr[1]))
+    print(f"{label}: steps equal {same} (accepted {_short(na[0])}, rejected {_short(nr[0])}); "
+          f"max |eager - compiled| {diff:.1e} (max |y| {scale:.2g}); compile "
+          f"{c.stats.compile_s:.1f} s" if c.stats.n_compiles else
+          f"{label}: steps equal {same}; max |eager - compiled| {diff:.1e} (loop reused)")
+
+
+def _short(v):
+    v = torch.as_tensor(v)
+    return int(v) if v.dim() == 0 else f"{int(v.sum())} over {v.numel()} samples"
+
+
+def table(title, times: dict, base: str = "neuralode eager", nfe: dict | None = None) -> None:
+    print(f"\n{title} ({loadavg()})")
+    print("| solver | median ms | eager neuralode / this |" + (" NFE |" if nfe else ""))
+    print("|---|---|---|" + ("---|" if nfe else ""))
+    for k, v in times.items():
+        extra = f" {nfe.get(k, '')} |" if nfe else ""
+        print(f"| {k} | {v * 1e3:.3f} | {times[base] / v:.2f} |{extra}")
+
+
+def case_small(name, f, y0, t, tol, repeats, libs):
+    e = neuralode.solve(f, y0, t, rtol=tol, atol=tol)
+    c = neuralode.solve(f, y0, t, rtol=tol, atol=tol, options=C)
+    compare(name, e, c)
+    fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
+           "neuralode compiled": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
+                                                          options=C)}
+    if libs.get("torchdiffeq") is not None:
+        tdq = libs["torchdiffeq"]
+        fns["torchdiffeq"] = lambda: tdq.odeint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
+    if libs.get("torchode") is not None:
+        fns.update(torchode_solvers(libs["torchode"], f, y0, t, tol, batch=False))
+    table(name, interleaved(fns, repeats, warm=True))
+
+
+def case_a(repeats, libs):
+    A = torch.tensor([[-0.1, -1.0], [1.0, -0.1]], dtype=torch.float64)
+
+    def f(t, y):
+        return torch.mv(A, y)
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0, 25, 200, dtype=torch.float64)
+    case_small("(a) spiral, 200 outputs, dopri5 1e-6, float64", f, y0, t, 1e-6, repeats, libs)
+
+
+def case_r(repeats, libs):
+    def lorenz(t, y):
+        x, yy, z = y.unbind(-1)
+        return torch.stack([10.0 * (yy - x), x * (28.0 - z) - yy, x * yy - 8.0 / 3.0 * z], -1)
+    y0 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    t = torch.linspace(0, 2, 100, dtype=torch.float64)
+    case_small("(r) Lorenz (3 states), 100 outputs, dopri5 1e-6, float64", lorenz, y0, t, 1e-6,
+               repeats, libs)
+
+
+def case_b(repeats, libs):
+    torch.manual_seed(0)
+    f = MLP()
+    y0 = torch.randn(512, 32)
+    t = torch.tensor([0.0, 1.0])
+    tol = 1e-5
+    e = neuralode.solve(f, y0, t, rtol=tol, atol=tol)
+    c = neuralode.solve(f, y0, t, rtol=tol, atol=tol, options=C)
+    compare("(b) MLP forward", e, c)
+    nfe = e.stats.nfe
+
+    def f_batch():
+        with torch.no_grad():
+            for _ in range(nfe):
+                f(t[0], y0)
+    with torch.no_grad():
+        fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
+               "neuralode compiled": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
+                                                              options=C),
+               f"{nfe} evaluations of f": f_batch}
+        times = interleaved(fns, repeats, warm=True)
+    table("(b) MLP 512x32, dopri5 1e-5, float32, forward (overhead ratio = time / "
+          f"{nfe} evaluations of f)", times)
+    for k in ("neuralode eager", "neuralode compiled"):
+        print(f"overhead ratio {k}: {times[k] / times[f'{nfe} evaluations of f']:.3f}")
+    # an adjoint training step
+    target = torch.randn(512, 32)
+
+    def train_step(options):
+        def run():
+            f.zero_grad()
+            ys = neuralode.odeint_adjoint(f, y0, t, rtol=tol, atol=tol, options=options)
+            ((ys[-1] - target) ** 2).mean().backward()
+        return run
+    first_call(train_step(C))
+    times = interleaved({"neuralode eager": train_step({}),
+                         "neuralode compiled": train_step(C)}, repeats, warm=True)
+    table("(b) MLP adjoint training step (forward + backward), dopri5 1e-5, float32", times)
+
+
+def case_v(repeats, libs):
+    g = torch.Generator().manual_seed(0)
+    B = 256
+    mu = torch.rand(B, generator=g, dtype=torch.float64) * 9 + 1
+    y0 = torch.randn(B, 2, generator=g, dtype=torch.float64) * 2
+    t = torch.linspace(0, 10, 11, dtype=torch.float64)
+    tol = 1e-6
+
+    class VdP(nn.Module):
+        def forward(self, t, y):
+            x, v = y[..., 0], y[..., 1]
+            return torch.stack([v, mu * (1 - x ** 2) * v - x], -1)
+    f = VdP()
+    e = neuralode.solve(f, y0, t, rtol=tol, atol=tol, per_sample=True)
+    c = neuralode.solve(f, y0, t, rtol=tol, atol=tol, per_sample=True, options=C)
+    compare("(v) 256 Van der Pol per sample", e, c)
+    fns = {"neuralode eager": lambda: neuralode.solve(f, y0, t, rtol=tol, atol=tol,
+                                                      per_sample=True),
+           "neuralode compiled": lambda: neuralode.solve(f, y0, t, rtol=tol, atol=tol,
+                                                         per_sample=True, options=C)}
+    if libs.get("torchode") is not None:
+        fns.update(torchode_solvers(libs["torchode"], f, y0, t, tol, batch=True))
+    table("(v) 256 Van der Pol per sample, dopri5 1e-6, float64", interleaved(fns, repeats,
+                                                                              warm=True))
+
+
+def case_d(repeats, libs):
+    torch.manual_seed(0)
+    f = MLP()
+    y0 = torch.randn(512, 32)
+    t = torch.tensor([0.0, 1.0])
+    h, n = 0.05, 20
+    opts = {"step_size": h}
+
+    def rk4_loop(y):  # the same arithmetic as neuralode's rk4 (3/8 rule), written by hand
+        tt = t[0]
+        for _ in range(n):
+            k1 = f(tt, y)
+            k2 = f(tt + h / 3, y + h * k1 / 3)
+            k3 = f(tt + 2 * h / 3, y + h * (k2 - k1 / 3))
+            k4 = f(tt + h, y + h * (k1 - k2 + k3))
+            y = y + h * (k1 + 3 * (k2 + k3) + k4) / 8
+            tt = tt + h
+        return y
+    hand = torch.compile(rk4_loop, fullgraph=True)
+    with torch.no_grad():
+        e = neuralode.solve(f, y0, t, method="rk4", options=opts)
+        c = neuralode.solve(f, y0, t, method="rk4", options={**opts, **C})
+        compare("(d) rk4 fixed grid", e, c)
+        print(f"# hand-written compiled loop: first call {first_call(lambda: hand(y0)):.1f} s;"
+              f" max |hand - neuralode| {float((hand(y0) - e.ys[-1]).abs().max()):.1e}")
+        fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, method="rk4",
+                                                           options=opts),
+               "neuralode compiled": lambda: neuralode.odeint(f, y0, t, method="rk4",
+                                                              options={**opts, **C}),
+               "hand-written loop, compiled": lambda: hand(y0)}
+        times = interleaved(fns, repeats, warm=True)
+    table("(d) rk4 on the MLP, step 0.05 on [0, 1], float32, forward", times)
+    print(f"compiled neuralode / hand-written compiled loop: "
+          f"{times['neuralode compiled'] / times['hand-written loop, compiled']:.3f}")
+
+
+CASES = {"a": case_a, "r": case_r, "b": case_b, "v": case_v, "d": case_d}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="a,r,b,v,d")
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--libs", default="torchdiffeq,torchode")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    libs = {name: optional(name) for name in args.libs.split(",") if name}
+    print(f"# torch {torch.__version__}, {loadavg()}")
+    for key in args.only.split(","):
+        before = len(compiled_driver.COMPILES)
+        CASES[key](args.repeats, libs)
+        print(f"# inductor compilations in ({key}): {len(compiled_driver.COMPILES) - before}, "
+              f"{sum(compiled_driver.COMPILES[before:]):.1f} s\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Compiled solves: ``options={"compile": True}`` (or a ``torch.compile`` backend name).
+
+The whole solve runs as one compiled graph (``neuralode.solvers.compiled``): steps,
+accept/reject, step-size control, outputs, termination, statistics and status, with no host
+synchronisation between the first step and the last. Its results are the eager solve's: the
+same steps and accepted/rejected counts, outputs equal to rounding.
+
+* One problem (``solve``/``odeint``/``odeint_adjoint``): the problem is solved as a
+  per-sample batch of one on the tensor clock (``func`` still sees the problem's own shapes
+  and a 0-d time), and the result unwrapped. Per sample (``per_sample=True``): the batch.
+* Served: the explicit Runge–Kutta methods (adaptive and fixed grid), float32 and float64,
+  tensors and tuples; gradients by backprop (autograd through the compiled loop) and by the
+  adjoint (``odeint_adjoint`` / ``gradient="adjoint"``: the forward solve compiled, the
+  backward solve eager on the batched driver).
+* Refused with a clear error: the implicit, Rosenbrock, multistep and scipy methods,
+  ``gradient="checkpoint"`` and the interpolated adjoint, events, dense output, callbacks,
+  ``step_t``/``jump_t``/``perturb``/``grid_constructor``, a user error norm, gradients
+  with respect to ``t``, ``shrink``.
+* Compilation: once per structure (method, controller settings, shapes, dtypes, number of
+  output times, ``func``'s type); tolerances, output times, ``y0`` and parameters are
+  inputs, so changing them does not recompile. ``stats.compile_s`` gives the seconds of the
+  call that compiled (0.0 when the compiled loop was reused), ``stats.n_compiles`` the
+  compilations it triggered (a backward graph counts too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from neuralode.errors import ODEInputError
+from neuralode.problem import check_t, check_y0
+from neuralode.solution import Solution
+from neuralode.solvers.base import SolverStats
+
+__all__ = ["solve_compiled_one", "wants_compile"]
+
+
+def wants_compile(options) -> bool:
+    """Does ``options`` ask for the compiled path (True or a backend name)?"""
+    if not isinstance(options, dict):
+        return False
+    c = options.get("compile", False)
+    if c is not False and c is not None and not isinstance(c, (bool, str)):
+        raise ODEInputError(f"options['compile'] must be True, False or a torch.compile "
+                            f"backend name (e.g. 'inductor'), got {c!r}")
+    return bool(c)
+
+
+def _one_as_batch(func: Callable, is_tuple: bool) -> Callable:
+    """``func`` of one problem as the per-sample function of a batch of one: t (1,), y (1, ...)
+    -> (1, ...)."""
+    if is_tuple:
+        def batch_func(t, y):
+            out = func(t[0] if t.dim() else t, tuple(v[0] for v in y))
+            if not isinstance(out, (tuple, list)):
+                return out  # the shape check reports it
+            return tuple(v.unsqueeze(0) for v in out)
+        return batch_func
+
+    def batch_func(t, y):
+        out = func(t[0] if t.dim() else t, y[0])
+        return out.unsqueeze(0) if isinstance(out, torch.Tensor) else out
+    return batch_func
+
+
+def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=None,
+                       options=None, event_fn=None, dense: bool = False, throw: bool = True
+                       ) -> Solution:
+    """One problem's compiled solve, differentiated by ``strategy``: a batch of one on the
+    compiled tensor clock, unwrapped into a ``Solution``."""
+    if event_fn is not None or dense:
+        raise ODEInputError("the compiled solve (options['compile']) serves neither event_fn "
+                            "nor dense=True; solve without 'compile' for them")
+    items, is_tuple = check_y0(y0)
+    t = check_t(t)
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ODEInputError("the compiled solve (options['compile']) does not differentiate "
+                            "with respect to t; detach t or solve without 'compile'")
+    yb = tuple(v.unsqueeze(0) for v in items) if is_tuple else items[0].unsqueeze(0)
+    batch_func = _one_as_batch(func, is_tuple)
+    for name in ("callback_step", "callback_accept_step", "callback_reject_step"):
+        if callable(getattr(func, name, None)) or callable(getattr(func, name + "_adjoint",
+                                                                   None)):
+            raise ODEInputError(f"the compiled solve (options['compile']) does not call "
+                                f"callbacks (func.{name}); solve without 'compile'")
+    strategy = strategy.bind_params(func, lambda: func(
+        t[0].to(items[0].dtype.to_real()),
+        tuple(v.detach() for v in items) if is_tuple else items[0].detach()))
+    sol = strategy.solve(batch_func, yb, t, rtol=rtol, atol=atol, method=method,
+                         options=options, throw=throw, per_sample=True)
+    ps = sol.stats
+    stats = SolverStats(method=ps.method, nfe=ps.nfe, n_accepted=int(ps.n_accepted[0]),
+                        n_rejected=int(ps.n_rejected[0]),
+                        status=ps.status[0] if ps.status else sol.status[0],
+                        message=ps.message[0] if ps.message else "",
+                        t_final=float(sol.t_final[0].detach()) if sol.t_final is not None else
+                        float("nan"),
+                        compile_s=ps.compile_s, n_compiles=ps.n_compiles)
+    stats.extra = ps.extra  # the same dict: an adjoint's backward statistics arrive later
+    ys = tuple(v[:, 0] for v in sol.ys) if is_tuple else sol.ys[:, 0]
+    y_final = tuple(v[0] for v in sol.y_final) if is_tuple else sol.y_final[0]
+    return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
+                    t_final=stats.t_final, y_final=y_final)

@@ -1,0 +1,364 @@
+"""The compiled driver: a whole solve of the tensor clock as one compiled graph.
+
+``integrate_compiled`` runs the loop of ``batched.integrate_batched`` (every sample its own
+time, step size, acceptance, outputs, statistics and status) inside one
+``torch._higher_order_ops.while_loop`` compiled by ``torch.compile(fullgraph=True)``: the
+steps, the accept/reject decisions, the step-size control, the outputs written into a
+preallocated buffer, termination, statistics and status all stay in the graph, with no host
+synchronisation between the first step and the last. The attempt is the same code as the
+eager driver's (``batched.BatchStep``: the stepper's ``step``, the controller's ``propose``
+and ``judge``, the per-row bookkeeping); what is this module's own is how their state is
+carried through the loop (as tensors, since a compiled loop body cannot change objects that
+live outside it) and how outputs are written without a host-side count.
+
+Outputs: after each accepted step its output times are interpolated on that step, at most
+``window`` of them per row and iteration; a row with more output times in one step than the
+window writes the rest in the next iterations before it attempts its next step (its own
+steps are unchanged: a row that does not attempt keeps its time, state, step size and
+controller history, as a finished row does in the eager driver).
+
+Served: the explicit Runge–Kutta methods, adaptive and on fixed grids, float32 and float64
+states, tensors and tuples (flat rows), the stiffness test of the explicit methods (on the
+rows' own attempt counts), backprop through the compiled loop. Not served (the callers
+refuse them with a clear error): events, dense output, ``shrink``, callbacks, the implicit
+and Rosenbrock methods (their Newton iterations and Jacobian reuse branch on the host).
+
+Compilation: the loop is compiled once per structure (method, controller settings, state
+shape and dtype, number of output times, ``func``'s code); the tolerances (scalar ``rtol``/
+``atol``), the output times, ``y0`` and ``func``'s parameters enter as tensors, so changing
+them does not recompile. ``COMPILES`` counts the compilations of this process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch._higher_order_ops import while_loop
+
+from neuralode.solvers.batched import (
+    BatchedResult,
+    BatchStep,
+    _messages,
+    integrate_batched,
+    raise_failures,
+)
+from neuralode.solvers.status import CODE, NONFINITE, RUNNING, STEP_SIZE, STIFF, SUCCESS
+from neuralode.solvers.stiffness import CHECK_EVERY, StiffnessCheck
+
+_RUNNING, _STIFF = CODE[RUNNING], CODE[STIFF]
+
+
+class CompileFallbackWarning(UserWarning):
+    """A compiled solve that torch.compile could not capture ran eagerly."""
+
+WINDOW_ELEMENTS = 1 << 16
+MAX_WINDOW = 1 << 30  # the output window: about this many interpolated numbers a step
+COMPILES: list[float] = []
+# inductor: C++ host code around the kernels (the loop's iterations would otherwise each run
+# tens of Python-level buffer checks), small matrix products written as fused arithmetic
+INDUCTOR_SETTINGS = {"cpp_wrapper": True, "decompose_mem_bound_mm": True}  # seconds of each compilation (inductor) of this process
+
+
+def _fork(obj, **attrs):
+    """A shallow copy of ``obj`` with ``attrs`` set: the loop body's own stepper or
+    controller, carrying the tensors of one iteration (the originals stay untouched)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(attrs)
+    return new
+
+
+def _counting_backend(backend: str):
+    """The backend, timing each compilation into ``COMPILES``."""
+    if backend != "inductor":
+        inner: Any = backend
+    else:  # (imported here: torch's compiler takes seconds to import, most solves skip it)
+        from torch._inductor.compile_fx import compile_fx
+        inner = compile_fx
+
+    def compile_graph(gm, example_inputs):
+        start = time.perf_counter()
+        if callable(inner):
+            settings = dict(INDUCTOR_SETTINGS)
+            if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False)
+                                               for x in example_inputs):
+                settings["cpp_wrapper"] = False  # (torch 2.13: not for a loop's backward)
+            with torch._inductor.config.patch(settings):
+                fn = inner(gm, example_inputs)
+        else:
+            fn = torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+        COMPILES.append(time.perf_counter() - start)
+        return fn
+    return compile_graph
+
+
+_LOOPS: dict = {}  # backend -> the compiled loop function
+
+
+def _compiled_loop(backend: str):
+    if backend not in _LOOPS:
+        _LOOPS[backend] = torch.compile(_loop, fullgraph=True, dynamic=False,
+                                        backend=_counting_backend(backend))
+    return _LOOPS[backend]
+
+
+class _Spec:
+    """What the loop body needs besides its carried tensors (fixed per structure)."""
+
+    def __init__(self, stepper, controller, stiffness, max_num_steps: int, window: int,
+                 hist_names: tuple, groups: tuple, T: int):
+        self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
+        self.max_num_steps = max_num_steps
+        self.window, self.hist_names, self.groups, self.T = window, hist_names, groups, T
+        self.adaptive = controller.adaptive
+
+
+def _groups(state: dict) -> tuple:
+    """The carried state's names grouped by dtype and shape: each group travels through the
+    loop as one stacked tensor (every carried tensor costs an allocation per iteration)."""
+    groups: dict = {}
+    for name, v in state.items():
+        groups.setdefault((v.dtype, tuple(v.shape)), []).append(name)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def _pack(state: dict, groups: tuple) -> tuple:
+    return tuple(torch.stack([state[n] for n in g]) for g in groups)
+
+
+def _unpack(packs: tuple, groups: tuple) -> dict:
+    return {n: p[k] for p, g in zip(packs, groups) for k, n in enumerate(g)}
+
+
+def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
+    """The whole solve: ``while_loop`` over iterations, each one attempt of the rows that
+    may step and one window of output writes. ``carry``: (out, *packed state)."""
+    stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
+    T, W, adaptive, groups = spec.T, spec.window, spec.adaptive, spec.groups
+    names = spec.hist_names
+    j = torch.arange(W, device=ts.device)[None, :]
+    extra = {} if not adaptive else {
+        "norm": _fork(ctl0.norm, rtol=tol[0], atol=tol[1]) if tol is not None else ctl0.norm}
+
+    def cond(out, *packs):
+        c = _unpack(packs, groups)
+        return ((c["status"] == _RUNNING) | (c["i_w"] < c["i_out"])).any()
+
+    def write(out, *packs):
+        """The outputs i_w .. i_w + W - 1 (those below i_out) of each row's segment."""
+        c = _unpack(packs, groups)
+        i_w, i_out, seg_h, seg_t, seg_t1 = c["i_w"], c["i_out"], c["seg_h"], c["seg_t"], \
+            c["seg_t1"]
+        seg_y, seg_y1 = c["seg_y"], c["seg_y1"]
+        seg_K = [c[f"seg_K{i}"] for i in range(stepper0.s_ext)]
+        idx = i_w[:, None] + j
+        valid = idx < i_out[:, None]
+        idx = torch.where(valid, idx, T)
+        t_o = ts.gather(1, idx.clamp(max=T - 1))
+        hs = torch.where(seg_h != 0, seg_h, 1.0)[:, None]
+        theta = torch.where(valid, (t_o - seg_t[:, None]) / hs, 0.0)
+        seg = _fork(stepper0, f0=None, ks=seg_K, y1=seg_y1)
+        val = seg.interpolate(seg_y, seg_h, theta)
+        val = torch.where((t_o == seg_t1[:, None])[..., None], seg_y1[:, None], val)
+        rows = torch.arange(out.shape[1], device=out.device)[:, None].expand_as(idx)
+        return out.index_put((idx, rows), val)
+
+    def keep(out, *rest):
+        return out.clone()
+
+    def body(out, *packs):
+        c = _unpack(packs, groups)
+        stepper = _fork(stepper0, f0=c["f0"], ks=None)
+        ctl = _fork(ctl0, **extra, **{n: c["hist_" + n] for n in names})
+        step = BatchStep(stepper, ctl, spec.max_num_steps, fused=True)
+        status, i_w, i_out = c["status"], c["i_w"], c["i_out"]
+        t, y, h, k_grid = c["t"], c["y"], c["h"], c["k_grid"]
+        backlog = i_w < i_out
+        go = (status == _RUNNING) & ~backlog
+        none = torch.zeros_like(status)
+        if adaptive:
+            t1, hh, status, _, _ = step.propose(t, h, t_end, dirn, go, status, c["n_att"],
+                                                ctl.nonfinite, none, none[0], none[0], t_end)
+            go = (status == _RUNNING) & ~backlog
+        else:
+            t1 = ctl.point(k_grid + 1)
+            go = go & (k_grid < ctl.n)
+            hh = t1 - t
+        t_old, y_old = t, y
+        (y1, hm, t1m, _, accept, t, y, h, status, _, n_att, n_acc, n_rej, i_out,
+         k_grid) = step.attempt(t, y, h, hh, t1, t_end, dirn, key, go, status, c["n_att"],
+                                c["n_acc"], c["n_rej"], i_out, k_grid)
+        new = {"it": c["it"] + 1, "it_step": c["it_step"] + go.any(), "t": t, "y": y,
+               "h": h, "n_att": n_att, "n_acc": n_acc, "n_rej": n_rej, "k_grid": k_grid}
+        stages = stepper.stages()
+        if stiff0 is not None:
+            # the explicit methods' stiffness test (eager: every CHECK_EVERY attempts of the
+            # batch and at each while a row is suspect), here on the step count
+            due = (new["it_step"] % CHECK_EVERY == 0) | (c["stiff"] > 0).any()
+            test = _fork(stiff0, stiff=c["stiff"], calm=c["calm"])
+            ratio, fire, remaining = test._update(stages, t, hm, t_end, accept & due)
+            new["stiff"], new["calm"] = test.stiff, test.calm
+            fire = fire & due & (status == _RUNNING)
+            status = torch.where(fire, _STIFF, status)
+            for k, v in zip(("stiff_t", "stiff_h", "stiff_ratio", "stiff_remaining"),
+                            (t, hm, ratio, remaining)):
+                new[k] = torch.where(fire, v, c[k])
+        # the accepted step is the rows' segment: their outputs are written from it
+        a1 = accept[:, None]
+        new["seg_y"] = seg_y = torch.where(a1, y_old, c["seg_y"])
+        new["seg_y1"] = seg_y1 = torch.where(a1, y1, c["seg_y1"])
+        new["seg_h"] = seg_h = torch.where(accept, hm, c["seg_h"])
+        new["seg_t"] = seg_t = torch.where(accept, t_old, c["seg_t"])
+        new["seg_t1"] = seg_t1 = torch.where(accept, t1m, c["seg_t1"])
+        seg_K = [torch.where(a1, k, c[f"seg_K{i}"]) for i, k in enumerate(stages.unbind(0))]
+        new.update({f"seg_K{i}": k for i, k in enumerate(seg_K)})
+        stepper.advance(accept=accept)
+        new["f0"] = stepper.f0
+        new.update(status=status, i_out=i_out)
+        new.update({"hist_" + n: getattr(ctl, n) for n in names})
+        packs = _pack({**c, **new}, groups)
+        # one window of output writes per row, in the iterations that have any
+        out = torch.cond((i_w < i_out).any(), write, keep, (out, *packs))
+        c = _unpack(packs, groups)
+        c["i_w"] = torch.minimum(i_w + W, i_out)
+        return (out, *_pack(c, groups))
+
+    return while_loop(cond, body, carry)
+
+
+def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controller, *,
+                       max_num_steps: int, throw: bool = True, name: str = "",
+                       backend: str = "inductor", stiffness: StiffnessCheck | None = None,
+                       tolerances: tuple | None = None, info: dict | None = None
+                       ) -> tuple[BatchedResult, list[str]]:
+    """``integrate_batched`` (the same arguments and result) as one compiled graph.
+
+    ``tolerances``: (rtol, atol) floats, handed to the graph as tensors (changing them does
+    not recompile); None where the norm has per-element tolerance tensors. ``info``: a dict
+    that receives "compile_s" (seconds of the call when it compiled, 0.0 when the loop was
+    already compiled), "compiles" (the compilations it triggered) and "iterations" (of the
+    compiled loop)."""
+    B, T = ts.shape
+    n = y0.shape[1]
+    device = y0.device
+    dirn = torch.where(ts[:, -1] >= ts[:, 0], 1.0, -1.0).to(torch.float64)
+    if T == 1:
+        z = torch.zeros(B, dtype=torch.long, device=device)
+        return BatchedResult(y0[None], torch.full_like(z, CODE[SUCCESS]), ts[:, 0].clone(),
+                             y0, z, z.clone(), torch.ones_like(z),
+                             torch.zeros(B, dtype=torch.float64, device=device)), [""] * B
+    nfe0, rows0 = rhs.stats.nfe, rhs.stats.batch_rows
+    t = ts[:, 0].clone()
+    t_end = ts[:, -1].clone()
+    key = ts * dirn[:, None]
+    f0 = rhs.call(t, y0)
+    status = torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE],
+                         torch.zeros(B, dtype=torch.long, device=device))
+    # the stepper's stage list (its autograd form: sums of scaled stages), with or without
+    # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
+    # products would each be a kernel of their own
+    stepper.start(rhs, y0, f0, True)
+    if controller.adaptive:
+        h = controller.first_step(rhs.call, t, y0, f0, dirn)
+        status = torch.where((status == _RUNNING) & ~torch.isfinite(h), CODE[STEP_SIZE],
+                             status)
+    else:
+        h = controller.point(torch.ones(B, dtype=torch.long, device=device)) - t
+    names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()
+    if stiffness is not None and not stiffness.active:
+        stiffness = None
+    s_ext = stepper.s_ext
+    window = max(1, min(T - 1, MAX_WINDOW, max(4, WINDOW_ELEMENTS // max(1, B * n * s_ext))))
+    zl = torch.zeros(B, dtype=torch.long, device=device)
+    nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
+    state = {"it": torch.zeros((), dtype=torch.long, device=device),
+             "it_step": torch.zeros((), dtype=torch.long, device=device),
+             "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
+             "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0,
+             "seg_y": y0, "seg_y1": y0, "seg_h": nan * 0, "seg_t": t, "seg_t1": t,
+             **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)}}
+    for k in names:
+        v = getattr(controller, k)
+        state["hist_" + k] = v if isinstance(v, torch.Tensor) else torch.full(
+            (B,), v, dtype=torch.bool if isinstance(v, bool) else torch.float64, device=device)
+    if stiffness is not None:
+        state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
+                     stiff_remaining=nan)
+    state = {k: v.detach() if k not in ("y", "f0", "seg_y", "seg_y1") else v
+             for k, v in state.items()}
+    groups = _groups(state)
+    # the loop's templates hold no per-solve tensors: those travel in the carry (a template
+    # that still held them would hand the loop aliased inputs)
+    st_proto = _fork(stepper, fused=True)
+    for k in ("K", "KT", "stage_plan", "last_stage", "f1", "y1", "ks", "f0"):
+        st_proto.__dict__.pop(k, None)
+    ctl_proto = _fork(controller)
+    for k in names:
+        ctl_proto.__dict__.pop(k, None)
+    for k, v in list(ctl_proto.__dict__.items()):  # (a grid's t0, t1 are views of its times)
+        if isinstance(v, torch.Tensor):
+            ctl_proto.__dict__[k] = v.clone()
+    stiff_proto = None
+    if stiffness is not None:
+        stiff_proto = _fork(stiffness)
+        stiff_proto.__dict__.pop("stiff", None)
+        stiff_proto.__dict__.pop("calm", None)
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T)
+    out = y0.new_zeros(T + 1, B, n)
+    out = torch.cat([y0[None], out[1:]])
+    carry = (out, *_pack(state, groups))
+    tol = None
+    if tolerances is not None:
+        tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
+                    for v in tolerances)
+    loop = _compiled_loop(backend)
+    before, start = len(COMPILES), time.perf_counter()
+    rhs.counting = False
+    try:
+        res = loop(spec, ts, key, t_end, dirn, tol, carry)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        # what torch.compile cannot capture (in func, most often): the eager driver, announced
+        reason = " ".join(str(e).split())[:400]
+        warnings.warn(f"{name}: the compiled solve could not compile this problem ({reason}); "
+                      f"it was solved eagerly instead (the same steps and results)",
+                      CompileFallbackWarning, stacklevel=2)
+        rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
+        if info is not None:
+            info.update(compile_s=0.0, compiles=0, iterations=0, fallback=reason)
+        rhs.counting = True
+        return integrate_batched(rhs, y0, ts, stepper, controller,
+                                 max_num_steps=max_num_steps, throw=throw, name=name,
+                                 stiffness=stiffness)
+    finally:
+        rhs.counting = True
+    wall = time.perf_counter() - start
+    out, c = res[0], _unpack(res[1:], groups)
+    status, i_out = c["status"], c["i_out"]
+    iterations = int(c["it"])
+    calls = stepper.s - 1 + (0 if stepper.fsal else 1)
+    rhs.stats.nfe += iterations * calls
+    rhs.stats.batch_rows += iterations * calls * B
+    if info is not None:
+        new = COMPILES[before:]
+        info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
+    mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
+    ys = torch.where(mask[:, :, None], out[:T], math.nan)
+    result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
+                           nan)
+    stiff_at = {}
+    if stiffness is not None:
+        for b in (status == _STIFF).nonzero()[:, 0].tolist():
+            stiff_at[b] = (float(c["stiff_t"][b]), float(c["stiff_h"][b]),
+                           float(c["stiff_ratio"][b]), stiffness.boundary,
+                           float(c["stiff_remaining"][b]))
+    msgs = _messages(result, name, max_num_steps, ts, stiff_at)
+    if throw:
+        raise_failures(result, msgs)
+    return result, msgs
+
+
+__all__ = ["COMPILES", "CompileFallbackWarning", "integrate_compiled"]
