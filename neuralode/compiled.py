@@ -9,11 +9,13 @@ same steps and accepted/rejected counts, outputs equal to rounding.
   per-sample batch of one on the tensor clock (``func`` still sees the problem's own shapes
   and a 0-d time), and the result unwrapped. Per sample (``per_sample=True``): the batch.
 * Served: the explicit Runge–Kutta methods (adaptive and fixed grid), float32 and float64,
-  tensors and tuples; gradients by backprop (autograd through the compiled loop) and by the
-  adjoint (``odeint_adjoint`` / ``gradient="adjoint"``: the forward solve compiled, the
-  backward solve eager on the batched driver).
-* Refused with a clear error: the implicit, Rosenbrock, multistep and scipy methods,
-  ``gradient="checkpoint"`` and the interpolated adjoint, events, dense output, callbacks,
+  tensors and tuples; solves without gradients, and the adjoint (``odeint_adjoint`` /
+  ``gradient="adjoint"``: the forward solve compiled, the backward solve eager on the
+  batched driver).
+* Refused with a clear error: backprop through the compiled loop (torch 2.13's autograd of
+  ``while_loop`` gives wrong gradients for it; ``solvers.compiled.BACKPROP_REFUSED``), the
+  implicit, Rosenbrock, multistep and scipy methods, ``gradient="checkpoint"`` and the
+  interpolated adjoint, events, dense output, callbacks,
   ``step_t``/``jump_t``/``perturb``/``grid_constructor``, a user error norm, gradients
   with respect to ``t``, ``shrink``.
 * Compilation: once per structure (method, controller settings, shapes, dtypes, number of

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +196,18 @@ def test_train_command_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--field", "lorenz"])
+
+
+def test_train_command_compile_flag_reaches_the_eager_numbers(tmp_path):
+    """--compile: the training solves (adjoint: compiled forward) and the evaluation solves
+    run as compiled loops and end where the eager run ends."""
+    base = ["train", "dynamics", "--iters", "2", "--no-plot"] + TINY
+    assert main(base + ["--out", str(tmp_path / "eager")]) == 0
+    assert main(base + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    e = json.loads((tmp_path / "eager" / "metrics.json").read_text())
+    c = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    for k in ("final_loss", "traj_mse", "field_rel_err", "initial_traj_mse"):
+        assert c[k] == pytest.approx(e[k], rel=1e-4), k
+    help_text = subprocess.run([sys.executable, "-m", "neuralode", "train", "dynamics", "--help"],
+                               capture_output=True, text=True).stdout
+    assert "--compile" in help_text

@@ -727,10 +727,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
                             f"{DEFAULT_MAX_NUM_STEPS}); a solve that needs more stops the run")
         g.add_argument("--compile", action="store_true",
                        help="run every solve as one compiled graph (options={'compile': True}"
-                            ": explicit Runge-Kutta methods, gradients by backprop or the "
-                            "adjoint; the first solve of each shape compiles, for seconds to "
-                            "minutes; what torch.compile cannot capture runs eagerly with a "
-                            "warning)")
+                            ": explicit Runge-Kutta methods; training needs --gradient "
+                            "adjoint, whose forward solves are compiled; the first solve of "
+                            "each shape compiles, for seconds to minutes; what torch.compile "
+                            "cannot capture runs eagerly with a warning)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics to OUT/tensorboard (needs tensorboard)")
     g.add_argument("--no-plot", dest="no_plot", action="store_true",

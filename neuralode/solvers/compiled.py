@@ -19,9 +19,9 @@ controller history, as a finished row does in the eager driver).
 
 Served: the explicit Runge–Kutta methods, adaptive and on fixed grids, float32 and float64
 states, tensors and tuples (flat rows), the stiffness test of the explicit methods (on the
-rows' own attempt counts), backprop through the compiled loop. Not served (the callers
-refuse them with a clear error): events, dense output, ``shrink``, callbacks, the implicit
-and Rosenbrock methods (their Newton iterations and Jacobian reuse branch on the host).
+loop's step count). Not served (a clear error): autograd through the loop (see
+``BACKPROP_REFUSED``), events, dense output, ``shrink``, callbacks, the implicit and
+Rosenbrock methods (their Newton iterations and Jacobian reuse branch on the host).
 
 Compilation: the loop is compiled once per structure (method, controller settings, state
 shape and dtype, number of output times, ``func``'s code); the tolerances (scalar ``rtol``/
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch._higher_order_ops import while_loop
 
+from neuralode.errors import ODEInputError
 from neuralode.solvers.batched import (
     BatchedResult,
     BatchStep,
@@ -50,6 +51,18 @@ from neuralode.solvers.status import CODE, NONFINITE, RUNNING, STEP_SIZE, STIFF,
 from neuralode.solvers.stiffness import CHECK_EVERY, StiffnessCheck
 
 _RUNNING, _STIFF = CODE[RUNNING], CODE[STIFF]
+
+
+# torch 2.13's autograd of while_loop returns wrong gradients for a loop like this one (the
+# gradient of a captured parameter when no carried input requires grad, and the gradient
+# through values written into a carried output buffer: tests/test_compiled.py reproduces
+# both), so the compiled solve is not differentiated by autograd
+BACKPROP_REFUSED = (
+    "{name}: the compiled solve (options['compile']) is not differentiated by backprop: "
+    "torch's autograd of a compiled while_loop (torch 2.13) gives wrong gradients for it. "
+    "Use gradient='adjoint' (odeint_adjoint: the forward solve compiled, the backward solve "
+    "eager), or solve without 'compile' for backprop or gradient='checkpoint', or run the "
+    "compiled solve under torch.no_grad()")
 
 
 class CompileFallbackWarning(UserWarning):
@@ -83,11 +96,7 @@ def _counting_backend(backend: str):
     def compile_graph(gm, example_inputs):
         start = time.perf_counter()
         if callable(inner):
-            settings = dict(INDUCTOR_SETTINGS)
-            if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False)
-                                               for x in example_inputs):
-                settings["cpp_wrapper"] = False  # (torch 2.13: not for a loop's backward)
-            with torch._inductor.config.patch(settings):
+            with torch._inductor.config.patch(INDUCTOR_SETTINGS):
                 fn = inner(gm, example_inputs)
         else:
             fn = torch._dynamo.lookup_backend(inner)(gm, example_inputs)
@@ -256,6 +265,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     t_end = ts[:, -1].clone()
     key = ts * dirn[:, None]
     f0 = rhs.call(t, y0)
+    if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
+        raise ODEInputError(BACKPROP_REFUSED.format(name=name))
     status = torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE],
                          torch.zeros(B, dtype=torch.long, device=device))
     # the stepper's stage list (its autograd form: sums of scaled stages), with or without
