@@ -73,6 +73,9 @@ def test_one_problem_tuple_float32_and_many_outputs_per_step():
     c = neuralode.solve(f, y0, t, rtol=1e-3, atol=1e-5, options=C)
     assert c.stats.n_accepted == e.stats.n_accepted and c.stats.n_rejected == e.stats.n_rejected
     assert 1 < e.stats.n_accepted < 20  # many outputs per step (the window is 16)
+    assert compiled_driver.MAX_WINDOW == 16
+    # the iterations that only wrote outputs (their masked attempts count as calls of f)
+    assert c.stats.nfe > e.stats.nfe
     for a, b, q in zip(e.ys, c.ys, p.ys):
         assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
         # the compiled solve is the per-sample driver's, to float32 rounding
@@ -81,6 +84,21 @@ def test_one_problem_tuple_float32_and_many_outputs_per_step():
         # estimates of the two drivers differ in the last bits; see the closing note)
         assert (a - b).abs().max() <= 1e-3
     assert c.status == "success" and c.t_final == pytest.approx(3.0)
+
+
+def test_a_large_state_travels_unstacked_and_equals_eager():
+    """States above ``PACK_ELEMENTS`` are carried alone, not stacked with their kind."""
+    k = torch.linspace(0.5, 2.0, 2500, dtype=torch.float64)
+
+    def f(t, y):
+        return -k * y + torch.sin(t)[:, None]
+    y0 = torch.stack([torch.cos(k), torch.sin(k)])  # (2, 2500): 5000 elements
+    assert y0.numel() > compiled_driver.PACK_ELEMENTS
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    e = neuralode.solve(f, y0, t, per_sample=True, rtol=1e-7, atol=1e-9)
+    c = neuralode.solve(f, y0, t, per_sample=True, rtol=1e-7, atol=1e-9, options=C)
+    assert torch.equal(e.stats.n_accepted, c.stats.n_accepted)
+    assert (e.ys - c.ys).abs().max() <= 1e-13
 
 
 def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning():

@@ -68,12 +68,14 @@ BACKPROP_REFUSED = (
 class CompileFallbackWarning(UserWarning):
     """A compiled solve that torch.compile could not capture ran eagerly."""
 
+# the output window: at most MAX_WINDOW output times per row and iteration, and about
+# WINDOW_ELEMENTS interpolated numbers
+MAX_WINDOW = 16
 WINDOW_ELEMENTS = 1 << 16
-MAX_WINDOW = 1 << 30  # the output window: about this many interpolated numbers a step
-COMPILES: list[float] = []
+COMPILES: list[float] = []  # seconds of each compilation (inductor) of this process
 # inductor: C++ host code around the kernels (the loop's iterations would otherwise each run
 # tens of Python-level buffer checks), small matrix products written as fused arithmetic
-INDUCTOR_SETTINGS = {"cpp_wrapper": True, "decompose_mem_bound_mm": True}  # seconds of each compilation (inductor) of this process
+INDUCTOR_SETTINGS = {"cpp_wrapper": True, "decompose_mem_bound_mm": True}
 
 
 def _fork(obj, **attrs):
@@ -126,21 +128,39 @@ class _Spec:
         self.adaptive = controller.adaptive
 
 
+PACK_ELEMENTS = 4096  # carried tensors up to this size travel stacked with their kind
+
+
 def _groups(state: dict) -> tuple:
-    """The carried state's names grouped by dtype and shape: each group travels through the
-    loop as one stacked tensor (every carried tensor costs an allocation per iteration)."""
+    """The carried state's names grouped by dtype and shape: each group of small tensors
+    travels through the loop as one stacked tensor (every carried tensor costs an
+    allocation per iteration, stacking costs a copy); a large tensor travels alone (a
+    group of one name: ``_pack`` hands it on unstacked)."""
     groups: dict = {}
     for name, v in state.items():
-        groups.setdefault((v.dtype, tuple(v.shape)), []).append(name)
-    return tuple(tuple(g) for g in groups.values())
+        key = (v.dtype, tuple(v.shape)) if v.numel() <= PACK_ELEMENTS else name
+        groups.setdefault(key, []).append(name)
+    return tuple((tuple(g), isinstance(k, str)) for k, g in groups.items())
 
 
-def _pack(state: dict, groups: tuple) -> tuple:
-    return tuple(torch.stack([state[n] for n in g]) for g in groups)
+def _pack(state: dict, groups: tuple, before: dict | None = None) -> tuple:
+    """The packed carry; ``before``: the iteration's input state (a large tensor handed on
+    unchanged is copied: a loop's output may not be its input)."""
+    out = []
+    for names, alone in groups:
+        if alone:
+            v = state[names[0]]
+            out.append(v.clone() if before is not None and v is before[names[0]] else v)
+        else:
+            out.append(torch.stack([state[n] for n in names]))
+    return tuple(out)
 
 
 def _unpack(packs: tuple, groups: tuple) -> dict:
-    return {n: p[k] for p, g in zip(packs, groups) for k, n in enumerate(g)}
+    out = {}
+    for p, (names, alone) in zip(packs, groups):
+        out.update({names[0]: p} if alone else {n: p[k] for k, n in enumerate(names)})
+    return out
 
 
 def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
@@ -157,11 +177,10 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
         c = _unpack(packs, groups)
         return ((c["status"] == _RUNNING) | (c["i_w"] < c["i_out"])).any()
 
-    def write(out, *packs):
+    def write(out, i_w, *packs):
         """The outputs i_w .. i_w + W - 1 (those below i_out) of each row's segment."""
         c = _unpack(packs, groups)
-        i_w, i_out, seg_h, seg_t, seg_t1 = c["i_w"], c["i_out"], c["seg_h"], c["seg_t"], \
-            c["seg_t1"]
+        i_out, seg_h, seg_t, seg_t1 = c["i_out"], c["seg_h"], c["seg_t"], c["seg_t1"]
         seg_y, seg_y1 = c["seg_y"], c["seg_y1"]
         seg_K = [c[f"seg_K{i}"] for i in range(stepper0.s_ext)]
         idx = i_w[:, None] + j
@@ -218,23 +237,22 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
                 new[k] = torch.where(fire, v, c[k])
         # the accepted step is the rows' segment: their outputs are written from it
         a1 = accept[:, None]
-        new["seg_y"] = seg_y = torch.where(a1, y_old, c["seg_y"])
-        new["seg_y1"] = seg_y1 = torch.where(a1, y1, c["seg_y1"])
-        new["seg_h"] = seg_h = torch.where(accept, hm, c["seg_h"])
-        new["seg_t"] = seg_t = torch.where(accept, t_old, c["seg_t"])
-        new["seg_t1"] = seg_t1 = torch.where(accept, t1m, c["seg_t1"])
+        new["seg_y"] = torch.where(a1, y_old, c["seg_y"])
+        new["seg_y1"] = torch.where(a1, y1, c["seg_y1"])
+        new["seg_h"] = torch.where(accept, hm, c["seg_h"])
+        new["seg_t"] = torch.where(accept, t_old, c["seg_t"])
+        new["seg_t1"] = torch.where(accept, t1m, c["seg_t1"])
         seg_K = [torch.where(a1, k, c[f"seg_K{i}"]) for i, k in enumerate(stages.unbind(0))]
         new.update({f"seg_K{i}": k for i, k in enumerate(seg_K)})
         stepper.advance(accept=accept)
         new["f0"] = stepper.f0
-        new.update(status=status, i_out=i_out)
+        new.update(status=status, i_out=i_out, i_w=torch.minimum(i_w + W, i_out))
         new.update({"hist_" + n: getattr(ctl, n) for n in names})
-        packs = _pack({**c, **new}, groups)
-        # one window of output writes per row, in the iterations that have any
-        out = torch.cond((i_w < i_out).any(), write, keep, (out, *packs))
-        c = _unpack(packs, groups)
-        c["i_w"] = torch.minimum(i_w + W, i_out)
-        return (out, *_pack(c, groups))
+        packs = _pack({**c, **new}, groups, c)
+        # one window of output writes per row (from the old i_w), in the iterations that
+        # have any
+        out = torch.cond((i_w < i_out).any(), write, keep, (out, i_w.clone(), *packs))
+        return (out, *packs)
 
     return while_loop(cond, body, carry)
 
@@ -321,7 +339,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T)
     out = y0.new_zeros(T + 1, B, n)
     out = torch.cat([y0[None], out[1:]])
-    carry = (out, *_pack(state, groups))
+    carry = (out, *_pack(state, groups, state))
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
