@@ -10,8 +10,8 @@ same steps and accepted/rejected counts, outputs equal to rounding.
   and a 0-d time), and the result unwrapped. Per sample (``per_sample=True``): the batch.
 * Served: the explicit Runge–Kutta methods (adaptive and fixed grid), float32 and float64,
   tensors and tuples; solves without gradients, and the adjoint (``odeint_adjoint`` /
-  ``gradient="adjoint"``: the forward solve compiled, the backward solve eager on the
-  batched driver).
+  ``gradient="adjoint"``: the forward solve compiled, the backward solve eager: the
+  one-problem adjoint's, or per sample the batched driver's).
 * Refused with a clear error: backprop through the compiled loop (torch 2.13's autograd of
   ``while_loop`` gives wrong gradients for it; ``solvers.compiled.BACKPROP_REFUSED``), the
   implicit, Rosenbrock, multistep and scipy methods, ``gradient="checkpoint"`` and the
@@ -36,7 +36,7 @@ from neuralode.problem import check_t, check_y0
 from neuralode.solution import Solution
 from neuralode.solvers.base import SolverStats
 
-__all__ = ["solve_compiled_one", "wants_compile"]
+__all__ = ["solve_compiled_one", "wants_compile", "without_compile"]
 
 
 def wants_compile(options) -> bool:
@@ -48,6 +48,13 @@ def wants_compile(options) -> bool:
         raise ODEInputError(f"options['compile'] must be True, False or a torch.compile "
                             f"backend name (e.g. 'inductor'), got {c!r}")
     return bool(c)
+
+
+def without_compile(options):
+    """``options`` without the key 'compile' (an eager solve's options)."""
+    if not isinstance(options, dict) or "compile" not in options:
+        return options
+    return {k: v for k, v in options.items() if k != "compile"}
 
 
 def _one_as_batch(func: Callable, is_tuple: bool) -> Callable:

@@ -22,9 +22,9 @@ from typing import cast
 
 import torch
 
-from neuralode.compiled import solve_compiled_one, wants_compile
+from neuralode.compiled import solve_compiled_one, wants_compile, without_compile
 from neuralode.errors import ODEInputError
-from neuralode.gradients import Gradient, gradient_strategy, odeint_adjoint
+from neuralode.gradients import Adjoint, Gradient, gradient_strategy, odeint_adjoint
 from neuralode.problem import Tolerance
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers.timekeeping import as_time
@@ -59,10 +59,12 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
     g = gradient_strategy(gradient)
-    if not per_sample and wants_compile(options):
-        return solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                  options=options, event_fn=event_fn, dense=dense,
-                                  throw=throw)
+    if not per_sample and not isinstance(g, Adjoint):  # (the adjoint: odeint_adjoint's own)
+        if wants_compile(options):
+            return solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
+                                      options=options, event_fn=event_fn, dense=dense,
+                                      throw=throw)
+        options = without_compile(options)
     return g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                    event_fn=event_fn, dense=dense, throw=throw, per_sample=per_sample)
 
@@ -130,10 +132,12 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         event_t, sol, stats = g.event(func, y0, t, rtol=rtol, atol=atol, method=method,
                                       options=options, event_fn=event_fn)
         return ((event_t, sol), stats) if return_stats else (event_t, sol)
-    if not per_sample and wants_compile(options):
+    if not per_sample and not isinstance(g, Adjoint) and wants_compile(options):
         sol = solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
                                  options=options)
     else:
+        options = options if per_sample or isinstance(g, Adjoint) else \
+            without_compile(options)
         sol = g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                       per_sample=per_sample)
     return (sol.ys, sol.stats) if return_stats else sol.ys

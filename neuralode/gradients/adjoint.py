@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from neuralode.compiled import solve_compiled_one, wants_compile
+from neuralode.compiled import solve_compiled_one, wants_compile, without_compile
 from neuralode.errors import ODEInputError
 from neuralode.gradients.adjoint_jacobian import AdjointJacobian
 from neuralode.gradients.backprop import Backprop
@@ -321,7 +321,16 @@ class _AdjointFunction(torch.autograd.Function):
         params = tensors[n_state:]
         y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
         with torch.no_grad():
-            if cfg["event_fn"] is None:
+            if cfg.get("compile"):
+                sol = solve_compiled_one(Backprop(), cfg["func"], y0, t, rtol=cfg["rtol"],
+                                         atol=cfg["atol"], method=cfg["method"],
+                                         options={**cfg["options"],
+                                                  "compile": cfg["compile"]})
+                ys, fstats = sol.ys, sol.stats
+                ctx.dense = None
+                t_out = t
+                event_t = None
+            elif cfg["event_fn"] is None:
                 sol = solve_problem(
                     prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
                             method=cfg["method"], options=cfg["options"]),
@@ -509,12 +518,17 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         batch = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
                                   options=options)
         return (batch.ys, batch.stats) if return_stats else batch.ys
-    if wants_compile(options):
-        g = Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
-                    options=adjoint_options, params=adjoint_params, interpolated=interpolated)
-        sol = solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                 options=options, event_fn=event_fn)
-        return (sol.ys, sol.stats) if return_stats else sol.ys
+    # the compiled solve (options['compile']): the forward solve only; the backward solve
+    # below is the eager one-problem adjoint's
+    compiled = wants_compile(options)
+    if compiled and (event_fn is not None or interpolated):
+        raise ODEInputError("odeint_adjoint with options['compile'] compiles the forward solve "
+                            "of the plain adjoint: neither event_fn nor interpolated=True "
+                            "(solve without 'compile' for them)")
+    compile_value = options.get("compile") if compiled else None
+    options = without_compile(options)
+    if adjoint_options is not None:
+        adjoint_options = without_compile(adjoint_options)
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
                             "dense output); use the plain adjoint or gradient='checkpoint'")
@@ -577,7 +591,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                          adjoint_atol, adj_method_name, adjoint_options, stats, interpolated)
     cfg = {"func": func, "is_tuple": is_tuple, "rtol": rtol, "atol": atol,
            "method": method_name, "options": opts, "stats": stats, "event_fn": event_fn,
-           "backward": backward}
+           "backward": backward, "compile": compile_value}
 
     needs_grad = torch.is_grad_enabled() and (
         t.requires_grad or any(v.requires_grad for v in items) or bool(params))
@@ -588,8 +602,13 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                                                event_fn=event_fn)
             stats.__dict__.update(fstats.__dict__)
             return ((event_t, ys), stats) if return_stats else (event_t, ys)
-        sol = solve_problem(prepare(func, y0, rtol=rtol, atol=atol, method=method_name,
-                                    options=opts), t)
+        if compile_value:
+            sol = solve_compiled_one(Backprop(), func, y0, t, rtol=rtol, atol=atol,
+                                     method=method_name,
+                                     options={**opts, "compile": compile_value})
+        else:
+            sol = solve_problem(prepare(func, y0, rtol=rtol, atol=atol, method=method_name,
+                                        options=opts), t)
         stats.__dict__.update(sol.stats.__dict__)
         return (sol.ys, stats) if return_stats else sol.ys
     outs = _AdjointFunction.apply(cfg, t, len(items), *items, *params)
