@@ -525,7 +525,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         raise ODEInputError("odeint_adjoint with options['compile'] compiles the forward solve "
                             "of the plain adjoint: neither event_fn nor interpolated=True "
                             "(solve without 'compile' for them)")
-    compile_value = options.get("compile") if compiled else None
+    compile_value = options.get("compile") if compiled and options is not None else None
     options = without_compile(options)
     if adjoint_options is not None:
         adjoint_options = without_compile(adjoint_options)
