@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from neuralode.cli import main
+from neuralode.solvers.compiled import CompileFallbackWarning
 from neuralode.experiments import mnist as M
 from neuralode.experiments.runner import (
     UsageError,
@@ -223,3 +225,19 @@ def test_an_empty_data_dir_is_an_error_not_a_fallback_to_the_shared_copy(tmp_pat
     # without --data-dir the shared offline copy may serve (it holds the 5k subset)
     if (SHARED / "train-5k-images-idx3-ubyte.gz").is_file():
         assert len(M.load_split("test", str(SHARED))) == 10000
+
+
+def test_odenet_trains_with_compile_to_the_eager_numbers(tmp_path):
+    """--compile: the ODE-Net's forward solves run as compiled loops (adjoint gradients), and
+    the epoch ends with the eager run's loss, errors and function evaluations."""
+    odenet = ["--model", "odenet", "--width", "8", "--method", "dopri5", "--tol", "1e-3",
+              "--epochs", "1"]
+    assert train(tmp_path / "eager", *odenet) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # compiled, not a fallback
+        assert train(tmp_path / "compiled", *odenet, "--compile") == 0
+    e = read_csv(tmp_path / "eager" / "metrics.csv")[-1]
+    c = read_csv(tmp_path / "compiled" / "metrics.csv")[-1]
+    for k in ("train_loss", "train_error", "test_loss", "test_error", "nfe_forward",
+              "nfe_backward", "test_nfe_forward"):
+        assert float(c[k]) == pytest.approx(float(e[k]), rel=1e-5), k

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from neuralode.compiled import wants_compile
 from neuralode.gradients import Gradient, gradient_strategy
 from neuralode.odeint import odeint
 from neuralode.regularizers import RegularizedFunc, Regularizer, regularized_solve
@@ -249,7 +250,8 @@ class AugmentedDynamics(nn.Module):
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         z = state[0]
-        self.nfe += 1
+        if not torch.compiler.is_compiling():  # (a compiled solve counts its own calls)
+            self.nfe += 1
         # The trace's own graph is only needed when the caller differentiates (training, or the
         # adjoint's backward pass); under no_grad, z gets a private graph just for the trace.
         differentiate = torch.is_grad_enabled()
@@ -368,6 +370,8 @@ class CNF(nn.Module):
             func, (z, z.new_zeros(z.shape[0])), times, rtol=self.rtol, atol=self.atol,
             method=self.method, options=self.options or None, return_stats=True,
             gradient=self.gradient)
+        if wants_compile(self.options):  # the compiled loop's calls are in its statistics
+            func.nfe = self.last_stats.nfe
         return zs, as_
 
     def _time_grid(self, start: Tensor | float, stop: Tensor | float) -> Tensor:

@@ -331,7 +331,8 @@ class LatentODE(nn.Module):
         self.dynamics.register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
-        self.nfe += 1
+        if not torch.compiler.is_compiling():  # (a compiled solve counts its own calls)
+            self.nfe += 1
 
     def reset_nfe(self) -> None:
         """Zero ``nfe``."""

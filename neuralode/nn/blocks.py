@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode.compiled import wants_compile
 from neuralode.gradients import Adjoint, Backprop, Gradient, describe, gradient_strategy
 from neuralode.odeint import odeint
 from neuralode.regularizers import (
@@ -77,6 +78,10 @@ class ODEFunc(nn.Module):
         self.nfe_grad = 0
 
     def __call__(self, t, y, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # inside a compiled solve: no Python state changes (the solve counts its calls;
+            # the blocks read them from its statistics)
+            return super().__call__(t, y, *args, **kwargs)
         self.nfe += 1
         out = super().__call__(t, y, *args, **kwargs)
         if torch.is_grad_enabled():
@@ -185,6 +190,7 @@ class NeuralODE(nn.Module):
                              f"{', '.join(AUGMENT_OUTPUTS)}")
         self.augment_output = augment_output
         self.nfe_forward = 0
+        self._nfe_after_forward = 0
         self.stats = None
         self.regularization: dict[str, torch.Tensor] | None = None
         self.last_times: torch.Tensor | None = None
@@ -202,13 +208,14 @@ class NeuralODE(nn.Module):
         adjoint or checkpointing, the calls since the forward solve ended; with backprop, the
         evaluations of the forward solve that gradients were propagated through."""
         if not isinstance(self.gradient, Backprop):
-            return self.func.nfe - self.nfe_forward
+            return self.func.nfe - self._nfe_after_forward
         return self.func.nfe_grad
 
     def reset_nfe(self) -> None:
         """Zero ``nfe_forward``, ``nfe_backward`` and the function's counters."""
         self.func.reset_nfe()
         self.nfe_forward = 0
+        self._nfe_after_forward = 0
         self.stats = None
 
     def set_tolerance(self, rtol: float, atol: float | None = None) -> None:
@@ -270,7 +277,9 @@ class NeuralODE(nn.Module):
             ys, stats = odeint(self.func, y0, t, options=self.options, return_stats=True,
                                **kwargs)
         self.stats = stats
-        self.nfe_forward = self.func.nfe
+        # a compiled solve's function calls are in its statistics only (see ODEFunc)
+        self.nfe_forward = stats.nfe if wants_compile(self.options) else self.func.nfe
+        self._nfe_after_forward = self.func.nfe
         if self.augment and self.augment_output == "drop":
             ys = ys[:, :, :channels]
         return ys

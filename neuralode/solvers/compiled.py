@@ -348,7 +348,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     before, start = len(COMPILES), time.perf_counter()
     rhs.counting = False
     try:
-        res = loop(spec, ts, key, t_end, dirn, tol, carry)
+        # (autograd inside func, as a CNF's divergence: traced into the graph)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            res = loop(spec, ts, key, t_end, dirn, tol, carry)
     except torch._dynamo.exc.TorchDynamoException as e:
         # what torch.compile cannot capture (in func, most often): the eager driver, announced
         reason = " ".join(str(e).split())[:400]
