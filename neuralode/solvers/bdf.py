@@ -9,11 +9,12 @@ The corrector of order q solves, for y = y_n+1,
 (H_q the harmonic number; with ``Z_new = Z_pred + l e``, e = (y - y_pred) / gamma, this is
 the BDF formula through the history's interpolated values) by simplified Newton with the
 matrix ``I - gamma h J`` (``jacobian.newton``, Hairer's contraction-rate test, tolerance
-max(10 eps / rtol, min(0.03, sqrt(rtol))) of the error scale). The Jacobian J is kept
-across steps and re-evaluated only when Newton fails with an old one; the LU factors are
-kept while gamma h is unchanged (the controller holds h and q for q+1 steps after a change
-and ignores step-size changes below 10%). When Newton fails with a Jacobian evaluated at
-this step the attempt raises ``StepFailure`` (the loop halves the step).
+``jacobian.newton_tolerance``: max(2 eps / rtol, min(0.03, sqrt(rtol))) of the error
+scale). The Jacobian J is kept across steps and re-evaluated only when Newton fails with an
+old one; the LU factors are kept while gamma h is unchanged (the controller holds h and q
+for q+1 steps after a change and ignores step-size changes below 10%). When Newton fails
+with a Jacobian evaluated at this step the attempt raises ``StepFailure`` (the loop halves
+the step).
 
 Gradients (backpropagation through a solve): Newton runs without a graph; the converged
 y* is then passed through one exact Newton step with graph,
@@ -41,6 +42,7 @@ from neuralode.solvers.jacobian import (
     check_jacobian_option,
     gmres,
     newton,
+    newton_tolerance,
 )
 from neuralode.solvers.methods import _positive_int
 from neuralode.solvers.multistep import MAX_BDF_ORDER, MultistepMethod, NordsieckStepper
@@ -78,7 +80,7 @@ class BDFStepper(NordsieckStepper):
             self.jac = JacobianSource(self.jac_spec, rhs, n, head=self.head, name="bdf")
             self.head = self.jac.head
         eps = torch.finfo(y0.dtype).eps
-        self.tol = max(10 * eps / max(self.rtol, 1e-300), min(0.03, math.sqrt(self.rtol)))
+        self.tol = newton_tolerance(self.rtol, eps)
         self.J = None
         self.J_current = False
         self.M = None
