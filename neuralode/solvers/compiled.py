@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -107,14 +109,25 @@ def _counting_backend(backend: str):
     return compile_graph
 
 
-_LOOPS: dict = {}  # backend -> the compiled loop function
+_LOOPS: OrderedDict = OrderedDict()  # (backend, structure) -> the compiled loop function
+MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
 
-def _compiled_loop(backend: str):
-    if backend not in _LOOPS:
-        _LOOPS[backend] = torch.compile(_loop, fullgraph=True, dynamic=False,
-                                        backend=_counting_backend(backend))
-    return _LOOPS[backend]
+def _compiled_loop(backend: str, structure: tuple):
+    """The compiled loop of one structure. Each structure gets a code object of its own:
+    torch.compile keeps its compilations per code object, checks them in turn on every call
+    and stops compiling past a few (8 in torch 2.13), so one shared ``_loop`` would slow
+    down, then fall back to running uncompiled, as a process meets more structures."""
+    key = (backend, structure)
+    if key not in _LOOPS:
+        fn = types.FunctionType(_loop.__code__.replace(), _loop.__globals__, "_loop",
+                                _loop.__defaults__, _loop.__closure__)
+        _LOOPS[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                    backend=_counting_backend(backend))
+        while len(_LOOPS) > MAX_LOOPS:
+            _LOOPS.popitem(last=False)
+    _LOOPS.move_to_end(key)
+    return _LOOPS[key]
 
 
 class _Spec:
@@ -344,7 +357,11 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
                     for v in tolerances)
-    loop = _compiled_loop(backend)
+    func = getattr(rhs, "func", None)
+    structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
+                 window, groups, stiffness is not None, tol is None,
+                 getattr(func, "__code__", type(func)))
+    loop = _compiled_loop(backend, structure)
     before, start = len(COMPILES), time.perf_counter()
     rhs.counting = False
     try:
