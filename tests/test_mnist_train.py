@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from neuralode.cli import main
-from neuralode.solvers.compiled import CompileFallbackWarning
 from neuralode.experiments import mnist as M
 from neuralode.experiments.runner import (
     UsageError,
@@ -24,6 +23,7 @@ from neuralode.experiments.runner import (
     write_csv,
     write_json,
 )
+from neuralode.solvers.compiled import CompileFallbackWarning
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 TINY = ["--train-split", "train-5k", "--train-limit", "96", "--test-limit", "64",
