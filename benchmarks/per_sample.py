@@ -525,7 +525,7 @@ def main(argv=None) -> None:
         others = [f"{k} {getattr(v, '__version__', '?')}" for k, v in libs.items()
                   if k != "base"]
         header = "; ".join([f"torch {torch.__version__}, 1 thread",
-                            f"neuralode from {Path(neuralode.__file__).parent.parent}",
+                            f"neuralode from {Path(neuralode.__file__).parent.parent.name}/",
                             f"base = {baseline_label(args)}", ", ".join(others) or "no others",
                             f"{repeats} repetition(s), {'cold' if args.cold else 'warm'}"
                             + (", quick" if args.quick else ""),

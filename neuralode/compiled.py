@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode.errors import ODEInputError
-from neuralode.problem import check_t, check_y0
+from neuralode.problem import CALLBACK_NAMES, check_t, check_y0
 from neuralode.solution import Solution
 from neuralode.solvers.base import SolverStats
 
@@ -89,7 +89,7 @@ def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=No
                             "with respect to t; detach t or solve without 'compile'")
     yb = tuple(v.unsqueeze(0) for v in items) if is_tuple else items[0].unsqueeze(0)
     batch_func = _one_as_batch(func, is_tuple)
-    for name in ("callback_step", "callback_accept_step", "callback_reject_step"):
+    for name in CALLBACK_NAMES:
         if callable(getattr(func, name, None)) or callable(getattr(func, name + "_adjoint",
                                                                    None)):
             raise ODEInputError(f"the compiled solve (options['compile']) does not call "
@@ -99,15 +99,11 @@ def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=No
         tuple(v.detach() for v in items) if is_tuple else items[0].detach()))
     sol = strategy.solve(batch_func, yb, t, rtol=rtol, atol=atol, method=method,
                          options=options, throw=throw, per_sample=True)
-    ps = sol.stats
+    ps = sol.stats  # (the batched driver's: every field filled for the one sample)
     stats = SolverStats(method=ps.method, nfe=ps.nfe, n_accepted=int(ps.n_accepted[0]),
-                        n_rejected=int(ps.n_rejected[0]),
-                        status=ps.status[0] if ps.status else sol.status[0],
-                        message=ps.message[0] if ps.message else "",
-                        t_final=float(sol.t_final[0].detach()) if sol.t_final is not None else
-                        float("nan"),
-                        compile_s=ps.compile_s, n_compiles=ps.n_compiles)
-    stats.extra = ps.extra  # the same dict: an adjoint's backward statistics arrive later
+                        n_rejected=int(ps.n_rejected[0]), status=sol.status[0],
+                        message=sol.message[0], t_final=float(sol.t_final[0]),
+                        compile_s=ps.compile_s, n_compiles=ps.n_compiles, extra=ps.extra)
     ys = tuple(v[:, 0] for v in sol.ys) if is_tuple else sol.ys[:, 0]
     y_final = tuple(v[0] for v in sol.y_final) if is_tuple else sol.y_final[0]
     return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,

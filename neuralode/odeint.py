@@ -58,15 +58,19 @@ def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e
         output times t of shape (T,) or (B, T), statistics and status) and return a
         ``neuralode.per_sample.PerSampleSolution``; see ``neuralode.per_sample``.
     """
-    g = gradient_strategy(gradient)
-    if not per_sample and not isinstance(g, Adjoint):  # (the adjoint: odeint_adjoint's own)
+    return _solve(gradient_strategy(gradient), func, y0, t, rtol=rtol, atol=atol,
+                  method=method, options=options, event_fn=event_fn, dense=dense, throw=throw,
+                  per_sample=per_sample)
+
+
+def _solve(g, func, y0, t, *, options, per_sample: bool, **kwargs):
+    """``g.solve``; one problem with ``options['compile']`` as a compiled batch of one
+    (``neuralode.compiled``; the adjoint compiles its forward solve in ``odeint_adjoint``)."""
+    if not per_sample and not isinstance(g, Adjoint):
         if wants_compile(options):
-            return solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                      options=options, event_fn=event_fn, dense=dense,
-                                      throw=throw)
+            return solve_compiled_one(g, func, y0, t, options=options, **kwargs)
         options = without_compile(options)
-    return g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                   event_fn=event_fn, dense=dense, throw=throw, per_sample=per_sample)
+    return g.solve(func, y0, t, options=options, per_sample=per_sample, **kwargs)
 
 
 def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
@@ -132,14 +136,8 @@ def odeint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1
         event_t, sol, stats = g.event(func, y0, t, rtol=rtol, atol=atol, method=method,
                                       options=options, event_fn=event_fn)
         return ((event_t, sol), stats) if return_stats else (event_t, sol)
-    if not per_sample and not isinstance(g, Adjoint) and wants_compile(options):
-        sol = solve_compiled_one(g, func, y0, t, rtol=rtol, atol=atol, method=method,
-                                 options=options)
-    else:
-        options = options if per_sample or isinstance(g, Adjoint) else \
-            without_compile(options)
-        sol = g.solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                      per_sample=per_sample)
+    sol = _solve(g, func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                 per_sample=per_sample)
     return (sol.ys, sol.stats) if return_stats else sol.ys
 
 

@@ -136,7 +136,7 @@ class _Setup:
     B: int
     driver: str
     shrink: float | None
-    compile_step: bool | str
+    compile: bool | str  # options['compile']: False, True or a torch.compile backend
 
 
 def _split_options(options) -> tuple[dict, dict]:
@@ -185,8 +185,8 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
     # the tensor clock keeps (B,) float64 times on the device; without float64 there
     # (timekeeping.time_dtype: MPS) each sample runs alone on the float clock's host floats
     driver = _driver(p, func, t, tensor_clock and time_dtype(items[0].device) == torch.float64)
-    compile_step = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
-    if driver != "batched" and (ps["shrink"] is not None or compile_step):
+    compile = ps["compile"] if isinstance(ps["compile"], str) else bool(ps["compile"])
+    if driver != "batched" and (ps["shrink"] is not None or compile):
         raise ODEInputError(
             f"the options 'shrink' and 'compile' need the batched driver (the tensor clock) "
             f"('compile': explicit Runge–Kutta methods; 'shrink' also Rosenbrock and ESDIRK "
@@ -194,12 +194,12 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
             f"interpolated adjoint), no step_t/jump_t/perturb/grid_constructor, callbacks "
             f"or gradients in t, on a device with float64; this {p.name!r} solve cannot run "
             f"there")
-    if compile_step and p.method.builds_jacobians():
+    if compile and p.method.builds_jacobians():
         raise ODEInputError(f"the option 'compile' serves the explicit Runge–Kutta methods; "
                             f"{p.name!r} builds Jacobians and runs Newton iterations in its "
                             f"step (solve it without 'compile')")
     p.stats.driver = driver
-    return _Setup(p, t, ts, B, driver, ps["shrink"], compile_step)
+    return _Setup(p, t, ts, B, driver, ps["shrink"], compile)
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,20 +232,20 @@ def _fill_stats(st: PerSampleStats, res: BatchedResult, msgs: list[str]) -> None
 def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter):
     p = s.p
     if event_fn is not None and (not p.method.adaptive or s.shrink is not None
-                                 or s.compile_step):
+                                 or s.compile):
         raise ODEInputError("per_sample=True events need an adaptive method, without the "
                             "options 'shrink' and 'compile'")
     if dense and s.shrink is not None:
         raise ODEInputError("per_sample=True dense output cannot be combined with 'shrink'")
     stepper, controller = batched_parts(p, s.ts)
-    if s.compile_step:
+    if s.compile:
         if dense:
             raise ODEInputError("the compiled solve (options['compile']) has no dense "
                                 "output; solve without 'compile' for dense=True")
         if p.norm.user_norm is not None:
             raise ODEInputError("the compiled solve (options['compile']) takes the default "
                                 "error norm; drop options['norm'] or 'compile'")
-        backend = s.compile_step if isinstance(s.compile_step, str) else "inductor"
+        backend = s.compile if isinstance(s.compile, str) else "inductor"
         tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
         info: dict = {}
         res, msgs = integrate_compiled(p.rhs, p.y0_flat, s.ts, stepper, controller,
@@ -261,7 +261,7 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
     res, msgs = integrate_batched(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
                                   name=p.name, shrink=s.shrink, sync_counter=sync_counter,
-                                  compile_step=s.compile_step, event_fn=event_fn,
+                                  event_fn=event_fn,
                                   record=record,
                                   event_interior_points=p.opts["event_interior_points"],
                                   step_to_outputs=p.opts.get("step_to_outputs", False),

@@ -131,13 +131,6 @@ class Adjoint:
         return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
                         t_final=stats.t_final, y_final=last)
 
-    def bind_params(self, func, probe) -> Adjoint:
-        """The strategy with its parameters fixed (those of ``func`` unless given), before
-        ``func`` is wrapped into another function."""
-        if self.params is not None:
-            return self
-        return replace(self, params=find_params(func, None))
-
     def event(self, func, y0, t, *, rtol, atol, method=None, options=None, event_fn):
         (event_t, ys), stats = odeint_adjoint(func, y0, t, rtol=rtol, atol=atol,
                                               method=method, options=options,
@@ -314,6 +307,17 @@ class _Backward:
         return a + g_flat[0], gp, a_t0
 
 
+def _forward_solve(cfg: dict, y0, t, dense: bool) -> Solution:
+    """``odeint_adjoint``'s forward solve (no graph): on the loop, or compiled
+    (``options['compile']``, which keeps no dense output)."""
+    if cfg["compile"]:
+        return solve_compiled_one(Backprop(), cfg["func"], y0, t, rtol=cfg["rtol"],
+                                  atol=cfg["atol"], method=cfg["method"],
+                                  options={**cfg["options"], "compile": cfg["compile"]})
+    return solve_problem(prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
+                                 method=cfg["method"], options=cfg["options"]), t, dense=dense)
+
+
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, t, n_state, *tensors):
@@ -321,20 +325,8 @@ class _AdjointFunction(torch.autograd.Function):
         params = tensors[n_state:]
         y0 = tuple(y0_items) if cfg["is_tuple"] else y0_items[0]
         with torch.no_grad():
-            if cfg.get("compile"):
-                sol = solve_compiled_one(Backprop(), cfg["func"], y0, t, rtol=cfg["rtol"],
-                                         atol=cfg["atol"], method=cfg["method"],
-                                         options={**cfg["options"],
-                                                  "compile": cfg["compile"]})
-                ys, fstats = sol.ys, sol.stats
-                ctx.dense = None
-                t_out = t
-                event_t = None
-            elif cfg["event_fn"] is None:
-                sol = solve_problem(
-                    prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],
-                            method=cfg["method"], options=cfg["options"]),
-                    t, dense=cfg["backward"].interpolated)
+            if cfg["event_fn"] is None:
+                sol = _forward_solve(cfg, y0, t, dense=cfg["backward"].interpolated)
                 ys, fstats = sol.ys, sol.stats
                 ctx.dense = sol.dense
                 t_out = t
@@ -602,13 +594,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                                                event_fn=event_fn)
             stats.__dict__.update(fstats.__dict__)
             return ((event_t, ys), stats) if return_stats else (event_t, ys)
-        if compile_value:
-            sol = solve_compiled_one(Backprop(), func, y0, t, rtol=rtol, atol=atol,
-                                     method=method_name,
-                                     options={**opts, "compile": compile_value})
-        else:
-            sol = solve_problem(prepare(func, y0, rtol=rtol, atol=atol, method=method_name,
-                                        options=opts), t)
+        sol = _forward_solve(cfg, y0, t, dense=False)
         stats.__dict__.update(sol.stats.__dict__)
         return (sol.ys, stats) if return_stats else sol.ys
     outs = _AdjointFunction.apply(cfg, t, len(items), *items, *params)

@@ -156,7 +156,7 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
                       *, max_num_steps: int, throw: bool = True, name: str = "",
                       shrink: float | None = None, sync_counter: list | None = None,
                       h0: torch.Tensor | None = None, on_step: Callable | None = None,
-                      compile_step: bool | str = False, event_fn: Callable | None = None,
+                      event_fn: Callable | None = None,
                       record: list | None = None, event_interior_points: int = 0,
                       step_to_outputs: bool = False, stiffness: StiffnessCheck | None = None
                       ) -> tuple[BatchedResult, list[str]]:
@@ -169,8 +169,6 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     ``h0``: (B,) first step sizes (adaptive; default: Hairer's estimate).
     ``on_step(t, y, h, accept, stepper)``: called after every attempt, before the stepper
     moves on (the adjoint's parameter quadrature reads the attempt's stages there).
-    ``compile_step``: the attempt (stepper + controller + bookkeeping) and the proposal run
-    under ``torch.compile(fullgraph=True)`` (a string: the backend, default "inductor").
     ``event_fn`` (adaptive methods): each sample stops at its own first sign change,
     located as the float-clock driver locates it (``event_location``).
     ``record``: a list that receives every attempt's interpolant data (``BatchedDense``).
@@ -248,11 +246,6 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
     batch_step = BatchStep(stepper, controller, max_num_steps)
     propose, attempt = batch_step.propose, batch_step.attempt
 
-    calls = stepper.s - 1 + (0 if stepper.fsal else 1)  # evaluations of f per attempt
-    if compile_step:
-        backend = compile_step if isinstance(compile_step, str) else "inductor"
-        propose = torch.compile(propose, fullgraph=True, dynamic=False, backend=backend)
-        attempt = torch.compile(attempt, fullgraph=True, dynamic=False, backend=backend)
     if not adaptive:
         k_grid_ = k_grid
     else:
@@ -329,14 +322,9 @@ def integrate_batched(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controll
             hh = t1 - t
         it += 1
         t_old, y_old, i_old = t, y, i_out
-        if compile_step:
-            rhs.counting = False
-            rhs.stats.nfe += calls
-            rhs.stats.batch_rows += calls * y.shape[0]
         (y1, hm, t1m, cnt, accept, t, y, h, status, running, n_att, n_acc, n_rej, i_out,
          k_grid_) = attempt(t, y, h, hh, t1, t_end, dirn, key, running, status, n_att, n_acc,
                             n_rej, i_out, k_grid_)
-        rhs.counting = True
         if stiffness is not None and adaptive and (it % CHECK_EVERY == 0 or stiffness.suspect):
             fire, info = stiffness.test_rows(stepper.stages(), accept, t, hm, t_end)
             if info is not None:

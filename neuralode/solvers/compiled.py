@@ -321,7 +321,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
              "it_step": torch.zeros((), dtype=torch.long, device=device),
              "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
              "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0,
-             "seg_y": y0, "seg_y1": y0, "seg_h": nan * 0, "seg_t": t, "seg_t1": t,
+             "seg_y": y0, "seg_y1": y0, "seg_h": torch.zeros_like(nan), "seg_t": t,
+             "seg_t1": t,
              **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)}}
     for k in names:
         v = getattr(controller, k)
@@ -336,7 +337,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # the loop's templates hold no per-solve tensors: those travel in the carry (a template
     # that still held them would hand the loop aliased inputs)
     st_proto = _fork(stepper, fused=True)
-    for k in ("K", "KT", "stage_plan", "last_stage", "f1", "y1", "ks", "f0"):
+    for k in ("ks", "f0"):  # (the stage list's start, the form ``start(..., True)`` made)
         st_proto.__dict__.pop(k, None)
     ctl_proto = _fork(controller)
     for k in names:
@@ -350,8 +351,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T)
-    out = y0.new_zeros(T + 1, B, n)
-    out = torch.cat([y0[None], out[1:]])
+    out = torch.cat([y0[None], y0.new_zeros(T, B, n)])  # row T takes absent outputs
     carry = (out, *_pack(state, groups, state))
     tol = None
     if tolerances is not None:
@@ -369,20 +369,20 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             res = loop(spec, ts, key, t_end, dirn, tol, carry)
     except torch._dynamo.exc.TorchDynamoException as e:
+        res, reason = None, " ".join(str(e).split())[:400]
+    finally:
+        rhs.counting = True
+    if res is None:
         # what torch.compile cannot capture (in func, most often): the eager driver, announced
-        reason = " ".join(str(e).split())[:400]
         warnings.warn(f"{name}: the compiled solve could not compile this problem ({reason}); "
                       f"it was solved eagerly instead (the same steps and results)",
                       CompileFallbackWarning, stacklevel=2)
         rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
         if info is not None:
             info.update(compile_s=0.0, compiles=0, iterations=0, fallback=reason)
-        rhs.counting = True
         return integrate_batched(rhs, y0, ts, stepper, controller,
                                  max_num_steps=max_num_steps, throw=throw, name=name,
                                  stiffness=stiffness)
-    finally:
-        rhs.counting = True
     wall = time.perf_counter() - start
     out, c = res[0], _unpack(res[1:], groups)
     status, i_out = c["status"], c["i_out"]

@@ -98,30 +98,22 @@ def add_terms(y, terms, h, precise: bool):
     if not terms:
         return y
     if not isinstance(h, float):
-        (k0, c0), rest = terms[0], terms[1:]
-        comb = k0 * c0
-        for k, c in rest:
-            comb = torch.add(comb, k, alpha=c)
-        return torch.addcmul(y, column(h, y), comb)
+        return torch.addcmul(y, column(h, y), combine(terms))
     if precise:
-        (k0, c0), rest = terms[0], terms[1:]
-        incr = k0 * (h * c0)
-        for k, c in rest:
-            incr = torch.add(incr, k, alpha=h * c)
-        return y + incr
+        return y + combine([(k, h * c) for k, c in terms])
     out = y
     for k, c in terms:
         out = torch.add(out, k, alpha=h * c)
     return out
 
 
-def linear_combination(ks: list, coeffs: list) -> torch.Tensor:
-    """sum_j c_j ks[j] for ``coeffs`` = [(j, c_j), ...] (elementwise: it fuses when
-    compiled)."""
-    (j0, c0), rest = coeffs[0], coeffs[1:]
-    out = ks[j0] * c0
-    for j, c in rest:
-        out = torch.add(out, ks[j], alpha=c)
+def combine(terms) -> torch.Tensor:
+    """sum_j c_j k_j for ``terms`` = [(k_j, c_j), ...] (not empty; elementwise, so that it
+    fuses when compiled)."""
+    (k0, c0), rest = terms[0], terms[1:]
+    out = k0 * c0
+    for k, c in rest:
+        out = torch.add(out, k, alpha=c)
     return out
 
 
@@ -298,7 +290,7 @@ class RKStepper:
         if self.graph:
             with torch.no_grad():
                 if self.fused:
-                    return linear_combination(self.ks, self.berr_nz)
+                    return combine([(self.ks[j], c) for j, c in self.berr_nz])
                 return torch.tensordot(self.b_err, torch.stack(self.ks[: self.s]), dims=1)
         err = torch.mv(self.KT[self.s], self.b_err)
         return err.view(self.K.shape[1:]) if self.batch else err

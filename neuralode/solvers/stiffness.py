@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from neuralode.solvers.elementwise import isfinite, where
-from neuralode.solvers.rk import linear_combination
+from neuralode.solvers.rk import combine
 from neuralode.solvers.tableau import ButcherTableau
 
 CHECK_EVERY = 1000
@@ -80,8 +80,8 @@ def stiffness_ratio(K: torch.Tensor, i: int, j: int, d: list[float]):
     -> (B,) float64 (per sample)."""
     num = torch.linalg.vector_norm(K[j] - K[i], dim=-1)
     # sum_m d_m K_m written out (it fuses in a compiled loop, which tests every step)
-    den = torch.linalg.vector_norm(linear_combination(K, [(m, c) for m, c in enumerate(d)
-                                                          if c != 0.0]), dim=-1)
+    den = torch.linalg.vector_norm(combine([(K[m], c) for m, c in enumerate(d) if c != 0.0]),
+                                   dim=-1)
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
     return float(ratio) if K.dim() == 2 else ratio.to(torch.float64)
 
