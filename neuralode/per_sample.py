@@ -215,8 +215,8 @@ def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
     stepper = p.method.make_stepper(o, norm)
     controller: Any
     if p.method.adaptive:
-        controller = controller_or_default(o).bind(norm, stepper.error_order, o,
-                                                   o.get("_pid_settings"))
+        controller = controller_or_default(o, p.method).bind(norm, stepper.error_order, o,
+                                                             o.get("_pid_settings"))
     else:
         controller = PerSampleGrid(ts, o["step_size"])
     return stepper, controller

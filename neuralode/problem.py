@@ -323,7 +323,7 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
         stats = PerSampleStats(method=name) if batch else SolverStats(method=name)
     stats.method = name
     rhs = RHS(func, layout, dtype, device, stats, batch=batch, time_arg=time_arg)
-    ctrl = controller_or_default(opts) if cls.adaptive else None
+    ctrl = controller_or_default(opts, cls) if cls.adaptive else None
     rtol = ctrl.rtol if ctrl is not None and ctrl.rtol is not None else rtol
     atol = ctrl.atol if ctrl is not None and ctrl.atol is not None else atol
     rtol_v = tolerance_value("rtol", rtol, layout, rhs.dtype, device)

@@ -402,7 +402,8 @@ def test_gustafsson_controller_solves_in_both_drivers(method):
     sol = solve(vdp, Y0, T, per_sample=True, **kw)
     ref = solve(vdp, Y0, T, per_sample=True, method="dopri5", rtol=1e-11, atol=1e-13)
     assert _rel(sol.ys[-1], ref.ys[-1]) < 1e-3
-    pid = solve(vdp, Y0[0], T, method=method, rtol=1e-6, atol=1e-9)
+    pid = solve(vdp, Y0[0], T, method=method, rtol=1e-6, atol=1e-9,
+                options={"step_size_controller": neuralode.PIDController()})
     one = solve(vdp, Y0[0], T, **kw)
     assert not torch.equal(one.ys, pid.ys)  # another step-size sequence than the PID's
     for b in range(B):

@@ -277,7 +277,7 @@ class AdaptiveRK(Method):
                                 f"neuralode.PIDController or neuralode.GustafssonController, "
                                 f"got {type(ctrl).__name__}")
         # validates safety, ifactor, ... once; ``make_controller`` reuses the result
-        o["_pid_settings"] = controller_or_default(o).settings(o, cls.name)
+        o["_pid_settings"] = controller_or_default(o, cls).settings(o, cls.name)
         v = o.get("max_stiff_steps")
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ODEInputError(f"option 'max_stiff_steps' of {cls.name!r} must be a positive "
@@ -301,10 +301,20 @@ IMPLICIT_ADAPTIVE_OPTIONS = {k: v for k, v in AdaptiveRK.OPTIONS.items()
                              if k != "max_stiff_steps"}
 
 _DEFAULT_CONTROLLER = PIDController()
+_PID_DEFAULTS = {"pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0}
 
 
-def controller_or_default(o: dict) -> PIDController:
-    return o.get("step_size_controller") or _DEFAULT_CONTROLLER
+def controller_or_default(o: dict, method: type[Method]) -> PIDController:
+    """The options' ``step_size_controller``, else the method's ``default_controller``
+    (a PID controller, unless the method names another), else PID when the options set PID
+    coefficients."""
+    chosen = o.get("step_size_controller")
+    if chosen is not None:
+        return chosen
+    default = getattr(method, "default_controller", None)
+    if default is None or any(o.get(k, v) != v for k, v in _PID_DEFAULTS.items()):
+        return _DEFAULT_CONTROLLER
+    return default
 
 
 class ExplicitAdams(FixedGridMethod):
@@ -383,7 +393,7 @@ def make_controller(method: type[Method], o: dict, norm: ErrorNorm, ts, func, y0
     if method.adaptive:
         if hasattr(method, "make_controller"):  # methods with their own controller (bdf)
             return method.make_controller(o, norm)
-        return controller_or_default(o).bind(norm, method.tableau.error_order, o,
+        return controller_or_default(o, method).bind(norm, method.tableau.error_order, o,
                                              o.get("_pid_settings"))
     if grid is None:
         grid = method.grid(o, ts, func, y0_user, open_end)

@@ -20,10 +20,10 @@ estimate is the last stage ``k_s`` (y1 minus the embedded solution), and the den
 * ``rodas5p``: Steinebach's Rodas5P (2023), 8 stages, order 5(4), L-stable, dense output of
   order 4.
 
-The time derivative f_t is computed by forward-mode autograd on t (``torch.func.jvp``,
-giving f(t, y) and f_t in one evaluation); for functions that ``torch.func`` cannot
-transform, by reverse-mode autograd (the double-vjp identity, one evaluation and two
-backward passes). The Jacobian comes from ``JacobianSource`` (autograd dense, block
+The time derivative f_t is computed by forward-mode autograd on t (a dual number for t,
+giving f(t, y) and f_t in one evaluation); for functions without forward-mode support, by
+reverse-mode autograd (the double-vjp identity, one evaluation and two backward passes).
+The Jacobian comes from ``JacobianSource`` (autograd dense, block
 diagonal, matrix-free with GMRES, or the user's callable).
 
 Gradients (backpropagation through the solve): J and f_t are built with a graph and the
@@ -39,10 +39,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import StepFailure
 from neuralode.solvers.elementwise import column
+from neuralode.solvers.gustafsson import GustafssonController
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
     JacobianSource,
@@ -55,6 +57,7 @@ from neuralode.solvers.methods import (
     STIFF_OUTPUT_OPTIONS,
     AdaptiveRK,
 )
+from neuralode.solvers.timekeeping import time_dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,21 +167,6 @@ RODAS5P = _rodas_structure(
 TABLEAUX = {"rodas4": RODAS4, "rodas5p": RODAS5P}
 
 
-def _combine(y, terms):
-    """y + sum_j c_j k_j for ``terms`` = [(k_j, c_j)], out of place (autograd keeps the
-    stages); y may be None (then the sum alone). A coefficient is a float, or per sample a
-    (B, 1) column (one value per row)."""
-    out = y
-    for k, cf in terms:
-        if isinstance(cf, float):
-            if cf == 0.0:
-                continue
-            out = k * cf if out is None else torch.add(out, k, alpha=cf)
-        else:
-            out = k * cf if out is None else torch.addcmul(out, k, cf)
-    return out
-
-
 class _LUSolve(torch.autograd.Function):
     """x = M^{-1} b with M's LU factors computed once per step (M = I - hg J carries the
     graph of J). Backward: g_b = M^{-T} g, g_M = -g_b x^T (per block for (B, m, m) M)."""
@@ -283,9 +271,21 @@ class RosenbrockStepper:
         self.gmres_rtol = gmres_rtol
         self.name = name
         self.s = tab.stages
-        self.a_nz = [[(j, v) for j, v in enumerate(row) if v != 0.0] for row in tab.a]
-        self.C_nz = [[(j, v) for j, v in enumerate(row) if v != 0.0] for row in tab.C]
-        self.b_nz = [(j, v) for j, v in enumerate(tab.b) if v != 0.0]
+
+    def _coefficients(self, like: torch.Tensor) -> None:
+        """The tableau as tensors of the state's dtype: the rows of ``a`` and of gamma C
+        (the stage equations multiplied by h gamma: the C_ij / h terms become gamma C_ij,
+        free of h), ``b`` and the dense output's H."""
+        tab, s = self.tab, self.s
+
+        def tensor(rows):
+            return torch.tensor(rows, dtype=like.dtype, device=like.device)
+        self.a_t = [tensor(tab.a[i]) for i in range(s)]
+        self.gC_t = [tensor([tab.gamma * v for v in tab.C[i]]) for i in range(s)]
+        self.b_t = tensor(tab.b)
+        self.H_t = tensor(tab.H)
+        # in the time dtype: float64, or float32 on a device without it (``timekeeping``)
+        self.d64 = torch.tensor(tab.d, dtype=time_dtype(like.device), device=like.device)
 
     # -- per solve --------------------------------------------------------------------
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
@@ -305,6 +305,8 @@ class RosenbrockStepper:
         self.ft = None
         self._forward_mode = True
         self.D = None
+        self._coefficients(y0)
+        self._buffer(None if graph else y0.new_empty(self.s, *y0.shape))
 
     # -- the step's start point -------------------------------------------------------
     def _f_and_ft(self, tt: torch.Tensor, y: torch.Tensor):
@@ -316,10 +318,13 @@ class RosenbrockStepper:
             try:
                 # torch's forward-mode AD scripts helpers on first use and warns that
                 # torch.jit.script is deprecated: torch's own business, not the caller's
-                with torch.set_grad_enabled(graph), warnings.catch_warnings():
+                with torch.set_grad_enabled(graph), warnings.catch_warnings(), \
+                        fwAD.dual_level():
                     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-                    f, ft = torch.func.jvp(lambda s: call_at(s, yy), (tt,),
-                                           (torch.ones_like(tt),))
+                    f, ft = fwAD.unpack_dual(call_at(fwAD.make_dual(tt, torch.ones_like(tt)),
+                                                     yy))
+                if ft is None:  # f does not depend on t
+                    return f, torch.zeros_like(f)
                 # (the tangent of a float32 state's f can come back in float64)
                 return f, ft.to(f.dtype)
             except (RuntimeError, NotImplementedError, TypeError):
@@ -362,7 +367,25 @@ class RosenbrockStepper:
         return NewtonMatrix(self.J, hg, 1.0, self.stats, gmres_rtol=self.gmres_rtol)
 
     # -- one attempt ------------------------------------------------------------------
+    def _buffer(self, K: torch.Tensor | None) -> None:
+        """The stage buffer (s, *state shape) (None: with a graph, the stages are a list)
+        and its transposed views K[:i]^T, made once."""
+        self.K = K
+        self.KT = None if K is None else [K.view(self.s, -1)[:i].t() for i in range(self.s + 1)]
+
+    def _stages_t(self, K, i: int) -> torch.Tensor:
+        """The first i stages as the columns of a (state size, i) matrix: a view of the
+        stage buffer, or (with a graph) the stages stacked."""
+        if self.KT is not None:
+            return self.KT[i]
+        return torch.stack(K[:i]).view(i, -1).t()
+
     def step(self, t, y: torch.Tensor, h, left_end=None) -> torch.Tensor:
+        """One attempt. The stage equations are multiplied by h gamma (the matrix is
+        I - h gamma J): k_i = M^-1 (h gamma (f_i + d_i h f_t) + sum_j gamma C_ij k_j); each
+        sum over the stages is one matrix-vector product with the stacked stages (per
+        sample over all rows at once: the coefficients are the same for every row, only
+        h gamma and d_i h are per row)."""
         if self.J is None:
             self._prepare_point(t, y, h)
         tab = self.tab
@@ -371,42 +394,59 @@ class RosenbrockStepper:
         rhs = self.rhs
         ft, c, d = self.ft, tab.c, tab.d
         matfree = self.jac.matrix_free
-        # per sample: each row's own h (a finished row's h = 0 is divided as 1: its stages
-        # are zero, as hg = 0 scales every right-hand side); the factors C_ij / h are formed
-        # in float64 and rounded once, as the one-problem step's Python floats
-        h_div = h if not self.batch else torch.where(h != 0, h, 1.0)
-        hg_row = hg if not self.batch else column(hg, y)
-        K: list[torch.Tensor] = []
+        batch, shape = self.batch, y.shape
+        flat = y.view(-1) if batch else y
+        # h gamma and the d_i h as tensors of the state's dtype, the products formed in
+        # float64 and rounded once (per sample: one column per row); the same kernels serve
+        # one problem and a batch, so that a sample's arithmetic is its solo solve's
+        if batch:
+            hg_row = column(hg, y)
+            dh = (self.d64.unsqueeze(-1) * h).to(y.dtype).unsqueeze(-1).unbind(0)
+        else:
+            hg_row = y.new_tensor(hg)
+            dh = (self.d64 * h).to(y.dtype).unbind(0)
+        K = self.K if self.K is not None else []
         for i in range(self.s):
             if i == 0:
                 fi = self.f0
             else:
-                yi = _combine(y, [(K[j], v) for j, v in self.a_nz[i]])
+                KT = self._stages_t(K, i)
+                yi = torch.addmv(flat, KT, self.a_t[i])
+                yi = yi.view(shape) if batch else yi
                 ti = t + c[i] * h
                 fi = rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi)
-            r = fi if d[i] == 0.0 else _combine(fi, [(ft, d[i] * h if not self.batch
-                                                      else column(d[i] * h, y))])
-            r = _combine(r, [(K[j], v / h_div if not self.batch else column(v / h_div, y))
-                             for j, v in self.C_nz[i]])
+            if d[i] != 0.0:
+                fi = torch.addcmul(fi, ft, dh[i])
+            if i == 0:
+                r = fi * hg_row
+            else:
+                comb = torch.mv(KT, self.gC_t[i])
+                r = torch.addcmul(comb.view(shape) if batch else comb, fi, hg_row)
             if matfree:
                 before = self.stats.extra.get("gmres_not_converged", 0)
-            k = matrix.solve(r * hg_row)
+            k = matrix.solve(r)
             if matfree and self.stats.extra.get("gmres_not_converged", 0) > before:
                 raise StepFailure(f"GMRES did not solve the linear system of stage {i + 1} "
                                   f"to relative residual {self.gmres_rtol:.1e}", factor=0.5)
-            K.append(k)
-        self.K = K
-        self._h_div = h_div
+            if self.K is not None:
+                K[i].copy_(k)
+            else:
+                K.append(k)
+        self.Ks = K
+        self._h = h
         self.D = None
-        incr = _combine(None, [(K[j], v) for j, v in self.b_nz])
-        self.y1 = y1 = y + incr
+        # the increment is summed first and added once (one rounding at |y|'s magnitude)
+        incr = torch.mv(self._stages_t(K, self.s), self.b_t)
+        self.y1 = y1 = y + (incr.view(shape) if batch else incr)
         return y1
 
     def error(self) -> torch.Tensor:
         """The last stage (y1 minus the embedded solution) divided by h (the controller
-        multiplies the norm by h)."""
-        h = self._h_div
-        return self.K[-1].detach() / (h if not self.batch else column(h, self.K[-1]))
+        multiplies the norm by h); a finished row (h = 0, zero stages) gives zero."""
+        h, last = self._h, self.Ks[-1].detach()
+        if not self.batch:
+            return last / h
+        return last / column(torch.where(h != 0, h, 1.0), last)
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor):
@@ -415,8 +455,8 @@ class RosenbrockStepper:
 
     def prepare_interp(self, t1_time, y1) -> None:
         if self.D is None:
-            self.D = [_combine(None, [(self.K[j], v) for j, v in enumerate(row)])
-                      for row in self.tab.H]
+            D = (self.H_t @ self._stages_t(self.Ks, self.s).t()).view(-1, *self.y1.shape)
+            self.D = list(D.unbind(0))
 
     def interpolate(self, y: torch.Tensor, h, thetas, row: int | None = None):
         """States at t + theta h on the accepted step (see ``rk.RKStepper.interpolate``):
@@ -447,10 +487,13 @@ class RosenbrockStepper:
             v = getattr(self, name, None)
             if v is not None:
                 setattr(self, name, v[idx])
-        for name in ("K", "D"):
+        if self.K is not None:
+            self._buffer(self.K[:, idx].contiguous())
+        for name in ("Ks", "D"):
             v = getattr(self, name, None)
             if v is not None:
-                setattr(self, name, [k[idx] for k in v])
+                setattr(self, name, self.K if name == "Ks" and self.K is not None
+                        else [k[idx] for k in v])
 
     def segment(self, y: torch.Tensor, h: float):
         self.prepare_interp(None, None)
@@ -528,6 +571,13 @@ class Rodas5P(RosenbrockMethod):
     name = "rodas5p"
     tableau = RODAS5P
     order = 5
+    # Gustafsson's predictive controller (as Hairer's RODAS) by default: on Van der Pol,
+    # HIRES and OREGO at rtol 1e-4/1e-6/1e-8 it rejected 2-20x fewer steps than the PID
+    # controller, for 2-23% fewer evaluations of f, and its worst output error was within 3x
+    # the tolerance in 11 of the 12 problem x tolerance cells against 10 of 12
+    # (``benchmarks/stiff_controllers.py --controller pid|gustafsson``, BENCHMARKS.md);
+    # PID coefficients in the options select the PID controller
+    default_controller = GustafssonController()
 
 
 METHODS = {"rodas4": Rodas4, "rodas5p": Rodas5P}
