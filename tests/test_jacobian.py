@@ -8,11 +8,16 @@ import torch
 from neuralode.errors import ODEFuncError, ODEInputError
 from neuralode.solvers.base import RHS, SolverStats, StateLayout
 from neuralode.solvers.jacobian import (
+    _CONVERGED,
+    _DIVERGE,
+    _GOING,
     JacobianSource,
     NewtonMatrix,
+    _newton_verdict,
     check_jacobian_option,
     gmres,
     newton,
+    rounding_floor,
 )
 
 
@@ -138,6 +143,30 @@ def test_newton_converges_quadratically_and_fails_clearly():
     nan = newton(lambda z: z * math.nan, torch.ones(3), Exact(), torch.ones(3), tol=0.03,
                  max_iters=5, stats=stats)
     assert not nan.converged and "non-finite" in nan.reason
+
+
+def test_newton_min_iters_and_rounding_floor():
+    """bdf's Newton (``min_iters=2``, ``floor``): a first correction within the tolerance
+    does not converge unless it is at the rounding floor; a correction at the floor
+    converges whatever its rate (rounding noise read as a rate >= 1 is not divergence);
+    the defaults keep the one-iteration test."""
+    tol, floor = 1e-2, 1e-3
+    going = _newton_verdict(0, 5e-3, math.nan, 1.0, tol, 4, min_iters=2, floor=floor)[2]
+    assert going == _GOING
+    assert _newton_verdict(0, 5e-3, math.nan, 1.0, tol, 4)[2] == _CONVERGED
+    assert _newton_verdict(0, 5e-4, math.nan, 1.0, tol, 4, min_iters=2, floor=floor)[2] \
+        == _CONVERGED
+    # rate 1 (the iterate no longer moves): divergence above the floor, converged below
+    assert _newton_verdict(1, 5e-3, 5e-3, 1.0, tol, 4, min_iters=2, floor=floor)[2] \
+        == _DIVERGE
+    assert _newton_verdict(1, 5e-4, 5e-4, 1.0, tol, 4, min_iters=2, floor=floor)[2] \
+        == _CONVERGED
+    # per row (the batched path): the same verdicts elementwise
+    nrm = torch.tensor([5e-3, 5e-4], dtype=torch.float64)
+    v = _newton_verdict(1, nrm, nrm.clone(), torch.ones(2, dtype=torch.float64), tol, 4,
+                        min_iters=2, floor=floor)[2]
+    assert v.tolist() == [_DIVERGE, _CONVERGED]
+    assert rounding_floor(1e-4, 2.0**-23) == pytest.approx(2 * 2.0**-23 / 1e-4)
 
 
 def test_bad_options_and_user_jacobians_are_refused():

@@ -378,24 +378,34 @@ class NewtonResult:
 _GOING, _CONVERGED, _NONFINITE, _DIVERGE, _SLOW = 0, 1, 2, 3, 4
 
 
-def _newton_verdict(k: int, nrm, prev, eta_k, tol: float, max_iters: int):
+def _newton_verdict(k: int, nrm, prev, eta_k, tol: float, max_iters: int,
+                    min_iters: int = 1, floor: float = 0.0):
     """After iteration k with scaled correction norm ``nrm`` (the previous one ``prev``):
     (theta, eta_k, verdict) on floats or per-row (B,) tensors. Hairer & Wanner's test: the
     rate theta = nrm / prev, eta = theta / (1 - theta); converged when eta nrm <= tol; a
     failure when the correction is not finite, theta >= 1, or theta^remaining eta nrm
-    predicts no convergence in the iterations left."""
+    predicts no convergence in the iterations left.
+
+    ``min_iters``: before that many iterations only a correction at the rounding ``floor``
+    converges (the rate of the next one shows whether the first was accurate: scipy's BDF
+    asks for two). ``floor``: a correction of at most this norm (what rounding leaves, e.g.
+    2 eps / rtol: the iterate no longer moves) converges whatever its rate: a rate measured
+    from rounding noise is noise, not divergence."""
     theta = math.nan
     verdict = where(isfinite(nrm), _GOING, _NONFINITE)
+    noise, above = nrm <= floor, nrm > floor  # (nan: neither; already _NONFINITE)
     if k > 0:
         theta = where(prev > 0, nrm / where(prev > 0, prev, 1.0), 0.0)
         diverge = theta >= 1.0
-        verdict = where((verdict == _GOING) & diverge, _DIVERGE, verdict)
+        verdict = where((verdict == _GOING) & diverge & above, _DIVERGE, verdict)
         eta_k = where(diverge, eta_k, theta / where(diverge, 1.0, 1.0 - theta))
         remaining = max_iters - 1 - k
         if remaining > 0:
             slow = theta ** remaining * eta_k * nrm > tol
-            verdict = where((verdict == _GOING) & slow, _SLOW, verdict)
-    done = (eta_k * nrm <= tol) | (nrm == 0.0)
+            verdict = where((verdict == _GOING) & slow & above, _SLOW, verdict)
+    done = noise | (nrm == 0.0)
+    if k + 1 >= min_iters:
+        done = done | (eta_k * nrm <= tol)
     verdict = where((verdict == _GOING) & done, _CONVERGED, verdict)
     return theta, eta_k, verdict
 
@@ -409,7 +419,15 @@ def newton_tolerance(rtol: float, eps: float) -> float:
     tolerance with 0.03, 6.9x with 1e-3)."""
     if not rtol > 0:
         return 0.03
-    return max(2 * eps / rtol, min(0.03, math.sqrt(rtol)))
+    return max(rounding_floor(rtol, eps), min(0.03, math.sqrt(rtol)))
+
+
+def rounding_floor(rtol: float, eps: float) -> float:
+    """2 eps / rtol: a Newton correction of this size in units of atol + rtol |y| is at the
+    resolution of y (about two units in the last place): below it an iterate no longer moves
+    and a correction, or a rate measured from it, is rounding noise (``newton``'s
+    ``floor``)."""
+    return 2 * eps / rtol if rtol > 0 else 0.0
 
 
 def _first_eta(eta):
@@ -424,7 +442,8 @@ def _first_eta(eta):
 
 def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
            matrix: NewtonMatrix, scale: torch.Tensor, *, tol: float, max_iters: int,
-           stats, eta=None, active: torch.Tensor | None = None) -> NewtonResult:
+           stats, eta=None, active: torch.Tensor | None = None, min_iters: int = 1,
+           floor: float = 0.0) -> NewtonResult:
     """Simplified Newton for ``residual(z) = 0`` with the factorised ``matrix`` ~ d residual/dz:
     z <- z - matrix^{-1} residual(z).
 
@@ -437,9 +456,13 @@ def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
 
     Per sample (``active``: a (B,) mask of the rows to solve; z (B, m), ``eta`` a (B,)
     tensor, nan for none): every row iterates as it would alone and stops at its own
-    verdict (a row that stopped keeps its iterate); ``converged`` and ``rate`` are (B,)."""
+    verdict (a row that stopped keeps its iterate); ``converged`` and ``rate`` are (B,).
+
+    ``min_iters``, ``floor``: see ``_newton_verdict`` (defaults: one iteration may converge;
+    no rounding floor)."""
     if active is not None:
-        return _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active)
+        return _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active,
+                            min_iters, floor)
     z = z0
     inv_sqrt = 1.0 / math.sqrt(max(z.numel(), 1))
     prev = math.nan
@@ -450,7 +473,8 @@ def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
         r = residual(z)
         dz = matrix.solve(-r)
         nrm = float(torch.linalg.vector_norm(dz / scale)) * inv_sqrt
-        theta, eta_k, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters)
+        theta, eta_k, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters,
+                                                min_iters, floor)
         if verdict == _NONFINITE:
             stats.n_newton_fail += 1
             return NewtonResult(z, False, k + 1, theta, "the Newton iterate became non-finite")
@@ -473,7 +497,8 @@ def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                         f"(last scaled correction {prev:.3g}, tolerance {tol:.3g})")
 
 
-def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active):
+def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active,
+                 min_iters=1, floor=0.0):
     """``newton`` per row: the residual and the solves run on the whole batch, each row
     moves until its own verdict (one host synchronisation per iteration: whether a row
     still iterates)."""
@@ -491,7 +516,8 @@ def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active
         r = residual(z)
         dz = matrix.solve(-r)
         nrm = (torch.linalg.vector_norm(dz / scale, dim=-1) * inv_sqrt).to(torch.float64)
-        theta, eta_new, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters)
+        theta, eta_new, verdict = _newton_verdict(k, nrm, prev, eta_k, tol, max_iters,
+                                                  min_iters, floor)
         z = torch.where((going & (verdict != _NONFINITE))[:, None], z + dz, z)
         if k > 0:
             rate = torch.where(going, theta, rate)
@@ -509,4 +535,4 @@ def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active
 
 __all__ = ["JACOBIAN_MODES", "JACOBIAN_OPTIONS", "JacobianSource", "MatrixFree", "NewtonMatrix",
            "NewtonResult", "check_jacobian_option", "gmres", "identity_minus", "newton",
-           "newton_tolerance"]
+           "newton_tolerance", "rounding_floor"]

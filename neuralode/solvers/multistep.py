@@ -25,7 +25,9 @@ units. One step (Gear; Byrne & Hindmarsh, ACM TOMS 1 (1975); the scheme of LSODE
   ``h^q y^(q) ~ q! Z[q]`` and ``h^(q+2) y^(q+2) ~`` the difference of two successive
   ``q! l_q e``; the controller (``MultistepController``) picks the order and step size from
   the three estimates (orders q-1, q, q+1) as LSODE does, holding h and q for q+1 steps
-  after every change (this keeps BDF's Newton matrix valid for many steps).
+  after every change (this keeps BDF's Newton matrix valid for many steps); ``bdf``
+  replaces the step factor of an estimate (``MultistepController._factor``) by its own
+  (``bdf.BDFController``).
 
 Dense output is the step's polynomial ``P_new`` on s in [-1, 0]: it passes through y_n and
 (BDF: exactly; Adams: by the memory condition) through y_n-1, so outputs between steps cost
@@ -180,11 +182,13 @@ class MultistepError:
     (absolute, state-shaped tensors; None where not available) and how many steps the
     current order and step size have been held. The controller writes back ``next_order``."""
 
-    __slots__ = ("err", "err_hi", "err_lo", "held", "max_order", "next_order", "orders", "q")
+    __slots__ = ("err", "err_hi", "err_lo", "held", "iterations", "max_order", "next_order",
+                 "orders", "q")
 
-    def __init__(self, q, err, err_lo, err_hi, held, max_order):
+    def __init__(self, q, err, err_lo, err_hi, held, max_order, iterations=None):
         self.q, self.err, self.err_lo, self.err_hi = q, err, err_lo, err_hi
         self.held, self.max_order = held, max_order
+        self.iterations = iterations  # BDF: (Newton iterations of the corrector, the limit)
         self.next_order = q
         self.orders: dict[int, int] = {}  # the solve's count of accepted steps per order
 
@@ -301,7 +305,8 @@ class NordsieckStepper:
                 err_hi = d2 * self.co[q + 1]["C"]
         same = self.Z is not None and self.q == q and h == self.hZ
         held = self.held + 1 if same else 1
-        self.record = MultistepError(q, err, err_lo, err_hi, held, self.max_order)
+        self.record = MultistepError(q, err, err_lo, err_hi, held, self.max_order,
+                                     self._iterations())
         self.record.orders = self.orders_used
         return self.record
 
@@ -364,6 +369,10 @@ class NordsieckStepper:
 
     def _correct(self, t, h, Zp, q, c, left_end):
         raise NotImplementedError
+
+    def _iterations(self):
+        """(iterations, limit) of an implicit corrector's last solve; None: explicit."""
+        return None
 
     # -- replay (gradient="checkpoint") -------------------------------------------------
     def carry(self):
@@ -454,6 +463,11 @@ class MultistepController(StepBounds):
         self.nonfinite = False
         self.n_fail = 0
 
+    def _factor(self, r: float, k: int, bias: float, rec: MultistepError) -> float:
+        """The step-size factor that an error estimate r (in units of the tolerance) of a
+        method of error order k (h^k) allows."""
+        return 1.0 / ((bias * r) ** (1.0 / k) + 1e-6)
+
     def shrink(self, h: float, factor: float, direction: float) -> float:
         self.n_fail += 1
         return super().shrink(h, factor, direction)
@@ -473,13 +487,13 @@ class MultistepController(StepBounds):
             return False, self.clamp(h * self.dfactor, direction)
         self.nonfinite = False
         accept = r <= 1.0 or self.at_min_step(h)
-        fac = 1.0 / ((self.BIAS * r) ** (1.0 / (q + 1)) + 1e-6)
+        fac = self._factor(r, q + 1, self.BIAS, rec)
         if not accept:
             self.n_fail += 1
             nq = q
             if rec.err_lo is not None:
                 r_lo = self.norm(rec.err_lo, scale)
-                fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
+                fac_lo = self._factor(r_lo, q, self.BIAS_LO, rec)
                 if fac_lo > fac:
                     fac, nq = fac_lo, q - 1
             if self.n_fail >= 3:
@@ -495,12 +509,12 @@ class MultistepController(StepBounds):
             return True, h  # hold h and q for q+1 steps after a change
         if rec.err_lo is not None:
             r_lo = self.norm(rec.err_lo, scale)
-            fac_lo = 1.0 / ((self.BIAS_LO * r_lo) ** (1.0 / q) + 1e-6)
+            fac_lo = self._factor(r_lo, q, self.BIAS_LO, rec)
             if fac_lo > fac:
                 fac, nq = fac_lo, q - 1
         if rec.err_hi is not None and q < rec.max_order:
             r_hi = self.norm(rec.err_hi, scale)
-            fac_hi = 1.0 / ((self.BIAS_HI * r_hi) ** (1.0 / (q + 2)) + 1e-6)
+            fac_hi = self._factor(r_hi, q + 2, self.BIAS_HI, rec)
             if fac_hi > fac:
                 # a long step extrapolates the history (and its errors, of the size of the
                 # current order's error) far back: the higher order starts with at most
