@@ -7,12 +7,14 @@ accepted / rejected steps, evaluations of f and the wall time of rodas4, rodas5p
 kvaerno4, kvaerno5 and bdf (analytic Jacobians, each method's default step-size controller,
 or ``--controller``), and of scipy's Radau, BDF and LSODA (``solve_ivp`` with the same
 analytic Jacobian and ``t_eval``; their accepted steps are counted, their rejections are
-internal). The error, step and evaluation columns are deterministic; the seconds are
-single runs: compare them within one run.
+internal). The error, step and evaluation columns are deterministic; the seconds are the
+median of ``--repeats`` runs (compare them within one run), and "x Radau" divides them by
+scipy Radau's in the same cell. ``--jacobian default``: neither side is given the analytic
+Jacobian (neuralode: autograd; scipy: finite differences).
 
     python benchmarks/stiff_controllers.py [--methods rodas4,...,bdf] [--scipy Radau,BDF,LSODA]
         [--controller default|pid|gustafsson] [--problems robertson,vdp,hires,orego]
-        [--rtols 1e-4,1e-6,1e-8]
+        [--rtols 1e-4,1e-6,1e-8] [--jacobian analytic|default] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -44,19 +46,30 @@ def error_ratio(ys: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -
     return float(((ys - ref).abs() / (atol + rtol * ref.abs())).max())
 
 
-def neuralode_row(p, t, ref, method: str, rtol: float, atol: float, controller) -> list[str]:
-    options = {"jacobian": p.jacobian}
+def timed(run, repeats: int):
+    """(the last result, the median wall time of ``repeats`` runs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return out, float(np.median(times))
+
+
+def neuralode_row(p, t, ref, method: str, rtol: float, atol: float, controller,
+                  analytic: bool = True, repeats: int = 1) -> list[str]:
+    options = {"jacobian": p.jacobian} if analytic else {}
     if controller is not None:  # (bdf has its own order and step control)
         options["step_size_controller"] = controller
-    start = time.perf_counter()
-    sol = neuralode.solve(p, p.y0, t, method=method, rtol=rtol, atol=atol, options=options)
-    seconds = time.perf_counter() - start
+    sol, seconds = timed(lambda: neuralode.solve(p, p.y0, t, method=method, rtol=rtol,
+                                                 atol=atol, options=options), repeats)
     st = sol.stats
     return [f"{error_ratio(sol.ys, ref, rtol, atol):.3g}", f"{st.n_accepted}/{st.n_rejected}",
             str(st.nfe), f"{seconds:.2f}"]
 
 
-def scipy_row(p, t, ref, name: str, rtol: float, atol: float) -> list[str]:
+def scipy_row(p, t, ref, name: str, rtol: float, atol: float, analytic: bool = True,
+              repeats: int = 1) -> list[str]:
     base = SCIPY[name]
     steps = [0]
 
@@ -68,10 +81,13 @@ def scipy_row(p, t, ref, name: str, rtol: float, atol: float) -> list[str]:
 
     fun, jac = p.numpy_callables()
     ts = t.numpy()
-    start = time.perf_counter()
-    sol = solve_ivp(fun, (ts[0], ts[-1]), p.y0.numpy().astype(np.float64), method=Counted,
-                    t_eval=ts, rtol=rtol, atol=atol, jac=jac)
-    seconds = time.perf_counter() - start
+
+    def run():
+        steps[0] = 0
+        return solve_ivp(fun, (ts[0], ts[-1]), p.y0.numpy().astype(np.float64),
+                         method=Counted, t_eval=ts, rtol=rtol, atol=atol,
+                         jac=jac if analytic else None)
+    sol, seconds = timed(run, repeats)
     if not sol.success:
         return ["failed: " + sol.message, "", "", f"{seconds:.2f}"]
     ys = torch.from_numpy(sol.y.T.copy())
@@ -86,13 +102,16 @@ def main(argv=None) -> None:
     ap.add_argument("--controller", default="default", choices=sorted(CONTROLLERS))
     ap.add_argument("--problems", default=",".join(PROBLEMS))
     ap.add_argument("--rtols", default="1e-4,1e-6,1e-8")
+    ap.add_argument("--jacobian", default="analytic", choices=("analytic", "default"))
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args(argv)
+    analytic, reps = args.jacobian == "analytic", args.repeats
     torch.set_num_threads(1)
     make = CONTROLLERS[args.controller]
     methods = [m for m in args.methods.split(",") if m]
     scipys = [m for m in args.scipy.split(",") if m]
-    print("| problem | rtol | solver | error/tol | accepted/rejected | f evals | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| problem | rtol | solver | error/tol | accepted/rejected | f evals | s | x Radau |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.problems.split(","):
         p = PROBLEMS[name]()
         t = output_times(p)
@@ -100,12 +119,15 @@ def main(argv=None) -> None:
         for rtol in (float(r) for r in args.rtols.split(",")):
             atol = rtol * p.atol_ratio
             rows = [(m, neuralode_row(p, t, ref, m, rtol, atol,
-                                      make() if make and m != "bdf" else None))
+                                      make() if make and m != "bdf" else None, analytic, reps))
                     for m in methods]
-            rows += [(f"scipy {m}", scipy_row(p, t, ref, m, rtol, atol)) for m in scipys]
+            rows += [(f"scipy {m}", scipy_row(p, t, ref, m, rtol, atol, analytic, reps))
+                     for m in scipys]
+            radau = dict(rows).get("scipy Radau")
             for solver, cells in rows:
-                print(f"| {p.name} | {rtol:.0e} | {solver} | " + " | ".join(cells) + " |",
-                      flush=True)
+                ratio = f"{float(cells[3]) / float(radau[3]):.2f}" if radau else ""
+                print(f"| {p.name} | {rtol:.0e} | {solver} | " + " | ".join(cells)
+                      + f" | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
