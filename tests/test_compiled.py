@@ -151,6 +151,38 @@ def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():
     assert max(float((x - y).abs().max()) for x, y in zip(ga, ge)) <= 1e-12
     assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= 1e-6
     assert a.stats.backward.n_accepted == e.stats.backward.n_accepted > 0
+
+    def adjoint_grads(y0, **kw):
+        f.zero_grad()
+        y = y0.clone().requires_grad_()
+        ys, st = neuralode.odeint_adjoint(f, y, t, rtol=1e-9, atol=1e-11, return_stats=True,
+                                          **kw)
+        (ys ** 2).sum().backward()
+        return st, [y.grad, *(p.grad.clone() for p in f.parameters())]
+    # adjoint_options={"compile": True}: the backward solve compiled too (one loop for every
+    # interval); it restarts its step size at each output time (the eager one steps across
+    # them), so the gradients agree to the tolerance, not to the last bit
+    CB = {"adjoint_options": C}
+    before = len(compiled_driver.COMPILES)
+    st, gc = adjoint_grads(y0, options=C, **CB)
+    assert len(compiled_driver.COMPILES) == before + 1  # (the forward loop is reused)
+    assert st.backward.n_compiles == 1 and st.backward.compile_s > 0
+    assert st.backward.status == "success" and st.backward.n_accepted > 0
+    assert max(float((x - y).abs().max()) for x, y in zip(gc, ge)) <= 1e-9
+    # another y0, a compiled backward after an eager forward: nothing compiles again
+    before = len(compiled_driver.COMPILES)
+    st, gc = adjoint_grads(0.7 * y0, **CB)
+    _, ge7 = adjoint_grads(0.7 * y0)
+    assert len(compiled_driver.COMPILES) == before and st.backward.n_compiles == 0
+    assert max(float((x - y).abs().max()) for x, y in zip(gc, ge7)) <= 1e-9
+    # what the compiled backward does not serve (here the seminorm; also a func that is not
+    # an nn.Module owning its parameters, callbacks, a backward method with Jacobians) runs
+    # the eager backward, announced: the eager adjoint's gradients to the last bit
+    semi = {"norm": "seminorm"}
+    with pytest.warns(compiled_driver.CompileFallbackWarning, match="seminorm"):
+        _, gs = adjoint_grads(y0, adjoint_options={**semi, **C})
+    _, ge = adjoint_grads(y0, adjoint_options=semi)
+    assert max(float((x - y).abs().max()) for x, y in zip(gs, ge)) <= 0.0
     # backprop through the compiled loop is refused (torch's while_loop autograd: below)
     with pytest.raises(ODEInputError, match="gradient='adjoint'"):
         grads("backprop", C)

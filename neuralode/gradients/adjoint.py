@@ -27,6 +27,8 @@ steps (one interpolant per step), not with the graph.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,6 +64,7 @@ from neuralode.problem import (
 )
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
+from neuralode.solvers.compiled import CompileFallbackWarning
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
@@ -241,6 +244,7 @@ class _Backward:
                                atol=_backward_tolerance(atol, layout), method=method,
                                options=options, stats=SolverStats())
         self.callbacks = find_callbacks(func, self.problem.method, ADJOINT_CALLBACK_NAMES)
+        self.settings = (rtol, atol, method, options)  # (for the compiled backward solve)
 
     def flat_func(self, t, y):
         return self.layout.flatten(self.func(t, self.layout.unflatten(y)))
@@ -305,6 +309,96 @@ class _Backward:
         self.stats.backward = stats
         a_t0 = a  # adjoint from the later outputs only: out[0] = y0 does not depend on t0
         return a + g_flat[0], gp, a_t0
+
+    def compiled(self, ts: torch.Tensor, ys_flat: torch.Tensor, g_flat: torch.Tensor,
+                 backend) -> tuple | None:
+        """``__call__`` with the backward solve compiled (``adjoint_options['compile']``): one
+        compiled solve per interval between output times, from the last output with a
+        gradient back to t_0, the state (y, a, parameter adjoint) reset and the output's
+        gradient added at each output time as the eager solve's stops do. The compiled
+        loop is the same for every interval and every later backward pass (times,
+        states and tolerances are its inputs). None, with a ``CompileFallbackWarning``, where
+        it cannot serve: func not an nn.Module whose own parameters and buffers are all the
+        parameters, a scalar tolerance missing, a norm (seminorm or the user's), callbacks,
+        the interpolated adjoint, or a backward method the compiled loop does not run."""
+        rtol, atol, method, options = self.settings
+        system = _compiled_system(self.func, self.params, self.layout)
+        reasons = [why for why, bad in (
+            ("func is not an nn.Module owning every parameter", system is None),
+            ("the interpolated adjoint", self.interpolated),
+            ("callbacks", bool(self.callbacks)),
+            ("tensor tolerances", not all(isinstance(v, (int, float)) for v in (rtol, atol))),
+            ("a norm (the seminorm or the user's)", (options or {}).get("norm") is not None),
+            (f"the method {method!r}", not SOLVERS[method].tensor_clock
+             or SOLVERS[method].builds_jacobians())) if bad]
+        if reasons:
+            warnings.warn(f"odeint_adjoint: adjoint_options['compile'] cannot compile this "
+                          f"backward solve ({'; '.join(reasons)}); it runs eagerly",
+                          CompileFallbackWarning, stacklevel=3)
+            return None
+        times = ts.tolist()
+        nonzero = [i for i in range(len(times)) if bool(g_flat[i].any())]
+        last = nonzero[-1] if nonzero else 0
+        a = g_flat[last].clone() if last > 0 else torch.zeros_like(g_flat[0])
+        gp = torch.zeros(self.n_par, dtype=self.dtype, device=self.device)
+        stats = SolverStats(method=method)
+        tdt = ts.dtype
+        for i in range(last, 0, -1):
+            if i < last:
+                a = a + g_flat[i]
+            interval = torch.tensor([times[i], times[i - 1]], dtype=tdt, device=ts.device)
+            sol = solve_compiled_one(Backprop(), system, (ys_flat[i], a, gp), interval,
+                                     rtol=rtol, atol=atol, method=method,
+                                     options={**(options or {}), "compile": backend})
+            _, a, gp = sol.y_final
+            st = sol.stats
+            stats.nfe += st.nfe
+            stats.n_accepted += st.n_accepted
+            stats.n_rejected += st.n_rejected
+            stats.compile_s += st.compile_s
+            stats.n_compiles += st.n_compiles
+            stats.status, stats.message, stats.t_final = st.status, st.message, st.t_final
+        self.stats.backward = stats
+        return a + g_flat[0], gp, a
+
+
+_SYSTEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
+    """The backward system as a function of (t, (y, a, parameter adjoint)) that
+    torch.compile can trace: f and both vector-Jacobian products by one ``torch.func.vjp``
+    (``torch.autograd.grad`` is not traced), with func's parameters swapped in by
+    ``torch.func.functional_call``. One function object per (func, parameters, state
+    structure), kept while func lives, so that the compiled loop is reused by every
+    backward pass. None when func is not an ``nn.Module`` or a parameter is not one of its
+    own parameters or buffers."""
+    if not isinstance(func, torch.nn.Module):
+        return None
+    own = {id(v): k for k, v in [*func.named_parameters(), *func.named_buffers()]}
+    names = tuple(own.get(id(p)) for p in params)
+    if any(n is None for n in names):
+        return None
+    key = (names, tuple(map(tuple, layout.shapes)), layout.is_tuple, layout.complex_dtype)
+    cache = _SYSTEMS.setdefault(func, {})
+    if key not in cache:
+        cache[key] = _make_system(func, names, tuple(params), layout)
+    return cache[key]
+
+
+def _make_system(func, names, params, layout):
+    def system(t, state):
+        y, a, _ = state
+
+        def f(yv, *ps):
+            out = torch.func.functional_call(func, dict(zip(names, ps)),
+                                             (t, layout.unflatten(yv)))
+            return layout.flatten(out)
+        out, vjp = torch.func.vjp(f, y, *params)
+        grads = vjp(-a)
+        dg = torch.cat([g.reshape(-1) for g in grads[1:]]) if params else y.new_zeros(0)
+        return out, grads[0], dg
+    return system
 
 
 def _forward_solve(cfg: dict, y0, t, dense: bool) -> Solution:
@@ -372,7 +466,9 @@ class _AdjointFunction(torch.autograd.Function):
         g_c = g_flat.to(backward.dtype)
         backward.dense = getattr(ctx, "dense", None)
         try:
-            a, gp, a_t0 = backward(ts, ys_c, g_c)
+            backend = cfg["compile_backward"]
+            res = backward.compiled(ts, ys_c, g_c, backend) if backend else None
+            a, gp, a_t0 = res if res is not None else backward(ts, ys_c, g_c)
         finally:
             backward.dense = None
 
@@ -510,8 +606,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
         batch = _solve_per_sample(g, func, y0, t, rtol=rtol, atol=atol, method=method,
                                   options=options)
         return (batch.ys, batch.stats) if return_stats else batch.ys
-    # the compiled solve (options['compile']): the forward solve only; the backward solve
-    # below is the eager one-problem adjoint's
+    # the compiled solve (options['compile']): the forward solve; the backward solve with
+    # adjoint_options['compile'] where ``_Backward.compiled`` can serve it (else eager)
     compiled = wants_compile(options)
     if compiled and (event_fn is not None or interpolated):
         raise ODEInputError("odeint_adjoint with options['compile'] compiles the forward solve "
@@ -519,7 +615,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                             "(solve without 'compile' for them)")
     compile_value = options.get("compile") if compiled and options is not None else None
     options = without_compile(options)
+    # the backward solve compiled only when adjoint_options ask for it (not inherited: with
+    # many output times its per-interval set-up costs more than it saves, BENCHMARKS.md)
+    compile_backward = None
     if adjoint_options is not None:
+        if wants_compile(adjoint_options):
+            compile_backward = adjoint_options["compile"]
         adjoint_options = without_compile(adjoint_options)
     if interpolated and event_fn is not None:
         raise ODEInputError("interpolated=True does not support event_fn (event mode keeps no "
@@ -583,7 +684,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                          adjoint_atol, adj_method_name, adjoint_options, stats, interpolated)
     cfg = {"func": func, "is_tuple": is_tuple, "rtol": rtol, "atol": atol,
            "method": method_name, "options": opts, "stats": stats, "event_fn": event_fn,
-           "backward": backward, "compile": compile_value}
+           "backward": backward, "compile": compile_value, "compile_backward": compile_backward}
 
     needs_grad = torch.is_grad_enabled() and (
         t.requires_grad or any(v.requires_grad for v in items) or bool(params))
