@@ -36,7 +36,7 @@ from neuralode.problem import CALLBACK_NAMES, check_t, check_y0
 from neuralode.solution import Solution
 from neuralode.solvers.base import SolverStats
 
-__all__ = ["solve_compiled_one", "wants_compile", "without_compile"]
+__all__ = ["one_as_batch", "solve_compiled_one", "wants_compile", "without_compile"]
 
 
 def wants_compile(options) -> bool:
@@ -57,7 +57,7 @@ def without_compile(options):
     return {k: v for k, v in options.items() if k != "compile"}
 
 
-def _one_as_batch(func: Callable, is_tuple: bool) -> Callable:
+def one_as_batch(func: Callable, is_tuple: bool) -> Callable:
     """``func`` of one problem as the per-sample function of a batch of one: t (1,), y (1, ...)
     -> (1, ...)."""
     if is_tuple:
@@ -88,7 +88,7 @@ def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=No
         raise ODEInputError("the compiled solve (options['compile']) does not differentiate "
                             "with respect to t; detach t or solve without 'compile'")
     yb = tuple(v.unsqueeze(0) for v in items) if is_tuple else items[0].unsqueeze(0)
-    batch_func = _one_as_batch(func, is_tuple)
+    batch_func = one_as_batch(func, is_tuple)
     for name in CALLBACK_NAMES:
         if callable(getattr(func, name, None)) or callable(getattr(func, name + "_adjoint",
                                                                    None)):

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from neuralode.compiled import solve_compiled_one, wants_compile, without_compile
+from neuralode.compiled import one_as_batch, solve_compiled_one, wants_compile, without_compile
 from neuralode.errors import ODEInputError
 from neuralode.gradients.adjoint_jacobian import AdjointJacobian
 from neuralode.gradients.backprop import Backprop
@@ -64,7 +64,11 @@ from neuralode.problem import (
 )
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
-from neuralode.solvers.compiled import CompileFallbackWarning
+from neuralode.solvers.compiled import (
+    CompileFailure,
+    CompileFallbackWarning,
+    integrate_compiled,
+)
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
@@ -313,11 +317,11 @@ class _Backward:
     def compiled(self, ts: torch.Tensor, ys_flat: torch.Tensor, g_flat: torch.Tensor,
                  backend) -> tuple | None:
         """``__call__`` with the backward solve compiled (``adjoint_options['compile']``): one
-        compiled solve per interval between output times, from the last output with a
-        gradient back to t_0, the state (y, a, parameter adjoint) reset and the output's
-        gradient added at each output time as the eager solve's stops do. The compiled
-        loop is the same for every interval and every later backward pass (times,
-        states and tolerances are its inputs). None, with a ``CompileFallbackWarning``, where
+        compiled solve from the last output with a gradient back to t_0 that stops at the
+        output times in between, where the state (y, a, parameter adjoint) jumps as the
+        eager solve's stops make it: y reset to the forward output, the output's gradient
+        added to a. Times, states, jumps and tolerances are inputs of the compiled loop:
+        later backward passes reuse it. None, with a ``CompileFallbackWarning``, where
         it cannot serve: func not an nn.Module whose own parameters and buffers are all the
         parameters, a scalar tolerance missing, a norm (seminorm or the user's), callbacks,
         the interpolated adjoint, or a backward method the compiled loop does not run."""
@@ -336,28 +340,46 @@ class _Backward:
                           f"backward solve ({'; '.join(reasons)}); it runs eagerly",
                           CompileFallbackWarning, stacklevel=3)
             return None
-        times = ts.tolist()
-        nonzero = [i for i in range(len(times)) if bool(g_flat[i].any())]
+        nonzero = [i for i in range(len(ts)) if bool(g_flat[i].any())]
         last = nonzero[-1] if nonzero else 0
-        a = g_flat[last].clone() if last > 0 else torch.zeros_like(g_flat[0])
-        gp = torch.zeros(self.n_par, dtype=self.dtype, device=self.device)
-        stats = SolverStats(method=method)
-        tdt = ts.dtype
-        for i in range(last, 0, -1):
-            if i < last:
-                a = a + g_flat[i]
-            interval = torch.tensor([times[i], times[i - 1]], dtype=tdt, device=ts.device)
-            sol = solve_compiled_one(Backprop(), system, (ys_flat[i], a, gp), interval,
-                                     rtol=rtol, atol=atol, method=method,
-                                     options={**(options or {}), "compile": backend})
-            _, a, gp = sol.y_final
-            st = sol.stats
-            stats.nfe += st.nfe
-            stats.n_accepted += st.n_accepted
-            stats.n_rejected += st.n_rejected
-            stats.compile_s += st.compile_s
-            stats.n_compiles += st.n_compiles
-            stats.status, stats.message, stats.t_final = st.status, st.message, st.t_final
+        n, dtype, device = self.n, self.dtype, self.device
+        gp = torch.zeros(self.n_par, dtype=dtype, device=device)
+        stats = SolverStats(method=method, status="success")
+        if last == 0:
+            a = torch.zeros_like(g_flat[0])
+        else:
+            # one compiled solve from t_last back to t_0 (a batch of one, state (y, a,
+            # parameter adjoint) flat); at each output time in between it stops and jumps:
+            # y <- the forward output there, a <- a + dL/dy there
+            back = torch.arange(last, -1, -1, device=ts.device)
+            times = ts[back]
+            z = torch.zeros(len(times), 1, self.n_par, dtype=dtype, device=device)
+            J = torch.cat([ys_flat[back, None], g_flat[back, None], z], -1)
+            keep = torch.cat([torch.zeros(n, dtype=dtype, device=device),
+                              torch.ones(n + self.n_par, dtype=dtype, device=device)])
+            y0 = (ys_flat[last][None], g_flat[last][None], gp[None])
+            st = setup(one_as_batch(system, True), y0, times[None], rtol=rtol, atol=atol,
+                       method=method, options={**(options or {}), "compile": backend},
+                       tensor_clock=True)
+            stepper, controller = batched_parts(st.p, st.ts)
+            info: dict = {}
+            try:
+                res, _ = integrate_compiled(
+                    st.p.rhs, st.p.y0_flat, st.ts, stepper, controller,
+                    max_num_steps=st.p.opts["max_num_steps"], name=st.p.name,
+                    backend=backend if isinstance(backend, str) else "inductor",
+                    stiffness=st.p.method.stiffness_check(st.p.opts),
+                    tolerances=(rtol, atol), info=info, jumps=(J, keep))
+            except CompileFailure as e:
+                warnings.warn(f"odeint_adjoint: the backward solve could not be compiled "
+                              f"({e}); it runs eagerly", CompileFallbackWarning, stacklevel=3)
+                return None
+            end = res.y_final[0]
+            a, gp = end[n:2 * n], end[2 * n:]
+            stats.nfe = st.p.stats.nfe
+            stats.n_accepted, stats.n_rejected = int(res.n_accepted[0]), int(res.n_rejected[0])
+            stats.compile_s, stats.n_compiles = info["compile_s"], info["compiles"]
+            stats.t_final = float(res.t_final[0])
         self.stats.backward = stats
         return a + g_flat[0], gp, a
 

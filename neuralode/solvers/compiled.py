@@ -109,6 +109,11 @@ def _counting_backend(backend: str):
     return compile_graph
 
 
+class CompileFailure(RuntimeError):
+    """torch.compile could not capture a solve that has no eager fallback here (one with
+    ``jumps``): the caller solves eagerly its own way."""
+
+
 _LOOPS: OrderedDict = OrderedDict()  # (backend, structure) -> the compiled loop function
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
@@ -176,9 +181,10 @@ def _unpack(packs: tuple, groups: tuple) -> dict:
     return out
 
 
-def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
+def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
     """The whole solve: ``while_loop`` over iterations, each one attempt of the rows that
-    may step and one window of output writes. ``carry``: (out, *packed state)."""
+    may step and one window of output writes. ``carry``: (out, *packed state). ``jumps``:
+    None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
     T, W, adaptive, groups = spec.T, spec.window, spec.adaptive, spec.groups
     names = spec.hist_names
@@ -211,6 +217,12 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
     def keep(out, *rest):
         return out.clone()
 
+    def refresh_f(landed, t, y, f0):  # (jumps) f at the rows that jumped
+        return torch.where(landed[:, None], stepper0.rhs.call(t, y), f0)
+
+    def same_f(landed, t, y, f0):
+        return f0.clone()
+
     def body(out, *packs):
         c = _unpack(packs, groups)
         stepper = _fork(stepper0, f0=c["f0"], ks=None)
@@ -221,9 +233,14 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
         backlog = i_w < i_out
         go = (status == _RUNNING) & ~backlog
         none = torch.zeros_like(status)
+        stop = t_end
+        if jumps is not None:  # the next output time strictly inside: a step ends there
+            inside = c["i_stop"] < T - 1
+            stop = torch.where(inside, ts.gather(1, c["i_stop"].clamp(max=T - 1)[:, None])[:, 0],
+                               t_end)
         if adaptive:
             t1, hh, status, _, _ = step.propose(t, h, t_end, dirn, go, status, c["n_att"],
-                                                ctl.nonfinite, none, none[0], none[0], t_end)
+                                                ctl.nonfinite, none, none[0], none[0], stop)
             go = (status == _RUNNING) & ~backlog
         else:
             t1 = ctl.point(k_grid + 1)
@@ -259,6 +276,19 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
         new.update({f"seg_K{i}": k for i, k in enumerate(seg_K)})
         stepper.advance(accept=accept)
         new["f0"] = stepper.f0
+        if jumps is not None:
+            # a row that stepped onto its next stop jumps there (y <- keep y + J), and its
+            # f (the next step's first stage) is evaluated at the new state
+            J, keep_mask = jumps
+            landed = accept & inside & (t == stop)
+            rows = torch.arange(J.shape[1], device=J.device)
+            jumped = torch.where(landed[:, None],
+                                 keep_mask * y + J[c["i_stop"].clamp(max=T - 1), rows], y)
+            new["y"] = jumped
+            new["i_stop"] = c["i_stop"] + landed
+            new["jump_evals"] = c["jump_evals"] + landed.any()
+            new["f0"] = torch.cond(landed.any(), refresh_f, same_f,
+                                   (landed, t, jumped, new["f0"]))
         new.update(status=status, i_out=i_out, i_w=torch.minimum(i_w + W, i_out))
         new.update({"hist_" + n: getattr(ctl, n) for n in names})
         packs = _pack({**c, **new}, groups, c)
@@ -273,15 +303,19 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry):
 def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controller, *,
                        max_num_steps: int, throw: bool = True, name: str = "",
                        backend: str = "inductor", stiffness: StiffnessCheck | None = None,
-                       tolerances: tuple | None = None, info: dict | None = None
-                       ) -> tuple[BatchedResult, list[str]]:
+                       tolerances: tuple | None = None, info: dict | None = None,
+                       jumps: tuple | None = None) -> tuple[BatchedResult, list[str]]:
     """``integrate_batched`` (the same arguments and result) as one compiled graph.
 
     ``tolerances``: (rtol, atol) floats, handed to the graph as tensors (changing them does
     not recompile); None where the norm has per-element tolerance tensors. ``info``: a dict
     that receives "compile_s" (seconds of the call when it compiled, 0.0 when the loop was
     already compiled), "compiles" (the compilations it triggered) and "iterations" (of the
-    compiled loop)."""
+    compiled loop). ``jumps``: (J (T, B, n), keep (n,)): every row steps exactly onto its
+    output times strictly between the first and the last, and there its state jumps,
+    y <- keep * y + J[i] (the output written there is the state before the jump); the
+    adjoint's backward solve resets y and adds the loss's gradient to the adjoint this way
+    (``gradients.adjoint``)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -331,6 +365,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if stiffness is not None:
         state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
                      stiff_remaining=nan)
+    if jumps is not None:
+        state["i_stop"] = zl + 1
+        state["jump_evals"] = torch.zeros((), dtype=torch.long, device=device)
     state = {k: v.detach() if k not in ("y", "f0", "seg_y", "seg_y1") else v
              for k, v in state.items()}
     groups = _groups(state)
@@ -359,7 +396,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                     for v in tolerances)
     func = getattr(rhs, "func", None)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
-                 window, groups, stiffness is not None, tol is None,
+                 window, groups, stiffness is not None, tol is None, jumps is not None,
                  getattr(func, "__code__", type(func)))
     loop = _compiled_loop(backend, structure)
     before, start = len(COMPILES), time.perf_counter()
@@ -367,11 +404,13 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     try:
         # (autograd inside func, as a CNF's divergence: traced into the graph)
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            res = loop(spec, ts, key, t_end, dirn, tol, carry)
+            res = loop(spec, ts, key, t_end, dirn, tol, carry, jumps)
     except torch._dynamo.exc.TorchDynamoException as e:
         res, reason = None, " ".join(str(e).split())[:400]
     finally:
         rhs.counting = True
+    if res is None and jumps is not None:  # (the eager driver has no jumps: the caller's)
+        raise CompileFailure(reason)
     if res is None:
         # what torch.compile cannot capture (in func, most often): the eager driver, announced
         warnings.warn(f"{name}: the compiled solve could not compile this problem ({reason}); "
@@ -388,6 +427,10 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     status, i_out = c["status"], c["i_out"]
     iterations = int(c["it"])
     calls = stepper.s - 1 + (0 if stepper.fsal else 1)
+    if jumps is not None:
+        calls_after_jumps = int(c["jump_evals"])
+        rhs.stats.nfe += calls_after_jumps
+        rhs.stats.batch_rows += calls_after_jumps * B
     rhs.stats.nfe += iterations * calls
     rhs.stats.batch_rows += iterations * calls * B
     if info is not None:
@@ -409,4 +452,4 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     return result, msgs
 
 
-__all__ = ["COMPILES", "CompileFallbackWarning", "integrate_compiled"]
+__all__ = ["COMPILES", "CompileFailure", "CompileFallbackWarning", "integrate_compiled"]
