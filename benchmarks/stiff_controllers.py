@@ -65,7 +65,7 @@ def neuralode_row(p, t, ref, method: str, rtol: float, atol: float, controller,
                                                  atol=atol, options=options), repeats)
     st = sol.stats
     return [f"{error_ratio(sol.ys, ref, rtol, atol):.3g}", f"{st.n_accepted}/{st.n_rejected}",
-            str(st.nfe), f"{seconds:.2f}"]
+            str(st.nfe), f"{seconds:.4g}"]
 
 
 def scipy_row(p, t, ref, name: str, rtol: float, atol: float, analytic: bool = True,
@@ -92,7 +92,7 @@ def scipy_row(p, t, ref, name: str, rtol: float, atol: float, analytic: bool = T
         return ["failed: " + sol.message, "", "", f"{seconds:.2f}"]
     ys = torch.from_numpy(sol.y.T.copy())
     return [f"{error_ratio(ys, ref, rtol, atol):.3g}", f"{steps[0]}/-", str(sol.nfev),
-            f"{seconds:.2f}"]
+            f"{seconds:.4g}"]
 
 
 def main(argv=None) -> None:
