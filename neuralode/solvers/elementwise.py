@@ -75,6 +75,12 @@ def column(h, like: Tensor):
     return h.to(like.dtype).reshape(h.shape + (1,) * (like.dim() - h.dim()))
 
 
+def divisor(x):
+    """x where it is not 0, else 1: a per-row step to divide by, where a row that did not move
+    (h = 0, a finished sample) gets 0 / 1 rather than nan."""
+    return where(x != 0, x, 1.0)
+
+
 def every(x) -> bool:
     """True when x holds for every row (a host synchronisation for a tensor)."""
     return bool(x) if isinstance(x, NUMBER) else bool(x.all())

@@ -52,7 +52,7 @@ import torch
 from neuralode.solvers.adams import HermiteSegment, hermite
 from neuralode.solvers.base import StepFailure
 from neuralode.solvers.controllers import ErrorNorm
-from neuralode.solvers.elementwise import column
+from neuralode.solvers.elementwise import column, divisor, isfinite, maximum, where
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
     JacobianSource,
@@ -60,6 +60,7 @@ from neuralode.solvers.jacobian import (
     NewtonMatrix,
     check_jacobian_option,
     gmres,
+    lu_solve,
     newton,
     newton_tolerance,
 )
@@ -68,6 +69,7 @@ from neuralode.solvers.methods import (
     STIFF_OUTPUT_OPTIONS,
     AdaptiveRK,
     FixedGridMethod,
+    Method,
     _positive_int,
 )
 from neuralode.solvers.rk import ChordSegment, chord
@@ -288,13 +290,7 @@ class StageMatrix:
             x, _ = gmres(lambda v: self._mv(v, transpose), b.reshape(-1).detach(),
                          rtol=self.rtol, max_restarts=50)
             return x.reshape(b.shape)
-        if self.kind == "dense":
-            return torch.linalg.lu_solve(self.lu, self.piv, b.reshape(-1, 1)).reshape(b.shape)
-        B, sm = self.lu.shape[0], self.lu.shape[1]
-        s, m = self.s, sm // self.s
-        rhs = b.reshape(s, B, m).permute(1, 0, 2).reshape(B, sm, 1)
-        x = torch.linalg.lu_solve(self.lu, self.piv, rhs)
-        return x.reshape(B, s, m).permute(1, 0, 2).reshape(b.shape)
+        return lu_solve(self.lu, self.piv, b, stages=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,13 +311,13 @@ class ImplicitRKStepper:
     """One step of an implicit Runge–Kutta method (see the module docstring); same
     interface as ``rk.RKStepper``.
 
-    Per sample (diagonally implicit tableaux; y (B, n), t and h (B,) float64 tensors): every
-    row keeps its own Jacobian block, where and when it was evaluated, its factorised
-    Newton matrices and the step sizes they were made for, and its contraction estimate;
-    each row's Newton iterations stop at its own verdict, and a row whose Newton solve
-    failed with a fresh Jacobian is marked in ``failed`` (the driver retries it with
-    h * ``FAILURE_FACTOR``, as the one-problem driver does on ``StepFailure``). A row with
-    h = 0 (finished) is left alone."""
+    Per sample (y (B, n), t and h (B,) float64 tensors): every row keeps its own Jacobian
+    block, where and when it was evaluated, its factorised Newton matrices and the step
+    sizes they were made for, and its contraction estimate; each row's Newton iterations
+    stop at its own verdict, and a row whose Newton solve failed with a fresh Jacobian is
+    marked in ``failed`` (the driver retries it with h * ``FAILURE_FACTOR``, as the
+    one-problem driver does on ``StepFailure``). A row with h = 0 (finished) is left alone.
+    Both run the same stage loop (``_stages``), told apart by ``_OneProblem`` and ``_Rows``."""
 
     def __init__(self, tab: ImplicitTableau, norm: ErrorNorm, jacobian="autograd",
                  max_iters: int = 10, linear: bool = False, name: str = ""):
@@ -356,6 +352,9 @@ class ImplicitRKStepper:
                                                                      device=dev)
         if not self.tab.diagonal:
             self.A_inv = torch.linalg.inv(self.A.to(time_dtype(dev))).to(dt)
+            # the nodes shaped to scale stage-major stages (s, ..., n)
+            self.c_col = torch.tensor(self.c, dtype=dt, device=dev).reshape(
+                (-1,) + (1,) * y0.dim())
         rtol = self.norm.rtol
         r = float(rtol) if not isinstance(rtol, torch.Tensor) else float(rtol.min())
         eps = torch.finfo(dt).eps
@@ -368,7 +367,8 @@ class ImplicitRKStepper:
         self.J_stale: Any = True  # re-evaluate at the next step
         self.mats: dict[Any, tuple[Any, Any]] = {}  # key -> (h, factorised matrix)
         self.eta: Any = None
-        self.K = None
+        self.K: Any = None  # the stages of the last attempt (s, ..., n), Z: (s, ..., head)
+        self.Z: Any = None
         self.failed = None
         if self.batch:  # per row: a (B,) value each, nan for "none"
             B = y0.shape[0]
@@ -418,7 +418,16 @@ class ImplicitRKStepper:
         """y + z for an increment of the head components only."""
         if self.head == self.n:
             return y + zh
-        return torch.cat([y[: self.head] + zh, y[self.head:]])
+        return torch.cat([y[..., : self.head] + zh, y[..., self.head:]], -1)
+
+    def _head(self, v):
+        """The head components of v (..., n) (v itself, no view, where head = n)."""
+        return v if self.head == self.n else v[..., : self.head]
+
+    def _stage_f(self, times, y, Z) -> torch.Tensor:
+        """f at every stage y + Z_i (head components), stacked: (s, ..., head)."""
+        return torch.stack([self._head(self._f(times[i], self._full(y, Z[i])))
+                            for i in range(self.s)])
 
     def step(self, t, y: torch.Tensor, h, left_end=None) -> torch.Tensor:
         times = self._times(t, h, left_end)
@@ -430,7 +439,7 @@ class ImplicitRKStepper:
             self._evaluate_jacobian(t, y, inside)
         for attempt in range(2):
             with torch.no_grad():
-                failure = self._solve_stages(t, y.detach(), h, times)
+                failure = self._stages(y.detach(), h, times, _OneProblem(self))
             if failure is None:
                 break
             if attempt == 0 and not self._fresh(t, y):
@@ -493,11 +502,11 @@ class ImplicitRKStepper:
         if bool(renew.any()):
             self._jacobian_rows(t, yd, renew)
         with torch.no_grad():
-            failed = self._stages_rows(t, yd, h, times, live)
+            failed = self._stages(yd, h, times, _Rows(self, live))
             retry = failed & ~self._fresh_rows(t, yd)  # a Jacobian from an earlier step
             if bool(retry.any()):
                 self._jacobian_rows(t, yd, retry)
-                failed = (failed & ~retry) | self._stages_rows(t, yd, h, times, retry)
+                failed = (failed & ~retry) | self._stages(yd, h, times, _Rows(self, retry))
         self.J_stale = self.J_stale | failed
         self.failed = failed
         if self.graph:
@@ -506,67 +515,6 @@ class ImplicitRKStepper:
         self.y1 = torch.addcmul(y, hc, torch.tensordot(self.b, self.K, 1)) if not self.graph \
             else y + hc * sum(self.K[j] * bj for j, bj in self.b_nz)
         return self.y1
-
-    def _stages_rows(self, t, y, h, times, active) -> torch.Tensor:
-        """``_solve_stages`` for the ``active`` rows (their stages replace those in self.K
-        and self.Z (s, B, n)). Returns the rows whose Newton solve failed."""
-        s = self.s
-        scale = self._scale(y)
-        tol = self.kappa
-        K = y.new_zeros(s, *y.shape)
-        Z = y.new_zeros(s, *y.shape)
-        failed = torch.zeros_like(active)
-        going = active
-        worst = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
-        hc = column(h, y)
-        f = self._f
-        if not self.tab.diagonal:  # all stages in one Newton system per row, (B, s n)
-            B, n = y.shape
-            cvec = torch.tensor(self.c, dtype=y.dtype, device=y.device)
-
-            def residual(zr):
-                Zc = zr.view(B, s, n).transpose(0, 1)
-                F = torch.stack([f(times[i], y + Zc[i]) for i in range(s)])
-                return (Zc - hc * torch.tensordot(self.A, F, 1)).transpose(0, 1).reshape(B, -1)
-            z0 = (hc[:, None] * cvec[None, :, None]) * self.f0.detach()[:, None]
-            res = newton(residual, z0.reshape(B, -1), self._matrix_rows("A", h, going),
-                         scale.repeat(1, s), tol=tol, max_iters=self.max_iters,
-                         stats=self.stats, eta=self.eta, active=going)
-            failed = going & ~res.converged
-            going = going & res.converged
-            self.eta = torch.where(going, _eta(res.rate), self.eta)
-            worst = torch.where(going & torch.isfinite(res.rate), res.rate, worst)
-            Z = res.z.view(B, s, n).transpose(0, 1)
-            K = torch.tensordot(self.A_inv, Z, 1) / torch.where(hc != 0, hc, 1.0)
-        for i in range(s if self.tab.diagonal else 0):
-            gi = float(self.a[i, i])
-            base = hc * torch.tensordot(self.A[i, :i], K[:i], 1) if i else torch.zeros_like(y)
-            if gi == 0.0:
-                K[i] = self.f0.detach() if i == 0 else f(times[i], y + base)
-                Z[i] = base
-                continue
-            hg = column(h * gi, y)
-
-            def residual(z, ti=times[i], base=base, hg=hg):
-                return z - base - hg * f(ti, y + z)
-            prev = K[i - 1] if i else self.f0.detach()
-            res = newton(residual, base + hg * prev, self._matrix_rows(gi, h, going),
-                         scale, tol=tol, max_iters=self.max_iters, stats=self.stats,
-                         eta=self.eta, active=going)
-            failed = failed | (going & ~res.converged)
-            going = going & res.converged
-            rate = res.rate
-            self.eta = torch.where(going, _eta(rate), self.eta)
-            worst = torch.where(going & torch.isfinite(rate), torch.maximum(worst, rate), worst)
-            Z[i] = res.z
-            K[i] = (res.z - base) / torch.where(hg != 0, hg, 1.0)
-        self.J_stale = self.J_stale | (going & (worst > SLOW_RATE))
-        if self.K is None or self.K.shape != K.shape:
-            self.K, self.Z = K, Z
-        else:
-            keep = active[None, :, None]
-            self.K, self.Z = torch.where(keep, K, self.K), torch.where(keep, Z, self.Z)
-        return failed
 
     def _scale(self, y):
         """The Newton tolerance scale of the head components (per row for (B, n))."""
@@ -577,80 +525,82 @@ class ImplicitRKStepper:
         floor = (10 * self.eps) * (yh + math.sqrt(self.eps) * yh.amax(-1, keepdim=True))
         return torch.maximum(sc, floor)
 
-    def _solve_stages(self, t, y, h, times) -> str | None:
-        """Converge the stages (no graph); fills self.K (s, n) and self.Z (s, head). Returns
-        None, or why Newton failed."""
-        s, head, n = self.s, self.head, self.n
+    def _stages(self, y, h, times, job):
+        """Converge the stages of an attempt (no graph): K (s, ..., n) and Z (s, ..., head),
+        for one problem ((n,) state, float h; ``job`` a ``_OneProblem``) or per sample ((B, n),
+        (B,) h; ``job`` a ``_Rows``), which keeps them. Returns ``job.result``."""
+        s, head, n, f = self.s, self.head, self.n, self._f
         scale = self._scale(y)
-        tol = self.kappa
-        K = torch.empty(s, n, dtype=y.dtype, device=y.device)
-        Z = torch.empty(s, head, dtype=y.dtype, device=y.device)
-        worst = 0.0
-        f = self._f
+        hc = column(h, y)
+        K = y.new_zeros((s,) + y.shape)
+        Z = y.new_zeros((s,) + y.shape[:-1] + (head,))
+        f0 = self.f0.detach()
+        worst = 0.0  # the slowest contraction rate of the attempt's converged solves
+
+        def converge(residual, z0, key, sc, at):
+            """Newton's z, None where the attempt ends (``job.stop``)."""
+            nonlocal worst
+            res = newton(residual, z0, job.matrix(key, h), sc, tol=self.kappa,
+                         max_iters=self.max_iters, stats=self.stats, eta=self.eta,
+                         active=job.active)
+            if job.stop(res, at):
+                return None
+            self.eta = where(job.going, _eta(res.rate), self.eta)
+            worst = where(job.going & isfinite(res.rate), maximum(worst, res.rate), worst)
+            return res.z
+
+        def quadrature(i, z):  # the components outside the Newton solve (head < n)
+            if head < n:
+                K[i, ..., head:] = f(times[i], self._full(y, z))[..., head:]
+
         if self.tab.diagonal:
             for i in range(s):
                 gi = float(self.a[i, i])
-                base = h * (self.A[i, :i] @ K[:i, :head]) if i else torch.zeros_like(y[:head])
+                base = hc * _mix(self.A[i, :i], self._head(K[:i])) if i else 0.0
                 if gi == 0.0:  # explicit stage (the first one of an ESDIRK / trapezoid)
-                    K[i] = self.f0.detach() if i == 0 else f(times[i], self._full(y, base))
+                    K[i] = f0 if i == 0 else f(times[i], self._full(y, base))
                     Z[i] = base
                     continue
-                ti = times[i]
-                hg = h * gi
-                M = self._matrix(gi, h)
+                hg = column(h * gi, y)
 
-                def residual(z, ti=ti, base=base, hg=hg):
-                    return z - base - hg * f(ti, self._full(y, z))[:head]
-                prev = K[i - 1, :head] if i else self.f0.detach()[:head]
-                res = newton(residual, base + hg * prev, M, scale, tol=tol,
-                             max_iters=self.max_iters, stats=self.stats, eta=self.eta)
-                if not res.converged:
-                    return f"{res.reason} at stage {i + 1} of {s}"
-                self.eta = _eta(res.rate)
-                worst = max(worst, res.rate if math.isfinite(res.rate) else 0.0)
-                Z[i] = res.z
-                K[i, :head] = (res.z - base) / hg
-                if head < n:
-                    K[i, head:] = f(ti, self._full(y, res.z))[head:]
-        else:
-            M = self._matrix("A", h)
-            cvec = torch.tensor(self.c, dtype=y.dtype, device=y.device)
-            z0 = (h * cvec)[:, None] * self.f0.detach()[None, :head]
-
-            def residual(Zc):
-                F = torch.stack([f(times[i], self._full(y, Zc[i]))[:head] for i in range(s)])
-                return Zc - h * (self.A @ F)
-            res = newton(residual, z0, M, scale, tol=tol, max_iters=self.max_iters,
-                         stats=self.stats, eta=self.eta)
-            if not res.converged:
-                return f"{res.reason} (all {s} stages)"
-            self.eta = _eta(res.rate)
-            worst = res.rate if math.isfinite(res.rate) else 0.0
-            Z = res.z
-            K[:, :head] = (self.A_inv @ Z) / h
-            if head < n:
-                for i in range(s):
-                    K[i, head:] = f(times[i], self._full(y, Z[i]))[head:]
-        if worst > SLOW_RATE:
-            self.J_stale = True
-        self.K, self.Z = K, Z
-        return None
+                def residual(z, ti=times[i], base=base, hg=hg):
+                    return z - base - hg * self._head(f(ti, self._full(y, z)))
+                prev = self._head(K[i - 1] if i else f0)
+                z = converge(residual, base + hg * prev, gi, scale, f"at stage {i + 1} of {s}")
+                if z is None:
+                    return job.result
+                Z[i] = z
+                self._head(K[i])[...] = (z - base) / divisor(hg)
+                quadrature(i, z)
+        else:  # all stages in one Newton system (per sample: one per row, (B, s head))
+            def residual(zp):
+                Zc = job.unpack(zp)
+                return job.pack(Zc - hc * _mix(self.A, self._stage_f(times, y, Zc)))
+            zp = converge(residual, job.pack((hc * self.c_col) * self._head(f0)), "A",
+                          job.pack(scale.expand((s,) + scale.shape)), f"(all {s} stages)")
+            if zp is None:
+                return job.result
+            Z = job.unpack(zp)
+            self._head(K)[...] = _mix(self.A_inv, Z) / divisor(hc)
+            for i in range(s if head < n else 0):
+                quadrature(i, Z[i])
+        self.J_stale = self.J_stale | (job.going & (worst > SLOW_RATE))
+        job.keep(K, Z)
+        return job.result
 
     def _exact_step(self, t, y, h, times) -> None:
         """Replace the converged stages by one exact Newton step with a graph (implicit
         function theorem; see the module docstring)."""
-        s, head = self.s, self.head
-        f = self._f
-        Z = self.Z
+        s, f, Z = self.s, self._f, self.Z
         yd = y.detach()
         with torch.no_grad():
             Js = [None if (self.tab.diagonal and self.a[i, i] == 0) else
                   self.jac(times[i] if self.batch else float(times[i]),
                            self._full(yd, Z[i]))
                   for i in range(s)]
+        hc = column(h, y)  # per sample: each row's own h (0 for a finished row)
         if self.tab.diagonal:
             Kg = []
-            hc = column(h, y)  # per sample: each row's own h (0 for a finished row)
             for i in range(s):
                 gi = float(self.a[i, i])
                 base = add_rows(Kg, self.a[i, :i], hc)
@@ -659,23 +609,15 @@ class ImplicitRKStepper:
                     continue
                 hg = hc * gi
                 zs = Z[i]
-                r = zs - base - hg * f(times[i], self._full(y, zs))[..., :head]
+                r = zs - base - hg * self._head(f(times[i], self._full(y, zs)))
                 Mi = StageMatrix([Js[i]], hg, torch.ones(1, 1, dtype=y.dtype), self.gmres_rtol)
                 z = zs - Mi.solve(r.unsqueeze(0))[0]
-                Kg.append((z - base) / (hg if not self.batch else torch.where(hg != 0, hg, 1.0)))
+                Kg.append((z - base) / divisor(hg))
             self.K = torch.stack(Kg)
         else:
-            F = torch.stack([f(times[i], self._full(y, Z[i]))[..., :head] for i in range(s)])
-            if self.batch:  # (s, B, n) stages, each row its own h
-                hc = column(h, y)
-                M = StageMatrix(Js, h, self.A, self.gmres_rtol)
-                Zg = Z - M.solve(Z - hc * torch.tensordot(self.A, F, 1))
-                self.K = torch.tensordot(self.A_inv, Zg, 1) / torch.where(hc != 0, hc, 1.0)
-                return
-            R = Z - h * (self.A @ F)
             M = StageMatrix(Js, h, self.A, self.gmres_rtol)
-            Zg = Z - M.solve(R)
-            self.K = (self.A_inv @ Zg) / h
+            Zg = Z - M.solve(Z - hc * _mix(self.A, self._stage_f(times, y, Z)))
+            self.K = _mix(self.A_inv, Zg) / divisor(hc)
 
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (the controller multiplies by h)."""
@@ -764,14 +706,74 @@ class ImplicitRKStepper:
 
 def _eta(rate):
     """The contraction estimate theta / (1 - theta) carried to the next Newton solve from a
-    converged one's rate (None, per row nan: none, after a single iteration)."""
-    if isinstance(rate, torch.Tensor):
-        ok = torch.isfinite(rate) & (rate < 1)
-        return torch.where(ok, (rate / torch.where(ok, 1 - rate, 1.0)).clamp(min=1e-16),
-                           math.nan)
-    if math.isfinite(rate) and rate < 1:
-        return max(rate / (1 - rate), 1e-16)
-    return None
+    converged one's rate (a float, or per row; nan: none, after a single iteration)."""
+    ok = isfinite(rate) & (rate < 1)
+    return where(ok, maximum(rate / where(ok, 1 - rate, 1.0), 1e-16), math.nan)
+
+
+def _mix(coeffs: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """sum_j coeffs_j X_j over X's first dimension (coeffs (i,) or (s, i)): a matrix product for
+    one problem's (i, n) stages (tensordot's differs in the last bit for n = 1), tensordot for
+    the (i, B, n) stages of a batch."""
+    return coeffs @ X if X.dim() == 2 else torch.tensordot(coeffs, X, 1)
+
+
+class _OneProblem:
+    """How ``ImplicitRKStepper._stages`` runs for one problem: the first Newton solve that
+    fails ends the attempt (``result``: why); a fully implicit tableau's stages (s, head) are
+    Newton's unknowns as they are."""
+
+    # no rows: every solve must converge (per sample: the rows solving, the failed rows)
+    active: Any = None
+    going: Any = True
+    result: Any = None
+
+    def __init__(self, stepper: ImplicitRKStepper):
+        self.stepper, self.matrix = stepper, stepper._matrix
+
+    def stop(self, res, at: str) -> bool:
+        self.result = None if res.converged else f"{res.reason} {at}"
+        return not res.converged
+
+    def pack(self, Z: torch.Tensor) -> torch.Tensor:
+        return Z
+
+    unpack = pack
+
+    def keep(self, K, Z) -> None:
+        self.stepper.K, self.stepper.Z = K, Z
+
+
+class _Rows(_OneProblem):
+    """Per sample: the rows ``active`` (a (B,) mask) solve, each with its own Newton matrices
+    and verdict; a row whose solve fails stops there, marked in ``result``, and the others go
+    on; a row's fully implicit stages are one vector of unknowns, (B, s n); the stages replace
+    the active rows' in the stepper's K and Z."""
+
+    def __init__(self, stepper: ImplicitRKStepper, active: torch.Tensor):
+        self.stepper, self.rows, self.active, self.going = stepper, active, active, active
+        self.result = torch.zeros_like(active)
+
+    def matrix(self, key, h):
+        return self.stepper._matrix_rows(key, h, self.active)
+
+    def stop(self, res, at: str) -> bool:
+        self.result = self.result | (self.active & ~res.converged)
+        self.active = self.going = self.active & res.converged
+        return False
+
+    def pack(self, Z: torch.Tensor) -> torch.Tensor:  # (s, B, n) -> (B, s n)
+        return Z.transpose(0, 1).reshape(Z.shape[1], -1)
+
+    def unpack(self, z: torch.Tensor) -> torch.Tensor:
+        return z.view(z.shape[0], self.stepper.s, -1).transpose(0, 1)
+
+    def keep(self, K, Z) -> None:
+        st, keep = self.stepper, self.rows[None, :, None]
+        if st.K is None or st.K.shape != K.shape:
+            st.K, st.Z = K, Z
+        else:
+            st.K, st.Z = torch.where(keep, K, st.K), torch.where(keep, Z, st.Z)
 
 
 def add_rows(Ks: list, coeffs, h: float):
@@ -787,16 +789,28 @@ def add_rows(Ks: list, coeffs, h: float):
 # ----------------------------------------------------------------------------------------
 # Methods
 # ----------------------------------------------------------------------------------------
-def _check_implicit(name: str, o: dict) -> None:
-    _positive_int(name, "max_iters", o["max_iters"])
-    check_jacobian_option(name, o["jacobian"])
-
-
-class FixedGridImplicitRK(FixedGridMethod):
-    """Fixed-grid implicit Runge–Kutta (Newton with the Jacobian)."""
+class _ImplicitMethod(Method):
+    """What the fixed-grid and the adaptive implicit methods share (the stepper: per sample
+    batched, each row its own Jacobian, LU and Newton)."""
 
     tableau: ImplicitTableau
     tensor_clock = True
+
+    @classmethod
+    def check(cls, o: dict) -> None:
+        super().check(o)
+        _positive_int(cls.name, "max_iters", o["max_iters"])
+        check_jacobian_option(cls.name, o["jacobian"])
+
+    @classmethod
+    def make_stepper(cls, o: dict, norm: ErrorNorm):
+        return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
+                                 linear=o.get("interp") == "linear", name=cls.name)
+
+
+class FixedGridImplicitRK(_ImplicitMethod, FixedGridMethod):
+    """Fixed-grid implicit Runge–Kutta (Newton with the Jacobian)."""
+
     OPTIONS: ClassVar[dict[str, Any]] = dict(FixedGridMethod.OPTIONS, max_iters=100,
                                              **JACOBIAN_OPTIONS)
 
@@ -805,23 +819,11 @@ class FixedGridImplicitRK(FixedGridMethod):
         t = cls.tableau
         return f"fixed grid, implicit, order {t.order}, {t.stages} stages, {t.stiff_decay}"
 
-    @classmethod
-    def check(cls, o: dict) -> None:
-        super().check(o)
-        _check_implicit(cls.name, o)
 
-    @classmethod
-    def make_stepper(cls, o: dict, norm: ErrorNorm):
-        return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
-                                 linear=o["interp"] == "linear", name=cls.name)
-
-
-class AdaptiveImplicitRK(AdaptiveRK):
+class AdaptiveImplicitRK(_ImplicitMethod, AdaptiveRK):
     """Adaptive ESDIRK pair with Newton stages, Jacobian reuse and Hermite dense output.
     ``step_to_outputs``: see ``methods.STEP_TO_OUTPUTS_DOC``."""
-    tensor_clock = True  # per sample: batched, each row its own Jacobian, LU and Newton
 
-    tableau: ImplicitTableau
     OPTIONS: ClassVar[dict[str, Any]] = dict(IMPLICIT_ADAPTIVE_OPTIONS, max_iters=10,
                                              **JACOBIAN_OPTIONS, **STIFF_OUTPUT_OPTIONS)
 
@@ -830,16 +832,6 @@ class AdaptiveImplicitRK(AdaptiveRK):
         t = cls.tableau
         return (f"adaptive, implicit (ESDIRK), order {t.order}({t.error_order}), {t.stages} "
                 f"stages, {t.stiff_decay}, dense output: cubic Hermite")
-
-    @classmethod
-    def check(cls, o: dict) -> None:
-        super().check(o)
-        _check_implicit(cls.name, o)
-
-    @classmethod
-    def make_stepper(cls, o: dict, norm: ErrorNorm):
-        return ImplicitRKStepper(cls.tableau, norm, o["jacobian"], o["max_iters"],
-                                 name=cls.name)
 
 
 _DOCS = {

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
-from neuralode.solvers.elementwise import isfinite, where
+from neuralode.solvers.elementwise import isfinite, maximum, where
 
 JACOBIAN_MODES = ("autograd", "block", "matrix_free")
 JACOBIAN_OPTIONS = {"jacobian": "autograd"}
@@ -328,20 +328,10 @@ class NewtonMatrix:
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         if self.kind == "matfree":
             return self._solve_matfree(b)
-        if self.kind == "dense":
-            flat = b.reshape(-1, 1)
-            return torch.linalg.lu_solve(self.lu, self.piv, flat).reshape(b.shape)
-        # blocks: b (n,) or (s, n) with n = B * m; per sample (h per row) b (B, m) or row
-        # by row stage-major (B, s m): each row's unknowns are one block's
-        B, sm = self.lu.shape[0], self.lu.shape[1]
-        if self.scalar or isinstance(self.h, torch.Tensor):
-            rhs = b.reshape(B, sm, 1)
-            return torch.linalg.lu_solve(self.lu, self.piv, rhs).reshape(b.shape)
-        s = b.shape[0]
-        m = sm // s
-        rhs = b.reshape(s, B, m).permute(1, 0, 2).reshape(B, sm, 1)
-        x = torch.linalg.lu_solve(self.lu, self.piv, rhs)
-        return x.reshape(B, s, m).permute(1, 0, 2).reshape(b.shape)
+        # dense, or blocks: b (n,) or (s, n) with n = B * m; per sample (h per row) b (B, m)
+        # or row by row stage-major (B, s m): each row's unknowns are one block's
+        by_row = self.scalar or isinstance(self.h, torch.Tensor)
+        return lu_solve(self.lu, self.piv, b, stages=not by_row)
 
     def _solve_matfree(self, b: torch.Tensor) -> torch.Tensor:
         h, A, J = self.h, self.A, self.J
@@ -363,6 +353,27 @@ class NewtonMatrix:
             self.stats.extra["gmres_not_converged"] = \
                 self.stats.extra.get("gmres_not_converged", 0) + 1
         return x.reshape(b.shape)
+
+
+def lu_solve(lu: torch.Tensor, piv: torch.Tensor, b: torch.Tensor, *,
+             stages: bool = False, adjoint: bool = False) -> torch.Tensor:
+    """M^{-1} b (``adjoint``: M^{-T} b) from M's LU factors (``torch.linalg.lu_factor``;
+    differentiable with respect to b): a dense M, b any shape holding its size; or B
+    diagonal blocks (B, p, p) of M, b holding B * p numbers: ``stages`` False, block by
+    block ((B * p,), (B, p)); True, stage-major, (s, B * m) or (s, B, m) with p = s m, each
+    block one system's s stages."""
+    if lu.dim() == 2:
+        return torch.linalg.lu_solve(lu, piv, b.reshape(-1, 1),
+                                     adjoint=adjoint).reshape(b.shape)
+    B, sm = lu.shape[0], lu.shape[1]
+    if not stages:
+        return torch.linalg.lu_solve(lu, piv, b.reshape(B, sm, 1),
+                                     adjoint=adjoint).reshape(b.shape)
+    s = b.shape[0]
+    m = sm // s
+    rhs = b.reshape(s, B, m).permute(1, 0, 2).reshape(B, sm, 1)
+    x = torch.linalg.lu_solve(lu, piv, rhs)
+    return x.reshape(B, s, m).permute(1, 0, 2).reshape(b.shape)
 
 
 @dataclass
@@ -432,12 +443,10 @@ def rounding_floor(rtol: float, eps: float) -> float:
 
 def _first_eta(eta):
     """The contraction estimate for a first iteration: eta carried from the previous solve
-    (None, or per row nan: none) to the power 0.8."""
+    (a float or per row; None or nan: none) to the power 0.8."""
     if eta is None:
         return 1.0
-    if isinstance(eta, float):
-        return max(eta, 1e-16) ** 0.8
-    return torch.where(torch.isnan(eta), 1.0, eta.clamp(min=1e-16) ** 0.8)
+    return where(eta != eta, 1.0, maximum(eta, 1e-16) ** 0.8)  # eta != eta: nan
 
 
 def newton(residual: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
@@ -534,5 +543,5 @@ def _newton_rows(residual, z0, matrix, scale, tol, max_iters, stats, eta, active
 
 
 __all__ = ["JACOBIAN_MODES", "JACOBIAN_OPTIONS", "JacobianSource", "MatrixFree", "NewtonMatrix",
-           "NewtonResult", "check_jacobian_option", "gmres", "identity_minus", "newton",
-           "newton_tolerance", "rounding_floor"]
+           "NewtonResult", "check_jacobian_option", "gmres", "identity_minus", "lu_solve",
+           "newton", "newton_tolerance", "rounding_floor"]

@@ -51,6 +51,7 @@ from neuralode.solvers.jacobian import (
     NewtonMatrix,
     check_jacobian_option,
     identity_minus,
+    lu_solve,
 )
 from neuralode.solvers.methods import (
     IMPLICIT_ADAPTIVE_OPTIONS,
@@ -173,7 +174,7 @@ class _LUSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, M, b, lu, piv):
-        x = _lu_apply(lu, piv, b, adjoint=False)
+        x = lu_solve(lu, piv, b)
         ctx.save_for_backward(lu, piv, x)
         return x
 
@@ -181,20 +182,13 @@ class _LUSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         lu, piv, x = ctx.saved_tensors
-        gb = _lu_apply(lu, piv, g, adjoint=True)
+        gb = lu_solve(lu, piv, g, adjoint=True)
         if lu.dim() == 3:
             B, m = lu.shape[0], lu.shape[1]
             gM = -(gb.reshape(B, m, 1) * x.reshape(B, 1, m))
         else:
             gM = -torch.outer(gb, x)
         return gM, gb, None, None
-
-
-def _lu_apply(lu, piv, b, adjoint: bool):
-    if lu.dim() == 3:
-        B, m = lu.shape[0], lu.shape[1]
-        return torch.linalg.lu_solve(lu, piv, b.reshape(B, m, 1), adjoint=adjoint).reshape(b.shape)
-    return torch.linalg.lu_solve(lu, piv, b.reshape(-1, 1), adjoint=adjoint).reshape(b.shape)
 
 
 class _DifferentiableMatrix:
