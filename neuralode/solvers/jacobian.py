@@ -6,11 +6,13 @@ at a time, an s x s matrix for fully implicit Runge–Kutta stages). This module
 place that knows how J is obtained and how those systems are solved:
 
 * ``options={"jacobian": "autograd"}`` (default): the dense n x n matrix by reverse-mode
-  autograd (``torch.func.jacrev``; a row-by-row ``torch.autograd.grad`` loop for functions
-  that ``torch.func`` cannot transform); LU factorisation.
+  autograd (one evaluation of f and one backward pass batched over the rows' cotangents,
+  ``is_grads_batched``; a row-by-row ``torch.autograd.grad`` loop for functions whose
+  backward cannot be batched); LU factorisation.
 * ``"block"``: the state is a batch of B independent systems along its first dimension
   (a tensor state of shape (B, ...)); J is block diagonal with B blocks of m x m
-  (m = numel / B), all obtained by one ``jacrev`` of the batch-summed f; batched LU.
+  (m = numel / B), all obtained by one batched backward pass of the batch-summed f;
+  batched LU.
 * ``"matrix_free"``: J is never formed; products J v come from forward-mode autograd
   (``torch.func.jvp``, one evaluation of f each) and the systems are solved by restarted
   GMRES (Newton–Krylov), for large states.
@@ -41,7 +43,7 @@ from neuralode.solvers.elementwise import isfinite, maximum, where
 JACOBIAN_MODES = ("autograd", "block", "matrix_free")
 JACOBIAN_OPTIONS = {"jacobian": "autograd"}
 # a dense autograd Jacobian larger than this is refused before it is built (its LU copy and
-# the jacrev intermediates need as much again)
+# the batched backward's intermediates need as much again)
 DENSE_JACOBIAN_LIMIT_BYTES = 2**30
 
 
@@ -302,7 +304,7 @@ class NewtonMatrix:
         if isinstance(J, MatrixFree):
             self.kind = "matfree"
             return
-        J = J.detach().contiguous()  # jacrev of f = A @ y gives a transposed view
+        J = J.detach().contiguous()  # (the rows of f = A @ y can come as a transposed view)
         if self.scalar:
             self.kind = "dense" if J.dim() == 2 else "block"
             M = identity_minus(J, h * A)

@@ -566,11 +566,12 @@ class Rodas5P(RosenbrockMethod):
     tableau = RODAS5P
     order = 5
     # Gustafsson's predictive controller (as Hairer's RODAS) by default: on Van der Pol,
-    # HIRES and OREGO at rtol 1e-4/1e-6/1e-8 it rejected 2-20x fewer steps than the PID
-    # controller, for 2-23% fewer evaluations of f, and its worst output error was within 3x
-    # the tolerance in 11 of the 12 problem x tolerance cells against 10 of 12
-    # (``benchmarks/stiff_controllers.py --controller pid|gustafsson``, BENCHMARKS.md);
-    # PID coefficients in the options select the PID controller
+    # HIRES and OREGO at rtol 1e-4/1e-6/1e-8 it rejected 2-25x fewer steps than the PID
+    # controller, for 2-23% fewer evaluations of f on Van der Pol and OREGO (up to 3% more
+    # on HIRES), and its worst output error was within 3x the tolerance in 11 of the 12
+    # problem x tolerance cells against 10 of 12 (``benchmarks/stiff_controllers.py
+    # --controller pid|gustafsson``, BENCHMARKS.md); PID coefficients in the options select
+    # the PID controller
     default_controller = GustafssonController()
 
 
