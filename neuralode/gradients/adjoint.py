@@ -335,7 +335,7 @@ class _Backward:
             ("a norm (the seminorm or the user's)", (options or {}).get("norm") is not None),
             (f"the method {method!r}", not SOLVERS[method].tensor_clock
              or SOLVERS[method].builds_jacobians())) if bad]
-        if reasons:
+        if reasons or system is None:
             warnings.warn(f"odeint_adjoint: adjoint_options['compile'] cannot compile this "
                           f"backward solve ({'; '.join(reasons)}); it runs eagerly",
                           CompileFallbackWarning, stacklevel=3)
