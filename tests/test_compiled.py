@@ -178,6 +178,12 @@ def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():
     _, ge7 = adjoint_grads(0.7 * y0)
     assert len(compiled_driver.COMPILES) == before and st.backward.n_compiles == 0
     assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(gc, ge7)) <= 1e-12
+    # a parameter replaced on the module: the compiled backward uses the new one
+    with torch.no_grad():
+        f.net[0].weight = torch.nn.Parameter(f.net[0].weight * 1.5)
+    st, gc = adjoint_grads(0.7 * y0, **CB)
+    _, ge7 = adjoint_grads(0.7 * y0)
+    assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(gc, ge7)) <= 1e-12
     # what the compiled backward does not serve (here the seminorm; also a func that is not
     # an nn.Module owning its parameters, callbacks, a backward method with Jacobians) runs
     # the eager backward, announced: the eager adjoint's gradients to the last bit

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -384,7 +384,11 @@ class _Backward:
         return a + g_flat[0], gp, a
 
 
-_SYSTEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (id(func), structure) -> the backward system; each entry keeps its func alive (so its id
+# is not reused), at most MAX_SYSTEMS of them (least recently used dropped), as the
+# compiled driver keeps its loops
+_SYSTEMS: OrderedDict = OrderedDict()
+MAX_SYSTEMS = 64
 
 
 def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
@@ -392,7 +396,7 @@ def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
     torch.compile can trace: f and both vector-Jacobian products by one ``torch.func.vjp``
     (``torch.autograd.grad`` is not traced), with func's parameters swapped in by
     ``torch.func.functional_call``. One function object per (func, parameters, state
-    structure), kept while func lives, so that the compiled loop is reused by every
+    structure), kept in ``_SYSTEMS``, so that the compiled loop is reused by every
     backward pass. None when func is not an ``nn.Module`` or a parameter is not one of its
     own parameters or buffers."""
     if not isinstance(func, torch.nn.Module):
@@ -401,11 +405,15 @@ def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
     names = tuple(own.get(id(p)) for p in params)
     if any(n is None for n in names):
         return None
-    key = (names, tuple(map(tuple, layout.shapes)), layout.is_tuple, layout.complex_dtype)
-    cache = _SYSTEMS.setdefault(func, {})
-    if key not in cache:
-        cache[key] = _make_system(func, names, tuple(params), layout)
-    return cache[key]
+    # (the parameters' ids too: a parameter replaced on the module is another system)
+    key = (id(func), names, tuple(id(p) for p in params), tuple(map(tuple, layout.shapes)),
+           layout.is_tuple, layout.complex_dtype)
+    if key not in _SYSTEMS:
+        _SYSTEMS[key] = _make_system(func, names, tuple(params), layout)
+        while len(_SYSTEMS) > MAX_SYSTEMS:
+            _SYSTEMS.popitem(last=False)
+    _SYSTEMS.move_to_end(key)
+    return _SYSTEMS[key]
 
 
 def _make_system(func, names, params, layout):
