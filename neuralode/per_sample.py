@@ -82,7 +82,8 @@ FLOAT_CLOCK_OPTIONS = {"step_t": None, "jump_t": None, "perturb": False,
                        "grid_constructor": None}
 
 __all__ = ["PER_SAMPLE_OPTIONS", "PerSampleSolution", "PerSampleStats", "batched_parts",
-           "integrate_batched", "run_sample_by_sample", "setup", "solve_per_sample"]
+           "integrate_batched", "run_compiled", "run_sample_by_sample", "setup",
+           "solve_per_sample"]
 
 
 @dataclass
@@ -229,6 +230,28 @@ def _fill_stats(st: PerSampleStats, res: BatchedResult, msgs: list[str]) -> None
     st.t_final = res.t_final
 
 
+def run_compiled(s: _Setup, *, throw: bool = True, jumps=None) -> BatchedResult:
+    """The compiled solve of a validated setup (``options['compile']``; ``jumps``: see
+    ``integrate_compiled``), its statistics filled in."""
+    p = s.p
+    if p.norm.user_norm is not None:
+        raise ODEInputError("the compiled solve (options['compile']) takes the default "
+                            "error norm; drop options['norm'] or 'compile'")
+    stepper, controller = batched_parts(p, s.ts)
+    backend = s.compile if isinstance(s.compile, str) else "inductor"
+    tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
+    info: dict = {}
+    res, msgs = integrate_compiled(p.rhs, p.y0_flat, s.ts, stepper, controller,
+                                   max_num_steps=p.opts["max_num_steps"], throw=throw,
+                                   name=p.name, backend=backend,
+                                   stiffness=p.method.stiffness_check(p.opts),
+                                   tolerances=tols, info=info, jumps=jumps)
+    p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
+    check_y_unchanged(p)
+    _fill_stats(p.stats, res, msgs)
+    return res
+
+
 def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter):
     p = s.p
     if event_fn is not None and (not p.method.adaptive or s.shrink is not None
@@ -237,26 +260,13 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                             "options 'shrink' and 'compile'")
     if dense and s.shrink is not None:
         raise ODEInputError("per_sample=True dense output cannot be combined with 'shrink'")
-    stepper, controller = batched_parts(p, s.ts)
     if s.compile:
         if dense:
             raise ODEInputError("the compiled solve (options['compile']) has no dense "
                                 "output; solve without 'compile' for dense=True")
-        if p.norm.user_norm is not None:
-            raise ODEInputError("the compiled solve (options['compile']) takes the default "
-                                "error norm; drop options['norm'] or 'compile'")
-        backend = s.compile if isinstance(s.compile, str) else "inductor"
-        tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
-        info: dict = {}
-        res, msgs = integrate_compiled(p.rhs, p.y0_flat, s.ts, stepper, controller,
-                                       max_num_steps=p.opts["max_num_steps"], throw=throw,
-                                       name=p.name, backend=backend,
-                                       stiffness=p.method.stiffness_check(p.opts),
-                                       tolerances=tols, info=info)
-        p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
-        check_y_unchanged(p)
-        _fill_stats(p.stats, res, msgs)
+        res = run_compiled(s, throw=throw)
         return res.ys, res, None
+    stepper, controller = batched_parts(p, s.ts)
     record: list | None = [] if dense else None
     res, msgs = integrate_batched(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                   max_num_steps=p.opts["max_num_steps"], throw=throw,

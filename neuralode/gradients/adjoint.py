@@ -45,6 +45,7 @@ from neuralode.per_sample import (
     PerSampleSolution,
     batched_parts,
     integrate_batched,
+    run_compiled,
     run_sample_by_sample,
     setup,
 )
@@ -64,11 +65,7 @@ from neuralode.problem import (
 )
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
-from neuralode.solvers.compiled import (
-    CompileFailure,
-    CompileFallbackWarning,
-    integrate_compiled,
-)
+from neuralode.solvers.compiled import CompileFailure, CompileFallbackWarning
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
@@ -285,10 +282,8 @@ class _Backward:
 
     def __call__(self, ts: torch.Tensor, ys_flat: torch.Tensor, g_flat: torch.Tensor):
         """(dL/dy0 flat, dL/dparams flat, adjoint at t0 from the later outputs only)."""
-        n_t = len(ts)
         times = ts.tolist()
-        nonzero = [i for i in range(n_t) if bool(g_flat[i].any())]
-        last = nonzero[-1] if nonzero else 0
+        last = _last_with_gradient(g_flat)
         a = g_flat[last].clone() if last > 0 else torch.zeros_like(g_flat[0])
         gp = torch.zeros(self.n_par, dtype=self.dtype, device=self.device)
         stats = self.problem.stats
@@ -340,8 +335,7 @@ class _Backward:
                           f"backward solve ({'; '.join(reasons)}); it runs eagerly",
                           CompileFallbackWarning, stacklevel=3)
             return None
-        nonzero = [i for i in range(len(ts)) if bool(g_flat[i].any())]
-        last = nonzero[-1] if nonzero else 0
+        last = _last_with_gradient(g_flat)
         n, dtype, device = self.n, self.dtype, self.device
         gp = torch.zeros(self.n_par, dtype=dtype, device=device)
         stats = SolverStats(method=method, status="success")
@@ -361,27 +355,27 @@ class _Backward:
             st = setup(one_as_batch(system, True), y0, times[None], rtol=rtol, atol=atol,
                        method=method, options={**(options or {}), "compile": backend},
                        tensor_clock=True)
-            stepper, controller = batched_parts(st.p, st.ts)
-            info: dict = {}
             try:
-                res, _ = integrate_compiled(
-                    st.p.rhs, st.p.y0_flat, st.ts, stepper, controller,
-                    max_num_steps=st.p.opts["max_num_steps"], name=st.p.name,
-                    backend=backend if isinstance(backend, str) else "inductor",
-                    stiffness=st.p.method.stiffness_check(st.p.opts),
-                    tolerances=(rtol, atol), info=info, jumps=(J, keep))
+                res = run_compiled(st, jumps=(J, keep))
             except CompileFailure as e:
                 warnings.warn(f"odeint_adjoint: the backward solve could not be compiled "
                               f"({e}); it runs eagerly", CompileFallbackWarning, stacklevel=3)
                 return None
             end = res.y_final[0]
             a, gp = end[n:2 * n], end[2 * n:]
-            stats.nfe = st.p.stats.nfe
+            ps = st.p.stats
+            stats.nfe, stats.compile_s, stats.n_compiles = ps.nfe, ps.compile_s, ps.n_compiles
             stats.n_accepted, stats.n_rejected = int(res.n_accepted[0]), int(res.n_rejected[0])
-            stats.compile_s, stats.n_compiles = info["compile_s"], info["compiles"]
             stats.t_final = float(res.t_final[0])
         self.stats.backward = stats
         return a + g_flat[0], gp, a
+
+
+def _last_with_gradient(g_flat: torch.Tensor) -> int:
+    """The last output index with a nonzero incoming gradient (0 when none has one): where
+    the backward solve starts."""
+    nonzero = [i for i in range(len(g_flat)) if bool(g_flat[i].any())]
+    return nonzero[-1] if nonzero else 0
 
 
 # (id(func), structure) -> the backward system; each entry keeps its func alive (so its id
@@ -645,8 +639,8 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
                             "(solve without 'compile' for them)")
     compile_value = options.get("compile") if compiled and options is not None else None
     options = without_compile(options)
-    # the backward solve compiled only when adjoint_options ask for it (not inherited: with
-    # many output times its per-interval set-up costs more than it saves, BENCHMARKS.md)
+    # the backward solve compiled only when adjoint_options ask for it (not inherited: on
+    # an f of large matrix products it was slower than the eager backward, BENCHMARKS.md)
     compile_backward = None
     if adjoint_options is not None:
         if wants_compile(adjoint_options):

@@ -93,8 +93,6 @@ class PerSampleStats:
     n_lu: int = 0
     n_newton: int = 0
     n_newton_fail: int = 0
-    compile_s: float = 0.0
-    n_compiles: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -33,7 +33,7 @@ import torch
 
 from neuralode.errors import EventError
 from neuralode.solvers.controllers import PerSampleGrid
-from neuralode.solvers.elementwise import ulp
+from neuralode.solvers.elementwise import divisor, ulp
 from neuralode.solvers.event_location import (
     EventFunction,
     interior_check,
@@ -95,7 +95,7 @@ class BatchedDense:
         k = inside.to(torch.int8).argmax(-1)  # (B, m): the first step holding the time
         b = torch.arange(B, device=q.device)[:, None].expand_as(k)
         h = self.h[k, b]
-        theta = torch.where(found, (q - self.t_lo[k, b]) / torch.where(h != 0, h, 1.0), 0.0)
+        theta = torch.where(found, (q - self.t_lo[k, b]) / divisor(h), 0.0)
         y, y1 = self.y[k, b], self.y1[k, b]  # (B, m, n)
         # each (sample, time) as a row of its own step's interpolant
         n, m = y.shape[-1], theta.shape[1]

@@ -49,6 +49,7 @@ from neuralode.solvers.batched import (
     integrate_batched,
     raise_failures,
 )
+from neuralode.solvers.elementwise import divisor
 from neuralode.solvers.status import CODE, NONFINITE, RUNNING, STEP_SIZE, STIFF, SUCCESS
 from neuralode.solvers.stiffness import CHECK_EVERY, StiffnessCheck
 
@@ -206,7 +207,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
         valid = idx < i_out[:, None]
         idx = torch.where(valid, idx, T)
         t_o = ts.gather(1, idx.clamp(max=T - 1))
-        hs = torch.where(seg_h != 0, seg_h, 1.0)[:, None]
+        hs = divisor(seg_h)[:, None]
         theta = torch.where(valid, (t_o - seg_t[:, None]) / hs, 0.0)
         seg = _fork(stepper0, f0=None, ks=seg_K, y1=seg_y1)
         val = seg.interpolate(seg_y, seg_h, theta)

@@ -100,7 +100,7 @@ class JacobianSource:
         self.head = n if head is None else head
         self.name = name
         self.stats = rhs.stats
-        self._functorch = True
+        self._batched_grad = True
         self.size_checked = False
         self.blocks = None
         if spec == "block":
@@ -183,7 +183,7 @@ class JacobianSource:
             m = out.numel()
             if not out.requires_grad:  # g does not depend on y (nor on a parameter)
                 return torch.zeros(m, *v.shape, dtype=v.dtype, device=v.device)
-            if self._functorch:
+            if self._batched_grad:
                 eye = torch.eye(m, dtype=out.dtype, device=out.device).view(m, *out.shape)
                 try:
                     (rows,) = torch.autograd.grad(out, v, eye, is_grads_batched=True,
@@ -192,7 +192,7 @@ class JacobianSource:
                     return torch.zeros(m, *v.shape, dtype=v.dtype, device=v.device) \
                         if rows is None else rows
                 except (RuntimeError, NotImplementedError, TypeError):
-                    self._functorch = False
+                    self._batched_grad = False
             rows = []
             for i in range(m):
                 (r,) = torch.autograd.grad(out.reshape(-1)[i], v, retain_graph=True,

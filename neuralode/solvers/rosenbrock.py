@@ -34,6 +34,7 @@ explicit methods). Matrix-free Jacobians cannot be backpropagated through (GMRES
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,7 +44,7 @@ import torch.autograd.forward_ad as fwAD
 
 from neuralode.errors import ODEInputError
 from neuralode.solvers.base import StepFailure
-from neuralode.solvers.elementwise import column
+from neuralode.solvers.elementwise import column, divisor
 from neuralode.solvers.gustafsson import GustafssonController
 from neuralode.solvers.jacobian import (
     JACOBIAN_OPTIONS,
@@ -244,6 +245,22 @@ def _dense(y0, y1, D, thetas) -> list[torch.Tensor]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _tensor_tableau(tab: RosenbrockTableau, dtype: torch.dtype, device: torch.device,
+                    tdtype: torch.dtype):
+    """The tableau as tensors of the state's dtype, made once per (tableau, dtype, device,
+    time dtype) (a checkpoint replay starts a stepper every step); read-only. The rows of
+    ``a`` and of gamma C (the stage equations multiplied by h gamma: the C_ij / h terms
+    become gamma C_ij, free of h), ``b``, the dense output's H, and d in the time dtype
+    ``tdtype`` (float64, or float32 on a device without it: ``timekeeping.time_dtype``)."""
+    def tensor(rows):
+        return torch.tensor(rows, dtype=dtype, device=device)
+    a = [tensor(tab.a[i]) for i in range(tab.stages)]
+    gC = [tensor([tab.gamma * v for v in tab.C[i]]) for i in range(tab.stages)]
+    d = torch.tensor(tab.d, dtype=tdtype, device=device)
+    return a, gC, tensor(tab.b), tensor(tab.H), d
+
+
 class RosenbrockStepper:
     """One step of a Rosenbrock method on the flat state (the drivers' stepper interface;
     see ``rk.RKStepper``). f(t, y), f_t and J at the step's start are computed once per
@@ -266,21 +283,6 @@ class RosenbrockStepper:
         self.name = name
         self.s = tab.stages
 
-    def _coefficients(self, like: torch.Tensor) -> None:
-        """The tableau as tensors of the state's dtype: the rows of ``a`` and of gamma C
-        (the stage equations multiplied by h gamma: the C_ij / h terms become gamma C_ij,
-        free of h), ``b`` and the dense output's H."""
-        tab, s = self.tab, self.s
-
-        def tensor(rows):
-            return torch.tensor(rows, dtype=like.dtype, device=like.device)
-        self.a_t = [tensor(tab.a[i]) for i in range(s)]
-        self.gC_t = [tensor([tab.gamma * v for v in tab.C[i]]) for i in range(s)]
-        self.b_t = tensor(tab.b)
-        self.H_t = tensor(tab.H)
-        # in the time dtype: float64, or float32 on a device without it (``timekeeping``)
-        self.d64 = torch.tensor(tab.d, dtype=time_dtype(like.device), device=like.device)
-
     # -- per solve --------------------------------------------------------------------
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
         self.rhs = rhs
@@ -299,7 +301,8 @@ class RosenbrockStepper:
         self.ft = None
         self._forward_mode = True
         self.D = None
-        self._coefficients(y0)
+        self.a_t, self.gC_t, self.b_t, self.H_t, self.d64 = _tensor_tableau(
+            self.tab, y0.dtype, y0.device, time_dtype(y0.device))
         self._buffer(None if graph else y0.new_empty(self.s, *y0.shape))
 
     # -- the step's start point -------------------------------------------------------
@@ -437,10 +440,8 @@ class RosenbrockStepper:
     def error(self) -> torch.Tensor:
         """The last stage (y1 minus the embedded solution) divided by h (the controller
         multiplies the norm by h); a finished row (h = 0, zero stages) gives zero."""
-        h, last = self._h, self.Ks[-1].detach()
-        if not self.batch:
-            return last / h
-        return last / column(torch.where(h != 0, h, 1.0), last)
+        last = self.Ks[-1].detach()
+        return last / column(divisor(self._h), last)
 
     # -- after an accepted step ---------------------------------------------------------
     def end_derivative(self, t1_time, y1: torch.Tensor):
@@ -483,11 +484,10 @@ class RosenbrockStepper:
                 setattr(self, name, v[idx])
         if self.K is not None:
             self._buffer(self.K[:, idx].contiguous())
-        for name in ("Ks", "D"):
-            v = getattr(self, name, None)
-            if v is not None:
-                setattr(self, name, self.K if name == "Ks" and self.K is not None
-                        else [k[idx] for k in v])
+        if getattr(self, "Ks", None) is not None:  # (the buffer, or with a graph a list)
+            self.Ks = self.K if self.K is not None else [k[idx] for k in self.Ks]
+        if self.D is not None:
+            self.D = [k[idx] for k in self.D]
 
     def segment(self, y: torch.Tensor, h: float):
         self.prepare_interp(None, None)
