@@ -14,11 +14,14 @@ separately).
   (g) an adjoint training step of a small neural ODE (2 -> 32 -> 2, tanh), 20 and 2 outputs
       on [0, 5], dopri5 1e-6, float64: eager, the forward solve compiled, and the forward and
       backward solves compiled (``adjoint_options={"compile": True}``)
+  (k) a checkpoint training step (gradient="checkpoint"): eager, and with its backward pass
+      compiled (``options={"compile": True}``), beside backprop and the adjoint with both
+      solves compiled: the small neural ODE of (g) (20 and 2 outputs), and the MLP of (b)
 
 For each row: the steps (accepted/rejected) of eager and compiled neuralode and the largest
 difference of their outputs, which must be rounding.
 
-    python benchmarks/compiled.py [--only a,r,b,v,d,g] [--repeats 11] [--libs torchdiffeq,torchode]
+    python benchmarks/compiled.py [--only a,r,b,v,d,g,k] [--repeats 11] [--libs torchdiffeq,torchode]
 """
 
 from __future__ import annotations
@@ -99,8 +102,9 @@ def _short(v):
 
 
 def table(title, times: dict, base: str = "neuralode eager", nfe: dict | None = None) -> None:
+    base = base if base in times else next(iter(times))
     print(f"\n{title} ({loadavg()})")
-    print("| solver | median ms | eager neuralode / this |" + (" NFE |" if nfe else ""))
+    print(f"| solver | median ms | {base} / this |" + (" NFE |" if nfe else ""))
     print("|---|---|---|" + ("---|" if nfe else ""))
     for k, v in times.items():
         extra = f" {nfe.get(k, '')} |" if nfe else ""
@@ -132,49 +136,88 @@ def case_a(repeats, libs):
     case_small("(a) spiral, 200 outputs, dopri5 1e-6, float64", f, y0, t, 1e-6, repeats, libs)
 
 
+class SmallODE(nn.Module):
+    """(g) and (k): a small neural ODE, 2 -> 32 -> 2 with tanh, float64."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def training_rows(label, f, y0, t, tol, variants, compiled_name, repeats):
+    """One training step (forward, mean squared error to a fixed target, backward) per
+    variant {name: (odeint, kwargs)}, interleaved; gradients compared with the first's."""
+    torch.manual_seed(1)
+    target = torch.randn(len(t), *y0.shape, dtype=y0.dtype)
+    grads = {}
+
+    def step(odeint, kw, name):
+        def run():
+            f.zero_grad()
+            ys = odeint(f, y0.clone().requires_grad_(), t, rtol=tol, atol=tol, **kw)
+            ((ys - target) ** 2).mean().backward()
+            grads[name] = torch.cat([p.grad.reshape(-1) for p in f.parameters()])
+        return run
+    fns = {name: step(o, kw, name) for name, (o, kw) in variants.items()}
+    print(f"# {label}: first {compiled_name} step {first_call(fns[compiled_name]):.1f} s")
+    times = interleaved(fns, repeats, warm=True)
+    ref = grads[next(iter(variants))]
+    for k, g in grads.items():
+        print(f"# {label}: {k}: max |grad - first grad| / max |first grad| "
+              f"{float((g - ref).abs().max() / ref.abs().max()):.1e}")
+    table(label, times)
+
+
 def case_g(repeats, libs):
-    torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2)).double()
-
-        def forward(self, t, y):
-            return self.net(y)
-    f = Net()
+    f = SmallODE()
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
-    tol = 1e-6
+    adj = neuralode.odeint_adjoint
     for n_out in (20, 2):
         t = torch.linspace(0, 5, n_out, dtype=torch.float64)
-        target = torch.randn(n_out, 2, dtype=torch.float64)
-        grads = {}
-
-        def train_step(odeint, kw, name, t=t, target=target, grads=grads):
-            def run():
-                f.zero_grad()
-                ys = odeint(f, y0.clone().requires_grad_(), t, rtol=tol, atol=tol, **kw)
-                ((ys - target) ** 2).mean().backward()
-                grads[name] = torch.cat([p.grad.reshape(-1) for p in f.parameters()])
-            return run
-        fns = {"neuralode eager": train_step(neuralode.odeint_adjoint, {}, "neuralode eager"),
-               "neuralode forward compiled": train_step(
-                   neuralode.odeint_adjoint, {"options": C}, "neuralode forward compiled"),
-               "neuralode forward and backward compiled": train_step(
-                   neuralode.odeint_adjoint, {"options": C, "adjoint_options": C},
-                   "neuralode forward and backward compiled")}
+        variants = {"neuralode eager": (adj, {}),
+                    "neuralode forward compiled": (adj, {"options": C}),
+                    "neuralode forward and backward compiled": (
+                        adj, {"options": C, "adjoint_options": C})}
         if libs.get("torchdiffeq") is not None:
-            fns["torchdiffeq"] = train_step(libs["torchdiffeq"].odeint_adjoint, {},
-                                            "torchdiffeq")
-        print(f"# (g) {n_out} outputs: first compiled step "
-              f"{first_call(fns['neuralode forward and backward compiled']):.1f} s")
-        times = interleaved(fns, repeats, warm=True)
-        ref = grads["neuralode eager"]
-        for k, g in grads.items():
-            print(f"# (g) {k}: max |grad - eager grad| / max |eager grad| "
-                  f"{float((g - ref).abs().max() / ref.abs().max()):.1e}")
-        table(f"(g) small neural ODE (2-32-2), adjoint training step, {n_out} outputs on "
-              f"[0, 5], dopri5 1e-6, float64", times)
+            variants["torchdiffeq"] = (libs["torchdiffeq"].odeint_adjoint, {})
+        training_rows(f"(g) small neural ODE (2-32-2), adjoint training step, {n_out} outputs "
+                      f"on [0, 5], dopri5 1e-6, float64", f, y0, t, 1e-6, variants,
+                      "neuralode forward and backward compiled", repeats)
+
+
+def case_k(repeats, libs):
+    """gradient='checkpoint' with its backward pass compiled (issue 18 item 2) against the
+    eager checkpoint, backprop and the adjoint with both solves compiled."""
+    f = SmallODE()
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    ode = neuralode.odeint
+    for n_out in (20, 2):
+        t = torch.linspace(0, 5, n_out, dtype=torch.float64)
+        variants = {"neuralode checkpoint eager": (ode, {"gradient": "checkpoint"}),
+                    "neuralode checkpoint, backward compiled": (
+                        ode, {"gradient": "checkpoint", "options": C}),
+                    "neuralode backprop": (ode, {}),
+                    "neuralode adjoint, both solves compiled": (
+                        neuralode.odeint_adjoint, {"options": C, "adjoint_options": C})}
+        if libs.get("torchdiffeq") is not None:
+            variants["torchdiffeq backprop"] = (libs["torchdiffeq"].odeint, {})
+        training_rows(f"(k) small neural ODE (2-32-2), checkpoint training step, {n_out} "
+                      f"outputs on [0, 5], dopri5 1e-6, float64", f, y0, t, 1e-6, variants,
+                      "neuralode checkpoint, backward compiled", repeats)
+    mlp = MLP()
+    torch.manual_seed(0)
+    y0 = torch.randn(512, 32)
+    t = torch.tensor([0.0, 1.0])
+    training_rows("(k) MLP 512x32, checkpoint training step, dopri5 1e-5, float32", mlp, y0, t,
+                  1e-5, {"neuralode checkpoint eager": (ode, {"gradient": "checkpoint"}),
+                         "neuralode checkpoint, backward compiled": (
+                             ode, {"gradient": "checkpoint", "options": C}),
+                         "neuralode backprop": (ode, {})},
+                  "neuralode checkpoint, backward compiled", repeats)
 
 
 def case_r(repeats, libs):
@@ -293,12 +336,13 @@ def case_d(repeats, libs):
           f"{times['neuralode compiled'] / times['hand-written loop, compiled']:.3f}")
 
 
-CASES = {"a": case_a, "r": case_r, "b": case_b, "v": case_v, "d": case_d, "g": case_g}
+CASES = {"a": case_a, "r": case_r, "b": case_b, "v": case_v, "d": case_d, "g": case_g,
+         "k": case_k}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="a,r,b,v,d,g")
+    ap.add_argument("--only", default="a,r,b,v,d,g,k")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--libs", default="torchdiffeq,torchode")
     args = ap.parse_args(argv)

@@ -12,10 +12,12 @@ same steps and accepted/rejected counts, outputs equal to rounding.
   tensors and tuples; solves without gradients, and the adjoint (``odeint_adjoint`` /
   ``gradient="adjoint"``: the forward solve compiled, the backward solve eager: the
   one-problem adjoint's, or per sample the batched driver's).
+* ``gradient="checkpoint"`` (one problem): the forward solve eager (it records the steps),
+  the backward pass one compiled loop (``gradients.compiled_replay``).
 * Refused with a clear error: backprop through the compiled loop (torch 2.13's autograd of
   ``while_loop`` gives wrong gradients for it; ``solvers.compiled.BACKPROP_REFUSED``), the
-  implicit, Rosenbrock, multistep and scipy methods, ``gradient="checkpoint"`` and the
-  interpolated adjoint, events, dense output, callbacks,
+  implicit, Rosenbrock, multistep and scipy methods, ``gradient="checkpoint"`` per sample
+  and the interpolated adjoint, events, dense output, callbacks,
   ``step_t``/``jump_t``/``perturb``/``grid_constructor``, a user error norm, gradients
   with respect to ``t``, ``shrink``.
 * Compilation: once per structure (method, controller settings, shapes, dtypes, number of

@@ -18,13 +18,14 @@ is only done when ``t.requires_grad``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import torch
 
 from neuralode.compiled import solve_compiled_one, wants_compile, without_compile
 from neuralode.errors import ODEInputError
-from neuralode.gradients import Adjoint, Gradient, gradient_strategy, odeint_adjoint
+from neuralode.gradients import Adjoint, Checkpoint, Gradient, gradient_strategy, odeint_adjoint
 from neuralode.problem import Tolerance
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers.timekeeping import as_time
@@ -67,7 +68,11 @@ def _solve(g, func, y0, t, *, options, per_sample: bool, **kwargs):
     """``g.solve``; one problem with ``options['compile']`` as a compiled batch of one
     (``neuralode.compiled``; the adjoint compiles its forward solve in ``odeint_adjoint``)."""
     if not per_sample and not isinstance(g, Adjoint):
-        if wants_compile(options):
+        if wants_compile(options) and isinstance(g, Checkpoint):
+            # the checkpoint's forward solve records steps eagerly; its backward pass is
+            # compiled (gradients.compiled_replay)
+            g = replace(g, compile=options["compile"])
+        elif wants_compile(options):
             return solve_compiled_one(g, func, y0, t, options=options, **kwargs)
         options = without_compile(options)
     return g.solve(func, y0, t, options=options, per_sample=per_sample, **kwargs)

@@ -85,3 +85,14 @@ def find_params(func, given=None, *, probe: Callable[[], object] | None = None,
 
 
 __all__ = ["as_tensors", "find_params", "graph_leaves", "unique"]
+
+
+def module_names(func, params) -> tuple[str, ...] | None:
+    """The names under which ``func``, an ``nn.Module``, owns each tensor of ``params`` (its
+    parameters and buffers), for ``torch.func.functional_call``; None when func is not a
+    module or a tensor is not one of its own (a compiled function cannot swap it in)."""
+    if not isinstance(func, torch.nn.Module):
+        return None
+    own = {id(v): k for k, v in [*func.named_parameters(), *func.named_buffers()]}
+    names = tuple(own.get(id(p)) for p in params)
+    return None if any(n is None for n in names) else names  # type: ignore[return-value]

@@ -257,7 +257,7 @@ def test_statuses_inside_the_compiled_loop():
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "rodas5p"}, "explicit Runge"),
     ({"method": "bdf"}, "explicit Runge"),
-    ({"gradient": "checkpoint"}, "batched driver"),
+    ({"gradient": "checkpoint", "per_sample": True}, "batched driver"),
     ({"dense": True}, "dense"),
     ({"event_fn": lambda t, y: y[0]}, "event_fn"),
     ({"options": {"compile": True, "norm": lambda e: e.abs().max()}}, "norm"),

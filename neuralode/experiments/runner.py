@@ -728,7 +728,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
         g.add_argument("--compile", action="store_true",
                        help="run every solve as one compiled graph (options={'compile': True}"
                             ": explicit Runge-Kutta methods; training needs --gradient "
-                            "adjoint, whose forward solves are compiled; the first solve of "
+                            "adjoint, whose forward solves are compiled, or checkpoint, whose "
+                            "backward passes are compiled; the first solve of "
                             "each shape compiles, for seconds to minutes; what torch.compile "
                             "cannot capture runs eagerly with a warning)")
     g.add_argument("--tensorboard", action="store_true",

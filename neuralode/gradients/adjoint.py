@@ -39,7 +39,7 @@ from neuralode.compiled import one_as_batch, solve_compiled_one, wants_compile, 
 from neuralode.errors import ODEInputError
 from neuralode.gradients.adjoint_jacobian import AdjointJacobian
 from neuralode.gradients.backprop import Backprop
-from neuralode.parameters import as_tensors, find_params
+from neuralode.parameters import as_tensors, find_params, module_names
 from neuralode.per_sample import (
     PER_SAMPLE_OPTIONS,
     PerSampleSolution,
@@ -393,11 +393,8 @@ def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
     structure), kept in ``_SYSTEMS``, so that the compiled loop is reused by every
     backward pass. None when func is not an ``nn.Module`` or a parameter is not one of its
     own parameters or buffers."""
-    if not isinstance(func, torch.nn.Module):
-        return None
-    own = {id(v): k for k, v in [*func.named_parameters(), *func.named_buffers()]}
-    names = tuple(own.get(id(p)) for p in params)
-    if any(n is None for n in names):
+    names = module_names(func, params)
+    if names is None:
         return None
     # (the parameters' ids too: a parameter replaced on the module is another system)
     key = (id(func), names, tuple(id(p) for p in params), tuple(map(tuple, layout.shapes)),

@@ -34,6 +34,7 @@ import torch
 
 from neuralode.errors import ODEInputError
 from neuralode.gradients.backprop import SolverGradient
+from neuralode.gradients.compiled_replay import fallback_reasons, reverse_compiled, warn_fallback
 from neuralode.parameters import as_tensors, find_params
 from neuralode.solvers.base import RHS, SolverStats
 from neuralode.solvers.loop import EVENT, SUCCESS, LoopResult, integrate
@@ -49,13 +50,21 @@ class Checkpoint(SolverGradient):
     params: the tensors to differentiate besides y0 and t; default: an nn.Module's
         parameters (as ``odeint_adjoint``), for any other callable the leaf tensors its
         graph reaches in one evaluation at the start (tensors a closure uses).
+    compile: True (or a torch.compile backend name): the backward pass as one compiled loop
+        over the recorded steps (``gradients.compiled_replay``; the forward solve stays
+        eager); ``options={"compile": True}`` with gradient="checkpoint" asks for the same.
     Per sample, each sample is solved alone (the float clock)."""
 
     budget: int | None = None
     params: Any = None
+    compile: bool | str = False
     name = "checkpoint"
 
     def __post_init__(self):
+        c = self.compile
+        if not isinstance(c, (bool, str)):
+            raise ODEInputError(f"Checkpoint compile must be True, False or a torch.compile "
+                                f"backend name (e.g. 'inductor'), got {c!r}")
         b = self.budget
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ODEInputError(f"Checkpoint budget must be None (keep every step) or an int >= 1 "
@@ -85,7 +94,9 @@ class CheckpointStats:
     step states kept at once (without a budget: every step's); from_start: replays that
     began at the initial state (each evaluates f(t0, y0) once); nfe: evaluations of f in the
     backward pass; recompute_factor: (steps + recomputed + replayed) / steps, step
-    computations relative to backpropagation's one (unbounded: 2)."""
+    computations relative to backpropagation's one (unbounded: 2). compiled: the backward
+    pass ran as one compiled loop (``Checkpoint(compile=True)``); compile_s, n_compiles: the
+    seconds and compilations of that call (0 when the compiled loop was reused)."""
 
     budget: int | None = None
     steps: int = 0
@@ -94,6 +105,9 @@ class CheckpointStats:
     max_stored: int = 0
     from_start: int = 0
     nfe: int = 0
+    compiled: bool = False
+    compile_s: float = 0.0
+    n_compiles: int = 0
 
     @property
     def recompute_factor(self) -> float:
@@ -233,7 +247,7 @@ class _Tape:
     """Everything the backward pass needs to redo steps of one solve."""
 
     def __init__(self, rec: _Recorder, make_stepper, rhs: RHS, direction: float, perturb: bool,
-                 t0: float, params, budget):
+                 t0: float, params, budget, compile_backend=None):
         self.steps = rec.steps
         self.states = [s for s in rec.states if s is not None]
         self.carry0 = rec.carry0
@@ -244,6 +258,7 @@ class _Tape:
         self.t0 = t0
         self.params = params
         self.budget = budget
+        self.compile = compile_backend  # the compiled backward pass's backend, or None
         self.stats = CheckpointStats(budget=budget, steps=len(rec.steps))
 
     def run(self, k0: int, k1: int, y, carry, graph: bool, slots: bool):
@@ -439,9 +454,15 @@ class _CheckpointFunction(torch.autograd.Function):
         tape.states = states
         stats0 = tape.rhs.stats.nfe
         rev = _Reverser(tape, y0, list(grads))
-        if rev.last >= 0:
+        done = None
+        if tape.budget is None:
+            tape.stats.max_stored = len(states)
+        if rev.last >= 0 and tape.compile is not None:
+            done = reverse_compiled(tape, tape.rhs.func, y0, list(grads), rev.last, tape.compile)
+        if done is not None:
+            rev.a_y, rev.g_par = done
+        elif rev.last >= 0:
             if tape.budget is None:
-                tape.stats.max_stored = len(states)
                 rev.reverse_all_kept()
             else:
                 rev.reverse(0, rev.last + 1, y0, None, tape.budget, 0)
@@ -538,6 +559,12 @@ def integrate_checkpointed(strategy: Checkpoint, p, y0: torch.Tensor, ts: list[f
     bstats = SolverStats(method=rhs.stats.method)
     replay_rhs = RHS(rhs.func, rhs.layout, rhs.user_dtype, rhs.device, bstats)
     tape = _Tape(rec, make_stepper, replay_rhs, direction, perturb, ts[0], params, budget)
+    if strategy.compile:
+        reasons = fallback_reasons(tape, func, stepper)
+        if reasons:
+            warn_fallback(reasons)
+        else:
+            tape.compile = strategy.compile
     rhs.stats.extra["checkpoint"] = tape.stats
     got = _CheckpointFunction.apply(tape, values, y0, *params) if values else ()
     outs = [y0 if j < 0 else got[j] for j in where]

@@ -63,9 +63,9 @@ _RUNNING, _STIFF = CODE[RUNNING], CODE[STIFF]
 BACKPROP_REFUSED = (
     "{name}: the compiled solve (options['compile']) is not differentiated by backprop: "
     "torch's autograd of a compiled while_loop (torch 2.13) gives wrong gradients for it. "
-    "Use gradient='adjoint' (odeint_adjoint: the forward solve compiled, the backward solve "
-    "eager), or solve without 'compile' for backprop or gradient='checkpoint', or run the "
-    "compiled solve under torch.no_grad()")
+    "Use gradient='adjoint' (odeint_adjoint: the forward solve compiled) or "
+    "gradient='checkpoint' (one problem: the backward pass compiled), or solve without "
+    "'compile' for backprop, or run the compiled solve under torch.no_grad()")
 
 
 class CompileFallbackWarning(UserWarning):
@@ -115,20 +115,21 @@ class CompileFailure(RuntimeError):
     ``jumps``): the caller solves eagerly its own way."""
 
 
-_LOOPS: OrderedDict = OrderedDict()  # (backend, structure) -> the compiled loop function
+_LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its compiled copy
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
 
-def _compiled_loop(backend: str, structure: tuple):
-    """The compiled loop of one structure. Each structure gets a code object of its own:
-    torch.compile keeps its compilations per code object, checks them in turn on every call
-    and stops compiling past a few (8 in torch 2.13), so one shared ``_loop`` would slow
-    down, then fall back to running uncompiled, as a process meets more structures."""
-    key = (backend, structure)
+def compiled_function(fn, backend: str, structure: tuple):
+    """``fn`` (a loop: this module's ``_loop``, the checkpoint's reverse sweep) compiled for
+    one structure. Each structure gets a code object of its own: torch.compile keeps its
+    compilations per code object, checks them in turn on every call and stops compiling
+    past a few (8 in torch 2.13), so one shared code object would slow down, then fall back
+    to running uncompiled, as a process meets more structures."""
+    key = (fn, backend, structure)
     if key not in _LOOPS:
-        fn = types.FunctionType(_loop.__code__.replace(), _loop.__globals__, "_loop",
-                                _loop.__defaults__, _loop.__closure__)
-        _LOOPS[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                  fn.__defaults__, fn.__closure__)
+        _LOOPS[key] = torch.compile(copy, fullgraph=True, dynamic=False,
                                     backend=_counting_backend(backend))
         while len(_LOOPS) > MAX_LOOPS:
             _LOOPS.popitem(last=False)
@@ -399,7 +400,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
                  window, groups, stiffness is not None, tol is None, jumps is not None,
                  getattr(func, "__code__", type(func)))
-    loop = _compiled_loop(backend, structure)
+    loop = compiled_function(_loop, backend, structure)
     before, start = len(COMPILES), time.perf_counter()
     rhs.counting = False
     try:
@@ -453,4 +454,5 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     return result, msgs
 
 
-__all__ = ["COMPILES", "CompileFailure", "CompileFallbackWarning", "integrate_compiled"]
+__all__ = ["COMPILES", "CompileFailure", "CompileFallbackWarning", "compiled_function",
+           "integrate_compiled"]

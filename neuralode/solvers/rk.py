@@ -122,6 +122,24 @@ def _mv_then_add(y, mat, vec, alpha):
     return torch.add(y, torch.mv(mat, vec), alpha=alpha)
 
 
+def graph_step(st: RKStepper, y, f0, t, h, call):
+    """One step of ``st``'s method out of place (autograd keeps the stages): (y1, [k_1..k_s]).
+    ``call(t_i, y_i)`` evaluates f; t and h are floats (the eager step) or 0-d tensors (the
+    compiled replay of a checkpointed solve, ``gradients.compiled_replay``)."""
+    ks = [f0]
+    c = st.c
+    low = y.dtype != torch.float64
+    yi = y
+    for i in range(1, st.s):
+        # the stage that is y1 (FSAL) is summed precisely; the others only feed f
+        yi = add_terms(y, [(ks[j], a) for j, a in st.a_nz[i]], h,
+                       low and st.fsal and i == st.s - 1)
+        ks.append(call(t + c[i] * h, yi))
+    if st.fsal:
+        return yi, ks
+    return add_terms(y, [(ks[j], b) for j, b in st.b_nz], h, low), ks
+
+
 class RKSegment:
     """The interpolant of one accepted RK step, kept for a dense solution."""
 
@@ -269,20 +287,10 @@ class RKStepper:
         return yi
 
     def _step_graph(self, t, y, h, left_end):
-        ks = [self.f0]
-        c, rhs = self.c, self.rhs
-        low = y.dtype != torch.float64
-        yi = y
-        for i in range(1, self.s):
-            # the stage that is y1 (FSAL) is summed precisely; the others only feed f
-            yi = add_terms(y, [(ks[j], a) for j, a in self.a_nz[i]], h,
-                           low and self.fsal and i == self.s - 1)
-            ti = t + c[i] * h
-            ks.append(rhs.call(ti, yi) if left_end is None else rhs.call_at(left_end(ti), yi))
-        self.ks = ks
-        if self.fsal:
-            return yi
-        return add_terms(y, [(ks[j], b) for j, b in self.b_nz], h, low)
+        rhs = self.rhs
+        call = rhs.call if left_end is None else (lambda ti, yi: rhs.call_at(left_end(ti), yi))
+        y1, self.ks = graph_step(self, y, self.f0, t, h, call)
+        return y1
 
     def error(self) -> torch.Tensor:
         """sum_i b_err_i k_i of the last attempt (no graph); the local error estimate is h
