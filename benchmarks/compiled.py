@@ -21,7 +21,8 @@ separately).
 For each row: the steps (accepted/rejected) of eager and compiled neuralode and the largest
 difference of their outputs, which must be rounding.
 
-    python benchmarks/compiled.py [--only a,r,b,v,d,g,k] [--repeats 11] [--libs torchdiffeq,torchode]
+    python benchmarks/compiled.py [--only a,r,b,v,d,g,k] [--repeats 11]
+        [--libs torchdiffeq,torchode]
 """
 
 from __future__ import annotations
