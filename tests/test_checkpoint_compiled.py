@@ -135,5 +135,11 @@ def test_what_it_cannot_serve_is_replayed_eagerly_and_said():
         assert not sol.stats.extra["checkpoint"].compiled
         if f is func and "method" not in kw and "options" not in kw:
             assert_close(got, ref, 1e-12)
+    with pytest.warns(CompileFallbackWarning, match="per sample"):
+        sol = neuralode.solve(func, y0.detach().expand(2, 2).requires_grad_(True), t,
+                              per_sample=True, gradient=Checkpoint(compile=True))
+    sol.ys.sum().backward()
+    cs = sol.stats.extra["samples"][0].extra["checkpoint"]
+    assert cs.replayed > 0 and not cs.compiled
     with pytest.raises(neuralode.ODEInputError, match="compile must be True, False or"):
         Checkpoint(compile=1)

@@ -75,6 +75,12 @@ class Checkpoint(SolverGradient):
     def integrator(self):
         return functools.partial(integrate_checkpointed, self)
 
+    def solve(self, func, y0, t, *, per_sample: bool = False, **kwargs):
+        if per_sample and self.compile:  # (each sample alone, through a wrapper of func)
+            warn_fallback(["per sample"], stacklevel=5)
+            return replace(self, compile=False).solve(func, y0, t, per_sample=True, **kwargs)
+        return super().solve(func, y0, t, per_sample=per_sample, **kwargs)
+
     def bind_params(self, func, probe) -> Checkpoint:
         if self.params is not None:
             return self

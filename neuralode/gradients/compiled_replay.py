@@ -58,10 +58,10 @@ def fallback_reasons(tape, func, stepper) -> list[str]:
     return [why for why, bad in checks if bad]
 
 
-def warn_fallback(reasons: list[str]) -> None:
+def warn_fallback(reasons: list[str], stacklevel: int = 4) -> None:
     warnings.warn(f"gradient='checkpoint': the compiled backward pass cannot serve this solve "
                   f"({'; '.join(reasons)}); its steps are replayed eagerly",
-                  CompileFallbackWarning, stacklevel=4)
+                  CompileFallbackWarning, stacklevel=stacklevel)
 
 
 # (id(func), structure) -> the step as a function of (y, f0, t, t1, h, params); each entry
