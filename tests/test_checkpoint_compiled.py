@@ -143,3 +143,31 @@ def test_what_it_cannot_serve_is_replayed_eagerly_and_said():
     assert cs.replayed > 0 and not cs.compiled
     with pytest.raises(neuralode.ODEInputError, match="compile must be True, False or"):
         Checkpoint(compile=1)
+
+
+@pytest.mark.filterwarnings("default::neuralode.solvers.compiled.CompileFallbackWarning")
+def test_a_sweep_torch_compile_cannot_trace_falls_back_once_and_is_not_retried(monkeypatch):
+    """autograd inside func (as a CNF's divergence) inside the sweep's vjp: torch.compile
+    gives up (an internal error of dynamo, not its own exception class); the eager replay
+    gives the gradient, and the next backward pass does not trace again."""
+    from neuralode.gradients import compiled_replay
+
+    class WithGrad(Field):
+        def forward(self, t, y):
+            with torch.enable_grad():
+                z = y if y.requires_grad else y.detach().requires_grad_(True)
+                out = super().forward(t, z)
+                (g,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+            return out + 0.1 * g
+
+    func = WithGrad().double()
+    y0 = torch.tensor([0.5, -0.2], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    ref, _ = grads(func, y0, t, "checkpoint")
+    for k in range(2):
+        with pytest.warns(CompileFallbackWarning, match="could not be compiled"):
+            got, sol = grads(func, y0, t, Checkpoint(compile=True))
+        assert not sol.stats.extra["checkpoint"].compiled
+        assert_close(got, ref, 1e-12)
+        if k == 0:  # the failure is remembered: no second attempt to compile
+            monkeypatch.setattr(compiled_replay, "compiled_function", None)

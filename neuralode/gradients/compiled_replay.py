@@ -64,6 +64,9 @@ def warn_fallback(reasons: list[str], stacklevel: int = 4) -> None:
                   CompileFallbackWarning, stacklevel=stacklevel)
 
 
+# structures torch.compile failed on: (backend, structure) -> why (not tried again: a
+# training loop would otherwise pay the failed tracing at every backward pass)
+_FAILED: dict = {}
 # (id(func), structure) -> the step as a function of (y, f0, t, t1, h, params); each entry
 # keeps its func alive (so its id is not reused), at most MAX_STEPS of them
 _STEPS: OrderedDict = OrderedDict()
@@ -174,18 +177,26 @@ def reverse_compiled(tape, func, y0: torch.Tensor, grads: list, last: int, backe
     step = _step_function(func, names, params, rhs.layout, st, dtype)
     structure = (cap, n, M, dtype, str(device), st.tab.name, st.linear, names,
                  tuple(tuple(p.shape) for p in params), getattr(func, "__code__", type(func)))
-    sweep = compiled_function(_sweep, backend if isinstance(backend, str) else "inductor",
-                              structure)
-    before, start = len(COMPILES), time.perf_counter()
-    try:
-        with torch._dynamo.config.patch(trace_autograd_ops=True), torch.no_grad():
-            a_y, a_f, g_par = sweep(step, Y, F, T, T1, H, slot.to(device), G1, GY, GK,
-                                    torch.tensor(N, device=device), y0.new_zeros(n),
-                                    y0.new_zeros(n), params)
-    except torch._dynamo.exc.TorchDynamoException as e:
+    backend = backend if isinstance(backend, str) else "inductor"
+    if (backend, structure) in _FAILED:
+        reason = _FAILED[(backend, structure)]
+    else:
+        sweep = compiled_function(_sweep, backend, structure)
+        before, start = len(COMPILES), time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True), torch.no_grad():
+                a_y, a_f, g_par = sweep(step, Y, F, T, T1, H, slot.to(device), G1, GY, GK,
+                                        torch.tensor(N, device=device), y0.new_zeros(n),
+                                        y0.new_zeros(n), params)
+            reason = ""
+        except Exception as e:  # (dynamo's internal errors are not all of its own exception
+            # class; an error of func itself shows again in the eager replay)
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            _FAILED[(backend, structure)] = reason
+    if reason:
         warnings.warn(f"gradient='checkpoint': the compiled backward pass could not be "
-                      f"compiled ({' '.join(str(e).split())[:400]}); its steps are replayed "
-                      f"eagerly", CompileFallbackWarning, stacklevel=4)
+                      f"compiled ({reason}); its steps are replayed eagerly",
+                      CompileFallbackWarning, stacklevel=4)
         return None
     stats = tape.stats
     stats.compiled = True
