@@ -285,3 +285,20 @@ def test_callbacks_and_time_gradients_are_refused():
     with pytest.raises(ODEInputError, match="with respect to t"):
         neuralode.odeint(lambda t, y: -y, torch.ones(2, dtype=torch.float64),
                          t.clone().requires_grad_(), options=C)
+
+
+@pytest.mark.parametrize("method", ["rk4", "heun2"])
+def test_fixed_grid_with_only_an_end_time_equals_eager(method):
+    """Two output times (start, end) on a fixed grid whose last step is shorter: a variant
+    of the loop that carried no interpolation segment here was miscompiled by inductor
+    (torch 2.13: rk4/heun2 y off by O(1), euler/midpoint right; the eager backend right), so
+    this structure is held against the eager driver."""
+    A = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [0.5, -1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    o = {"step_size": 0.3}
+    e = neuralode.solve(lambda t, y: y @ A, y0, t, per_sample=True, method=method, options=o)
+    c = neuralode.solve(lambda t, y: y @ A, y0, t, per_sample=True, method=method,
+                        options={**o, **C})
+    assert (e.ys - c.ys).abs().max() <= 1e-14
+    assert torch.equal(e.stats.n_accepted, c.stats.n_accepted)
