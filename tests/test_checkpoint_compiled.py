@@ -78,6 +78,13 @@ def test_equals_the_eager_replay_and_compiles_once_per_structure():
         # inside the step buffer's capacity
         assert cs.n_compiles == (1 if k == 0 else 0) and (cs.compile_s > 0) == (k == 0)
         assert cs.nfe == 6 * cs.steps + 1  # dopri5: 6 evaluations a step, f(t0, y0) once
+    # steps landing on step_t are plain steps: served by the same compiled sweep
+    y = y0.detach().requires_grad_(True)
+    kw = dict(rtol=1e-7, atol=1e-9, options={"step_t": torch.tensor([0.3, 1.7])})
+    eager, _ = grads(func, y, t, "checkpoint", **kw)
+    got, sol = grads(func, y, t, Checkpoint(compile=True), **kw)
+    assert sol.stats.extra["checkpoint"].compiled
+    assert_close(got, eager, 1e-12)
     assert len(compiled_driver.COMPILES) - before == 1
 
 

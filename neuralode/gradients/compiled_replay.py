@@ -15,7 +15,7 @@ h w_s g to stage s's (the chord y + theta (y1 - y): (1 - theta) g to y's, theta 
 Served: one problem solved by an explicit Runge–Kutta method (adaptive or on a fixed grid),
 ``func`` an ``nn.Module`` owning every parameter it is differentiated by, a real float32 or
 float64 state (tensor or tuple), every output and event state. Otherwise (a checkpoint
-budget, steps that end at a discontinuity of ``step_t``/``jump_t``, ``perturb``, complex or
+budget, steps that end at a discontinuity of ``jump_t``, ``perturb``, complex or
 half-precision states, other methods, per sample) the eager replay runs, announced by a
 ``CompileFallbackWarning``.
 
@@ -52,7 +52,7 @@ def fallback_reasons(tape, func, stepper) -> list[str]:
         ("perturb", tape.perturb),
         ("a complex or half-precision state",
          rhs.layout.complex_dtype is not None or rhs.user_dtype != rhs.dtype),
-        ("steps ending at a discontinuity (step_t/jump_t)",
+        ("steps ending at a discontinuity (jump_t)",
          any(r.left or r.toward or r.decision is not None for r in tape.steps)),
     )
     return [why for why, bad in checks if bad]
