@@ -178,3 +178,32 @@ def test_a_sweep_torch_compile_cannot_trace_falls_back_once_and_is_not_retried(m
         assert_close(got, ref, 1e-12)
         if k == 0:  # the failure is remembered: no second attempt to compile
             monkeypatch.setattr(compiled_replay, "compiled_function", None)
+
+
+def test_the_nn_blocks_take_it():
+    """``NeuralODE(..., gradient="checkpoint", options={"compile": True})`` (what the training
+    commands' --gradient checkpoint --compile build): the eager block's gradients."""
+    from neuralode.nn import CountedFunc, NeuralODE
+
+    class Tanh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(1)
+            self.lin = torch.nn.Linear(3, 3)
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.randn(3, 3, generator=g))
+                self.lin.bias.copy_(torch.randn(3, generator=g))
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y))
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0, 1, 4)
+    got = []
+    for options in (None, {"compile": True}):
+        f = Tanh()
+        block = NeuralODE(CountedFunc(f), gradient="checkpoint", options=options, rtol=1e-6,
+                          atol=1e-6)
+        block(x, t).pow(2).sum().backward()
+        got.append([p.grad for p in f.parameters()])
+    assert_close(got[1], got[0], 1e-5)
