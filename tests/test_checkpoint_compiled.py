@@ -207,3 +207,19 @@ def test_the_nn_blocks_take_it():
         block(x, t).pow(2).sum().backward()
         got.append([p.grad for p in f.parameters()])
     assert_close(got[1], got[0], 1e-5)
+
+
+def test_a_device_without_float64_times():
+    """On a device without float64 (MPS; forced here) the step times enter the compiled sweep
+    in float32, as every time tensor there: the gradient of the eager replay (whose stage
+    times are Python floats) to float32 rounding of the times."""
+    from neuralode.solvers.timekeeping import force_time_dtype
+
+    func = Field()
+    y0 = torch.tensor([1.0, -0.5], requires_grad=True)
+    t = torch.linspace(0, 2, 5)
+    eager, _ = grads(func, y0, t, "checkpoint", rtol=1e-5, atol=1e-6)
+    with force_time_dtype(torch.float32):
+        got, sol = grads(func, y0, t, Checkpoint(compile=True), rtol=1e-5, atol=1e-6)
+    assert sol.stats.extra["checkpoint"].compiled
+    assert_close(got, eager, 1e-5)

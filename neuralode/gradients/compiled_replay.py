@@ -38,6 +38,7 @@ from torch._higher_order_ops import while_loop
 from neuralode.parameters import module_names
 from neuralode.solvers.compiled import COMPILES, CompileFallbackWarning, compiled_function
 from neuralode.solvers.rk import RKStepper, _tensor_coefficients, dense_weights, graph_step
+from neuralode.solvers.timekeeping import time_dtype
 
 
 def fallback_reasons(tape, func, stepper) -> list[str]:
@@ -147,8 +148,9 @@ def reverse_compiled(tape, func, y0: torch.Tensor, grads: list, last: int, backe
     times[0, :N] = torch.tensor([r.t for r in steps], dtype=torch.float64)
     times[1, :N] = torch.tensor([r.t1 for r in steps], dtype=torch.float64)
     times[2, :N] = times[1, :N] - times[0, :N]  # h = t1 - t, as the eager replay's
-    # (three tensors, not views of one: a compiled loop's inputs may not alias)
-    T, T1, H = (v.to(device, copy=True) for v in times.unbind(0))
+    # (three tensors, not views of one: a compiled loop's inputs may not alias; in the time
+    # dtype of the device: float64 where it has it)
+    T, T1, H = (v.to(device, time_dtype(device), copy=True) for v in times.unbind(0))
     # the outputs' cotangents, per step that has outputs (row M: none)
     M = len(grads)
     slot = torch.full((cap,), M, dtype=torch.long)
