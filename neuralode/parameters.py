@@ -84,9 +84,6 @@ def find_params(func, given=None, *, probe: Callable[[], object] | None = None,
     return unique(p for p in params if p.requires_grad)
 
 
-__all__ = ["as_tensors", "find_params", "graph_leaves", "unique"]
-
-
 def module_names(func, params) -> tuple[str, ...] | None:
     """The names under which ``func``, an ``nn.Module``, owns each tensor of ``params`` (its
     parameters and buffers), for ``torch.func.functional_call``; None when func is not a
@@ -96,3 +93,17 @@ def module_names(func, params) -> tuple[str, ...] | None:
     own = {id(v): k for k, v in [*func.named_parameters(), *func.named_buffers()]}
     names = tuple(own.get(id(p)) for p in params)
     return None if any(n is None for n in names) else names  # type: ignore[return-value]
+
+
+def functional_flat(func, names: tuple[str, ...], layout) -> Callable:
+    """``func`` on the flat state with its own tensors ``names`` swapped for ``ps``:
+    ``(t, y_flat, ps) -> f flat`` (``torch.func.functional_call``; what a compiled function
+    can trace and differentiate with ``torch.func.vjp``)."""
+    def f(t, y, ps):
+        out = torch.func.functional_call(func, dict(zip(names, ps)), (t, layout.unflatten(y)))
+        return layout.flatten(out)
+    return f
+
+
+__all__ = ["as_tensors", "find_params", "functional_flat", "graph_leaves", "module_names",
+           "unique"]

@@ -39,7 +39,7 @@ from neuralode.compiled import one_as_batch, solve_compiled_one, wants_compile, 
 from neuralode.errors import ODEInputError
 from neuralode.gradients.adjoint_jacobian import AdjointJacobian
 from neuralode.gradients.backprop import Backprop
-from neuralode.parameters import as_tensors, find_params, module_names
+from neuralode.parameters import as_tensors, find_params, functional_flat, module_names
 from neuralode.per_sample import (
     PER_SAMPLE_OPTIONS,
     PerSampleSolution,
@@ -65,7 +65,7 @@ from neuralode.problem import (
 )
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import PerSampleStats, SolverStats, StateLayout
-from neuralode.solvers.compiled import CompileFailure, CompileFallbackWarning
+from neuralode.solvers.compiled import CompileFailure, CompileFallbackWarning, lru_get
 from neuralode.solvers.controllers import ErrorNorm
 from neuralode.solvers.loop import Stop
 from neuralode.solvers.registry import SOLVERS
@@ -399,23 +399,16 @@ def _compiled_system(func, params, layout: StateLayout) -> Callable | None:
     # (the parameters' ids too: a parameter replaced on the module is another system)
     key = (id(func), names, tuple(id(p) for p in params), tuple(map(tuple, layout.shapes)),
            layout.is_tuple, layout.complex_dtype)
-    if key not in _SYSTEMS:
-        _SYSTEMS[key] = _make_system(func, names, tuple(params), layout)
-        while len(_SYSTEMS) > MAX_SYSTEMS:
-            _SYSTEMS.popitem(last=False)
-    _SYSTEMS.move_to_end(key)
-    return _SYSTEMS[key]
+    return lru_get(_SYSTEMS, key, lambda: _make_system(func, names, tuple(params), layout),
+                   MAX_SYSTEMS)
 
 
 def _make_system(func, names, params, layout):
+    f_flat = functional_flat(func, names, layout)
+
     def system(t, state):
         y, a, _ = state
-
-        def f(yv, *ps):
-            out = torch.func.functional_call(func, dict(zip(names, ps)),
-                                             (t, layout.unflatten(yv)))
-            return layout.flatten(out)
-        out, vjp = torch.func.vjp(f, y, *params)
+        out, vjp = torch.func.vjp(lambda yv, *ps: f_flat(t, yv, ps), y, *params)
         grads = vjp(-a)
         dg = torch.cat([g.reshape(-1) for g in grads[1:]]) if params else y.new_zeros(0)
         return out, grads[0], dg

@@ -253,7 +253,7 @@ class _Tape:
     """Everything the backward pass needs to redo steps of one solve."""
 
     def __init__(self, rec: _Recorder, make_stepper, rhs: RHS, direction: float, perturb: bool,
-                 t0: float, params, budget, compile_backend=None):
+                 t0: float, params, budget):
         self.steps = rec.steps
         self.states = [s for s in rec.states if s is not None]
         self.carry0 = rec.carry0
@@ -264,7 +264,7 @@ class _Tape:
         self.t0 = t0
         self.params = params
         self.budget = budget
-        self.compile = compile_backend  # the compiled backward pass's backend, or None
+        self.compile: bool | str | None = None  # the compiled backward pass's backend
         self.stats = CheckpointStats(budget=budget, steps=len(rec.steps))
 
     def run(self, k0: int, k1: int, y, carry, graph: bool, slots: bool):
@@ -464,7 +464,7 @@ class _CheckpointFunction(torch.autograd.Function):
         if tape.budget is None:
             tape.stats.max_stored = len(states)
         if rev.last >= 0 and tape.compile is not None:
-            done = reverse_compiled(tape, tape.rhs.func, y0, list(grads), rev.last, tape.compile)
+            done = reverse_compiled(tape, y0, list(grads), rev.last, tape.compile)
         if done is not None:
             rev.a_y, rev.g_par = done
         elif rev.last >= 0:
@@ -566,7 +566,7 @@ def integrate_checkpointed(strategy: Checkpoint, p, y0: torch.Tensor, ts: list[f
     replay_rhs = RHS(rhs.func, rhs.layout, rhs.user_dtype, rhs.device, bstats)
     tape = _Tape(rec, make_stepper, replay_rhs, direction, perturb, ts[0], params, budget)
     if strategy.compile:
-        reasons = fallback_reasons(tape, func, stepper)
+        reasons = fallback_reasons(tape, stepper)
         if reasons:
             warn_fallback(reasons)
         else:

@@ -35,13 +35,18 @@ from collections import OrderedDict
 import torch
 from torch._higher_order_ops import while_loop
 
-from neuralode.parameters import module_names
-from neuralode.solvers.compiled import COMPILES, CompileFallbackWarning, compiled_function
+from neuralode.parameters import functional_flat, module_names
+from neuralode.solvers.compiled import (
+    COMPILES,
+    CompileFallbackWarning,
+    compiled_function,
+    lru_get,
+)
 from neuralode.solvers.rk import RKStepper, _tensor_coefficients, dense_weights, graph_step
 from neuralode.solvers.timekeeping import time_dtype
 
 
-def fallback_reasons(tape, func, stepper) -> list[str]:
+def fallback_reasons(tape, stepper) -> list[str]:
     """Why the compiled backward pass cannot serve this recorded solve (empty: it can)."""
     rhs = tape.rhs
     checks = (
@@ -49,7 +54,7 @@ def fallback_reasons(tape, func, stepper) -> list[str]:
          tape.budget is not None),
         ("a method other than an explicit Runge-Kutta one", type(stepper) is not RKStepper),
         ("func is not an nn.Module owning every parameter",
-         module_names(func, tape.params) is None),
+         module_names(rhs.func, tape.params) is None),
         ("perturb", tape.perturb),
         ("a complex or half-precision state",
          rhs.layout.complex_dtype is not None or rhs.user_dtype != rhs.dtype),
@@ -69,7 +74,7 @@ def warn_fallback(reasons: list[str], stacklevel: int = 4) -> None:
 # training loop would otherwise pay the failed tracing at every backward pass)
 _FAILED: dict = {}
 # (id(func), structure) -> the step as a function of (y, f0, t, t1, h, params); each entry
-# keeps its func alive (so its id is not reused), at most MAX_STEPS of them
+# keeps its func alive through its closure (so its id is not reused), at most MAX_STEPS
 _STEPS: OrderedDict = OrderedDict()
 MAX_STEPS = 64
 
@@ -77,22 +82,17 @@ MAX_STEPS = 64
 def _step_function(func, names, params, layout, stepper: RKStepper, dtype):
     key = (id(func), names, tuple(id(p) for p in params), tuple(map(tuple, layout.shapes)),
            layout.is_tuple, stepper.tab.name, dtype)
-    if key not in _STEPS:
-        _STEPS[key] = (func, _make_step(func, names, layout, stepper, dtype))
-        while len(_STEPS) > MAX_STEPS:
-            _STEPS.popitem(last=False)
-    _STEPS.move_to_end(key)
-    return _STEPS[key][1]
+    return lru_get(_STEPS, key, lambda: _make_step(func, names, layout, stepper, dtype),
+                   MAX_STEPS)
 
 
 def _make_step(func, names, layout, st: RKStepper, dtype):
     s_ext = st.s_ext
+    f_flat = functional_flat(func, names, layout)
 
     def step(y, f0, t, t1, h, ps):
         def call(ti, yi):
-            out = torch.func.functional_call(func, dict(zip(names, ps)),
-                                             (ti.to(dtype), layout.unflatten(yi)))
-            return layout.flatten(out)
+            return f_flat(ti.to(dtype), yi, ps)
         y1, ks = graph_step(st, y, f0, t, h, call)
         if not st.fsal:  # f(t1, y1): the next step's first stage and the extended stage
             ks = ks + [call(t1, y1)]
@@ -126,7 +126,7 @@ def _sweep(step, Y, F, T, T1, H, slot, G1, GY, GK, n_steps, a_y, a_f, params):
     return out[1], out[2], tuple(out[3:])
 
 
-def reverse_compiled(tape, func, y0: torch.Tensor, grads: list, last: int, backend):
+def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
     """The adjoints (of y0, of each parameter) of the outputs' gradients ``grads`` through
     steps 0..last, or None (with a ``CompileFallbackWarning``) when torch.compile cannot
     capture the sweep: the caller replays eagerly."""
@@ -134,6 +134,7 @@ def reverse_compiled(tape, func, y0: torch.Tensor, grads: list, last: int, backe
     N = len(steps)
     st: RKStepper = tape.make_stepper()
     rhs, params = tape.rhs, tuple(tape.params)
+    func = rhs.func
     names = module_names(func, params)
     n, dtype, device = y0.numel(), y0.dtype, y0.device
     cap = max(16, 1 << (N - 1).bit_length())

@@ -115,6 +115,18 @@ class CompileFailure(RuntimeError):
     ``jumps``): the caller solves eagerly its own way."""
 
 
+def lru_get(cache: OrderedDict, key, make, limit: int = 64):
+    """``cache[key]``, made by ``make()`` when absent; past ``limit`` entries the least
+    recently used is dropped (the compiled loops, the adjoint's backward systems, the
+    checkpoint sweep's step functions: each keeps what its key's ids refer to alive)."""
+    if key not in cache:
+        cache[key] = make()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 _LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its compiled copy
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
@@ -125,16 +137,12 @@ def compiled_function(fn, backend: str, structure: tuple):
     compilations per code object, checks them in turn on every call and stops compiling
     past a few (8 in torch 2.13), so one shared code object would slow down, then fall back
     to running uncompiled, as a process meets more structures."""
-    key = (fn, backend, structure)
-    if key not in _LOOPS:
+    def make():
         copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                   fn.__defaults__, fn.__closure__)
-        _LOOPS[key] = torch.compile(copy, fullgraph=True, dynamic=False,
-                                    backend=_counting_backend(backend))
-        while len(_LOOPS) > MAX_LOOPS:
-            _LOOPS.popitem(last=False)
-    _LOOPS.move_to_end(key)
-    return _LOOPS[key]
+        return torch.compile(copy, fullgraph=True, dynamic=False,
+                             backend=_counting_backend(backend))
+    return lru_get(_LOOPS, (fn, backend, structure), make, MAX_LOOPS)
 
 
 class _Spec:
@@ -455,4 +463,4 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
 
 
 __all__ = ["COMPILES", "CompileFailure", "CompileFallbackWarning", "compiled_function",
-           "integrate_compiled"]
+           "integrate_compiled", "lru_get"]
