@@ -12,7 +12,8 @@ cost of one f is f plus its backward; for the adjoint it is forward NFE x f + ba
       adjoint                                                  (solver_overhead.py problem b)
   (c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, forward (problem c)
   (d) every fixed-grid method on the MLP of (b) (step 0.05 on [0, 1], no autograd) against a
-      hand-written loop doing the same arithmetic; ratio = time / hand-written loop's time
+      hand-written loop doing the same arithmetic; ratio = time / hand-written loop's time;
+      the Adams methods at max_order 4 (AB4 and the AM4 corrector, as the hand loop)
   (e) events: the bouncing ball (gravity, event when the height reaches the radius,
       restitution 0.8), time and NFE per bounce, neuralode vs torchdiffeq; skipped for a
       neuralode without ``odeint_event``
@@ -295,7 +296,10 @@ def hand_loop(method, f, y0, t0, t1, h, rtol=1e-7, atol=1e-9):
 
 
 def _fixed_solve(odeint, method, y0, t, h, func):
-    return odeint(func, y0, t, method=method, options={"step_size": h})[-1]
+    # the Adams methods at order 4, the hand loop's (AB4, AM4 corrector) and the baseline's
+    # only order; neuralode and torchdiffeq default to 12 for implicit_adams
+    adams = {"max_order": 4} if method.endswith("_adams") else {}
+    return odeint(func, y0, t, method=method, options={"step_size": h, **adams})[-1]
 
 
 def _hand_solve(method, y0, h, func):

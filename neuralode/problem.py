@@ -9,6 +9,7 @@ a per-sample batch (``batch=True``: a leading batch dimension B, times (T,) or (
 
 from __future__ import annotations
 
+import cmath
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +39,15 @@ def check_func(func) -> None:
                             f"{type(func).__name__}")
 
 
+def all_finite(v: torch.Tensor) -> bool:
+    """No nan or inf in ``v``. A finite sum settles it in one reduction (nan and inf reach
+    the sum); only a sum that overflowed is checked element by element."""
+    s = v.sum().item()
+    if cmath.isfinite(s):
+        return True
+    return bool(torch.isfinite(v).all())
+
+
 def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
     """The tensors of ``y0`` (a tensor or a tuple of them) and whether it is a tuple.
     ``batch``: every tensor has a leading batch dimension, the same B >= 1 for all."""
@@ -62,7 +72,7 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
         if batch and (v.dim() < 1 or v.shape[0] == 0):
             raise ODEInputError(f"per_sample=True: {name} must have a leading batch dimension "
                                 f"(B, ...) with B >= 1, got shape {tuple(v.shape)}")
-        if v.numel() and not bool(torch.isfinite(v).all()):
+        if v.numel() and not all_finite(v):
             raise ODEInputError(f"{name} contains non-finite values (nan or inf)")
     if is_tuple:
         d0, dev0 = items[0].dtype, items[0].device

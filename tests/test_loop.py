@@ -652,3 +652,31 @@ def test_adjoint_with_a_jump_at_an_output_time():
     xs.sum().backward()
     exact = 1.0 + math.exp(-0.25) + math.exp(-0.25 - 1.0)
     assert abs(x0.grad.item() - exact) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "tsit5"])
+def test_float32_fsal_step_end_is_summed_once(method):
+    # an FSAL method's last stage is evaluated at y1 itself: in float32 that state is
+    # y + h * (K^T a), the stage sum formed first and added once (as every method's y1), not
+    # one rounding into y per stage
+    from neuralode.solvers.rk import RKStepper
+    from neuralode.solvers.tableau import TABLEAUX
+
+    torch.manual_seed(0)
+    A = torch.randn(256, 256) / 16
+
+    class Rhs:
+        @staticmethod
+        def call(t, y):
+            return torch.tanh(A @ y) * 1e3
+
+    st = RKStepper(TABLEAUX[method])
+    y = torch.randn(256) * 1e3
+    st.start(Rhs, y, Rhs.call(0.0, y), False)
+    h = 0.0123
+    y1 = st.step(0.0, y, h)
+    s = st.s
+    once = torch.add(y, torch.mv(st.K[: s - 1].t(), st.a_rows[s - 1]), alpha=h)
+    assert torch.equal(y1, once)
+    fused = torch.addmv(y, st.K[: s - 1].t(), st.a_rows[s - 1], alpha=h)
+    assert not torch.equal(fused, once)  # the test can tell the two sums apart

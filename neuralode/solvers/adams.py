@@ -106,16 +106,19 @@ class AdamsStepper:
         self.f1 = None
         self.fresh = False
         self.warned = False
+        self.rk_started = False
 
     def step(self, t, y, h, left_end=None):
         self.t, self.h, self.f1 = t, h, None
         t1 = t + h
         hist_t, hist_f = self.hist_t + [t], self.hist_f + [self.f0]
         if len(hist_t) < min(_RK_START, self.max_order):
-            self.rk.start(self.rhs, y, self.f0, self.graph)
-            y1 = self.rk.step(t, y, h, left_end)
-            if not self.graph:
-                y1 = y1.clone()  # the RK buffer is reused
+            if self.rk_started:
+                self.rk.advance(self.f0)  # the start-up steps share one stage buffer
+            else:
+                self.rk.start(self.rhs, y, self.f0, self.graph)
+                self.rk_started = True
+            y1 = self.rk.step(t, y, h, left_end)  # a new tensor (RK4_38 is not FSAL)
         else:
             k = min(len(hist_t), self.max_order)
             w = _weights(hist_t[-k:], t, h)

@@ -259,7 +259,7 @@ class RHS:
         cast = udt != cdt
         shapes = layout.shapes
         check = self._check
-        full = torch.full
+        scalar = torch.scalar_tensor  # a 0-d time tensor (faster than torch.full)
         if layout.complex_dtype is not None:  # complex func on the real flat state
             sdt = self.state_dtype
 
@@ -272,7 +272,7 @@ class RHS:
                 return layout.flatten(out)
 
             def call(t, y):
-                return call_at(full((), t, dtype=cdt, device=device), y)
+                return call_at(scalar(t, dtype=cdt, device=device), y)
             return call_at, call
         if not layout.is_tuple and tuple(shapes[0]) == (layout.n,) and not cast:
             shape = shapes[0]
@@ -286,7 +286,7 @@ class RHS:
 
             def call(t, y):
                 stats.nfe += 1
-                tt = full((), t, dtype=cdt, device=device)
+                tt = scalar(t, dtype=cdt, device=device)
                 out = func(tt, y)
                 if not self._checked or out.shape != shape or out.dtype != udt:
                     check(out, tt)
@@ -304,7 +304,7 @@ class RHS:
 
             def call(t, y):
                 stats.nfe += 1
-                tt = full((), t, dtype=cdt, device=device)
+                tt = scalar(t, dtype=cdt, device=device)
                 out = func(tt, y.view(shape))
                 if not self._checked or out.shape != shape or out.dtype != udt:
                     check(out, tt)
@@ -328,12 +328,12 @@ class RHS:
                 return flat.to(cdt) if cast else flat
 
         def call(t, y):
-            return call_at(full((), t, dtype=cdt, device=device), y)
+            return call_at(scalar(t, dtype=cdt, device=device), y)
         return call_at, call
 
     # -- times handed to func -----------------------------------------------------------
     def time(self, t: float) -> torch.Tensor:
-        return torch.full((), t, dtype=self.dtype, device=self.device)
+        return torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
 
     def toward(self, t: float, toward: float) -> torch.Tensor:
         """The time-tensor value (in the state's dtype) nearest to t strictly on the side of

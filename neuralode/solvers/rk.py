@@ -216,7 +216,7 @@ class RKStepper:
             self.ks = None
             return
         self._buffer(torch.empty(self.s_ext, *y0.shape, dtype=y0.dtype, device=y0.device))
-        self.K[0].copy_(f0)
+        self.k0.copy_(f0)
 
     def _buffer(self, K: torch.Tensor) -> None:
         """The stage buffer (s_ext, *state shape) and the views the step works on."""
@@ -229,12 +229,15 @@ class RKStepper:
         # (one nonzero weight, as Euler's or the midpoint rule's, is one rounding anyway)
         precise = K.dtype != torch.float64 and len(self.b_nz) > 1
         self.addmv = _mv_then_add if precise else torch.addmv
-        self.last_stage = K[self.s - 1] if self.fsal else None  # its state is y1
         # transposed views K[:i]^T, made once; addmv(y, K[:i]^T, a_i) = y + K[:i]^T a_i
-        self.KT = [K2[:i].t() for i in range(self.s_ext + 1)]
-        self.stage_plan = [(self.KT[i], self.a_rows[i], self.c[i], K[i])
+        self.KT = [K2[:i].t() for i in range(self.s + 1)]
+        # per stage: how its state is summed (FSAL: the last stage's state is y1), the
+        # views, c_i, and where its derivative goes
+        self.stage_plan = [(self.addmv if self.fsal and i == self.s - 1 else torch.addmv,
+                            self.KT[i], self.a_rows[i], self.c[i], K[i])
                            for i in range(1, self.s)]
         self.f1 = K[self.s - 1] if self.fsal else None  # FSAL: f(t1, y1) is the last stage
+        self.k0 = K[0]  # the first stage, written by ``advance``
         self.ext_filled = self.fsal
 
     def take(self, idx) -> None:
@@ -256,17 +259,16 @@ class RKStepper:
             return y1
         if self.batch:
             return self._step_rows(t, y, h)
-        addmv, last = torch.addmv, self.last_stage
         yi = y
         if left_end is None:
             call = self.rhs.call
-            for kt, a, c, k in self.stage_plan:
-                yi = (addmv if k is not last else self.addmv)(y, kt, a, alpha=h)
+            for add, kt, a, c, k in self.stage_plan:
+                yi = add(y, kt, a, alpha=h)
                 k.copy_(call(t + c * h, yi))
         else:
             call_at = self.rhs.call_at
-            for kt, a, c, k in self.stage_plan:
-                yi = (addmv if k is not last else self.addmv)(y, kt, a, alpha=h)
+            for add, kt, a, c, k in self.stage_plan:
+                yi = add(y, kt, a, alpha=h)
                 k.copy_(call_at(left_end(t + c * h), yi))
         if not self.fsal:
             yi = self.addmv(y, self.KT[self.s], self.b, alpha=h)
@@ -278,7 +280,7 @@ class RKStepper:
         hc = column(h, y)
         call, shape = self.rhs.call, y.shape
         yi = y
-        for kt, a, c, k in self.stage_plan:
+        for _, kt, a, c, k in self.stage_plan:
             yi = torch.addcmul(y, hc, torch.mv(kt, a).view(shape))
             k.copy_(call(t + c * h, yi))
         if not self.fsal:
@@ -385,7 +387,8 @@ class RKStepper:
             self.f0 = new if accept is None else torch.where(accept[:, None], new, self.f0)
             return
         new = f_next if f_next is not None else self.f1
-        self.K[0].copy_(new if accept is None else torch.where(accept[:, None], new, self.K[0]))
+        k0 = self.k0
+        k0.copy_(new if accept is None else torch.where(accept[:, None], new, k0))
 
     # -- checkpointing (neuralode.checkpoint) ---------------------------------------------
     def carry(self) -> tuple[list[torch.Tensor], object]:
