@@ -745,6 +745,8 @@ class _AdjointRHS:
         f, da, _ = adjoint_derivatives(lambda y: self.frhs.call(t, y), z[:, :n], z[:, n:], ())
         return torch.cat([f, da], 1)
 
+    at = call  # (``RHS.at``: per sample, every time is a (B,) tensor)
+
 
 class _ParamQuadrature:
     """sum over samples of int a^T df/dtheta dt, by each accepted step's own RK weights

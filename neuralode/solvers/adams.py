@@ -160,8 +160,7 @@ class AdamsStepper:
 
     def end_derivative(self, t1_time, y1):
         if self.f1 is None:
-            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float)
-                       else self.rhs.call_at(t1_time, y1))
+            self.f1 = self.rhs.at(t1_time, y1)
         return self.f1
 
     def prepare_interp(self, t1_time, y1) -> None:

@@ -331,6 +331,11 @@ class RHS:
             return call_at(scalar(t, dtype=cdt, device=device), y)
         return call_at, call
 
+    def at(self, t, y):
+        """f at a float time (per sample: at (B,) times) or at a time tensor (a one-sided
+        limit at a discontinuity, see ``left_limit``)."""
+        return self.call(t, y) if self.batch or isinstance(t, float) else self.call_at(t, y)
+
     # -- times handed to func -----------------------------------------------------------
     def time(self, t: float) -> torch.Tensor:
         return torch.scalar_tensor(t, dtype=self.dtype, device=self.device)

@@ -43,6 +43,7 @@ tableau's weights from f at the converged stages.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,6 +74,7 @@ from neuralode.solvers.methods import (
     _positive_int,
 )
 from neuralode.solvers.rk import ChordSegment, chord
+from neuralode.solvers.tableau import RungeKuttaCoefficients
 from neuralode.solvers.timekeeping import time_dtype
 
 # a Newton contraction rate above this re-evaluates J at the next step: RADAU5's THET and
@@ -87,39 +89,21 @@ REFACTOR = 0.2  # |h / h_factorised - 1| above this refactorises the Newton matr
 # Tableaux
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
-class ImplicitTableau:
-    """An implicit Runge–Kutta tableau (float64 numpy arrays). ``b_err = b - b_hat`` for an
-    embedded pair (error estimate h sum_i b_err_i k_i)."""
+class ImplicitTableau(RungeKuttaCoefficients):
+    """An implicit Runge–Kutta tableau."""
 
-    name: str
-    order: int
-    a: np.ndarray  # (s, s)
-    b: np.ndarray
-    c: np.ndarray
-    b_err: np.ndarray | None = None
-    error_order: int | None = None
     stiff_decay: str = ""  # "L-stable", "A-stable", ...
     diagonal: bool = field(init=False)  # lower triangular: stage by stage
     explicit_first: bool = field(init=False)  # first stage is f(t, y)
     stiffly_accurate: bool = field(init=False)  # b is A's last row and c_s = 1: y1 = Y_s
 
     def __post_init__(self):
-        s = len(self.b)
-        if self.a.shape != (s, s) or self.c.shape != (s,):
-            raise ValueError(f"tableau {self.name}: inconsistent shapes")
+        super().__post_init__()
         object.__setattr__(self, "diagonal", bool(np.all(np.triu(self.a, 1) == 0)))
         object.__setattr__(self, "explicit_first",
                            bool(self.c[0] == 0 and np.all(self.a[0] == 0)))
         object.__setattr__(self, "stiffly_accurate",
                            bool(self.c[-1] == 1.0 and np.array_equal(self.a[-1], self.b)))
-
-    @property
-    def stages(self) -> int:
-        return len(self.b)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.b_err is not None
 
 
 def _tab(name, order, a, b, c, **kw) -> ImplicitTableau:
@@ -424,6 +408,16 @@ class ImplicitRKStepper:
         """The head components of v (..., n) (v itself, no view, where head = n)."""
         return v if self.head == self.n else v[..., : self.head]
 
+    # -- a diagonally implicit stage: z = base + h g f(t_i, y + z), k_i = (z - base) / (h g) --
+    def _stage_base(self, i: int, Kh, hc):
+        """h sum_{j<i} a_ij k_j over the head components (``Kh``: the earlier stages' heads,
+        stacked (i, ..., head)); 0.0 for the first stage."""
+        return hc * _mix(self.A[i, :i], Kh) if i else 0.0
+
+    def _stage_residual(self, y, ti, base, hg) -> Callable:
+        """z -> z - base - h g f(t_i, y + z): the stage equation's residual (head)."""
+        return lambda z: z - base - hg * self._head(self._f(ti, self._full(y, z)))
+
     def _stage_f(self, times, y, Z) -> torch.Tensor:
         """f at every stage y + Z_i (head components), stacked: (s, ..., head)."""
         return torch.stack([self._head(self._f(times[i], self._full(y, Z[i])))
@@ -556,17 +550,15 @@ class ImplicitRKStepper:
         if self.tab.diagonal:
             for i in range(s):
                 gi = float(self.a[i, i])
-                base = hc * _mix(self.A[i, :i], self._head(K[:i])) if i else 0.0
+                base = self._stage_base(i, self._head(K[:i]), hc)
                 if gi == 0.0:  # explicit stage (the first one of an ESDIRK / trapezoid)
                     K[i] = f0 if i == 0 else f(times[i], self._full(y, base))
                     Z[i] = base
                     continue
                 hg = column(h * gi, y)
-
-                def residual(z, ti=times[i], base=base, hg=hg):
-                    return z - base - hg * self._head(f(ti, self._full(y, z)))
                 prev = self._head(K[i - 1] if i else f0)
-                z = converge(residual, base + hg * prev, gi, scale, f"at stage {i + 1} of {s}")
+                z = converge(self._stage_residual(y, times[i], base, hg), base + hg * prev, gi,
+                             scale, f"at stage {i + 1} of {s}")
                 if z is None:
                     return job.result
                 Z[i] = z
@@ -599,17 +591,17 @@ class ImplicitRKStepper:
                            self._full(yd, Z[i]))
                   for i in range(s)]
         hc = column(h, y)  # per sample: each row's own h (0 for a finished row)
-        if self.tab.diagonal:
-            Kg = []
+        if self.tab.diagonal:  # (graphs are for the head = n problems: no quadrature)
+            Kg: list[torch.Tensor] = []
             for i in range(s):
                 gi = float(self.a[i, i])
-                base = add_rows(Kg, self.a[i, :i], hc)
+                base = self._stage_base(i, torch.stack(Kg) if i else None, hc)
                 if gi == 0.0:
                     Kg.append(self.f0 if i == 0 else f(times[i], self._full(y, base)))
                     continue
                 hg = hc * gi
                 zs = Z[i]
-                r = zs - base - hg * self._head(f(times[i], self._full(y, zs)))
+                r = self._stage_residual(y, times[i], base, hg)(zs)
                 Mi = StageMatrix([Js[i]], hg, torch.ones(1, 1, dtype=y.dtype), self.gmres_rtol)
                 z = zs - Mi.solve(r.unsqueeze(0))[0]
                 Kg.append((z - base) / divisor(hg))
@@ -632,8 +624,7 @@ class ImplicitRKStepper:
         if self.fsal:
             self.f1 = self.K[self.s - 1]
         else:
-            self.f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float) or self.batch
-                       else self.rhs.call_at(t1_time, y1))
+            self.f1 = self.rhs.at(t1_time, y1)
         self.f1_known = True
         return self.f1
 
@@ -774,16 +765,6 @@ class _Rows(_OneProblem):
             st.K, st.Z = K, Z
         else:
             st.K, st.Z = torch.where(keep, K, st.K), torch.where(keep, Z, st.Z)
-
-
-def add_rows(Ks: list, coeffs, h: float):
-    """h * sum_j coeffs_j K_j over the available rows (out of place)."""
-    out = None
-    for j, c in enumerate(coeffs):
-        if c != 0.0:
-            term = Ks[j] * (h * float(c))
-            out = term if out is None else out + term
-    return out if out is not None else torch.zeros_like(Ks[0]) if Ks else 0.0
 
 
 # ----------------------------------------------------------------------------------------

@@ -311,8 +311,7 @@ class RKStepper:
         tensor (a left limit at a discontinuity), or per sample the (B,) float64 times."""
         if self.f1_known:
             return self.ks[self.s_ext - 1] if self.graph else self.f1
-        f1 = (self.rhs.call(t1_time, y1) if isinstance(t1_time, float) or self.batch
-              else self.rhs.call_at(t1_time, y1))
+        f1 = self.rhs.at(t1_time, y1)
         self.f1_known = True
         if self.graph:
             self.ks = self.ks + [f1]

@@ -27,31 +27,22 @@ import numpy as np
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity (one object per method)
-class ButcherTableau:
-    """Coefficients of an explicit Runge–Kutta method (float64 numpy arrays)."""
+class RungeKuttaCoefficients:
+    """What every Runge–Kutta tableau has (float64 numpy arrays); ``b_err = b - b_hat`` for
+    an embedded pair (error estimate h sum_i b_err_i k_i)."""
 
     name: str
     order: int  # order of the propagated solution
-    a: np.ndarray  # (s, s) strictly lower triangular
+    a: np.ndarray  # (s, s)
     b: np.ndarray  # (s,)
     c: np.ndarray  # (s,)
     b_err: np.ndarray | None = None  # (s,) b - b_hat; None for fixed-step methods
     error_order: int | None = None  # order of the embedded solution
-    dense: np.ndarray | None = None  # (s_ext, degree); filled by __post_init__ if None
-    dense_name: str = "hermite"
-    fsal: bool = field(init=False)
 
     def __post_init__(self):
         s = len(self.b)
         if self.a.shape != (s, s) or self.c.shape != (s,):
             raise ValueError(f"tableau {self.name}: inconsistent shapes")
-        # FSAL: the last stage is evaluated at (t + h, y1).
-        fsal = bool(
-            s > 1 and self.c[-1] == 1.0 and np.allclose(self.a[-1], self.b, atol=0, rtol=0)
-        )
-        object.__setattr__(self, "fsal", fsal)
-        if self.dense is None:
-            object.__setattr__(self, "dense", hermite_dense(self.b, fsal))
 
     @property
     def stages(self) -> int:
@@ -60,6 +51,24 @@ class ButcherTableau:
     @property
     def adaptive(self) -> bool:
         return self.b_err is not None
+
+
+@dataclass(frozen=True, eq=False)
+class ButcherTableau(RungeKuttaCoefficients):
+    """Coefficients of an explicit Runge–Kutta method (``a`` strictly lower triangular)."""
+
+    dense: np.ndarray | None = None  # (s_ext, degree); filled by __post_init__ if None
+    dense_name: str = "hermite"
+    fsal: bool = field(init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        # FSAL: the last stage is evaluated at (t + h, y1).
+        fsal = bool(len(self.b) > 1 and self.c[-1] == 1.0
+                    and np.allclose(self.a[-1], self.b, atol=0, rtol=0))
+        object.__setattr__(self, "fsal", fsal)
+        if self.dense is None:
+            object.__setattr__(self, "dense", hermite_dense(self.b, fsal))
 
 
 def _arr(rows, n=None) -> np.ndarray:
