@@ -68,11 +68,11 @@ def one_as_batch(func: Callable, is_tuple: bool) -> Callable:
             if not isinstance(out, (tuple, list)):
                 return out  # the shape check reports it
             return tuple(v.unsqueeze(0) for v in out)
-        return batch_func
-
-    def batch_func(t, y):
-        out = func(t[0] if t.dim() else t, y[0])
-        return out.unsqueeze(0) if isinstance(out, torch.Tensor) else out
+    else:
+        def batch_func(t, y):
+            out = func(t[0] if t.dim() else t, y[0])
+            return out.unsqueeze(0) if isinstance(out, torch.Tensor) else out
+    batch_func.__wrapped__ = func  # type: ignore[attr-defined]  # (the compiled loop's key)
     return batch_func
 
 

@@ -102,7 +102,7 @@ def test_a_large_state_travels_unstacked_and_equals_eager():
     assert (e.ys - c.ys).abs().max() <= 1e-13
 
 
-def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning():
+def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning(monkeypatch):
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
 
     def f(t, y):
@@ -113,6 +113,19 @@ def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning():
         c = neuralode.solve(f, y0, t, per_sample=True, options=C)
     e = neuralode.solve(f, y0, t, per_sample=True)
     assert torch.equal(c.ys, e.ys) and c.stats.n_compiles == 0
+    # the structure that failed is not traced again (a training loop would pay it per call)
+    tried = []
+    real = compiled_driver.compiled_function
+    monkeypatch.setattr(compiled_driver, "compiled_function",
+                        lambda *a: tried.append(a) or real(*a))
+    with pytest.warns(compiled_driver.CompileFallbackWarning, match="solved eagerly"):
+        c = neuralode.solve(f, y0 * 2, t, per_sample=True, options=C)
+    assert not tried and torch.equal(c.ys, neuralode.solve(f, y0 * 2, t, per_sample=True).ys)
+
+    def g(t, y):  # another func of the same shapes is compiled
+        return torch.stack([-0.1 * y[:, 0] + 2.0 * y[:, 1], -2.0 * y[:, 0] - 0.1 * y[:, 1]], 1)
+    c = neuralode.solve(g, y0, t, per_sample=True, options=C)
+    assert tried and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-12)
 
 
 def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():

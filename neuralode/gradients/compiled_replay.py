@@ -38,6 +38,7 @@ from torch._higher_order_ops import while_loop
 from neuralode.parameters import functional_flat, module_names
 from neuralode.solvers.compiled import (
     COMPILES,
+    FAILED,
     CompileFallbackWarning,
     compiled_function,
     lru_get,
@@ -70,9 +71,6 @@ def warn_fallback(reasons: list[str], stacklevel: int = 4) -> None:
                   CompileFallbackWarning, stacklevel=stacklevel)
 
 
-# structures torch.compile failed on: (backend, structure) -> why (not tried again: a
-# training loop would otherwise pay the failed tracing at every backward pass)
-_FAILED: dict = {}
 # (id(func), structure) -> the step as a function of (y, f0, t, t1, h, params); each entry
 # keeps its func alive through its closure (so its id is not reused), at most MAX_STEPS
 _STEPS: OrderedDict = OrderedDict()
@@ -181,9 +179,8 @@ def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
     structure = (cap, n, M, dtype, str(device), st.tab.name, st.linear, names,
                  tuple(tuple(p.shape) for p in params), getattr(func, "__code__", type(func)))
     backend = backend if isinstance(backend, str) else "inductor"
-    if (backend, structure) in _FAILED:
-        reason = _FAILED[(backend, structure)]
-    else:
+    reason = FAILED.get((_sweep, backend, structure), "")
+    if not reason:
         sweep = compiled_function(_sweep, backend, structure)
         before, start = len(COMPILES), time.perf_counter()
         try:
@@ -195,7 +192,7 @@ def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
         except Exception as e:  # (dynamo's internal errors are not all of its own exception
             # class; an error of func itself shows again in the eager replay)
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            _FAILED[(backend, structure)] = reason
+            FAILED[(_sweep, backend, structure)] = reason
     if reason:
         warnings.warn(f"gradient='checkpoint': the compiled backward pass could not be "
                       f"compiled ({reason}); its steps are replayed eagerly",

@@ -9,7 +9,9 @@ synchronisation between the first step and the last. The attempt is the same cod
 eager driver's (``batched.BatchStep``: the stepper's ``step``, the controller's ``propose``
 and ``judge``, the per-row bookkeeping); what is this module's own is how their state is
 carried through the loop (as tensors, since a compiled loop body cannot change objects that
-live outside it) and how outputs are written without a host-side count.
+live outside it) and how outputs are written without a host-side count. The first step
+(Hairer's estimate, one more evaluation of f) is computed in the graph too, before the loop:
+as eager operations it cost as much as a quarter of a small problem's solve.
 
 Outputs: after each accepted step its output times are interpolated on that step, at most
 ``window`` of them per row and iteration; a row with more output times in one step than the
@@ -26,7 +28,9 @@ Rosenbrock methods (their Newton iterations and Jacobian reuse branch on the hos
 Compilation: the loop is compiled once per structure (method, controller settings, state
 shape and dtype, number of output times, ``func``'s code); the tolerances (scalar ``rtol``/
 ``atol``), the output times, ``y0`` and ``func``'s parameters enter as tensors, so changing
-them does not recompile. ``COMPILES`` counts the compilations of this process.
+them does not recompile. ``COMPILES`` counts the compilations of this process; a structure
+that torch.compile could not capture is remembered (``FAILED``) and solved eagerly, with the
+warning, without tracing it again.
 """
 
 from __future__ import annotations
@@ -127,6 +131,9 @@ def lru_get(cache: OrderedDict, key, make, limit: int = 64):
     return cache[key]
 
 
+# (function, backend, structure) -> why torch.compile failed on it: not tried again (a
+# training loop would otherwise pay the failed tracing at every call)
+FAILED: dict = {}
 _LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its compiled copy
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
@@ -232,6 +239,16 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
 
     def same_f(landed, t, y, f0):
         return f0.clone()
+
+    if adaptive:  # the first step (Hairer's estimate: one more evaluation of f)
+        c = _unpack(carry[1:], groups)
+        ctl = _fork(ctl0, **extra)
+        h = ctl.first_step(stepper0.rhs.call, c["t"], c["y"], c["f0"], dirn)
+        c["h"] = h
+        c["status"] = torch.where((c["status"] == _RUNNING) & ~torch.isfinite(h),
+                                  CODE[STEP_SIZE], c["status"])
+        c.update({"hist_" + n: getattr(ctl, n) for n in names})
+        carry = (carry[0], *_pack(c, groups))
 
     def body(out, *packs):
         c = _unpack(packs, groups)
@@ -348,10 +365,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
     # products would each be a kernel of their own
     stepper.start(rhs, y0, f0, True)
-    if controller.adaptive:
-        h = controller.first_step(rhs.call, t, y0, f0, dirn)
-        status = torch.where((status == _RUNNING) & ~torch.isfinite(h), CODE[STEP_SIZE],
-                             status)
+    if controller.adaptive:  # the first step and the history: in the graph (``_loop``)
+        h = torch.full((B,), math.nan, dtype=torch.float64, device=device)
+        controller.absy = y0.detach()
     else:
         h = controller.point(torch.ones(B, dtype=torch.long, device=device)) - t
     names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()
@@ -405,20 +421,24 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
                     for v in tolerances)
     func = getattr(rhs, "func", None)
+    func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
                  window, groups, stiffness is not None, tol is None, jumps is not None,
                  getattr(func, "__code__", type(func)))
-    loop = compiled_function(_loop, backend, structure)
     before, start = len(COMPILES), time.perf_counter()
-    rhs.counting = False
-    try:
-        # (autograd inside func, as a CNF's divergence: traced into the graph)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            res = loop(spec, ts, key, t_end, dirn, tol, carry, jumps)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        res, reason = None, " ".join(str(e).split())[:400]
-    finally:
-        rhs.counting = True
+    res, reason = None, FAILED.get((_loop, backend, structure), "")
+    if not reason:
+        loop = compiled_function(_loop, backend, structure)
+        rhs.counting = False
+        try:
+            # (autograd inside func, as a CNF's divergence: traced into the graph)
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                res = loop(spec, ts, key, t_end, dirn, tol, carry, jumps)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            reason = " ".join(str(e).split())[:400]
+            FAILED[(_loop, backend, structure)] = reason
+        finally:
+            rhs.counting = True
     if res is None and jumps is not None:  # (the eager driver has no jumps: the caller's)
         raise CompileFailure(reason)
     if res is None:
@@ -441,8 +461,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         calls_after_jumps = int(c["jump_evals"])
         rhs.stats.nfe += calls_after_jumps
         rhs.stats.batch_rows += calls_after_jumps * B
-    rhs.stats.nfe += iterations * calls
-    rhs.stats.batch_rows += iterations * calls * B
+    first_calls = int(controller.adaptive and controller.first is None)  # Hairer's estimate
+    rhs.stats.nfe += iterations * calls + first_calls
+    rhs.stats.batch_rows += (iterations * calls + first_calls) * B
     if info is not None:
         new = COMPILES[before:]
         info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
@@ -462,5 +483,5 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     return result, msgs
 
 
-__all__ = ["COMPILES", "CompileFailure", "CompileFallbackWarning", "compiled_function",
+__all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "compiled_function",
            "integrate_compiled", "lru_get"]

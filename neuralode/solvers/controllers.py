@@ -130,7 +130,9 @@ def initial_step(rhs_call: Callable, t0, y0: torch.Tensor, f0: torch.Tensor, dir
     d0 = norm(y0, scale)
     d1 = norm(f0, scale)
     ok = isfinite(d0) & isfinite(d1)
-    if not every(ok):
+    # (in a compiled graph every row runs the formulas below: the last line sets the rows
+    # that are not ok to nan)
+    if not torch.compiler.is_compiling() and not every(ok):
         if norm.user_norm is not None and bool(torch.isfinite(scale).all()) \
                 and bool((scale > 0).all()):
             raise ODEFuncError(f"the error norm (options['norm']) returned {d0} / {d1} for a "
