@@ -367,7 +367,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     stepper.start(rhs, y0, f0, True)
     if controller.adaptive:  # the first step and the history: in the graph (``_loop``)
         h = torch.full((B,), math.nan, dtype=torch.float64, device=device)
-        controller.absy = y0.detach()
+        controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
     else:
         h = controller.point(torch.ones(B, dtype=torch.long, device=device)) - t
     names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()

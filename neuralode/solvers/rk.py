@@ -393,7 +393,7 @@ class RKStepper:
     def carry(self) -> tuple[list[torch.Tensor], object]:
         """What the next step needs besides its start state, after ``advance``: (tensors,
         plain data). Here the first stage f(t, y) (a copy when it lives in the buffer)."""
-        return ([self.f0] if self.graph else [self.K[0].clone()]), None
+        return ([self.f0] if self.graph else [self.k0.clone()]), None
 
     def resume(self, rhs, y: torch.Tensor, carry: tuple[list[torch.Tensor], object],
                graph: bool) -> None:
