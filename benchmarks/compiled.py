@@ -21,14 +21,18 @@ separately).
 For each row: the steps (accepted/rejected) of eager and compiled neuralode and the largest
 difference of their outputs, which must be rounding.
 
+``--baseline-rev REV``: the compiled solves of another revision's package (copied as
+``neuralode_base``, as ``loop.py`` does) timed beside them in (a), (r) and (b)'s forward.
+
     python benchmarks/compiled.py [--only a,r,b,v,d,g,k] [--repeats 11]
-        [--libs torchdiffeq,torchode]
+        [--libs torchdiffeq,torchode] [--baseline-rev REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +41,12 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import interleaved, loadavg, optional  # noqa: E402 (from HERE, put on the path)
+from _util import (  # noqa: E402 (from HERE, put on the path)
+    interleaved,
+    load_baseline,
+    loadavg,
+    optional,
+)
 from solver_overhead import MLPDynamics as MLP  # noqa: E402 (loop.py's (b) dynamics)
 
 import neuralode  # noqa: E402
@@ -119,6 +128,9 @@ def case_small(name, f, y0, t, tol, repeats, libs):
     fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
            "neuralode compiled": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
                                                           options=C)}
+    if libs.get("base") is not None:
+        base = libs["base"]
+        fns["base compiled"] = lambda: base.odeint(f, y0, t, rtol=tol, atol=tol, options=C)
     if libs.get("torchdiffeq") is not None:
         tdq = libs["torchdiffeq"]
         fns["torchdiffeq"] = lambda: tdq.odeint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
@@ -252,6 +264,9 @@ def case_b(repeats, libs):
                "neuralode compiled": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
                                                               options=C),
                f"{nfe} evaluations of f": f_batch}
+        if libs.get("base") is not None:
+            base = libs["base"]
+            fns["base compiled"] = lambda: base.odeint(f, y0, t, rtol=tol, atol=tol, options=C)
         times = interleaved(fns, repeats, warm=True)
     table("(b) MLP 512x32, dopri5 1e-5, float32, forward (overhead ratio = time / "
           f"{nfe} evaluations of f)", times)
@@ -346,15 +361,22 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="a,r,b,v,d,g,k")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--libs", default="torchdiffeq,torchode")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="also time this revision's compiled solves in (a), (r), (b)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     libs = {name: optional(name) for name in args.libs.split(",") if name}
-    print(f"# torch {torch.__version__}, {loadavg()}")
-    for key in args.only.split(","):
-        before = len(compiled_driver.COMPILES)
-        CASES[key](args.repeats, libs)
-        print(f"# inductor compilations in ({key}): {len(compiled_driver.COMPILES) - before}, "
-              f"{sum(compiled_driver.COMPILES[before:]):.1f} s\n")
+    print(f"# torch {torch.__version__}, {loadavg()}"
+          + (f"; base = {args.baseline_rev}" if args.baseline_rev else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline_rev:
+            libs["base"] = load_baseline(args.baseline_rev, None, Path(tmp))
+        for key in args.only.split(","):
+            before = len(compiled_driver.COMPILES)
+            CASES[key](args.repeats, libs)
+            print(f"# inductor compilations in ({key}): "
+                  f"{len(compiled_driver.COMPILES) - before}, "
+                  f"{sum(compiled_driver.COMPILES[before:]):.1f} s\n")
 
 
 if __name__ == "__main__":
