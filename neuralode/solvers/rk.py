@@ -100,7 +100,14 @@ def add_terms(y, terms, h, precise: bool):
     if not isinstance(h, float):
         return torch.addcmul(y, column(h, y), combine(terms))
     if precise:
-        return y + combine([(k, h * c) for k, c in terms])
+        # sum_j (c_j / c_p) k_j with p the largest |c_p| (the pivot's term unscaled: one
+        # kernel fewer than scaling every term), then y + (h c_p) * that sum
+        p = max(range(len(terms)), key=lambda m: abs(terms[m][1]))
+        s, cp = terms[p]
+        for j, (k, c) in enumerate(terms):
+            if j != p:
+                s = torch.add(s, k, alpha=c / cp)
+        return torch.add(y, s, alpha=h * cp)
     out = y
     for k, c in terms:
         out = torch.add(out, k, alpha=h * c)
