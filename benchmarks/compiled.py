@@ -8,6 +8,8 @@ separately).
       1e-6, float64
   (b) MLP 512x32 width 64 (loop.py's (b)), dopri5 1e-5, float32: forward overhead ratio
       (time / (NFE x one f)); an adjoint training step (forward + backward)
+  (o) the MLP of (b) with 20 and 100 output times, forward (outputs beyond one call's
+      buffer: written a chunk per call)
   (v) 256 Van der Pol oscillators per sample (per_sample.py's (a)), dopri5 1e-6, float64
   (d) rk4 on the MLP of (b), step 0.05 on [0, 1]: compiled neuralode against a hand-written
       loop of the same arithmetic compiled by torch.compile
@@ -22,9 +24,9 @@ For each row: the steps (accepted/rejected) of eager and compiled neuralode and 
 difference of their outputs, which must be rounding.
 
 ``--baseline-rev REV``: the compiled solves of another revision's package (copied as
-``neuralode_base``, as ``loop.py`` does) timed beside them in (a), (r) and (b)'s forward.
+``neuralode_base``, as ``loop.py`` does) timed beside them in (a), (r), (b)'s forward and (o).
 
-    python benchmarks/compiled.py [--only a,r,b,v,d,g,k] [--repeats 11]
+    python benchmarks/compiled.py [--only a,r,b,o,v,d,g,k] [--repeats 11]
         [--libs torchdiffeq,torchode] [--baseline-rev REV]
 """
 
@@ -290,6 +292,31 @@ def case_b(repeats, libs):
     table("(b) MLP adjoint training step (forward + backward), dopri5 1e-5, float32", times)
 
 
+def case_o(repeats, libs):
+    """(b)'s MLP forward with 20 and 100 output times: outputs larger than what one call of
+    the compiled loop carries are written a chunk per call."""
+    torch.manual_seed(0)
+    f = MLP()
+    y0 = torch.randn(512, 32)
+    tol = 1e-5
+    base = libs.get("base")
+    for T in (20, 100):
+        t = torch.linspace(0.0, 1.0, T)
+        with torch.no_grad():
+            e = neuralode.solve(f, y0, t, rtol=tol, atol=tol)
+            c = neuralode.solve(f, y0, t, rtol=tol, atol=tol, options=C)
+            compare(f"(o) MLP, {T} outputs", e, c)
+            print(f"NFE eager {e.stats.nfe}, compiled {c.stats.nfe}")
+            fns = {"neuralode eager": lambda t=t: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
+                   "neuralode compiled": lambda t=t: neuralode.odeint(f, y0, t, rtol=tol,
+                                                                      atol=tol, options=C)}
+            if base is not None:
+                fns["base compiled"] = lambda t=t: base.odeint(f, y0, t, rtol=tol, atol=tol,
+                                                               options=C)
+            times = interleaved(fns, repeats, warm=True)
+        table(f"(o) MLP 512x32, dopri5 1e-5, float32, {T} outputs on [0, 1], forward", times)
+
+
 def case_v(repeats, libs):
     g = torch.Generator().manual_seed(0)
     B = 256
@@ -352,17 +379,17 @@ def case_d(repeats, libs):
           f"{times['neuralode compiled'] / times['hand-written loop, compiled']:.3f}")
 
 
-CASES = {"a": case_a, "r": case_r, "b": case_b, "v": case_v, "d": case_d, "g": case_g,
-         "k": case_k}
+CASES = {"a": case_a, "r": case_r, "b": case_b, "o": case_o, "v": case_v, "d": case_d,
+         "g": case_g, "k": case_k}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="a,r,b,v,d,g,k")
+    ap.add_argument("--only", default="a,r,b,o,v,d,g,k")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--libs", default="torchdiffeq,torchode")
     ap.add_argument("--baseline-rev", default=None,
-                    help="also time this revision's compiled solves in (a), (r), (b)")
+                    help="also time this revision's compiled solves in (a), (r), (b), (o)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     libs = {name: optional(name) for name in args.libs.split(",") if name}

@@ -74,7 +74,8 @@ def test_one_problem_tuple_float32_and_many_outputs_per_step():
     assert c.stats.n_accepted == e.stats.n_accepted and c.stats.n_rejected == e.stats.n_rejected
     assert 1 < e.stats.n_accepted < 20  # many outputs per step (the window is 16)
     assert compiled_driver.MAX_WINDOW == 16
-    # the iterations that only wrote outputs (their masked attempts count as calls of f)
+    # on a small state the iterations that only write outputs attempt a masked step (it
+    # costs less than skipping it): counted as calls of f
     assert c.stats.nfe > e.stats.nfe
     for a, b, q in zip(e.ys, c.ys, p.ys):
         assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
@@ -208,6 +209,82 @@ def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():
     # backprop through the compiled loop is refused (torch's while_loop autograd: below)
     with pytest.raises(ODEInputError, match="gradient='adjoint'"):
         grads("backprop", C)
+
+
+def test_outputs_beyond_the_carried_buffer_are_written_in_several_calls(monkeypatch,
+                                                                        vdp_batch):
+    """A carried buffer is copied at every iteration, so outputs larger than
+    ``CHUNK_ELEMENTS`` are written a chunk per call of the compiled loop, every row going
+    on from its first unwritten output (a row that reaches the end of the chunk waits):
+    the same steps, outputs and gradients as eager, and the first step computed before
+    the first call. The window is 4 outputs, as on a large state: the iterations that only
+    write outputs evaluate nothing (as many calls of f as eager)."""
+    monkeypatch.setattr(compiled_driver, "CHUNK_ELEMENTS", 30)
+    monkeypatch.setattr(compiled_driver, "WINDOW_ELEMENTS", 64)
+    calls = []
+    real = compiled_driver.compiled_function
+
+    def counting(fn, backend, structure):
+        loop = real(fn, backend, structure)
+
+        def run(*args):
+            calls.append(structure)
+            return loop(*args)
+        return run
+    monkeypatch.setattr(compiled_driver, "compiled_function", counting)
+    y0, _ = vdp_batch
+    t = torch.linspace(0, 6, 41, dtype=torch.float64)  # 40 outputs, windows of 4
+    e = neuralode.solve(vdp, y0, t, per_sample=True, rtol=1e-6, atol=1e-8)
+    c = neuralode.solve(vdp, y0, t, per_sample=True, rtol=1e-6, atol=1e-8, options=C)
+    assert len(calls) >= 10  # (40 outputs, 4 per call)
+    assert torch.equal(e.stats.n_accepted, c.stats.n_accepted)
+    assert torch.equal(e.stats.n_rejected, c.stats.n_rejected)
+    assert (e.ys - c.ys).abs().max() <= 1e-11 * e.ys.abs().max()
+    assert c.status == ["success"] * 6
+    # one problem, about four outputs per step: the iterations that only write outputs
+    # evaluate nothing
+    k = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+
+    def decay(t, y):
+        return -k * y
+    e = neuralode.solve(decay, torch.ones(3, dtype=torch.float64), t, rtol=1e-3, atol=1e-6)
+    c = neuralode.solve(decay, torch.ones(3, dtype=torch.float64), t, rtol=1e-3, atol=1e-6,
+                        options=C)
+    assert e.stats.n_accepted <= 8  # (40 outputs: more than a window per step)
+    assert (c.stats.n_accepted, c.stats.n_rejected, c.stats.nfe) == \
+        (e.stats.n_accepted, e.stats.n_rejected, e.stats.nfe)
+    assert (e.ys - c.ys).abs().max() <= 1e-14
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 2)).double()
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y)
+    f = F()
+    y1 = torch.tensor([[1.0, 0.5], [0.2, -0.3]], dtype=torch.float64)
+
+    def adjoint_grads(**kw):
+        f.zero_grad()
+        y = y1.clone().requires_grad_()
+        ys, st = neuralode.odeint_adjoint(f, y, t, rtol=1e-9, atol=1e-11, return_stats=True,
+                                          **kw)
+        (ys ** 2).sum().backward()
+        return ys, st, [y.grad, *(p.grad.clone() for p in f.parameters())]
+    del calls[:]
+    yc, sc, gc = adjoint_grads(options=C, adjoint_options=C)  # forward and backward chunked
+    ye, se, ge = adjoint_grads()
+    assert len(set(calls)) == 2 and len(calls) >= 6
+    assert (sc.n_accepted, sc.n_rejected, sc.nfe) == (se.n_accepted, se.n_rejected, se.nfe)
+    assert (sc.backward.n_accepted, sc.backward.n_rejected, sc.backward.nfe) == \
+        (se.backward.n_accepted, se.backward.n_rejected, se.backward.nfe)
+    assert (yc - ye).abs().max() <= 1e-12 * ye.abs().max()
+    assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(gc, ge)) <= 1e-12
 
 
 def test_torch_while_loop_autograd_is_still_wrong():

@@ -17,7 +17,17 @@ Outputs: after each accepted step its output times are interpolated on that step
 ``window`` of them per row and iteration; a row with more output times in one step than the
 window writes the rest in the next iterations before it attempts its next step (its own
 steps are unchanged: a row that does not attempt keeps its time, state, step size and
-controller history, as a finished row does in the eager driver).
+controller history, as a finished row does in the eager driver). Where the state is large
+(its size bounds the window), an iteration in which no row attempts a step (they all write
+outputs) skips the attempt (``torch.cond``) and evaluates nothing; on small states the
+masked attempt costs less than the branch.
+
+A carried tensor is copied at every iteration (a compiled loop's body cannot write into its
+input), so the output buffer a call carries holds at most about ``CHUNK_ELEMENTS`` numbers:
+a solve with more outputs calls the compiled loop once per chunk of output times, each call
+going on from the carried state until no row can go on without writing past its chunk (a
+row that reaches the chunk's end waits), with one host synchronisation between calls, not
+one per step. Such a solve takes its first step before the first call.
 
 Served: the explicit Runge–Kutta methods, adaptive and on fixed grids, float32 and float64
 states, tensors and tuples (flat rows), the stiffness test of the explicit methods (on the
@@ -79,6 +89,11 @@ class CompileFallbackWarning(UserWarning):
 # WINDOW_ELEMENTS interpolated numbers
 MAX_WINDOW = 16
 WINDOW_ELEMENTS = 1 << 16
+# the output buffer a call of the compiled loop carries holds about CHUNK_ELEMENTS numbers
+# (at least a window): a carried buffer is copied at every iteration (a compiled loop's
+# body cannot write into its input), so a solve whose outputs are larger runs the loop in
+# several calls, each writing the next outputs, with one host synchronisation between them
+CHUNK_ELEMENTS = 1 << 18
 COMPILES: list[float] = []  # seconds of each compilation (inductor) of this process
 # inductor: C++ host code around the kernels (the loop's iterations would otherwise each run
 # tens of Python-level buffer checks), small matrix products written as fused arithmetic
@@ -156,11 +171,33 @@ class _Spec:
     """What the loop body needs besides its carried tensors (fixed per structure)."""
 
     def __init__(self, stepper, controller, stiffness, max_num_steps: int, window: int,
-                 hist_names: tuple, groups: tuple, T: int):
+                 hist_names: tuple, groups: tuple, T: int, chunk: int):
         self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
         self.max_num_steps = max_num_steps
         self.window, self.hist_names, self.groups, self.T = window, hist_names, groups, T
+        self.chunk = chunk  # output rows per call (T - 1: one call)
         self.adaptive = controller.adaptive
+        # iterations in which every row only writes outputs skip the attempt: where a step
+        # can hold more outputs than the window, and the state is large enough (the window
+        # is bounded by its size) that a masked attempt costs more than the branch
+        self.skip_idle = window < min(T - 1, MAX_WINDOW)
+
+
+def _tolerances(ctl, tol) -> dict:
+    """The controller's norm with the tolerance tensors ``tol`` (rtol, atol), or as it is."""
+    return {} if not ctl.adaptive else {
+        "norm": _fork(ctl.norm, rtol=tol[0], atol=tol[1]) if tol is not None else ctl.norm}
+
+
+def _first_step(spec: _Spec, c: dict, tol, dirn) -> None:
+    """Hairer's first step (one more evaluation of f) and the controller's history, into the
+    state ``c``: in the graph before the loop, or eagerly before the first of several calls."""
+    ctl = _fork(spec.controller, **_tolerances(spec.controller, tol))
+    h = ctl.first_step(spec.stepper.rhs.call, c["t"], c["y"], c["f0"], dirn)
+    c["h"] = h
+    c["status"] = torch.where((c["status"] == _RUNNING) & ~torch.isfinite(h), CODE[STEP_SIZE],
+                              c["status"])
+    c.update({"hist_" + n: getattr(ctl, n) for n in spec.hist_names})
 
 
 PACK_ELEMENTS = 4096  # carried tensors up to this size travel stacked with their kind
@@ -198,30 +235,34 @@ def _unpack(packs: tuple, groups: tuple) -> dict:
     return out
 
 
-def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
-    """The whole solve: ``while_loop`` over iterations, each one attempt of the rows that
-    may step and one window of output writes. ``carry``: (out, *packed state). ``jumps``:
-    None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
+def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
+    """The solve, or the part of it that writes the outputs ``base`` .. ``base`` + chunk - 1
+    (``base`` 1 when one call writes them all, else a 0-d tensor): ``while_loop`` over
+    iterations, each one attempt of the rows that may step and one window of output writes;
+    it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1, B, n), *packed state); out's row
+    chunk takes the writes that are not this call's. ``jumps``: None, or (J (T, B, n),
+    keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
-    T, W, adaptive, groups = spec.T, spec.window, spec.adaptive, spec.groups
+    T, W, C, adaptive, groups = spec.T, spec.window, spec.chunk, spec.adaptive, spec.groups
     names = spec.hist_names
     j = torch.arange(W, device=ts.device)[None, :]
-    extra = {} if not adaptive else {
-        "norm": _fork(ctl0.norm, rtol=tol[0], atol=tol[1]) if tol is not None else ctl0.norm}
+    extra = _tolerances(ctl0, tol)
+    end = base + C  # the first output past this call's
 
     def cond(out, *packs):
         c = _unpack(packs, groups)
-        return ((c["status"] == _RUNNING) | (c["i_w"] < c["i_out"])).any()
+        backlog = c["i_w"] < c["i_out"]
+        return (((c["status"] == _RUNNING) & ~backlog) | (backlog & (c["i_w"] < end))).any()
 
     def write(out, i_w, *packs):
-        """The outputs i_w .. i_w + W - 1 (those below i_out) of each row's segment."""
+        """The outputs i_w .. i_w + W - 1 (those below i_out and in the chunk) of each row's
+        segment."""
         c = _unpack(packs, groups)
         i_out, seg_h, seg_t, seg_t1 = c["i_out"], c["seg_h"], c["seg_t"], c["seg_t1"]
         seg_y, seg_y1 = c["seg_y"], c["seg_y1"]
         seg_K = [c[f"seg_K{i}"] for i in range(stepper0.s_ext)]
         idx = i_w[:, None] + j
-        valid = idx < i_out[:, None]
-        idx = torch.where(valid, idx, T)
+        valid = idx < i_out.clamp(max=end)[:, None]
         t_o = ts.gather(1, idx.clamp(max=T - 1))
         hs = divisor(seg_h)[:, None]
         theta = torch.where(valid, (t_o - seg_t[:, None]) / hs, 0.0)
@@ -229,7 +270,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
         val = seg.interpolate(seg_y, seg_h, theta)
         val = torch.where((t_o == seg_t1[:, None])[..., None], seg_y1[:, None], val)
         rows = torch.arange(out.shape[1], device=out.device)[:, None].expand_as(idx)
-        return out.index_put((idx, rows), val)
+        return out.index_put((torch.where(valid, idx - base, C), rows), val)
 
     def keep(out, *rest):
         return out.clone()
@@ -240,17 +281,24 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if adaptive:  # the first step (Hairer's estimate: one more evaluation of f)
+    if adaptive and C == T - 1:  # the first step, in the graph when there is one call
         c = _unpack(carry[1:], groups)
-        ctl = _fork(ctl0, **extra)
-        h = ctl.first_step(stepper0.rhs.call, c["t"], c["y"], c["f0"], dirn)
-        c["h"] = h
-        c["status"] = torch.where((c["status"] == _RUNNING) & ~torch.isfinite(h),
-                                  CODE[STEP_SIZE], c["status"])
-        c.update({"hist_" + n: getattr(ctl, n) for n in names})
+        _first_step(spec, c, tol, dirn)
         carry = (carry[0], *_pack(c, groups))
 
-    def body(out, *packs):
+    def writes(c: dict, new: dict) -> tuple:
+        """The iteration's packed state: ``c`` updated by ``new``, the count of iterations,
+        and i_w past the outputs this iteration writes (a row past the chunk keeps its i_w:
+        it writes in a later call)."""
+        i_w, i_out = c["i_w"], new.get("i_out", c["i_out"])
+        new.update(it=c["it"] + 1,
+                   i_w=torch.maximum(i_w, torch.minimum(i_w + W, i_out).clamp(max=end)))
+        return _pack({**c, **new}, groups, c)
+
+    def idle(*packs):  # no row attempts a step (they write outputs): f is not evaluated
+        return writes(_unpack(packs, groups), {})
+
+    def attempt(*packs):  # the rows that may step attempt one
         c = _unpack(packs, groups)
         stepper = _fork(stepper0, f0=c["f0"], ks=None)
         ctl = _fork(ctl0, **extra, **{n: c["hist_" + n] for n in names})
@@ -277,7 +325,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
         (y1, hm, t1m, _, accept, t, y, h, status, _, n_att, n_acc, n_rej, i_out,
          k_grid) = step.attempt(t, y, h, hh, t1, t_end, dirn, key, go, status, c["n_att"],
                                 c["n_acc"], c["n_rej"], i_out, k_grid)
-        new = {"it": c["it"] + 1, "it_step": c["it_step"] + go.any(), "t": t, "y": y,
+        new = {"it_step": c["it_step"] + go.any(), "evals": c["evals"] + 1, "t": t, "y": y,
                "h": h, "n_att": n_att, "n_acc": n_acc, "n_rej": n_rej, "k_grid": k_grid}
         stages = stepper.stages()
         if stiff0 is not None:
@@ -316,15 +364,60 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, carry, jumps=None):
             new["jump_evals"] = c["jump_evals"] + landed.any()
             new["f0"] = torch.cond(landed.any(), refresh_f, same_f,
                                    (landed, t, jumped, new["f0"]))
-        new.update(status=status, i_out=i_out, i_w=torch.minimum(i_w + W, i_out))
+        new.update(status=status, i_out=i_out)
         new.update({"hist_" + n: getattr(ctl, n) for n in names})
-        packs = _pack({**c, **new}, groups, c)
+        if jumps is not None and adaptive:  # the next step's |y| in the norm: the new state's
+            new["hist_absy"] = torch.where(landed[:, None], jumped.abs(), new["hist_absy"])
+        return writes(c, new)
+
+    def body(out, *packs):
+        c = _unpack(packs, groups)
+        i_w = c["i_w"]
+        if spec.skip_idle:
+            go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
+            packs = torch.cond(go.any(), attempt, idle, packs)
+        else:
+            packs = attempt(*packs)
         # one window of output writes per row (from the old i_w), in the iterations that
         # have any
-        out = torch.cond((i_w < i_out).any(), write, keep, (out, i_w.clone(), *packs))
+        out = torch.cond((_unpack(packs, groups)["i_w"] > i_w).any(), write, keep,
+                         (out, i_w.clone(), *packs))
         return (out, *packs)
 
     return while_loop(cond, body, carry)
+
+
+def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps):
+    """Run the compiled ``loop`` until the solve ends: one call when its output buffer
+    holds every output, else one call per chunk of outputs (each starting at the first
+    output a row has not written), each chunk copied into the result. Returns (outputs
+    (T, B, n), the final state)."""
+    T, C, groups = spec.T, spec.chunk, spec.groups
+    carry = _pack(state, groups, state)
+    if C == T - 1:
+        res = loop(spec, ts, key, t_end, dirn, tol, 1, (y0.new_zeros(T, *y0.shape), *carry),
+                   jumps)
+        return torch.cat([y0[None], res[0][:-1]]), _unpack(res[1:], groups)
+    ys = y0.new_zeros(T, *y0.shape)
+    ys[0] = y0
+    base, i_w = 1, state["i_w"]
+    while True:
+        res = loop(spec, ts, key, t_end, dirn, tol, torch.tensor(base, device=ts.device),
+                   (y0.new_zeros(C + 1, *y0.shape), *carry), jumps)
+        carry, c = res[1:], _unpack(res[1:], groups)
+        m = min(C, T - base)
+        pos = torch.arange(base, base + m, device=ts.device)[:, None]
+        wrote = (pos >= i_w) & (pos < c["i_w"])  # (m, B): the outputs this call wrote
+        ys[base:base + m] = torch.where(wrote[..., None], res[0][:m], ys[base:base + m])
+        i_w = c["i_w"]
+        pending = (c["status"] == _RUNNING) | (i_w < c["i_out"])
+        if not bool(pending.any()):
+            return ys, c
+        # every row that goes on is at or past this chunk's end (else the loop went on)
+        nxt = int(i_w[pending].min())
+        if nxt < base + C:
+            raise RuntimeError(f"compiled solve: no progress past output {nxt} (internal error)")
+        base = nxt
 
 
 def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, controller, *,
@@ -375,10 +468,14 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiffness = None
     s_ext = stepper.s_ext
     window = max(1, min(T - 1, MAX_WINDOW, max(4, WINDOW_ELEMENTS // max(1, B * n * s_ext))))
+    chunk = T - 1 if T * B * n <= CHUNK_ELEMENTS else \
+        min(T - 1, max(window, CHUNK_ELEMENTS // max(1, B * n)))
+    window = min(window, chunk)
     zl = torch.zeros(B, dtype=torch.long, device=device)
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     state = {"it": torch.zeros((), dtype=torch.long, device=device),
              "it_step": torch.zeros((), dtype=torch.long, device=device),
+             "evals": torch.zeros((), dtype=torch.long, device=device),
              "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
              "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0,
              "seg_y": y0, "seg_y1": y0, "seg_h": torch.zeros_like(nan), "seg_t": t,
@@ -413,9 +510,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T)
-    out = torch.cat([y0[None], y0.new_zeros(T, B, n)])  # row T takes absent outputs
-    carry = (out, *_pack(state, groups, state))
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T,
+                 chunk)
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -423,17 +519,19 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
-                 window, groups, stiffness is not None, tol is None, jumps is not None,
+                 window, chunk, groups, stiffness is not None, tol is None, jumps is not None,
                  getattr(func, "__code__", type(func)))
     before, start = len(COMPILES), time.perf_counter()
     res, reason = None, FAILED.get((_loop, backend, structure), "")
     if not reason:
         loop = compiled_function(_loop, backend, structure)
-        rhs.counting = False
+        rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
+            if controller.adaptive and chunk < T - 1:  # the first step before the calls
+                _first_step(spec, state, tol, dirn)
             # (autograd inside func, as a CNF's divergence: traced into the graph)
             with torch._dynamo.config.patch(trace_autograd_ops=True):
-                res = loop(spec, ts, key, t_end, dirn, tol, carry, jumps)
+                res = _calls(loop, spec, ts, key, t_end, dirn, tol, y0, state, jumps)
         except torch._dynamo.exc.TorchDynamoException as e:
             reason = " ".join(str(e).split())[:400]
             FAILED[(_loop, backend, structure)] = reason
@@ -453,7 +551,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                                  max_num_steps=max_num_steps, throw=throw, name=name,
                                  stiffness=stiffness)
     wall = time.perf_counter() - start
-    out, c = res[0], _unpack(res[1:], groups)
+    out, c = res
     status, i_out = c["status"], c["i_out"]
     iterations = int(c["it"])
     calls = stepper.s - 1 + (0 if stepper.fsal else 1)
@@ -462,13 +560,14 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         rhs.stats.nfe += calls_after_jumps
         rhs.stats.batch_rows += calls_after_jumps * B
     first_calls = int(controller.adaptive and controller.first is None)  # Hairer's estimate
-    rhs.stats.nfe += iterations * calls + first_calls
-    rhs.stats.batch_rows += (iterations * calls + first_calls) * B
+    attempts = int(c["evals"])  # (iterations that evaluated f)
+    rhs.stats.nfe += attempts * calls + first_calls
+    rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
         new = COMPILES[before:]
         info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
     mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
-    ys = torch.where(mask[:, :, None], out[:T], math.nan)
+    ys = torch.where(mask[:, :, None], out, math.nan)
     result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
                            nan)
     stiff_at = {}
