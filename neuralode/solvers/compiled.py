@@ -239,9 +239,9 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     """The solve, or the part of it that writes the outputs ``base`` .. ``base`` + chunk - 1
     (``base`` 1 when one call writes them all, else a 0-d tensor): ``while_loop`` over
     iterations, each one attempt of the rows that may step and one window of output writes;
-    it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1, B, n), *packed state); out's row
-    chunk takes the writes that are not this call's. ``jumps``: None, or (J (T, B, n),
-    keep (n,)) (see ``integrate_compiled``)."""
+    it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1,
+    B, n), *packed state); out's row chunk takes the writes that are not this call's.
+    ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
     T, W, C, adaptive, groups = spec.T, spec.window, spec.chunk, spec.adaptive, spec.groups
     names = spec.hist_names
