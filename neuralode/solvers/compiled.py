@@ -181,6 +181,9 @@ class _Spec:
         # can hold more outputs than the window, and the state is large enough (the window
         # is bounded by its size) that a masked attempt costs more than the branch
         self.skip_idle = window < min(T - 1, MAX_WINDOW)
+        # every step's outputs fit in one window: they are written from the step itself,
+        # in its iteration (no segment is carried for later iterations)
+        self.direct = window >= T - 1
 
 
 def _tolerances(ctl, tol) -> dict:
@@ -235,6 +238,11 @@ def _unpack(packs: tuple, groups: tuple) -> dict:
     return out
 
 
+def _segment_names(s_ext: int) -> tuple:
+    """The carried segment's parts (``attempt``): y, y1, h, t, t1 and the stages."""
+    return ("y", "y1", "h", "t", "t1", *(f"K{i}" for i in range(s_ext)))
+
+
 def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     """The solve, or the part of it that writes the outputs ``base`` .. ``base`` + chunk - 1
     (``base`` 1 when one call writes them all, else a 0-d tensor): ``while_loop`` over
@@ -245,28 +253,42 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
     T, W, C, adaptive, groups = spec.T, spec.window, spec.chunk, spec.adaptive, spec.groups
     names = spec.hist_names
+    SEGMENT = _segment_names(stepper0.s_ext)
     j = torch.arange(W, device=ts.device)[None, :]
     extra = _tolerances(ctl0, tol)
     end = base + C  # the first output past this call's
+    one_call = C == T - 1  # (then every output is this call's: no chunk bounds)
 
     def cond(out, *packs):
         c = _unpack(packs, groups)
         backlog = c["i_w"] < c["i_out"]
+        if one_call:
+            return ((c["status"] == _RUNNING) | backlog).any()
         return (((c["status"] == _RUNNING) & ~backlog) | (backlog & (c["i_w"] < end))).any()
 
-    def write(out, i_w, *packs):
+    def write_carried(out, i_w, *packs):  # from the rows' carried segments
+        d = _unpack(packs, groups)
+        return write(out, i_w, d["i_out"], *(d["seg_" + k] for k in SEGMENT))
+
+    def write_direct(out, i_w, *rest):
+        """From this iteration's step: ``rest`` is the new packed state, the old one, and
+        y1, h, t1 and the stages after the first (the first is the old state's f0). (torch.cond
+        takes no operands that share memory: the packs are passed whole.)"""
+        n_p = len(groups)
+        d, o = _unpack(rest[:n_p], groups), _unpack(rest[n_p:2 * n_p], groups)
+        y1, hm, t1m = rest[2 * n_p:2 * n_p + 3]
+        return write(out, i_w, d["i_out"], o["y"], y1, hm, o["t"], t1m, o["f0"],
+                     *rest[2 * n_p + 3:])
+
+    def write(out, i_w, i_out, seg_y, seg_y1, seg_h, seg_t, seg_t1, *seg_K):
         """The outputs i_w .. i_w + W - 1 (those below i_out and in the chunk) of each row's
-        segment."""
-        c = _unpack(packs, groups)
-        i_out, seg_h, seg_t, seg_t1 = c["i_out"], c["seg_h"], c["seg_t"], c["seg_t1"]
-        seg_y, seg_y1 = c["seg_y"], c["seg_y1"]
-        seg_K = [c[f"seg_K{i}"] for i in range(stepper0.s_ext)]
+        segment: its last accepted step, from y at t to y1 at t1 (size h, stages K)."""
         idx = i_w[:, None] + j
-        valid = idx < i_out.clamp(max=end)[:, None]
+        valid = idx < (i_out if one_call else i_out.clamp(max=end))[:, None]
         t_o = ts.gather(1, idx.clamp(max=T - 1))
         hs = divisor(seg_h)[:, None]
         theta = torch.where(valid, (t_o - seg_t[:, None]) / hs, 0.0)
-        seg = _fork(stepper0, f0=None, ks=seg_K, y1=seg_y1)
+        seg = _fork(stepper0, f0=None, ks=list(seg_K), y1=seg_y1)
         val = seg.interpolate(seg_y, seg_h, theta)
         val = torch.where((t_o == seg_t1[:, None])[..., None], seg_y1[:, None], val)
         rows = torch.arange(out.shape[1], device=out.device)[:, None].expand_as(idx)
@@ -281,7 +303,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if adaptive and C == T - 1:  # the first step, in the graph when there is one call
+    if adaptive and one_call:  # the first step, in the graph when there is one call
         c = _unpack(carry[1:], groups)
         _first_step(spec, c, tol, dirn)
         carry = (carry[0], *_pack(c, groups))
@@ -291,15 +313,17 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         and i_w past the outputs this iteration writes (a row past the chunk keeps its i_w:
         it writes in a later call)."""
         i_w, i_out = c["i_w"], new.get("i_out", c["i_out"])
+        i_w1 = torch.minimum(i_w + W, i_out)
         new.update(it=c["it"] + 1,
-                   i_w=torch.maximum(i_w, torch.minimum(i_w + W, i_out).clamp(max=end)))
+                   i_w=i_w1 if one_call else torch.maximum(i_w, i_w1.clamp(max=end)))
         return _pack({**c, **new}, groups, c)
 
     def idle(*packs):  # no row attempts a step (they write outputs): f is not evaluated
         return writes(_unpack(packs, groups), {})
 
-    def attempt(*packs):  # the rows that may step attempt one
-        c = _unpack(packs, groups)
+    def step_rows(c: dict):
+        """The rows that may step attempt one: (the new state, the step as a segment: y, y1,
+        h, t, t1, stages, and the rows that accepted it)."""
         stepper = _fork(stepper0, f0=c["f0"], ks=None)
         ctl = _fork(ctl0, **extra, **{n: c["hist_" + n] for n in names})
         step = BatchStep(stepper, ctl, spec.max_num_steps, fused=True)
@@ -340,15 +364,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
             for k, v in zip(("stiff_t", "stiff_h", "stiff_ratio", "stiff_remaining"),
                             (t, hm, ratio, remaining)):
                 new[k] = torch.where(fire, v, c[k])
-        # the accepted step is the rows' segment: their outputs are written from it
-        a1 = accept[:, None]
-        new["seg_y"] = torch.where(a1, y_old, c["seg_y"])
-        new["seg_y1"] = torch.where(a1, y1, c["seg_y1"])
-        new["seg_h"] = torch.where(accept, hm, c["seg_h"])
-        new["seg_t"] = torch.where(accept, t_old, c["seg_t"])
-        new["seg_t1"] = torch.where(accept, t1m, c["seg_t1"])
-        seg_K = [torch.where(a1, k, c[f"seg_K{i}"]) for i, k in enumerate(stages.unbind(0))]
-        new.update({f"seg_K{i}": k for i, k in enumerate(seg_K)})
+        seg = (y_old, y1, hm, t_old, t1m, *stepper.ks[:stepper0.s_ext])
         stepper.advance(accept=accept)
         new["f0"] = stepper.f0
         if jumps is not None:
@@ -368,20 +384,36 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         new.update({"hist_" + n: getattr(ctl, n) for n in names})
         if jumps is not None and adaptive:  # the next step's |y| in the norm: the new state's
             new["hist_absy"] = torch.where(landed[:, None], jumped.abs(), new["hist_absy"])
+        return new, seg, accept
+
+    def attempt(*packs):
+        """``step_rows``, the accepted step kept as the rows' segment (carried: their
+        outputs are written from it in this and later iterations)."""
+        c = _unpack(packs, groups)
+        new, seg, accept = step_rows(c)
+        for k, v in zip(SEGMENT, seg):
+            new["seg_" + k] = torch.where(accept.view(-1, *[1] * (v.dim() - 1)), v,
+                                          c["seg_" + k])
         return writes(c, new)
 
     def body(out, *packs):
         c = _unpack(packs, groups)
         i_w = c["i_w"]
-        if spec.skip_idle:
-            go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
-            packs = torch.cond(go.any(), attempt, idle, packs)
+        if spec.direct:  # the step's outputs, from the step itself
+            new, seg, _ = step_rows(c)
+            old, packs = packs, writes(c, new)
+            write_fn, operands = write_direct, (*packs, *old, seg[1], seg[2], seg[4], *seg[6:])
         else:
-            packs = attempt(*packs)
+            if spec.skip_idle:
+                go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
+                packs = torch.cond(go.any(), attempt, idle, packs)
+            else:
+                packs = attempt(*packs)
+            write_fn, operands = write_carried, packs
         # one window of output writes per row (from the old i_w), in the iterations that
         # have any
-        out = torch.cond((_unpack(packs, groups)["i_w"] > i_w).any(), write, keep,
-                         (out, i_w.clone(), *packs))
+        out = torch.cond((_unpack(packs, groups)["i_w"] > i_w).any(), write_fn, keep,
+                         (out, i_w.clone(), *operands))
         return (out, *packs)
 
     return while_loop(cond, body, carry)
@@ -477,10 +509,10 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
              "it_step": torch.zeros((), dtype=torch.long, device=device),
              "evals": torch.zeros((), dtype=torch.long, device=device),
              "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
-             "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0,
-             "seg_y": y0, "seg_y1": y0, "seg_h": torch.zeros_like(nan), "seg_t": t,
-             "seg_t1": t,
-             **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)}}
+             "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0}
+    if window < T - 1:  # (``_Spec.direct``: else no segment is carried)
+        state.update(seg_y=y0, seg_y1=y0, seg_h=torch.zeros_like(nan), seg_t=t, seg_t1=t,
+                     **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)})
     for k in names:
         v = getattr(controller, k)
         state["hist_" + k] = v if isinstance(v, torch.Tensor) else torch.full(
