@@ -245,7 +245,8 @@ def _segment_names(s_ext: int) -> tuple:
 
 def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     """The solve, or the part of it that writes the outputs ``base`` .. ``base`` + chunk - 1
-    (``base`` 1 when one call writes them all, else a 0-d tensor): ``while_loop`` over
+    (``base`` a 0-d tensor; 0 when one call writes them all, its out holding y0 in row 0
+    and chunk = T: the outputs' indices are its rows): ``while_loop`` over
     iterations, each one attempt of the rows that may step and one window of output writes;
     it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1,
     B, n), *packed state); out's row chunk takes the writes that are not this call's.
@@ -256,8 +257,10 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     SEGMENT = _segment_names(stepper0.s_ext)
     j = torch.arange(W, device=ts.device)[None, :]
     extra = _tolerances(ctl0, tol)
-    end = base + C  # the first output past this call's
     one_call = C == T - 1  # (then every output is this call's: no chunk bounds)
+    if one_call:  # (out: y0, the T - 1 outputs, a row for absent writes)
+        C = T
+    end = base + C  # the first output past this call's
 
     def cond(out, *packs):
         c = _unpack(packs, groups)
@@ -292,7 +295,8 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         val = seg.interpolate(seg_y, seg_h, theta)
         val = torch.where((t_o == seg_t1[:, None])[..., None], seg_y1[:, None], val)
         rows = torch.arange(out.shape[1], device=out.device)[:, None].expand_as(idx)
-        return out.index_put((torch.where(valid, idx - base, C), rows), val)
+        at = torch.where(valid, idx if one_call else idx - base, C)  # (row C: no output)
+        return out.index_put((at, rows), val)
 
     def keep(out, *rest):
         return out.clone()
@@ -308,18 +312,18 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         _first_step(spec, c, tol, dirn)
         carry = (carry[0], *_pack(c, groups))
 
-    def writes(c: dict, new: dict) -> tuple:
-        """The iteration's packed state: ``c`` updated by ``new``, the count of iterations,
-        and i_w past the outputs this iteration writes (a row past the chunk keeps its i_w:
-        it writes in a later call)."""
+    def writes(c: dict, new: dict) -> dict:
+        """``new`` with the count of iterations and i_w past the outputs this iteration
+        writes (a row past the chunk keeps its i_w: it writes in a later call)."""
         i_w, i_out = c["i_w"], new.get("i_out", c["i_out"])
         i_w1 = torch.minimum(i_w + W, i_out)
         new.update(it=c["it"] + 1,
                    i_w=i_w1 if one_call else torch.maximum(i_w, i_w1.clamp(max=end)))
-        return _pack({**c, **new}, groups, c)
+        return new
 
     def idle(*packs):  # no row attempts a step (they write outputs): f is not evaluated
-        return writes(_unpack(packs, groups), {})
+        c = _unpack(packs, groups)
+        return _pack({**c, **writes(c, {})}, groups, c)
 
     def step_rows(c: dict):
         """The rows that may step attempt one: (the new state, the step as a segment: y, y1,
@@ -349,7 +353,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         (y1, hm, t1m, _, accept, t, y, h, status, _, n_att, n_acc, n_rej, i_out,
          k_grid) = step.attempt(t, y, h, hh, t1, t_end, dirn, key, go, status, c["n_att"],
                                 c["n_acc"], c["n_rej"], i_out, k_grid)
-        new = {"it_step": c["it_step"] + go.any(), "evals": c["evals"] + 1, "t": t, "y": y,
+        new = {"it_step": c["it_step"] + go.any(), "t": t, "y": y,
                "h": h, "n_att": n_att, "n_acc": n_acc, "n_rej": n_rej, "k_grid": k_grid}
         stages = stepper.stages()
         if stiff0 is not None:
@@ -364,7 +368,9 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
             for k, v in zip(("stiff_t", "stiff_h", "stiff_ratio", "stiff_remaining"),
                             (t, hm, ratio, remaining)):
                 new[k] = torch.where(fire, v, c[k])
-        seg = (y_old, y1, hm, t_old, t1m, *stepper.ks[:stepper0.s_ext])
+        # (the stages: as evaluated where they are written at once, else the stacked ones)
+        ks = stepper.ks[:stepper0.s_ext] if spec.direct else stages.unbind(0)
+        seg = (y_old, y1, hm, t_old, t1m, *ks)
         stepper.advance(accept=accept)
         new["f0"] = stepper.f0
         if jumps is not None:
@@ -386,33 +392,40 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
             new["hist_absy"] = torch.where(landed[:, None], jumped.abs(), new["hist_absy"])
         return new, seg, accept
 
-    def attempt(*packs):
+    def attempt_new(c: dict) -> dict:
         """``step_rows``, the accepted step kept as the rows' segment (carried: their
-        outputs are written from it in this and later iterations)."""
-        c = _unpack(packs, groups)
+        outputs are written from it in this and later iterations): the new state."""
         new, seg, accept = step_rows(c)
+        if spec.skip_idle:  # (the attempts: else every iteration's)
+            new["evals"] = c["evals"] + 1
         for k, v in zip(SEGMENT, seg):
             new["seg_" + k] = torch.where(accept.view(-1, *[1] * (v.dim() - 1)), v,
                                           c["seg_" + k])
         return writes(c, new)
 
+    def attempt(*packs):  # (a branch of torch.cond)
+        c = _unpack(packs, groups)
+        return _pack({**c, **attempt_new(c)}, groups, c)
+
     def body(out, *packs):
         c = _unpack(packs, groups)
         i_w = c["i_w"]
+        write_fn = write_carried
         if spec.direct:  # the step's outputs, from the step itself
             new, seg, _ = step_rows(c)
-            old, packs = packs, writes(c, new)
+            new = writes(c, new)
+            old, packs = packs, _pack({**c, **new}, groups, c)
             write_fn, operands = write_direct, (*packs, *old, seg[1], seg[2], seg[4], *seg[6:])
+        elif spec.skip_idle:
+            go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
+            operands = packs = torch.cond(go.any(), attempt, idle, packs)
+            new = {"i_w": _unpack(packs, groups)["i_w"]}
         else:
-            if spec.skip_idle:
-                go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
-                packs = torch.cond(go.any(), attempt, idle, packs)
-            else:
-                packs = attempt(*packs)
-            write_fn, operands = write_carried, packs
+            new = attempt_new(c)
+            operands = packs = _pack({**c, **new}, groups, c)
         # one window of output writes per row (from the old i_w), in the iterations that
         # have any
-        out = torch.cond((_unpack(packs, groups)["i_w"] > i_w).any(), write_fn, keep,
+        out = torch.cond((new["i_w"] > i_w).any(), write_fn, keep,
                          (out, i_w.clone(), *operands))
         return (out, *packs)
 
@@ -427,9 +440,10 @@ def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps)
     T, C, groups = spec.T, spec.chunk, spec.groups
     carry = _pack(state, groups, state)
     if C == T - 1:
-        res = loop(spec, ts, key, t_end, dirn, tol, 1, (y0.new_zeros(T, *y0.shape), *carry),
-                   jumps)
-        return torch.cat([y0[None], res[0][:-1]]), _unpack(res[1:], groups)
+        # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
+        out = torch.cat([y0[None], y0.new_zeros(T, *y0.shape)])
+        res = loop(spec, ts, key, t_end, dirn, tol, 0, (out, *carry), jumps)
+        return res[0][:T], _unpack(res[1:], groups)
     ys = y0.new_zeros(T, *y0.shape)
     ys[0] = y0
     base, i_w = 1, state["i_w"]
@@ -507,7 +521,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     state = {"it": torch.zeros((), dtype=torch.long, device=device),
              "it_step": torch.zeros((), dtype=torch.long, device=device),
-             "evals": torch.zeros((), dtype=torch.long, device=device),
              "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
              "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0}
     if window < T - 1:  # (``_Spec.direct``: else no segment is carried)
@@ -520,6 +533,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if stiffness is not None:
         state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
                      stiff_remaining=nan)
+    if window < min(T - 1, MAX_WINDOW):  # (``_Spec.skip_idle``)
+        state["evals"] = torch.zeros((), dtype=torch.long, device=device)
     if jumps is not None:
         state["i_stop"] = zl + 1
         state["jump_evals"] = torch.zeros((), dtype=torch.long, device=device)
@@ -592,7 +607,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         rhs.stats.nfe += calls_after_jumps
         rhs.stats.batch_rows += calls_after_jumps * B
     first_calls = int(controller.adaptive and controller.first is None)  # Hairer's estimate
-    attempts = int(c["evals"])  # (iterations that evaluated f)
+    attempts = int(c["evals" if "evals" in c else "it"])  # (iterations that evaluated f)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
