@@ -167,23 +167,38 @@ def compiled_function(fn, backend: str, structure: tuple):
     return lru_get(_LOOPS, (fn, backend, structure), make, MAX_LOOPS)
 
 
-class _Spec:
-    """What the loop body needs besides its carried tensors (fixed per structure)."""
+class _Outputs:
+    """How a solve's T output times are written (fixed per structure): ``window`` outputs
+    per row and iteration, ``chunk`` per call of the compiled loop, and what follows."""
 
-    def __init__(self, stepper, controller, stiffness, max_num_steps: int, window: int,
-                 hist_names: tuple, groups: tuple, T: int, chunk: int):
-        self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
-        self.max_num_steps = max_num_steps
-        self.window, self.hist_names, self.groups, self.T = window, hist_names, groups, T
-        self.chunk = chunk  # output rows per call (T - 1: one call)
-        self.adaptive = controller.adaptive
+    def __init__(self, T: int, B: int, n: int, s_ext: int):
+        window = max(1, min(T - 1, MAX_WINDOW,
+                            max(4, WINDOW_ELEMENTS // max(1, B * n * s_ext))))
+        self.chunk = T - 1 if T * B * n <= CHUNK_ELEMENTS else \
+            min(T - 1, max(window, CHUNK_ELEMENTS // max(1, B * n)))
+        self.window = min(window, self.chunk)
+        self.one_call = self.chunk == T - 1
         # iterations in which every row only writes outputs skip the attempt: where a step
         # can hold more outputs than the window, and the state is large enough (the window
         # is bounded by its size) that a masked attempt costs more than the branch
-        self.skip_idle = window < min(T - 1, MAX_WINDOW)
+        self.skip_idle = self.window < min(T - 1, MAX_WINDOW)
         # every step's outputs fit in one window: they are written from the step itself,
         # in its iteration (no segment is carried for later iterations)
-        self.direct = window >= T - 1
+        self.direct = self.window >= T - 1
+
+
+class _Spec:
+    """What the loop body needs besides its carried tensors (fixed per structure)."""
+
+    def __init__(self, stepper, controller, stiffness, max_num_steps: int, outputs: _Outputs,
+                 hist_names: tuple, groups: tuple, T: int):
+        self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
+        self.max_num_steps = max_num_steps
+        self.hist_names, self.groups, self.T = hist_names, groups, T
+        self.window, self.chunk = outputs.window, outputs.chunk
+        self.one_call, self.skip_idle, self.direct = \
+            outputs.one_call, outputs.skip_idle, outputs.direct
+        self.adaptive = controller.adaptive
 
 
 def _tolerances(ctl, tol) -> dict:
@@ -257,7 +272,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     SEGMENT = _segment_names(stepper0.s_ext)
     j = torch.arange(W, device=ts.device)[None, :]
     extra = _tolerances(ctl0, tol)
-    one_call = C == T - 1  # (then every output is this call's: no chunk bounds)
+    one_call = spec.one_call  # (then every output is this call's: no chunk bounds)
     if one_call:  # (out: y0, the T - 1 outputs, a row for absent writes)
         C = T
     end = base + C  # the first output past this call's
@@ -439,7 +454,7 @@ def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps)
     (T, B, n), the final state)."""
     T, C, groups = spec.T, spec.chunk, spec.groups
     carry = _pack(state, groups, state)
-    if C == T - 1:
+    if spec.one_call:
         # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
         out = torch.cat([y0[None], y0.new_zeros(T, *y0.shape)])
         res = loop(spec, ts, key, t_end, dirn, tol, 0, (out, *carry), jumps)
@@ -513,17 +528,14 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if stiffness is not None and not stiffness.active:
         stiffness = None
     s_ext = stepper.s_ext
-    window = max(1, min(T - 1, MAX_WINDOW, max(4, WINDOW_ELEMENTS // max(1, B * n * s_ext))))
-    chunk = T - 1 if T * B * n <= CHUNK_ELEMENTS else \
-        min(T - 1, max(window, CHUNK_ELEMENTS // max(1, B * n)))
-    window = min(window, chunk)
+    outputs = _Outputs(T, B, n, s_ext)
     zl = torch.zeros(B, dtype=torch.long, device=device)
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     state = {"it": torch.zeros((), dtype=torch.long, device=device),
              "it_step": torch.zeros((), dtype=torch.long, device=device),
              "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
              "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0}
-    if window < T - 1:  # (``_Spec.direct``: else no segment is carried)
+    if not outputs.direct:  # (the segment the outputs are written from, carried)
         state.update(seg_y=y0, seg_y1=y0, seg_h=torch.zeros_like(nan), seg_t=t, seg_t1=t,
                      **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)})
     for k in names:
@@ -533,7 +545,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if stiffness is not None:
         state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
                      stiff_remaining=nan)
-    if window < min(T - 1, MAX_WINDOW):  # (``_Spec.skip_idle``)
+    if outputs.skip_idle:  # (the count of iterations that attempted a step)
         state["evals"] = torch.zeros((), dtype=torch.long, device=device)
     if jumps is not None:
         state["i_stop"] = zl + 1
@@ -557,8 +569,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, window, names, groups, T,
-                 chunk)
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, groups, T)
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -566,15 +577,15 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
-                 window, chunk, groups, stiffness is not None, tol is None, jumps is not None,
-                 getattr(func, "__code__", type(func)))
+                 outputs.window, outputs.chunk, groups, stiffness is not None, tol is None,
+                 jumps is not None, getattr(func, "__code__", type(func)))
     before, start = len(COMPILES), time.perf_counter()
     res, reason = None, FAILED.get((_loop, backend, structure), "")
     if not reason:
         loop = compiled_function(_loop, backend, structure)
         rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
-            if controller.adaptive and chunk < T - 1:  # the first step before the calls
+            if controller.adaptive and not outputs.one_call:  # the first step before the calls
                 _first_step(spec, state, tol, dirn)
             # (autograd inside func, as a CNF's divergence: traced into the graph)
             with torch._dynamo.config.patch(trace_autograd_ops=True):
@@ -607,7 +618,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         rhs.stats.nfe += calls_after_jumps
         rhs.stats.batch_rows += calls_after_jumps * B
     first_calls = int(controller.adaptive and controller.first is None)  # Hairer's estimate
-    attempts = int(c["evals" if "evals" in c else "it"])  # (iterations that evaluated f)
+    attempts = int(c["evals" if outputs.skip_idle else "it"])  # (iterations that evaluated f)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
