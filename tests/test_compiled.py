@@ -129,6 +129,34 @@ def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning(monkeypat
     assert tried and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-12)
 
 
+def test_a_loop_compiled_again_at_every_call_runs_eagerly_after_its_third_compile():
+    class F(torch.nn.Module):  # torchdiffeq's examples count evaluations this way
+        def __init__(self):
+            super().__init__()
+            self.nfe = 0
+
+        def forward(self, t, y):
+            self.nfe += 1
+            return torch.stack([y[1], -y[0] - 0.1 * y[1]])
+    f = F()
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    e = neuralode.solve(f, y0, t)
+    opts = {"compile": "aot_eager"}  # (dynamo's guards, without inductor's compile time)
+    for _ in range(2):  # the counter's guard fails at each call: compiled again
+        c = neuralode.solve(f, y0, t, options=opts)
+        assert c.stats.n_compiles == 1 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
+    with pytest.warns(compiled_driver.CompileFallbackWarning,
+                      match=r"compiled 3 times, again at each call.*self\.nfe \+= 1"):
+        c = neuralode.solve(f, y0, t, options=opts)
+    assert c.stats.n_compiles == 1 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
+    before = f.nfe
+    with pytest.warns(compiled_driver.CompileFallbackWarning, match="solved eagerly"):
+        c = neuralode.solve(f, y0, t, options=opts)
+    assert c.stats.n_compiles == 0 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
+    assert f.nfe - before >= e.stats.nfe  # (eager: the counter counts every evaluation)
+
+
 def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -224,8 +252,8 @@ def test_outputs_beyond_the_carried_buffer_are_written_in_several_calls(monkeypa
     calls = []
     real = compiled_driver.compiled_function
 
-    def counting(fn, backend, structure):
-        loop = real(fn, backend, structure)
+    def counting(fn, backend, structure, settings=None):
+        loop = real(fn, backend, structure, settings)
 
         def run(*args):
             calls.append(structure)

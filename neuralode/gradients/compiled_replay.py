@@ -42,6 +42,7 @@ from neuralode.solvers.compiled import (
     CompileFallbackWarning,
     compiled_function,
     lru_get,
+    recompiled,
 )
 from neuralode.solvers.rk import RKStepper, _tensor_coefficients, dense_weights, graph_step
 from neuralode.solvers.timekeeping import time_dtype
@@ -179,7 +180,8 @@ def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
     structure = (cap, n, M, dtype, str(device), st.tab.name, st.linear, names,
                  tuple(tuple(p.shape) for p in params), getattr(func, "__code__", type(func)))
     backend = backend if isinstance(backend, str) else "inductor"
-    reason = FAILED.get((_sweep, backend, structure), "")
+    key = (_sweep, backend, structure)
+    reason = FAILED.get(key, "")
     if not reason:
         sweep = compiled_function(_sweep, backend, structure)
         before, start = len(COMPILES), time.perf_counter()
@@ -192,7 +194,12 @@ def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
         except Exception as e:  # (dynamo's internal errors are not all of its own exception
             # class; an error of func itself shows again in the eager replay)
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            FAILED[(_sweep, backend, structure)] = reason
+            FAILED[key] = reason
+        again = "" if reason else recompiled(key, sweep, len(COMPILES) - before)
+        if again:  # (this pass's gradients stand)
+            warnings.warn(f"gradient='checkpoint': the compiled backward pass: {again}; later "
+                          f"passes replay their steps eagerly", CompileFallbackWarning,
+                          stacklevel=4)
     if reason:
         warnings.warn(f"gradient='checkpoint': the compiled backward pass could not be "
                       f"compiled ({reason}); its steps are replayed eagerly",

@@ -94,10 +94,16 @@ WINDOW_ELEMENTS = 1 << 16
 # body cannot write into its input), so a solve whose outputs are larger runs the loop in
 # several calls, each writing the next outputs, with one host synchronisation between them
 CHUNK_ELEMENTS = 1 << 18
+WRITE_ALWAYS_ELEMENTS = 1 << 12
 COMPILES: list[float] = []  # seconds of each compilation (inductor) of this process
 # inductor: C++ host code around the kernels (the loop's iterations would otherwise each run
 # tens of Python-level buffer checks), small matrix products written as fused arithmetic
 INDUCTOR_SETTINGS = {"cpp_wrapper": True, "decompose_mem_bound_mm": True}
+# small states: the stacked carried tensors written by one pointwise kernel (a concatenation
+# kernel hands each stacked part a tensor of its own, a heap allocation per part and
+# iteration); with many rows its where-chain recomputes each part for every row instead
+POINTWISE_CAT = {"force_pointwise_cat": True}
+POINTWISE_CAT_ROWS = 32
 
 
 def _fork(obj, **attrs):
@@ -109,8 +115,9 @@ def _fork(obj, **attrs):
     return new
 
 
-def _counting_backend(backend: str):
-    """The backend, timing each compilation into ``COMPILES``."""
+def _counting_backend(backend: str, settings: dict):
+    """The backend (inductor with ``INDUCTOR_SETTINGS`` and ``settings``), timing each
+    compilation into ``COMPILES``."""
     if backend != "inductor":
         inner: Any = backend
     else:  # (imported here: torch's compiler takes seconds to import, most solves skip it)
@@ -120,7 +127,7 @@ def _counting_backend(backend: str):
     def compile_graph(gm, example_inputs):
         start = time.perf_counter()
         if callable(inner):
-            with torch._inductor.config.patch(INDUCTOR_SETTINGS):
+            with torch._inductor.config.patch({**INDUCTOR_SETTINGS, **settings}):
                 fn = inner(gm, example_inputs)
         else:
             fn = torch._dynamo.lookup_backend(inner)(gm, example_inputs)
@@ -153,7 +160,7 @@ _LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its com
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
 
-def compiled_function(fn, backend: str, structure: tuple):
+def compiled_function(fn, backend: str, structure: tuple, settings: dict | None = None):
     """``fn`` (a loop: this module's ``_loop``, the checkpoint's reverse sweep) compiled for
     one structure. Each structure gets a code object of its own: torch.compile keeps its
     compilations per code object, checks them in turn on every call and stops compiling
@@ -162,9 +169,38 @@ def compiled_function(fn, backend: str, structure: tuple):
     def make():
         copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                   fn.__defaults__, fn.__closure__)
-        return torch.compile(copy, fullgraph=True, dynamic=False,
-                             backend=_counting_backend(backend))
+        compiled = torch.compile(copy, fullgraph=True, dynamic=False,
+                                 backend=_counting_backend(backend, settings or {}))
+        compiled.__dict__.update(neuralode_code=copy.__code__, neuralode_compiles=0)
+        return compiled
     return lru_get(_LOOPS, (fn, backend, structure), make, MAX_LOOPS)
+
+
+MAX_COMPILES = 6  # compilations of one structure's loop (torch stops at 8) before it fails
+
+
+def recompiled(key: tuple, compiled, new: int) -> str:
+    """After a call of ``compiled`` (``compiled_function``'s, for ``key``) that compiled
+    ``new`` times: "" or, where the loop keeps being compiled again, why; ``key`` is then
+    marked ``FAILED`` (its later calls run eagerly). A guard of torch.compile failed: a
+    Python value the loop reads changed since it was compiled. Where the same guard fails
+    twice in a row, the value changes at every call (a counter in func, ``self.nfe += 1``):
+    every call would compile again (seconds each), so the third compilation is the last."""
+    if not new:
+        return ""
+    n = compiled.neuralode_compiles = getattr(compiled, "neuralode_compiles", 0) + new
+    code = getattr(compiled, "neuralode_code", None)
+    fails = [" ".join(r.split("User stack trace")[0].split()).split(": ", 1)[-1]
+             for r in torch._dynamo.utils.guard_failures.get(code, [])]
+    same = len(fails) >= 2 and fails[-1].split(" == ")[0] == fails[-2].split(" == ")[0]
+    if n < (3 if same else MAX_COMPILES):
+        return ""
+    what = fails[-1].split(" # ", 1)[-1].split("(HINT")[0].strip() if fails else "?"
+    FAILED[key] = reason = (
+        f"its loop was compiled {n} times, again at each call: a Python value it reads "
+        f"changed ({what[:200]}); a counter or flag that func changes (self.nfe += 1) does "
+        f"this: read the solution's stats instead, or keep such values in tensors")
+    return reason
 
 
 class _Outputs:
@@ -185,6 +221,11 @@ class _Outputs:
         # every step's outputs fit in one window: they are written from the step itself,
         # in its iteration (no segment is carried for later iterations)
         self.direct = self.window >= T - 1
+        # one small problem writes its window at every iteration (with nothing to write, into
+        # the spare row): cheaper than the branch that would skip it. (With many rows the
+        # unconditional write costs more than the branch: 256 Van der Pol per sample, 2.4x
+        # slower; 32, 1.6x.)
+        self.write_always = B == 1 and self.window * n * s_ext <= WRITE_ALWAYS_ELEMENTS
 
 
 class _Spec:
@@ -198,6 +239,7 @@ class _Spec:
         self.window, self.chunk = outputs.window, outputs.chunk
         self.one_call, self.skip_idle, self.direct = \
             outputs.one_call, outputs.skip_idle, outputs.direct
+        self.write_always = outputs.write_always
         self.adaptive = controller.adaptive
 
 
@@ -205,6 +247,11 @@ def _tolerances(ctl, tol) -> dict:
     """The controller's norm with the tolerance tensors ``tol`` (rtol, atol), or as it is."""
     return {} if not ctl.adaptive else {
         "norm": _fork(ctl.norm, rtol=tol[0], atol=tol[1]) if tol is not None else ctl.norm}
+
+
+def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+    """The rows whose f(t0, y0) is not finite fail before their first step."""
+    return torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE], status)
 
 
 def _first_step(spec: _Spec, c: dict, tol, dirn) -> None:
@@ -246,11 +293,18 @@ def _pack(state: dict, groups: tuple, before: dict | None = None) -> tuple:
     return tuple(out)
 
 
-def _unpack(packs: tuple, groups: tuple) -> dict:
+def _unpack(packs: tuple, groups: tuple, only: tuple | None = None) -> dict:
+    """The carried state by name (``only``: just these names)."""
     out = {}
     for p, (names, alone) in zip(packs, groups):
-        out.update({names[0]: p} if alone else {n: p[k] for k, n in enumerate(names)})
+        out.update({n: (p if alone else p[k]) for k, n in enumerate(names)
+                    if only is None or n in only})
     return out
+
+
+# what is read of the state a call of the compiled loop ends with
+RESULT = ("status", "i_w", "i_out", "it", "evals", "t", "y", "h", "n_acc", "n_rej",
+          "jump_evals", "stiff_t", "stiff_h", "stiff_ratio", "stiff_remaining")
 
 
 def _segment_names(s_ext: int) -> tuple:
@@ -322,9 +376,11 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if adaptive and one_call:  # the first step, in the graph when there is one call
+    if one_call:  # f0's check and the first step: in the graph when there is one call
         c = _unpack(carry[1:], groups)
-        _first_step(spec, c, tol, dirn)
+        c["status"] = _f0_status(c["f0"], c["status"])
+        if adaptive:
+            _first_step(spec, c, tol, dirn)
         carry = (carry[0], *_pack(c, groups))
 
     def writes(c: dict, new: dict) -> dict:
@@ -440,8 +496,11 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
             operands = packs = _pack({**c, **new}, groups, c)
         # one window of output writes per row (from the old i_w), in the iterations that
         # have any
-        out = torch.cond((new["i_w"] > i_w).any(), write_fn, keep,
-                         (out, i_w.clone(), *operands))
+        if spec.write_always:
+            out = write_fn(out, i_w, *operands)
+        else:
+            out = torch.cond((new["i_w"] > i_w).any(), write_fn, keep,
+                             (out, i_w.clone(), *operands))
         return (out, *packs)
 
     return while_loop(cond, body, carry)
@@ -456,16 +515,17 @@ def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps)
     carry = _pack(state, groups, state)
     if spec.one_call:
         # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
-        out = torch.cat([y0[None], y0.new_zeros(T, *y0.shape)])
+        out = y0.new_empty((T + 1, *y0.shape))  # (rows not written are masked at the end)
+        out[0] = y0
         res = loop(spec, ts, key, t_end, dirn, tol, 0, (out, *carry), jumps)
-        return res[0][:T], _unpack(res[1:], groups)
+        return res[0][:T], _unpack(res[1:], groups, RESULT)
     ys = y0.new_zeros(T, *y0.shape)
     ys[0] = y0
     base, i_w = 1, state["i_w"]
     while True:
         res = loop(spec, ts, key, t_end, dirn, tol, torch.tensor(base, device=ts.device),
                    (y0.new_zeros(C + 1, *y0.shape), *carry), jumps)
-        carry, c = res[1:], _unpack(res[1:], groups)
+        carry, c = res[1:], _unpack(res[1:], groups, RESULT)
         m = min(C, T - base)
         pos = torch.arange(base, base + m, device=ts.device)[:, None]
         wrote = (pos >= i_w) & (pos < c["i_w"])  # (m, B): the outputs this call wrote
@@ -513,8 +573,11 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     f0 = rhs.call(t, y0)
     if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
         raise ODEInputError(BACKPROP_REFUSED.format(name=name))
-    status = torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE],
-                         torch.zeros(B, dtype=torch.long, device=device))
+    s_ext = stepper.s_ext
+    outputs = _Outputs(T, B, n, s_ext)
+    status = torch.zeros(B, dtype=torch.long, device=device)
+    if not outputs.one_call:  # (one call: checked in the graph, ``_loop``)
+        status = _f0_status(f0, status)
     # the stepper's stage list (its autograd form: sums of scaled stages), with or without
     # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
     # products would each be a kernel of their own
@@ -527,8 +590,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()
     if stiffness is not None and not stiffness.active:
         stiffness = None
-    s_ext = stepper.s_ext
-    outputs = _Outputs(T, B, n, s_ext)
     zl = torch.zeros(B, dtype=torch.long, device=device)
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     state = {"it": torch.zeros((), dtype=torch.long, device=device),
@@ -580,9 +641,11 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                  outputs.window, outputs.chunk, groups, stiffness is not None, tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)))
     before, start = len(COMPILES), time.perf_counter()
-    res, reason = None, FAILED.get((_loop, backend, structure), "")
+    fkey = (_loop, backend, structure)
+    res, reason = None, FAILED.get(fkey, "")
     if not reason:
-        loop = compiled_function(_loop, backend, structure)
+        small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
+        loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None)
         rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
             if controller.adaptive and not outputs.one_call:  # the first step before the calls
@@ -590,11 +653,16 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             # (autograd inside func, as a CNF's divergence: traced into the graph)
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 res = _calls(loop, spec, ts, key, t_end, dirn, tol, y0, state, jumps)
-        except torch._dynamo.exc.TorchDynamoException as e:
+        except (torch._dynamo.exc.TorchDynamoException,
+                torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             reason = " ".join(str(e).split())[:400]
-            FAILED[(_loop, backend, structure)] = reason
+            FAILED[fkey] = reason
         finally:
             rhs.counting = True
+        again = recompiled(fkey, loop, len(COMPILES) - before)
+        if again:  # (this solve's result stands; the structure's later solves run eagerly)
+            warnings.warn(f"{name}: the compiled solve: {again}; this problem's later solves "
+                          f"run eagerly", CompileFallbackWarning, stacklevel=2)
     if res is None and jumps is not None:  # (the eager driver has no jumps: the caller's)
         raise CompileFailure(reason)
     if res is None:
@@ -624,13 +692,15 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if info is not None:
         new = COMPILES[before:]
         info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
-    mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
-    ys = torch.where(mask[:, :, None], out, math.nan)
+    ys = out
+    if not bool((i_out == T).all()):  # (the outputs a row did not reach: NaN)
+        mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
+        ys = torch.where(mask[:, :, None], out, math.nan)
     result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
                            nan)
     stiff_at = {}
     if stiffness is not None:
-        for b in (status == _STIFF).nonzero()[:, 0].tolist():
+        for b in [b for b, code in enumerate(status.tolist()) if code == _STIFF]:
             stiff_at[b] = (float(c["stiff_t"][b]), float(c["stiff_h"][b]),
                            float(c["stiff_ratio"][b]), stiffness.boundary,
                            float(c["stiff_remaining"][b]))
@@ -641,4 +711,4 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
 
 
 __all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "compiled_function",
-           "integrate_compiled", "lru_get"]
+           "integrate_compiled", "lru_get", "recompiled"]
