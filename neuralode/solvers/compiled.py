@@ -199,7 +199,8 @@ def recompiled(key: tuple, compiled, new: int) -> str:
     FAILED[key] = reason = (
         f"its loop was compiled {n} times, again at each call: a Python value it reads "
         f"changed ({what[:200]}); a counter or flag that func changes (self.nfe += 1) does "
-        f"this: read the solution's stats instead, or keep such values in tensors")
+        f"this: skip it while torch.compiler.is_compiling() and read the solution's stats, "
+        f"or keep such values in tensors")
     return reason
 
 
