@@ -157,6 +157,25 @@ def test_a_loop_compiled_again_at_every_call_runs_eagerly_after_its_third_compil
     assert f.nfe - before >= e.stats.nfe  # (eager: the counter counts every evaluation)
 
 
+def test_other_controller_settings_get_a_loop_of_their_own():
+    # settings are Python floats the loop reads: each value is a structure of its own,
+    # compiled once, not a recompilation of one loop (which ``recompiled`` would take for a
+    # value changing at every call, and solve eagerly from the third on)
+    def f(t, y):
+        return torch.stack([y[1], -y[0] - 0.5 * y[1]])
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    compiles = []
+    for safety in (0.9, 0.8, 0.7, 0.9):
+        e = neuralode.solve(f, y0, t, options={"safety": safety})
+        c = neuralode.solve(f, y0, t, options={"compile": "aot_eager", "safety": safety})
+        compiles.append(c.stats.n_compiles)
+        assert (c.stats.n_accepted, c.stats.n_rejected) == (e.stats.n_accepted,
+                                                            e.stats.n_rejected)
+        assert torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
+    assert compiles == [1, 1, 1, 0]
+
+
 def test_fixed_grid_equals_eager_and_the_adjoint_differentiates_it():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))

@@ -250,6 +250,18 @@ def _tolerances(ctl, tol) -> dict:
         "norm": _fork(ctl.norm, rtol=tol[0], atol=tol[1]) if tol is not None else ctl.norm}
 
 
+def _settings(*templates) -> tuple:
+    """The plain settings (bool, int, float, str and None attributes) of the loop's
+    templates, part of its structure: a solve with other controller settings (safety,
+    max_step, ...) gets a loop of its own, compiled once, rather than compiling the same
+    loop again (which ``recompiled`` would take for a value changing at every call). (The
+    norm is not among them: its scalar tolerances enter the loop as tensors.)"""
+    return tuple(tuple((k, repr(v) if isinstance(v, float) else v)
+                       for k, v in vars(o).items()
+                       if v is None or isinstance(v, (bool, int, float, str)))
+                 for o in templates if o is not None)
+
+
 def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
     """The rows whose f(t0, y0) is not finite fail before their first step."""
     return torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE], status)
@@ -640,7 +652,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
                  outputs.window, outputs.chunk, groups, stiffness is not None, tol is None,
-                 jumps is not None, getattr(func, "__code__", type(func)))
+                 jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
+                 _settings(st_proto, ctl_proto, stiff_proto))
     before, start = len(COMPILES), time.perf_counter()
     fkey = (_loop, backend, structure)
     res, reason = None, FAILED.get(fkey, "")
