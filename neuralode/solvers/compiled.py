@@ -241,6 +241,7 @@ class _Spec:
         self.one_call, self.skip_idle, self.direct = \
             outputs.one_call, outputs.skip_idle, outputs.direct
         self.write_always = outputs.write_always
+        self.f0_in_graph = False  # (set by ``integrate_compiled``)
         self.adaptive = controller.adaptive
 
 
@@ -389,8 +390,10 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if one_call:  # f0's check and the first step: in the graph when there is one call
+    if one_call:  # f0 and its check, the first step: in the graph when there is one call
         c = _unpack(carry[1:], groups)
+        if spec.f0_in_graph:
+            c["f0"] = stepper0.rhs.call(c["t"], c["y"])
         c["status"] = _f0_status(c["f0"], c["status"])
         if adaptive:
             _first_step(spec, c, tol, dirn)
@@ -583,14 +586,20 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     t = ts[:, 0].clone()
     t_end = ts[:, -1].clone()
     key = ts * dirn[:, None]
-    f0 = rhs.call(t, y0)
-    if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
-        raise ODEInputError(BACKPROP_REFUSED.format(name=name))
     s_ext = stepper.s_ext
     outputs = _Outputs(T, B, n, s_ext)
     status = torch.zeros(B, dtype=torch.long, device=device)
-    if not outputs.one_call:  # (one call: checked in the graph, ``_loop``)
-        status = _f0_status(f0, status)
+    # one call without autograd: f(t0, y0) is evaluated in the graph (``_loop``), else here
+    # (before the calls, or to see whether autograd would need the graph: refused)
+    f0_in_graph = outputs.one_call and not torch.is_grad_enabled()
+    if f0_in_graph:
+        f0 = torch.zeros_like(y0)  # (its place in the carried state)
+    else:
+        f0 = rhs.call(t, y0)
+        if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
+            raise ODEInputError(BACKPROP_REFUSED.format(name=name))
+        if not outputs.one_call:  # (one call: checked in the graph)
+            status = _f0_status(f0, status)
     # the stepper's stage list (its autograd form: sums of scaled stages), with or without
     # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
     # products would each be a kernel of their own
@@ -644,6 +653,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, groups, T)
+    spec.f0_in_graph = f0_in_graph
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -653,6 +663,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
                  outputs.window, outputs.chunk, groups, stiffness is not None, tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
+                 f0_in_graph,
                  _settings(st_proto, ctl_proto, stiff_proto))
     before, start = len(COMPILES), time.perf_counter()
     fkey = (_loop, backend, structure)
@@ -699,7 +710,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         calls_after_jumps = int(c["jump_evals"])
         rhs.stats.nfe += calls_after_jumps
         rhs.stats.batch_rows += calls_after_jumps * B
-    first_calls = int(controller.adaptive and controller.first is None)  # Hairer's estimate
+    # Hairer's estimate, and f(t0, y0) where the graph evaluated it
+    first_calls = int(controller.adaptive and controller.first is None) + int(f0_in_graph)
     attempts = int(c["evals" if outputs.skip_idle else "it"])  # (iterations that evaluated f)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
