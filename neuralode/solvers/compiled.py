@@ -233,15 +233,12 @@ class _Spec:
     """What the loop body needs besides its carried tensors (fixed per structure)."""
 
     def __init__(self, stepper, controller, stiffness, max_num_steps: int, outputs: _Outputs,
-                 hist_names: tuple, groups: tuple, T: int):
+                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool):
         self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
         self.max_num_steps = max_num_steps
         self.hist_names, self.groups, self.T = hist_names, groups, T
-        self.window, self.chunk = outputs.window, outputs.chunk
-        self.one_call, self.skip_idle, self.direct = \
-            outputs.one_call, outputs.skip_idle, outputs.direct
-        self.write_always = outputs.write_always
-        self.f0_in_graph = False  # (set by ``integrate_compiled``)
+        self.out = outputs  # (the output layout: window, chunk, one call, ...)
+        self.f0_in_graph = f0_in_graph  # f(t0, y0) evaluated in the graph (one call)
         self.adaptive = controller.adaptive
 
 
@@ -335,12 +332,13 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     B, n), *packed state); out's row chunk takes the writes that are not this call's.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
-    T, W, C, adaptive, groups = spec.T, spec.window, spec.chunk, spec.adaptive, spec.groups
+    T, W, C, adaptive, groups = spec.T, spec.out.window, spec.out.chunk, spec.adaptive, \
+        spec.groups
     names = spec.hist_names
     SEGMENT = _segment_names(stepper0.s_ext)
     j = torch.arange(W, device=ts.device)[None, :]
     extra = _tolerances(ctl0, tol)
-    one_call = spec.one_call  # (then every output is this call's: no chunk bounds)
+    one_call = spec.out.one_call  # (then every output is this call's: no chunk bounds)
     if one_call:  # (out: y0, the T - 1 outputs, a row for absent writes)
         C = T
     end = base + C  # the first output past this call's
@@ -456,7 +454,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
                             (t, hm, ratio, remaining)):
                 new[k] = torch.where(fire, v, c[k])
         # (the stages: as evaluated where they are written at once, else the stacked ones)
-        ks = stepper.ks[:stepper0.s_ext] if spec.direct else stages.unbind(0)
+        ks = stepper.ks[:stepper0.s_ext] if spec.out.direct else stages.unbind(0)
         seg = (y_old, y1, hm, t_old, t1m, *ks)
         stepper.advance(accept=accept)
         new["f0"] = stepper.f0
@@ -483,7 +481,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         """``step_rows``, the accepted step kept as the rows' segment (carried: their
         outputs are written from it in this and later iterations): the new state."""
         new, seg, accept = step_rows(c)
-        if spec.skip_idle:  # (the attempts: else every iteration's)
+        if spec.out.skip_idle:  # (the attempts: else every iteration's)
             new["evals"] = c["evals"] + 1
         for k, v in zip(SEGMENT, seg):
             new["seg_" + k] = torch.where(accept.view(-1, *[1] * (v.dim() - 1)), v,
@@ -498,12 +496,12 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
         c = _unpack(packs, groups)
         i_w = c["i_w"]
         write_fn = write_carried
-        if spec.direct:  # the step's outputs, from the step itself
+        if spec.out.direct:  # the step's outputs, from the step itself
             new, seg, _ = step_rows(c)
             new = writes(c, new)
             old, packs = packs, _pack({**c, **new}, groups, c)
             write_fn, operands = write_direct, (*packs, *old, seg[1], seg[2], seg[4], *seg[6:])
-        elif spec.skip_idle:
+        elif spec.out.skip_idle:
             go = (c["status"] == _RUNNING) & (i_w >= c["i_out"])
             operands = packs = torch.cond(go.any(), attempt, idle, packs)
             new = {"i_w": _unpack(packs, groups)["i_w"]}
@@ -512,7 +510,7 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
             operands = packs = _pack({**c, **new}, groups, c)
         # one window of output writes per row (from the old i_w), in the iterations that
         # have any
-        if spec.write_always:
+        if spec.out.write_always:
             out = write_fn(out, i_w, *operands)
         else:
             out = torch.cond((new["i_w"] > i_w).any(), write_fn, keep,
@@ -527,9 +525,9 @@ def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps)
     holds every output, else one call per chunk of outputs (each starting at the first
     output a row has not written), each chunk copied into the result. Returns (outputs
     (T, B, n), the final state)."""
-    T, C, groups = spec.T, spec.chunk, spec.groups
+    T, C, groups = spec.T, spec.out.chunk, spec.groups
     carry = _pack(state, groups, state)
-    if spec.one_call:
+    if spec.out.one_call:
         # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
         out = y0.new_empty((T + 1, *y0.shape))  # (rows not written are masked at the end)
         out[0] = y0
@@ -652,8 +650,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, groups, T)
-    spec.f0_in_graph = f0_in_graph
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, groups, T,
+                 f0_in_graph)
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -684,7 +682,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             FAILED[fkey] = reason
         finally:
             rhs.counting = True
-        again = recompiled(fkey, loop, len(COMPILES) - before)
+        again = "" if reason else recompiled(fkey, loop, len(COMPILES) - before)
         if again:  # (this solve's result stands; the structure's later solves run eagerly)
             warnings.warn(f"{name}: the compiled solve: {again}; this problem's later solves "
                           f"run eagerly", CompileFallbackWarning, stacklevel=2)
