@@ -118,7 +118,7 @@ def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning(monkeypat
     tried = []
     real = compiled_driver.compiled_function
     monkeypatch.setattr(compiled_driver, "compiled_function",
-                        lambda *a: tried.append(a) or real(*a))
+                        lambda *a, **k: tried.append(a) or real(*a, **k))
     with pytest.warns(compiled_driver.CompileFallbackWarning, match="solved eagerly"):
         c = neuralode.solve(f, y0 * 2, t, per_sample=True, options=C)
     assert not tried and torch.equal(c.ys, neuralode.solve(f, y0 * 2, t, per_sample=True).ys)
@@ -155,6 +155,46 @@ def test_a_loop_compiled_again_at_every_call_runs_eagerly_after_its_third_compil
         c = neuralode.solve(f, y0, t, options=opts)
     assert c.stats.n_compiles == 0 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
     assert f.nfe - before >= e.stats.nfe  # (eager: the counter counts every evaluation)
+
+
+def test_the_loop_drops_the_guards_its_structure_fixes_and_keeps_those_on_func(monkeypatch):
+    # the structure key fixes the templates' settings and the tableau's coefficients:
+    # dynamo's guards on them (hundreds, checked at every call) are dropped; a value that
+    # func reads is not fixed by the key, and when it changes the loop compiles again
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = 0.1
+
+        def forward(self, t, y):
+            return torch.stack([y[1], -y[0] - self.k * y[1]])
+    seen = []
+    real = compiled_driver._guard_filter
+
+    def recording(fixed):
+        keep = real(fixed)
+
+        def run(entries):
+            kept = keep(entries)
+            seen.extend(zip(entries, kept))
+            return kept
+        return run
+    monkeypatch.setattr(compiled_driver, "_guard_filter", recording)
+    f = F()
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    opts = {"compile": "aot_eager"}
+    first = neuralode.solve(f, y0, t, options=opts)
+    dropped = [e.name for e, k in seen if not k]
+    assert sum(n.startswith("spec.stepper.__dict__['a_nz']") for n in dropped) > 20
+    assert not [e for e, k in seen if not k and (e.name.startswith("spec.stepper.rhs")
+                                                  or e.guard_type == "TENSOR_MATCH")]
+    assert any(e.name.startswith("spec.stepper.rhs") and k for e, k in seen)
+    f.k = 0.3
+    c = neuralode.solve(f, y0, t, options=opts)
+    e = neuralode.solve(f, y0, t)
+    assert c.stats.n_compiles == 1 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
+    assert not torch.allclose(c.ys, first.ys, rtol=0, atol=1e-6)
 
 
 def test_other_controller_settings_get_a_loop_of_their_own():
@@ -271,8 +311,8 @@ def test_outputs_beyond_the_carried_buffer_are_written_in_several_calls(monkeypa
     calls = []
     real = compiled_driver.compiled_function
 
-    def counting(fn, backend, structure, settings=None):
-        loop = real(fn, backend, structure, settings)
+    def counting(fn, backend, structure, settings=None, fixed=None):
+        loop = real(fn, backend, structure, settings, fixed)
 
         def run(*args):
             calls.append(structure)

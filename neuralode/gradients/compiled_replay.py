@@ -43,6 +43,7 @@ from neuralode.solvers.compiled import (
     compiled_function,
     lru_get,
     recompiled,
+    tracing_autograd,
 )
 from neuralode.solvers.rk import RKStepper, _tensor_coefficients, dense_weights, graph_step
 from neuralode.solvers.timekeeping import time_dtype
@@ -186,7 +187,7 @@ def reverse_compiled(tape, y0: torch.Tensor, grads: list, last: int, backend):
         sweep = compiled_function(_sweep, backend, structure)
         before, start = len(COMPILES), time.perf_counter()
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True), torch.no_grad():
+            with tracing_autograd(), torch.no_grad():
                 a_y, a_f, g_par = sweep(step, Y, F, T, T1, H, slot.to(device), G1, GY, GK,
                                         torch.tensor(N, device=device), y0.new_zeros(n),
                                         y0.new_zeros(n), params)

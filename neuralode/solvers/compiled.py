@@ -45,11 +45,13 @@ warning, without tracing it again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import types
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,23 +159,52 @@ def lru_get(cache: OrderedDict, key, make, limit: int = 64):
 # training loop would otherwise pay the failed tracing at every call)
 FAILED: dict = {}
 _LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its compiled copy
+_GROUPS: OrderedDict = OrderedDict()  # structure -> its carried state's layout (``_groups``)
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
 
-def compiled_function(fn, backend: str, structure: tuple, settings: dict | None = None):
+def compiled_function(fn, backend: str, structure: tuple, settings: dict | None = None,
+                      fixed: Callable[[], tuple] | None = None):
     """``fn`` (a loop: this module's ``_loop``, the checkpoint's reverse sweep) compiled for
     one structure. Each structure gets a code object of its own: torch.compile keeps its
     compilations per code object, checks them in turn on every call and stops compiling
     past a few (8 in torch 2.13), so one shared code object would slow down, then fall back
-    to running uncompiled, as a process meets more structures."""
+    to running uncompiled, as a process meets more structures. ``fixed()``: the sources
+    (``spec.out``, ``spec.stepper.__dict__['c']``, ...) whose values ``structure`` fixes;
+    torch.compile's guards on them are dropped (checked once per call by the structure's
+    lookup, not again by dynamo; a few hundred guards on a tableau's coefficients)."""
     def make():
         copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                   fn.__defaults__, fn.__closure__)
-        compiled = torch.compile(copy, fullgraph=True, dynamic=False,
+        options = {"guard_filter_fn": _guard_filter(fixed())} if fixed else None
+        compiled = torch.compile(copy, fullgraph=True, dynamic=False, options=options,
                                  backend=_counting_backend(backend, settings or {}))
         compiled.__dict__.update(neuralode_code=copy.__code__, neuralode_compiles=0)
         return compiled
     return lru_get(_LOOPS, (fn, backend, structure), make, MAX_LOOPS)
+
+
+def _guard_filter(fixed: tuple):
+    """torch.compile's ``guard_filter_fn``: keep every guard but those on the sources in
+    ``fixed`` (and what lies below them), tensors' guards excepted."""
+    def keep(entries) -> list[bool]:
+        return [e.guard_type == "TENSOR_MATCH"
+                or not any(e.name == p or e.name.startswith((p + ".", p + "[")) for p in fixed)
+                for e in entries]
+    return keep
+
+
+@contextlib.contextmanager
+def tracing_autograd():
+    """Autograd inside func (a CNF's divergence) traced into the graph, for the block:
+    dynamo's ``trace_autograd_ops``, set and reset by hand (``config.patch`` costs ~25 us,
+    at every call of a compiled solve)."""
+    cfg = torch._dynamo.config
+    was, cfg.trace_autograd_ops = cfg.trace_autograd_ops, True
+    try:
+        yield
+    finally:
+        cfg.trace_autograd_ops = was
 
 
 MAX_COMPILES = 6  # compilations of one structure's loop (torch stops at 8) before it fails
@@ -233,13 +264,17 @@ class _Spec:
     """What the loop body needs besides its carried tensors (fixed per structure)."""
 
     def __init__(self, stepper, controller, stiffness, max_num_steps: int, outputs: _Outputs,
-                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool):
+                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool,
+                 hist0: dict | None = None):
         self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
         self.max_num_steps = max_num_steps
         self.hist_names, self.groups, self.T = hist_names, groups, T
         self.out = outputs  # (the output layout: window, chunk, one call, ...)
         self.f0_in_graph = f0_in_graph  # f(t0, y0) evaluated in the graph (one call)
         self.adaptive = controller.adaptive
+        # the controller's starting history (but absy): where given, the graph builds the
+        # starting state from y0 (a solve in one call, f0 in the graph), else it is carried in
+        self.hist0 = hist0
 
 
 def _tolerances(ctl, tol) -> dict:
@@ -254,15 +289,74 @@ def _settings(*templates) -> tuple:
     max_step, ...) gets a loop of its own, compiled once, rather than compiling the same
     loop again (which ``recompiled`` would take for a value changing at every call). (The
     norm is not among them: its scalar tolerances enter the loop as tensors.)"""
-    return tuple(tuple((k, repr(v) if isinstance(v, float) else v)
-                       for k, v in vars(o).items()
-                       if v is None or isinstance(v, (bool, int, float, str)))
+    return tuple(tuple((k, repr(v) if isinstance(v, float) else v) for k, v in _plain(o))
                  for o in templates if o is not None)
+
+
+def _plain(o) -> list:
+    """(name, value) of ``o``'s plain attributes (bool, int, float, str, None)."""
+    return [(k, v) for k, v in vars(o).items()
+            if v is None or isinstance(v, (bool, int, float, str))]
+
+
+# what a structure key fixes besides the templates' plain settings: the loop's layout, and
+# the coefficients that a template derives from its tableau (the key holds the tableau)
+FIXED_SPEC = ("spec.T", "spec.adaptive", "spec.f0_in_graph", "spec.max_num_steps", "spec.out",
+              "spec.groups", "spec.hist_names")
+FROM_TABLEAU = {"stepper": ("tab", "c", "a_nz", "b_nz", "berr_nz"), "stiffness": ("d",)}
+
+
+def _fixed_sources(spec) -> tuple:
+    """The sources of ``spec`` that its structure key fixes (``compiled_function``)."""
+    out = list(FIXED_SPEC)
+    for role in ("stepper", "controller", "stiffness"):
+        o = getattr(spec, role)
+        if o is not None:
+            for k in [k for k, _ in _plain(o)] + list(FROM_TABLEAU.get(role, ())):
+                out += [f"spec.{role}.__dict__[{k!r}]", f"spec.{role}.{k}"]
+    return tuple(out)
 
 
 def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
     """The rows whose f(t0, y0) is not finite fail before their first step."""
     return torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE], status)
+
+
+def _clock(ts):
+    """(the direction of each row's time (B,), the times in it (B, T) (increasing), the
+    rows' end times (B,)) of the output times ``ts`` (B, T)."""
+    dirn = torch.where(ts[:, -1] >= ts[:, 0], 1.0, -1.0).to(torch.float64)
+    return dirn, ts * dirn[:, None], ts[:, -1].clone()
+
+
+def _start(spec: _Spec, ctl, ts, y0, f0, status, hist: dict, jumps: bool) -> dict:
+    """The state a solve starts from (eagerly; in the graph of a solve in one call):
+    ``ctl`` the controller (its first grid point), ``hist`` its starting history."""
+    B, device = y0.shape[0], y0.device
+    t = ts[:, 0].detach().clone()
+    zl = torch.zeros(B, dtype=torch.long, device=device)
+    nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
+    h = nan.clone() if spec.adaptive else \
+        ctl.point(torch.ones(B, dtype=torch.long, device=device)).detach() - t
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    state = {"it": zero, "it_step": zero.clone(), "status": status, "i_w": zl + 1,
+             "i_out": zl + 1, "t": t, "y": y0, "h": h, "n_att": zl, "n_acc": zl, "n_rej": zl,
+             "k_grid": zl, "f0": f0}
+    if not spec.out.direct:  # (the segment the outputs are written from, carried)
+        state.update(seg_y=y0, seg_y1=y0, seg_h=torch.zeros_like(nan), seg_t=t, seg_t1=t,
+                     **{f"seg_K{i}": torch.zeros_like(y0) for i in range(spec.stepper.s_ext)})
+    for k, v in hist.items():
+        state["hist_" + k] = v.detach() if isinstance(v, torch.Tensor) else torch.full(
+            (B,), v, dtype=torch.bool if isinstance(v, bool) else torch.float64, device=device)
+    if spec.stiffness is not None:
+        state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
+                     stiff_remaining=nan)
+    if spec.out.skip_idle:  # (the count of iterations that attempted a step)
+        state["evals"] = zero.clone()
+    if jumps:
+        state["i_stop"] = zl + 1
+        state["jump_evals"] = zero.clone()
+    return state
 
 
 def _first_step(spec: _Spec, c: dict, tol, dirn) -> None:
@@ -323,15 +417,17 @@ def _segment_names(s_ext: int) -> tuple:
     return ("y", "y1", "h", "t", "t1", *(f"K{i}" for i in range(s_ext)))
 
 
-def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
+def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     """The solve, or the part of it that writes the outputs ``base`` .. ``base`` + chunk - 1
     (``base`` a 0-d tensor; 0 when one call writes them all, its out holding y0 in row 0
     and chunk = T: the outputs' indices are its rows): ``while_loop`` over
     iterations, each one attempt of the rows that may step and one window of output writes;
     it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1,
-    B, n), *packed state); out's row chunk takes the writes that are not this call's.
+    B, n), *packed state); out's row chunk takes the writes that are not this call's; or,
+    where ``spec.hist0`` is given, (y0,): the graph builds out and the state.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
+    dirn, key, t_end = _clock(ts)
     T, W, C, adaptive, groups = spec.T, spec.out.window, spec.out.chunk, spec.adaptive, \
         spec.groups
     names = spec.hist_names
@@ -388,6 +484,14 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
+    if spec.hist0 is not None:  # the starting state, from y0
+        y0 = carry[0]
+        hist = {**spec.hist0, "absy": y0.detach().abs()} if adaptive else {}
+        B = y0.shape[0]
+        c = _start(spec, ctl0, ts, y0, torch.zeros_like(y0),
+                   torch.zeros(B, dtype=torch.long, device=y0.device), hist, jumps is not None)
+        out = torch.cat([y0[None], y0.new_empty((T, *y0.shape))])
+        carry = (out, *_pack(c, groups))
     if one_call:  # f0 and its check, the first step: in the graph when there is one call
         c = _unpack(carry[1:], groups)
         if spec.f0_in_graph:
@@ -520,24 +624,28 @@ def _loop(spec: _Spec, ts, key, t_end, dirn, tol, base, carry, jumps=None):
     return while_loop(cond, body, carry)
 
 
-def _calls(loop, spec: _Spec, ts, key, t_end, dirn, tol, y0, state: dict, jumps):
+def _calls(loop, spec: _Spec, ts, tol, y0, state: dict | None, jumps):
     """Run the compiled ``loop`` until the solve ends: one call when its output buffer
     holds every output, else one call per chunk of outputs (each starting at the first
-    output a row has not written), each chunk copied into the result. Returns (outputs
-    (T, B, n), the final state)."""
+    output a row has not written), each chunk copied into the result. ``state``: the
+    starting state, None where the graph builds it. Returns (outputs (T, B, n), the final
+    state)."""
     T, C, groups = spec.T, spec.out.chunk, spec.groups
+    if state is None:
+        res = loop(spec, ts, tol, 0, (y0,), jumps)
+        return res[0][:T], _unpack(res[1:], groups, RESULT)
     carry = _pack(state, groups, state)
     if spec.out.one_call:
         # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
         out = y0.new_empty((T + 1, *y0.shape))  # (rows not written are masked at the end)
         out[0] = y0
-        res = loop(spec, ts, key, t_end, dirn, tol, 0, (out, *carry), jumps)
+        res = loop(spec, ts, tol, 0, (out, *carry), jumps)
         return res[0][:T], _unpack(res[1:], groups, RESULT)
     ys = y0.new_zeros(T, *y0.shape)
     ys[0] = y0
     base, i_w = 1, state["i_w"]
     while True:
-        res = loop(spec, ts, key, t_end, dirn, tol, torch.tensor(base, device=ts.device),
+        res = loop(spec, ts, tol, torch.tensor(base, device=ts.device),
                    (y0.new_zeros(C + 1, *y0.shape), *carry), jumps)
         carry, c = res[1:], _unpack(res[1:], groups, RESULT)
         m = min(C, T - base)
@@ -574,18 +682,13 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
-    dirn = torch.where(ts[:, -1] >= ts[:, 0], 1.0, -1.0).to(torch.float64)
     if T == 1:
         z = torch.zeros(B, dtype=torch.long, device=device)
         return BatchedResult(y0[None], torch.full_like(z, CODE[SUCCESS]), ts[:, 0].clone(),
                              y0, z, z.clone(), torch.ones_like(z),
                              torch.zeros(B, dtype=torch.float64, device=device)), [""] * B
     nfe0, rows0 = rhs.stats.nfe, rhs.stats.batch_rows
-    t = ts[:, 0].clone()
-    t_end = ts[:, -1].clone()
-    key = ts * dirn[:, None]
-    s_ext = stepper.s_ext
-    outputs = _Outputs(T, B, n, s_ext)
+    outputs = _Outputs(T, B, n, stepper.s_ext)
     status = torch.zeros(B, dtype=torch.long, device=device)
     # one call without autograd: f(t0, y0) is evaluated in the graph (``_loop``), else here
     # (before the calls, or to see whether autograd would need the graph: refused)
@@ -593,7 +696,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     if f0_in_graph:
         f0 = torch.zeros_like(y0)  # (its place in the carried state)
     else:
-        f0 = rhs.call(t, y0)
+        f0 = rhs.call(ts[:, 0].clone(), y0)
         if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
             raise ODEInputError(BACKPROP_REFUSED.format(name=name))
         if not outputs.one_call:  # (one call: checked in the graph)
@@ -602,38 +705,10 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
     # products would each be a kernel of their own
     stepper.start(rhs, y0, f0, True)
-    if controller.adaptive:  # the first step and the history: in the graph (``_loop``)
-        h = torch.full((B,), math.nan, dtype=torch.float64, device=device)
-        controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
-    else:
-        h = controller.point(torch.ones(B, dtype=torch.long, device=device)) - t
     names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()
+    hist0 = {k: getattr(controller, k) for k in names[:-1]}
     if stiffness is not None and not stiffness.active:
         stiffness = None
-    zl = torch.zeros(B, dtype=torch.long, device=device)
-    nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
-    state = {"it": torch.zeros((), dtype=torch.long, device=device),
-             "it_step": torch.zeros((), dtype=torch.long, device=device),
-             "status": status, "i_w": zl + 1, "i_out": zl + 1, "t": t, "y": y0, "h": h,
-             "n_att": zl, "n_acc": zl, "n_rej": zl, "k_grid": zl, "f0": stepper.f0}
-    if not outputs.direct:  # (the segment the outputs are written from, carried)
-        state.update(seg_y=y0, seg_y1=y0, seg_h=torch.zeros_like(nan), seg_t=t, seg_t1=t,
-                     **{f"seg_K{i}": torch.zeros_like(y0) for i in range(s_ext)})
-    for k in names:
-        v = getattr(controller, k)
-        state["hist_" + k] = v if isinstance(v, torch.Tensor) else torch.full(
-            (B,), v, dtype=torch.bool if isinstance(v, bool) else torch.float64, device=device)
-    if stiffness is not None:
-        state.update(stiff=zl, calm=zl, stiff_t=nan, stiff_h=nan, stiff_ratio=nan,
-                     stiff_remaining=nan)
-    if outputs.skip_idle:  # (the count of iterations that attempted a step)
-        state["evals"] = torch.zeros((), dtype=torch.long, device=device)
-    if jumps is not None:
-        state["i_stop"] = zl + 1
-        state["jump_evals"] = torch.zeros((), dtype=torch.long, device=device)
-    state = {k: v.detach() if k not in ("y", "f0", "seg_y", "seg_y1") else v
-             for k, v in state.items()}
-    groups = _groups(state)
     # the loop's templates hold no per-solve tensors: those travel in the carry (a template
     # that still held them would hand the loop aliased inputs)
     st_proto = _fork(stepper, fused=True)
@@ -650,32 +725,47 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, groups, T,
-                 f0_in_graph)
+    # a solve in one call with f0 in the graph: the graph builds its starting state (its
+    # dozens of small tensors would each cost an eager operation here)
+    in_graph = f0_in_graph and not any(isinstance(v, torch.Tensor) for v in hist0.values())
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, (), T,
+                 f0_in_graph, hist0 if in_graph else None)
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
                     for v in tolerances)
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
-    structure = (B, n, T, y0.dtype, str(device), stepper.tab.name, type(controller).__name__,
-                 outputs.window, outputs.chunk, groups, stiffness is not None, tol is None,
+    structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
+                 outputs.window, outputs.chunk, stiffness is not None, tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
-                 f0_in_graph,
+                 f0_in_graph, in_graph,
                  _settings(st_proto, ctl_proto, stiff_proto))
+
+    def start_state() -> dict:  # (eagerly)
+        if controller.adaptive:
+            controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
+        return _start(spec, controller, ts, y0, f0, status,
+                      {k: getattr(controller, k) for k in names}, jumps is not None)
+    # the carried state's layout, fixed per structure (where the graph builds the state:
+    # found once, from a state built here)
+    state = None if in_graph else start_state()
+    spec.groups = groups = _groups(state) if state is not None else \
+        lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
+    structure += (groups,)
     before, start = len(COMPILES), time.perf_counter()
     fkey = (_loop, backend, structure)
     res, reason = None, FAILED.get(fkey, "")
     if not reason:
         small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
-        loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None)
+        loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None,
+                                 fixed=lambda: _fixed_sources(spec))
         rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
             if controller.adaptive and not outputs.one_call:  # the first step before the calls
-                _first_step(spec, state, tol, dirn)
-            # (autograd inside func, as a CNF's divergence: traced into the graph)
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
-                res = _calls(loop, spec, ts, key, t_end, dirn, tol, y0, state, jumps)
+                _first_step(spec, state, tol, _clock(ts)[0])
+            with tracing_autograd():
+                res = _calls(loop, spec, ts, tol, y0, state, jumps)
         except (torch._dynamo.exc.TorchDynamoException,
                 torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             reason = " ".join(str(e).split())[:400]
@@ -721,7 +811,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
         ys = torch.where(mask[:, :, None], out, math.nan)
     result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
-                           nan)
+                           torch.full((B,), math.nan, dtype=torch.float64, device=device))
     stiff_at = {}
     if stiffness is not None:
         for b in [b for b, code in enumerate(status.tolist()) if code == _STIFF]:
@@ -735,4 +825,4 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
 
 
 __all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "compiled_function",
-           "integrate_compiled", "lru_get", "recompiled"]
+           "integrate_compiled", "lru_get", "recompiled", "tracing_autograd"]
