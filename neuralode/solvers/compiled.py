@@ -273,7 +273,7 @@ class _Spec:
         self.f0_in_graph = f0_in_graph  # f(t0, y0) evaluated in the graph (one call)
         self.adaptive = controller.adaptive
         # the controller's starting history (but absy): where given, the graph builds the
-        # starting state from y0 (a solve in one call, f0 in the graph), else it is carried in
+        # starting state from y0 (a solve in one call), else it is carried in
         self.hist0 = hist0
 
 
@@ -424,7 +424,7 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     iterations, each one attempt of the rows that may step and one window of output writes;
     it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1,
     B, n), *packed state); out's row chunk takes the writes that are not this call's; or,
-    where ``spec.hist0`` is given, (y0,): the graph builds out and the state.
+    where ``spec.hist0`` is given, (y0,) or (y0, f0): the graph builds out and the state.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
     dirn, key, t_end = _clock(ts)
@@ -484,11 +484,11 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if spec.hist0 is not None:  # the starting state, from y0
+    if spec.hist0 is not None:  # the starting state, from y0 (and f0, unless evaluated here)
         y0 = carry[0]
         hist = {**spec.hist0, "absy": y0.detach().abs()} if adaptive else {}
         B = y0.shape[0]
-        c = _start(spec, ctl0, ts, y0, torch.zeros_like(y0),
+        c = _start(spec, ctl0, ts, y0, torch.zeros_like(y0) if spec.f0_in_graph else carry[1],
                    torch.zeros(B, dtype=torch.long, device=y0.device), hist, jumps is not None)
         out = torch.cat([y0[None], y0.new_empty((T, *y0.shape))])
         carry = (out, *_pack(c, groups))
@@ -624,7 +624,7 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     return while_loop(cond, body, carry)
 
 
-def _calls(loop, spec: _Spec, ts, tol, y0, state: dict | None, jumps):
+def _calls(loop, spec: _Spec, ts, tol, y0, f0, state: dict | None, jumps):
     """Run the compiled ``loop`` until the solve ends: one call when its output buffer
     holds every output, else one call per chunk of outputs (each starting at the first
     output a row has not written), each chunk copied into the result. ``state``: the
@@ -632,7 +632,7 @@ def _calls(loop, spec: _Spec, ts, tol, y0, state: dict | None, jumps):
     state)."""
     T, C, groups = spec.T, spec.out.chunk, spec.groups
     if state is None:
-        res = loop(spec, ts, tol, 0, (y0,), jumps)
+        res = loop(spec, ts, tol, 0, (y0,) if spec.f0_in_graph else (y0, f0), jumps)
         return res[0][:T], _unpack(res[1:], groups, RESULT)
     carry = _pack(state, groups, state)
     if spec.out.one_call:
@@ -725,9 +725,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    # a solve in one call with f0 in the graph: the graph builds its starting state (its
-    # dozens of small tensors would each cost an eager operation here)
-    in_graph = f0_in_graph and not any(isinstance(v, torch.Tensor) for v in hist0.values())
+    # a solve in one call: the graph builds its starting state (its dozens of small tensors
+    # would each cost an eager operation here)
+    in_graph = outputs.one_call and not any(isinstance(v, torch.Tensor) for v in hist0.values())
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, (), T,
                  f0_in_graph, hist0 if in_graph else None)
     tol = None
@@ -765,7 +765,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             if controller.adaptive and not outputs.one_call:  # the first step before the calls
                 _first_step(spec, state, tol, _clock(ts)[0])
             with tracing_autograd():
-                res = _calls(loop, spec, ts, tol, y0, state, jumps)
+                res = _calls(loop, spec, ts, tol, y0, f0, state, jumps)
         except (torch._dynamo.exc.TorchDynamoException,
                 torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             reason = " ".join(str(e).split())[:400]
