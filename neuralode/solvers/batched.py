@@ -123,10 +123,13 @@ class BatchedResult:
 def _messages(res: BatchedResult, name: str, max_num_steps: int, ts: torch.Tensor,
               stiff: dict | None = None, adaptive: bool = True) -> list[str]:
     """One message per sample ("" where it succeeded), the float-clock driver's texts."""
+    codes = res.status.tolist()
+    if all(code == _SUCCESS for code in codes):
+        return [""] * len(codes)
     out = []
     steps = (res.n_accepted + res.n_rejected).tolist()
     for b, (code, tf, hf, t0, t1) in enumerate(zip(
-            res.status.tolist(), res.t_final.tolist(), res.h_next.tolist(),
+            codes, res.t_final.tolist(), res.h_next.tolist(),
             ts[:, 0].tolist(), ts[:, -1].tolist())):
         st = NAMES[code]
         where = progress(tf, t0, t1)

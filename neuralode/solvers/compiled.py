@@ -621,7 +621,19 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
                              (out, i_w.clone(), *operands))
         return (out, *packs)
 
-    return while_loop(cond, body, carry)
+    res = while_loop(cond, body, carry)
+    if not one_call:  # (the state goes on to the next call)
+        return res
+    c = _unpack(res[1:], groups, RESULT)
+    return res[0][:T], {**c, "summary": _summary(c, T)}
+
+
+def _summary(c: dict, T: int) -> torch.Tensor:
+    """(iterations, iterations that evaluated f, evaluations after jumps, every row reached
+    its last output) of the final state ``c``: read on the host at once."""
+    zero = torch.zeros_like(c["it"])
+    return torch.stack([c["it"], c.get("evals", c["it"]), c.get("jump_evals", zero),
+                        (c["i_out"] == T).all().long()])
 
 
 def _calls(loop, spec: _Spec, ts, tol, y0, f0, state: dict | None, jumps):
@@ -632,15 +644,13 @@ def _calls(loop, spec: _Spec, ts, tol, y0, f0, state: dict | None, jumps):
     state)."""
     T, C, groups = spec.T, spec.out.chunk, spec.groups
     if state is None:
-        res = loop(spec, ts, tol, 0, (y0,) if spec.f0_in_graph else (y0, f0), jumps)
-        return res[0][:T], _unpack(res[1:], groups, RESULT)
+        return loop(spec, ts, tol, 0, (y0,) if spec.f0_in_graph else (y0, f0), jumps)
     carry = _pack(state, groups, state)
     if spec.out.one_call:
         # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
         out = y0.new_empty((T + 1, *y0.shape))  # (rows not written are masked at the end)
         out[0] = y0
-        res = loop(spec, ts, tol, 0, (out, *carry), jumps)
-        return res[0][:T], _unpack(res[1:], groups, RESULT)
+        return loop(spec, ts, tol, 0, (out, *carry), jumps)
     ys = y0.new_zeros(T, *y0.shape)
     ys[0] = y0
     base, i_w = 1, state["i_w"]
@@ -655,7 +665,7 @@ def _calls(loop, spec: _Spec, ts, tol, y0, f0, state: dict | None, jumps):
         i_w = c["i_w"]
         pending = (c["status"] == _RUNNING) | (i_w < c["i_out"])
         if not bool(pending.any()):
-            return ys, c
+            return ys, {**c, "summary": _summary(c, T)}
         # every row that goes on is at or past this chunk's end (else the loop went on)
         nxt = int(i_w[pending].min())
         if nxt < base + C:
@@ -792,22 +802,20 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     wall = time.perf_counter() - start
     out, c = res
     status, i_out = c["status"], c["i_out"]
-    iterations = int(c["it"])
+    # (attempts: the iterations that evaluated f)
+    iterations, attempts, calls_after_jumps, reached = c["summary"].tolist()
     calls = stepper.s - 1 + (0 if stepper.fsal else 1)
-    if jumps is not None:
-        calls_after_jumps = int(c["jump_evals"])
-        rhs.stats.nfe += calls_after_jumps
-        rhs.stats.batch_rows += calls_after_jumps * B
+    rhs.stats.nfe += calls_after_jumps
+    rhs.stats.batch_rows += calls_after_jumps * B
     # Hairer's estimate, and f(t0, y0) where the graph evaluated it
     first_calls = int(controller.adaptive and controller.first is None) + int(f0_in_graph)
-    attempts = int(c["evals" if outputs.skip_idle else "it"])  # (iterations that evaluated f)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
         new = COMPILES[before:]
         info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
     ys = out
-    if not bool((i_out == T).all()):  # (the outputs a row did not reach: NaN)
+    if not reached:  # (the outputs a row did not reach: NaN)
         mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
         ys = torch.where(mask[:, :, None], out, math.nan)
     result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
