@@ -29,13 +29,16 @@ from neuralode.solvers.timekeeping import time_dtype
 
 
 @functools.cache
+@functools.lru_cache(maxsize=64)
 def _python_coefficients(tab: ButcherTableau):
-    """Stage times and the non-zero coefficients of a tableau, as Python floats."""
-    s = tab.stages
-    c = [float(x) for x in tab.c]
-    a_nz = [[(j, float(tab.a[i, j])) for j in range(i) if tab.a[i, j] != 0.0] for i in range(s)]
-    b_nz = [(j, float(x)) for j, x in enumerate(tab.b) if x != 0.0]
-    return c, a_nz, b_nz
+    """Stage times and the non-zero coefficients of a tableau (the stages, the solution's
+    weights, the error estimate's) as Python floats, made once per tableau (tuples: shared
+    by every stepper of the tableau)."""
+    def nonzero(row):
+        return tuple((j, float(x)) for j, x in enumerate(row) if x != 0.0)
+    a_nz = tuple(nonzero(tab.a[i, :i]) for i in range(tab.stages))
+    berr = () if tab.b_err is None else nonzero(tab.b_err)
+    return tuple(float(x) for x in tab.c), a_nz, nonzero(tab.b), berr
 
 
 def _tensor_coefficients(tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
@@ -203,12 +206,10 @@ class RKStepper:
         self.fsal = tab.fsal
         self.order = tab.order
         self.error_order = tab.error_order
-        self.c, self.a_nz, self.b_nz = _python_coefficients(tab)
+        self.c, self.a_nz, self.b_nz, self.berr_nz = _python_coefficients(tab)
         # the compiled driver's form of the per-sample step: sums of scaled stages (they
         # fuse under the compiler), where the eager step uses matrix-vector products
         self.fused = False
-        self.berr_nz = [] if tab.b_err is None else \
-            [(j, float(x)) for j, x in enumerate(tab.b_err) if x != 0.0]
 
     # -- per solve --------------------------------------------------------------------
     def start(self, rhs, y0: torch.Tensor, f0: torch.Tensor, graph: bool) -> None:
