@@ -264,16 +264,15 @@ class _Spec:
     """What the loop body needs besides its carried tensors (fixed per structure)."""
 
     def __init__(self, stepper, controller, stiffness, max_num_steps: int, outputs: _Outputs,
-                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool,
-                 hist0: dict | None = None):
+                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool, hist0: dict):
         self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
         self.max_num_steps = max_num_steps
         self.hist_names, self.groups, self.T = hist_names, groups, T
         self.out = outputs  # (the output layout: window, chunk, one call, ...)
         self.f0_in_graph = f0_in_graph  # f(t0, y0) evaluated in the graph (one call)
         self.adaptive = controller.adaptive
-        # the controller's starting history (but absy): where given, the graph builds the
-        # starting state from y0 (a solve in one call), else it is carried in
+        # the controller's starting history (but absy): a solve in one call builds its
+        # starting state in the graph (``_start``)
         self.hist0 = hist0
 
 
@@ -423,8 +422,8 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     and chunk = T: the outputs' indices are its rows): ``while_loop`` over
     iterations, each one attempt of the rows that may step and one window of output writes;
     it ends when no row can go on without writing past the chunk. ``carry``: (out (chunk + 1,
-    B, n), *packed state); out's row chunk takes the writes that are not this call's; or,
-    where ``spec.hist0`` is given, (y0,) or (y0, f0): the graph builds out and the state.
+    B, n), *packed state); out's row chunk takes the writes that are not this call's; in
+    one call, (y0,) or (y0, f0): the graph builds out and the state.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
     dirn, key, t_end = _clock(ts)
@@ -484,22 +483,17 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     def same_f(landed, t, y, f0):
         return f0.clone()
 
-    if spec.hist0 is not None:  # the starting state, from y0 (and f0, unless evaluated here)
+    if one_call:  # the starting state from y0, f0 and its check, the first step: in the graph
         y0 = carry[0]
         hist = {**spec.hist0, "absy": y0.detach().abs()} if adaptive else {}
         B = y0.shape[0]
-        c = _start(spec, ctl0, ts, y0, torch.zeros_like(y0) if spec.f0_in_graph else carry[1],
-                   torch.zeros(B, dtype=torch.long, device=y0.device), hist, jumps is not None)
-        out = torch.cat([y0[None], y0.new_empty((T, *y0.shape))])
-        carry = (out, *_pack(c, groups))
-    if one_call:  # f0 and its check, the first step: in the graph when there is one call
-        c = _unpack(carry[1:], groups)
-        if spec.f0_in_graph:
-            c["f0"] = stepper0.rhs.call(c["t"], c["y"])
-        c["status"] = _f0_status(c["f0"], c["status"])
+        f0 = stepper0.rhs.call(ts[:, 0], y0) if spec.f0_in_graph else carry[1]
+        c = _start(spec, ctl0, ts, y0, f0,
+                   _f0_status(f0, torch.zeros(B, dtype=torch.long, device=y0.device)), hist,
+                   jumps is not None)
         if adaptive:
             _first_step(spec, c, tol, dirn)
-        carry = (carry[0], *_pack(c, groups))
+        carry = (torch.cat([y0[None], y0.new_empty((T, *y0.shape))]), *_pack(c, groups))
 
     def writes(c: dict, new: dict) -> dict:
         """``new`` with the count of iterations and i_w past the outputs this iteration
@@ -640,17 +634,12 @@ def _calls(loop, spec: _Spec, ts, tol, y0, f0, state: dict | None, jumps):
     """Run the compiled ``loop`` until the solve ends: one call when its output buffer
     holds every output, else one call per chunk of outputs (each starting at the first
     output a row has not written), each chunk copied into the result. ``state``: the
-    starting state, None where the graph builds it. Returns (outputs (T, B, n), the final
-    state)."""
+    starting state, None where the graph builds it (one call). Returns (outputs (T, B, n),
+    the final state)."""
     T, C, groups = spec.T, spec.out.chunk, spec.groups
-    if state is None:
+    if state is None:  # (one call)
         return loop(spec, ts, tol, 0, (y0,) if spec.f0_in_graph else (y0, f0), jumps)
     carry = _pack(state, groups, state)
-    if spec.out.one_call:
-        # (the buffer's row 0 is y0, its row T takes the writes past the outputs)
-        out = y0.new_empty((T + 1, *y0.shape))  # (rows not written are masked at the end)
-        out[0] = y0
-        return loop(spec, ts, tol, 0, (out, *carry), jumps)
     ys = y0.new_zeros(T, *y0.shape)
     ys[0] = y0
     base, i_w = 1, state["i_w"]
@@ -699,7 +688,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                              torch.zeros(B, dtype=torch.float64, device=device)), [""] * B
     nfe0, rows0 = rhs.stats.nfe, rhs.stats.batch_rows
     outputs = _Outputs(T, B, n, stepper.s_ext)
-    status = torch.zeros(B, dtype=torch.long, device=device)
     # one call without autograd: f(t0, y0) is evaluated in the graph (``_loop``), else here
     # (before the calls, or to see whether autograd would need the graph: refused)
     f0_in_graph = outputs.one_call and not torch.is_grad_enabled()
@@ -709,8 +697,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         f0 = rhs.call(ts[:, 0].clone(), y0)
         if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
             raise ODEInputError(BACKPROP_REFUSED.format(name=name))
-        if not outputs.one_call:  # (one call: checked in the graph)
-            status = _f0_status(f0, status)
     # the stepper's stage list (its autograd form: sums of scaled stages), with or without
     # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
     # products would each be a kernel of their own
@@ -735,11 +721,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    # a solve in one call: the graph builds its starting state (its dozens of small tensors
-    # would each cost an eager operation here)
-    in_graph = outputs.one_call and not any(isinstance(v, torch.Tensor) for v in hist0.values())
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, (), T,
-                 f0_in_graph, hist0 if in_graph else None)
+                 f0_in_graph, hist0)
     tol = None
     if tolerances is not None:
         tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -749,17 +732,21 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
                  outputs.window, outputs.chunk, stiffness is not None, tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
-                 f0_in_graph, in_graph,
+                 f0_in_graph,
                  _settings(st_proto, ctl_proto, stiff_proto))
 
     def start_state() -> dict:  # (eagerly)
+        status = torch.zeros(B, dtype=torch.long, device=device)
+        if not outputs.one_call:  # (one call: f0 checked in the graph)
+            status = _f0_status(f0, status)
         if controller.adaptive:
             controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
         return _start(spec, controller, ts, y0, f0, status,
                       {k: getattr(controller, k) for k in names}, jumps is not None)
-    # the carried state's layout, fixed per structure (where the graph builds the state:
-    # found once, from a state built here)
-    state = None if in_graph else start_state()
+    # a solve in one call builds its starting state in the graph (its dozens of small
+    # tensors would each cost an eager operation here); the carried state's layout is fixed
+    # per structure, found once from a state built here
+    state = None if outputs.one_call else start_state()
     spec.groups = groups = _groups(state) if state is not None else \
         lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
     structure += (groups,)

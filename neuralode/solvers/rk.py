@@ -29,7 +29,6 @@ from neuralode.solvers.timekeeping import time_dtype
 
 
 @functools.cache
-@functools.lru_cache(maxsize=64)
 def _python_coefficients(tab: ButcherTableau):
     """Stage times and the non-zero coefficients of a tableau (the stages, the solution's
     weights, the error estimate's) as Python floats, made once per tableau (tuples: shared
