@@ -8,6 +8,8 @@ cost of one f is f plus its backward; for the adjoint it is forward NFE x f + ba
 (f plus its backward).
 
   (a) 2-D spiral, 200 outputs, dopri5 1e-6, float64           (solver_overhead.py problem a)
+  (a8) the spiral of (a) with dopri8 1e-8 (its stage sums are formed as the per-sample
+      step forms them, see ``solvers/rk.py``)
   (b) MLP 512x32 width 64, dopri5 1e-5, float32: forward, forward + backward (backprop),
       adjoint                                                  (solver_overhead.py problem b)
   (c) ODE-Net conv block 128x64x7x7, dopri5 1e-3, float32, forward (problem c)
@@ -34,7 +36,7 @@ torchdyn (no interpolator) shortens steps to land on every output time, so on (a
 steps. Module construction for torchode (term, step method, controller) is timed with the
 solve, like torchdiffeq's per-call solver set-up.
 
-    python benchmarks/loop.py [--quick] [--only a,b,c,d,e] [--repeats 7] [--libs ...]
+    python benchmarks/loop.py [--quick] [--only a,a8,b,c,d,e] [--repeats 7] [--libs ...]
         [--baseline-rev REV | --baseline ROOT | --no-baseline] [--cold] [--json out.json]
 """
 
@@ -87,23 +89,27 @@ class Flat(nn.Module):
 
 # --------------------------------------------------------------------------- adaptive solvers
 
-def _tdq_style(odeint, f, y0, t, tol):
-    return odeint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
+def _tdq_style(odeint, method, f, y0, t, tol):
+    return odeint(f, y0, t, rtol=tol, atol=tol, method=method)
 
 
-def make_solvers(libs: dict, mode: str):
+def make_solvers(libs: dict, mode: str, method: str = "dopri5"):
     """name -> solve(f, y0, t, tol) returning the outputs at every t (first dim len(t)).
-    mode: 'fwd' / 'bwd' (autograd through the solver) / 'adj' (adjoint)."""
+    mode: 'fwd' / 'bwd' (autograd through the solver) / 'adj' (adjoint). torchode and
+    torchdyn only for dopri5."""
     out = {}
     for name in ("neuralode", "base"):
         lib = libs.get(name)
         if lib is None:
             continue
-        out[name] = partial(_tdq_style, lib.odeint_adjoint if mode == "adj" else lib.odeint)
+        out[name] = partial(_tdq_style, lib.odeint_adjoint if mode == "adj" else lib.odeint,
+                            method)
     tdq = libs.get("torchdiffeq")
     if tdq is not None:
         out["torchdiffeq"] = partial(_tdq_style,
-                                     tdq.odeint_adjoint if mode == "adj" else tdq.odeint)
+                                     tdq.odeint_adjoint if mode == "adj" else tdq.odeint, method)
+    if method != "dopri5":
+        return out
     to = libs.get("torchode")
     if to is not None:
         def torchode_solve(f, y0, t, tol):
@@ -146,7 +152,7 @@ def bench_adaptive(p, mode, libs, repeats, warm=True):
     if mode == "adj":
         p = dict(p, name=p["name"].replace("fwd+bwd", "adjoint"))
     params = list(f.parameters()) if isinstance(f, nn.Module) else []
-    solvers = make_solvers(libs, mode)
+    solvers = make_solvers(libs, mode, p.get("method", "dopri5"))
     grad = mode != "fwd"
     y0g = y0.clone().requires_grad_(True) if mode == "adj" and not params else y0
 
@@ -220,6 +226,11 @@ def bench_adaptive(p, mode, libs, repeats, warm=True):
         denom = r["nfe"] * t_f + (r["nfe_bwd"] * fb if mode == "adj" else 0.0)
         r["overhead"] = times[r["solver"]] / denom
     return rows
+
+
+def problem_a8():
+    return dict(problem_a(), name="(a8) spiral, 200 outputs, dopri8 1e-8, float64",
+                method="dopri8", tol=1e-8)
 
 
 # ------------------------------------------------------------------ fixed grid vs hand loop
@@ -467,7 +478,7 @@ def fmt_events(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="a,b,c,d,e", help="comma list of a, b, c, d, e")
+    ap.add_argument("--only", default="a,b,c,d,e", help="comma list of a, a8, b, c, d, e")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 repeats, (c) with 2")
     add_baseline_args(ap, DEFAULT_BASELINE_REV)
@@ -497,6 +508,8 @@ def main(argv=None):
         jobs = []
         if "a" in only:
             jobs.append((problem_a, "fwd", reps))
+        if "a8" in only:
+            jobs.append((problem_a8, "fwd", reps))
         if "b" in only:
             jobs += [(partial(problem_b, mode != "fwd"), mode, reps)
                      for mode in ("fwd", "bwd", "adj")]
