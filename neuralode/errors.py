@@ -6,6 +6,12 @@ that cannot go on, ``FloatingPointError`` for a non-finite state), so both
 ``except neuralode.NeuralODEError`` and ``except ValueError`` work.
 """
 
+from __future__ import annotations
+
+import os
+import sys
+from types import FrameType
+
 
 class NeuralODEError(Exception):
     """Base class of every error neuralode raises."""
@@ -42,3 +48,17 @@ class StiffnessError(NeuralODEError, RuntimeError):
 
 class EventError(NeuralODEError, RuntimeError):
     """An event search ended without the event (torchdiffeq-style event mode only)."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning issued by the function that calls this,
+    that names the first caller outside the package (the user's line, however deep the
+    call into neuralode was)."""
+    f: FrameType | None = sys._getframe(1)
+    level = 1
+    while f is not None and f.f_code.co_filename.startswith(_PACKAGE):
+        f, level = f.f_back, level + 1
+    return level

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from neuralode.errors import EventError, ODEFuncError, ODEInputError
+from neuralode.errors import EventError, ODEFuncError, ODEInputError, user_stacklevel
 from neuralode.solution import DenseSolution, Solution
 from neuralode.solvers.base import RHS, PerSampleStats, SolverStats, StateLayout
 from neuralode.solvers.controllers import ErrorNorm
@@ -228,15 +228,40 @@ def resolve_method(method, options) -> tuple[str, dict]:
     return name, dict(options or {})
 
 
+# (method, the given options) -> the checked options, for options of plain values that
+# passed without a warning (a training loop checks the same options at every solve)
+_CHECKED: dict = {}
+_PLAIN = (type(None), bool, int, float, str)
+
+
 def method_options(name: str, given: dict) -> dict:
     """The method's options with defaults filled in and values checked. Options the method
     does not use are ignored with a warning that names them and the valid ones (as
-    torchdiffeq does)."""
+    torchdiffeq does), at the user's line. Options of plain values (None, bool, int, float,
+    str) that passed without a warning are checked once: the result is kept (a copy is
+    returned)."""
+    key = None
+    if all(type(v) in _PLAIN for v in given.values()):
+        key = (name, tuple(sorted(given.items())))
+        hit = _CHECKED.get(key)
+        if hit is not None:
+            return dict(hit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opts = _check_options(name, given)
+    for w in caught:  # (emitted at the user's line, and the result not kept)
+        warnings.warn(w.message, stacklevel=user_stacklevel())
+    if key is not None and not caught and len(_CHECKED) < 256:
+        _CHECKED[key] = dict(opts)
+    return opts
+
+
+def _check_options(name: str, given: dict) -> dict:
     cls = SOLVERS[name]
     unknown = sorted(set(given) - set(cls.OPTIONS))
     if unknown:
         warnings.warn(f"method {name!r} does not use the option(s) {unknown}; they are ignored. "
-                      f"Its options are: {sorted(cls.OPTIONS)}", stacklevel=3)
+                      f"Its options are: {sorted(cls.OPTIONS)}", stacklevel=2)
     opts = dict(cls.OPTIONS)
     opts.update({k: v for k, v in given.items() if k in cls.OPTIONS})
     mns = opts["max_num_steps"]

@@ -95,6 +95,23 @@ def test_options_without_method_the_default_does_not_use_warn():
                torch.tensor([0.0, 1.0], dtype=F64), options={"step_size": 0.1})
 
 
+def test_checked_options_are_kept_as_copies_and_warnings_come_at_every_solve():
+    # options of plain values are checked once per (method, options) and kept: each solve
+    # gets its own copy; options that warned are not kept, so every solve warns, at the
+    # caller's line
+    from neuralode.problem import method_options
+    a = method_options("dopri5", {"max_num_steps": 50})
+    a["max_num_steps"] = 7
+    assert method_options("dopri5", {"max_num_steps": 50})["max_num_steps"] == 50
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            odeint(lambda t, y: -y, Y0, T01, options={"step_size": 0.1})
+        assert [w.filename for w in rec if "does not use" in str(w.message)] == [__file__]
+    with pytest.raises(ODEInputError, match="max_num_steps"):
+        odeint(lambda t, y: -y, Y0, T01, options={"max_num_steps": 0})
+
+
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ODEInputError, match="unknown method 'rk45'") as info:
         odeint(NeverCalled(), Y0, T01, method="rk45")

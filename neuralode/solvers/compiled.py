@@ -45,7 +45,7 @@ warning, without tracing it again.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import time
 import types
@@ -186,25 +186,32 @@ def compiled_function(fn, backend: str, structure: tuple, settings: dict | None 
 
 def _guard_filter(fixed: tuple):
     """torch.compile's ``guard_filter_fn``: keep every guard but those on the sources in
-    ``fixed`` (and what lies below them), tensors' guards excepted."""
+    ``fixed`` (and what lies below them), tensors' guards excepted, and those on torch's
+    pytree registry (``while_loop`` and ``cond`` flatten their operands with it; the loop's
+    operands are tuples of tensors, whose flattening no registration changes): about 200
+    of them, 12-26 us of dynamo's check at every call."""
     def keep(entries) -> list[bool]:
         return [e.guard_type == "TENSOR_MATCH"
-                or not any(e.name == p or e.name.startswith((p + ".", p + "[")) for p in fixed)
+                or not ("_pytree" in e.name
+                        or any(e.name == p or e.name.startswith((p + ".", p + "["))
+                               for p in fixed))
                 for e in entries]
     return keep
 
 
-@contextlib.contextmanager
-def tracing_autograd():
+class tracing_autograd:  # (lower case: used as ``with tracing_autograd()``)
     """Autograd inside func (a CNF's divergence) traced into the graph, for the block:
     dynamo's ``trace_autograd_ops``, set and reset by hand (``config.patch`` costs ~25 us,
-    at every call of a compiled solve)."""
-    cfg = torch._dynamo.config
-    was, cfg.trace_autograd_ops = cfg.trace_autograd_ops, True
-    try:
-        yield
-    finally:
-        cfg.trace_autograd_ops = was
+    a generator-based context manager ~5 us, at every call of a compiled solve)."""
+
+    __slots__ = ("was",)
+
+    def __enter__(self):
+        cfg = torch._dynamo.config
+        self.was, cfg.trace_autograd_ops = cfg.trace_autograd_ops, True
+
+    def __exit__(self, *exc):
+        torch._dynamo.config.trace_autograd_ops = self.was
 
 
 MAX_COMPILES = 6  # compilations of one structure's loop (torch stops at 8) before it fails
@@ -314,6 +321,13 @@ def _fixed_sources(spec) -> tuple:
             for k in [k for k, _ in _plain(o)] + list(FROM_TABLEAU.get(role, ())):
                 out += [f"spec.{role}.__dict__[{k!r}]", f"spec.{role}.{k}"]
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _tolerance_tensor(v: float, device) -> torch.Tensor:
+    """A scalar tolerance as the 0-d float64 tensor the compiled loop takes (it only reads
+    it: one tensor per value and device serves every solve)."""
+    return torch.tensor(v, dtype=torch.float64, device=device)
 
 
 def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
@@ -725,8 +739,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                  f0_in_graph, hist0)
     tol = None
     if tolerances is not None:
-        tol = tuple(torch.tensor(float(v), dtype=torch.float64, device=device)
-                    for v in tolerances)
+        tol = tuple(_tolerance_tensor(float(v), device) for v in tolerances)
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
