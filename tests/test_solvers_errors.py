@@ -319,6 +319,21 @@ def test_func_returning_wrong_shape_in_a_tuple_element():
         odeint(lambda t, s: (s[0], s[1][:1]), (Y0, Y0), T01)
 
 
+def test_a_tuple_states_output_check_reads_the_time_only_for_its_error_message():
+    # every evaluation of a tuple state's f is checked: the check must not read the time
+    # (float(t): a wait for the device at every evaluation) unless it reports an error
+    from neuralode.problem import prepare
+
+    class NoFloat(torch.Tensor):
+        def __float__(self):
+            raise AssertionError("float(t) on the checked path")
+    p = prepare(lambda t, s: s, (Y0, Y0), rtol=1e-6, atol=1e-6, method="dopri5", options=None)
+    tt = torch.tensor(0.5, dtype=torch.float64).as_subclass(NoFloat)
+    p.rhs._check((Y0, Y0), tt)
+    with pytest.raises(ODEFuncError, match=r"at t=0\.5, element 1, returned shape \(1,\)"):
+        p.rhs._check((Y0, Y0[:1]), torch.tensor(0.5, dtype=torch.float64))
+
+
 def test_func_returning_none():
     with pytest.raises(ODEFuncError, match="must return a tensor, got NoneType"):
         odeint(lambda t, y: None, Y0, T01)

@@ -378,34 +378,38 @@ class RHS:
 
     def _check(self, out, tt, batch: int | None = None) -> None:
         layout = self.layout
-        what = "func(t, y)" if batch is not None else f"func(t, y) at t={float(tt):g}"
+
+        def where(k=None) -> str:  # (the message's subject, made only for an error: the
+            # time's float() would wait for the device at every call of a tuple state's f)
+            what = "func(t, y)" if batch is not None else f"func(t, y) at t={float(tt):g}"
+            return what + (f", element {k}," if k is not None else "")
         if layout.is_tuple:
             if not isinstance(out, (tuple, list)) or len(out) != len(layout.shapes):
                 raise ODEFuncError(
-                    f"{what} must return a tuple of {len(layout.shapes)} tensors matching the "
-                    f"tuple state y0, got {type(out).__name__}"
+                    f"{where()} must return a tuple of {len(layout.shapes)} tensors matching "
+                    f"the tuple state y0, got {type(out).__name__}"
                     + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
             items = list(out)
         else:
             items = [out]
         lead = () if batch is None else (batch,)
         for k, (o, shape) in enumerate(zip(items, layout.shapes)):
-            where = f"{what}" + (f", element {k}," if layout.is_tuple else "")
+            kk = k if layout.is_tuple else None
             if not isinstance(o, torch.Tensor):
-                raise ODEFuncError(f"{where} must return a tensor, got {type(o).__name__}")
+                raise ODEFuncError(f"{where(kk)} must return a tensor, got {type(o).__name__}")
             if (o.shape != shape) if batch is None else (tuple(o.shape) != (batch, *shape)):
                 raise ODEFuncError(
-                    f"{where} returned shape {tuple(o.shape)}, but the state has shape "
+                    f"{where(kk)} returned shape {tuple(o.shape)}, but the state has shape "
                     f"{lead + tuple(shape)}; dy/dt must have the same shape as y"
                     + (" (it had it in earlier calls)" if self._checked else "")
                     + (" (per_sample=True: the first dimension is the batch)" if lead else ""))
             if o.dtype != self.state_dtype:
                 raise ODEFuncError(
-                    f"{where} returned dtype {o.dtype}, but the state has dtype "
+                    f"{where(kk)} returned dtype {o.dtype}, but the state has dtype "
                     f"{self.state_dtype}; dy/dt must have the same dtype as y0"
                     + (" (it had it in earlier calls)" if self._checked else ""))
             if o.device != self.device:
                 raise ODEFuncError(
-                    f"{where} returned a tensor on {o.device}, but the state is on "
+                    f"{where(kk)} returned a tensor on {o.device}, but the state is on "
                     f"{self.device}")
         self._checked = True
