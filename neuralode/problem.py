@@ -242,7 +242,8 @@ def method_options(name: str, given: dict) -> dict:
     returned)."""
     key = None
     if all(type(v) in _PLAIN for v in given.values()):
-        key = (name, tuple(sorted(given.items())))
+        # (the type too: 1, 1.0 and True are equal keys, and a check may take one only)
+        key = (name, tuple(sorted((k, type(v).__name__, repr(v)) for k, v in given.items())))
         hit = _CHECKED.get(key)
         if hit is not None:
             return dict(hit)

@@ -103,6 +103,8 @@ def test_checked_options_are_kept_as_copies_and_warnings_come_at_every_solve():
     a = method_options("dopri5", {"max_num_steps": 50})
     a["max_num_steps"] = 7
     assert method_options("dopri5", {"max_num_steps": 50})["max_num_steps"] == 50
+    with pytest.raises(ODEInputError, match="positive int"):  # (equal to 50, not an int)
+        method_options("dopri5", {"max_num_steps": 50.0})
     for _ in range(2):
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
