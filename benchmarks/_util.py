@@ -38,7 +38,8 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, repeats: int, inner: int = 1, warm: bool = False) -> dict:
+def interleaved(fns: dict, repeats: int, inner: int = 1, warm: bool = False,
+                rotate: bool = False) -> dict:
     """Median seconds per call of each function, alternating between them every round so
     that machine noise hits all of them alike.
 
@@ -49,10 +50,14 @@ def interleaved(fns: dict, repeats: int, inner: int = 1, warm: bool = False) -> 
     two copies of c1709e5: 0.79 / 1.30 / 0.76 for the orders neuralode-base-torchdiffeq /
     base-neuralode-torchdiffeq / torchdiffeq-neuralode-base; rotating the order each round
     left it, as the predecessors stay; with warm: 0.99 / 1.01 / 1.00). Doubles the run
-    time."""
+    time.
+
+    rotate: every other round runs the functions in reverse order (with warm as well, the
+    place in the round still moved compiled solves: two revisions whose generated code was
+    the same differed by 4-7% on compiled.py's (a) and (r), see BENCHMARKS.md)."""
     samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    for r in range(repeats):
+        for k, fn in (reversed(fns.items()) if rotate and r % 2 else fns.items()):
             if warm:
                 fn()
             t0 = time.perf_counter()

@@ -27,7 +27,7 @@ difference of their outputs, which must be rounding.
 ``neuralode_base``, as ``loop.py`` does) timed beside them in (a), (r), (b)'s forward and (o).
 
     python benchmarks/compiled.py [--only a,r,b,o,v,d,g,k] [--repeats 11]
-        [--libs torchdiffeq,torchode] [--baseline-rev REV]
+        [--libs torchdiffeq,torchode] [--baseline-rev REV] [--rotate]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import neuralode  # noqa: E402
 from neuralode.solvers import compiled as compiled_driver  # noqa: E402
 
 C = {"compile": True}
+ROTATE = False  # (--rotate)
 
 
 class Flat(nn.Module):
@@ -138,7 +139,7 @@ def case_small(name, f, y0, t, tol, repeats, libs):
         fns["torchdiffeq"] = lambda: tdq.odeint(f, y0, t, rtol=tol, atol=tol, method="dopri5")
     if libs.get("torchode") is not None:
         fns.update(torchode_solvers(libs["torchode"], f, y0, t, tol, batch=False))
-    table(name, interleaved(fns, repeats, warm=True))
+    table(name, interleaved(fns, repeats, warm=True, rotate=ROTATE))
 
 
 def case_a(repeats, libs):
@@ -179,7 +180,7 @@ def training_rows(label, f, y0, t, tol, variants, compiled_name, repeats):
         return run
     fns = {name: step(o, kw, name) for name, (o, kw) in variants.items()}
     print(f"# {label}: first {compiled_name} step {first_call(fns[compiled_name]):.1f} s")
-    times = interleaved(fns, repeats, warm=True)
+    times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
     ref = grads[next(iter(variants))]
     for k, g in grads.items():
         print(f"# {label}: {k}: max |grad - first grad| / max |first grad| "
@@ -269,7 +270,7 @@ def case_b(repeats, libs):
         if libs.get("base") is not None:
             base = libs["base"]
             fns["base compiled"] = lambda: base.odeint(f, y0, t, rtol=tol, atol=tol, options=C)
-        times = interleaved(fns, repeats, warm=True)
+        times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
     table("(b) MLP 512x32, dopri5 1e-5, float32, forward (overhead ratio = time / "
           f"{nfe} evaluations of f)", times)
     for k in ("neuralode eager", "neuralode compiled"):
@@ -288,7 +289,7 @@ def case_b(repeats, libs):
     times = interleaved({"neuralode eager": train_step({}),
                          "neuralode forward compiled": train_step(C),
                          "neuralode forward and backward compiled": train_step(C, C)},
-                        repeats, warm=True)
+                        repeats, warm=True, rotate=ROTATE)
     table("(b) MLP adjoint training step (forward + backward), dopri5 1e-5, float32", times)
 
 
@@ -313,7 +314,7 @@ def case_o(repeats, libs):
             if base is not None:
                 fns["base compiled"] = lambda t=t: base.odeint(f, y0, t, rtol=tol, atol=tol,
                                                                options=C)
-            times = interleaved(fns, repeats, warm=True)
+            times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
         table(f"(o) MLP 512x32, dopri5 1e-5, float32, {T} outputs on [0, 1], forward", times)
 
 
@@ -340,7 +341,8 @@ def case_v(repeats, libs):
     if libs.get("torchode") is not None:
         fns.update(torchode_solvers(libs["torchode"], f, y0, t, tol, batch=True))
     table("(v) 256 Van der Pol per sample, dopri5 1e-6, float64", interleaved(fns, repeats,
-                                                                              warm=True))
+                                                                              warm=True,
+                                                                              rotate=ROTATE))
 
 
 def case_d(repeats, libs):
@@ -373,7 +375,7 @@ def case_d(repeats, libs):
                "neuralode compiled": lambda: neuralode.odeint(f, y0, t, method="rk4",
                                                               options={**opts, **C}),
                "hand-written loop, compiled": lambda: hand(y0)}
-        times = interleaved(fns, repeats, warm=True)
+        times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
     table("(d) rk4 on the MLP, step 0.05 on [0, 1], float32, forward", times)
     print(f"compiled neuralode / hand-written compiled loop: "
           f"{times['neuralode compiled'] / times['hand-written loop, compiled']:.3f}")
@@ -390,7 +392,11 @@ def main(argv=None) -> None:
     ap.add_argument("--libs", default="torchdiffeq,torchode")
     ap.add_argument("--baseline-rev", default=None,
                     help="also time this revision's compiled solves in (a), (r), (b), (o)")
+    ap.add_argument("--rotate", action="store_true",
+                    help="every other round in reverse order (see _util.interleaved)")
     args = ap.parse_args(argv)
+    global ROTATE
+    ROTATE = args.rotate
     torch.set_num_threads(1)
     libs = {name: optional(name) for name in args.libs.split(",") if name}
     print(f"# torch {torch.__version__}, {loadavg()}"
