@@ -37,7 +37,8 @@ steps. Module construction for torchode (term, step method, controller) is timed
 solve, like torchdiffeq's per-call solver set-up.
 
     python benchmarks/loop.py [--quick] [--only a,a8,b,c,d,e] [--repeats 7] [--libs ...]
-        [--baseline-rev REV | --baseline ROOT | --no-baseline] [--cold] [--json out.json]
+        [--baseline-rev REV | --baseline ROOT | --no-baseline] [--cold] [--rotate]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from solver_overhead import problem_a, problem_b, problem_c  # noqa: E402
 import neuralode  # noqa: E402
 
 DEFAULT_BASELINE_REV = "267b1ec"
+ROTATE = False  # (--rotate)
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic", "explicit_adams",
                  "implicit_adams")
 
@@ -214,7 +216,7 @@ def bench_adaptive(p, mode, libs, repeats, warm=True):
         warnings.simplefilter("ignore")
         for fn in fns.values():
             fn()
-        times = interleaved(fns, repeats, warm=warm)
+        times = interleaved(fns, repeats, warm=warm, rotate=ROTATE)
     t_f = times.pop("f") / inner
     if mode == "adj":
         fb = times.pop("fb") / inner
@@ -344,7 +346,7 @@ def bench_fixed(libs, repeats, methods=FIXED_METHODS, warm=True):
                 fns[name] = partial(solve, f)
             for fn in fns.values():
                 fn()
-            times = interleaved(fns, repeats, warm=warm)
+            times = interleaved(fns, repeats, warm=warm, rotate=ROTATE)
         for name in solvers:
             nfe, y1 = info[name]
             rows.append({"method": method, "solver": name, "time_ms": 1e3 * times[name],
@@ -433,7 +435,7 @@ def bench_events(libs, repeats, nbounces=10, warm=True):
         fns[name] = partial(_fresh_ball, run)
     if fns:
         with torch.no_grad():
-            times = interleaved(fns, repeats, warm=warm)
+            times = interleaved(fns, repeats, warm=warm, rotate=ROTATE)
         for r in rows:
             if r["solver"] in times:
                 r["ms_per_bounce"] = 1e3 * times[r["solver"]] / nbounces
@@ -489,7 +491,11 @@ def main(argv=None):
                          "protocol before; a function timed just after torchdiffeq is then "
                          "slowed, see _util.interleaved)")
     ap.add_argument("--json", type=Path, default=Path("loop_bench.json"))
+    ap.add_argument("--rotate", action="store_true",
+                    help="every other round in reverse order (see _util.interleaved)")
     args = ap.parse_args(argv)
+    global ROTATE
+    ROTATE = args.rotate
     torch.set_num_threads(1)
     reps = 3 if args.quick else args.repeats
     only = set(args.only.split(","))
