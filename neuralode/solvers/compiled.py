@@ -335,8 +335,10 @@ def _fixed_sources(spec) -> tuple:
 @functools.lru_cache(maxsize=256)
 def _tolerance_tensor(v: float, device) -> torch.Tensor:
     """A scalar tolerance as the 0-d float64 tensor the compiled loop takes (it only reads
-    it: one tensor per value and device serves every solve)."""
-    return torch.tensor(v, dtype=torch.float64, device=device)
+    it: one tensor per value and device serves every solve; a normal tensor, also when
+    the first solve runs under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return torch.tensor(v, dtype=torch.float64, device=device)
 
 
 def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
