@@ -103,6 +103,19 @@ def test_loss_on_some_output_times_only():
         assert torch.all(g_adj[1][max(sel) + 1:] == 0)
 
 
+def test_the_backward_solve_starts_at_the_last_output_with_a_gradient():
+    from neuralode.gradients.adjoint import _last_with_gradient
+    g = torch.zeros(5, 6, dtype=DT)
+    assert _last_with_gradient(g) == 0
+    g[3, 5], g[1, 0] = 1e-300, -2.0
+    assert _last_with_gradient(g) == 3
+    g[4, 2] = float("nan")  # (a NaN gradient is not zero: the solve starts there)
+    assert _last_with_gradient(g) == 4
+    g0 = torch.zeros(4, 3, dtype=DT)
+    g0[0, 1] = 1.0
+    assert _last_with_gradient(g0) == 0
+
+
 def test_tuple_state_and_backwards_time():
     class Coupled(nn.Module):
         def __init__(self):
