@@ -240,19 +240,22 @@ def method_options(name: str, given: dict) -> dict:
     torchdiffeq does), at the user's line. Options of plain values (None, bool, int, float,
     str) that passed without a warning are checked once: the result is kept (a copy is
     returned)."""
-    key = None
-    if all(type(v) in _PLAIN for v in given.values()):
-        # (the type too: 1, 1.0 and True are equal keys, and a check may take one only)
-        key = (name, tuple(sorted((k, type(v).__name__, repr(v)) for k, v in given.items())))
-        hit = _CHECKED.get(key)
-        if hit is not None:
-            return dict(hit)
+    if not all(type(v) in _PLAIN for v in given.values()):
+        return _check_options(name, given)  # (checked at every solve, warnings as they come)
+    # (the type too: 1, 1.0 and True are equal keys, and a check may take one only)
+    key = (name, tuple(sorted((k, type(v).__name__, repr(v)) for k, v in given.items())))
+    hit = _CHECKED.get(key)
+    if hit is not None:
+        return dict(hit)
+    # (the warnings recorded, to know whether the result may be kept; ``catch_warnings``
+    # swaps the process's warning state, so only until the options are kept, and not on the
+    # path above)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opts = _check_options(name, given)
     for w in caught:  # (emitted at the user's line, and the result not kept)
         warnings.warn(w.message, stacklevel=user_stacklevel())
-    if key is not None and not caught and len(_CHECKED) < 256:
+    if not caught and len(_CHECKED) < 256:
         _CHECKED[key] = dict(opts)
     return opts
 
@@ -262,7 +265,7 @@ def _check_options(name: str, given: dict) -> dict:
     unknown = sorted(set(given) - set(cls.OPTIONS))
     if unknown:
         warnings.warn(f"method {name!r} does not use the option(s) {unknown}; they are ignored. "
-                      f"Its options are: {sorted(cls.OPTIONS)}", stacklevel=2)
+                      f"Its options are: {sorted(cls.OPTIONS)}", stacklevel=user_stacklevel())
     opts = dict(cls.OPTIONS)
     opts.update({k: v for k, v in given.items() if k in cls.OPTIONS})
     mns = opts["max_num_steps"]
