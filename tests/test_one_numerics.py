@@ -49,13 +49,17 @@ def _rel(a, b):
 @pytest.mark.parametrize("name,options", CASES,
                          ids=[f"{n}-{(o or {}).get('solver', '')}" for n, o in CASES])
 def test_every_method_per_sample_equals_its_solo_solves(name, options):
-    kw = {"method": name, "options": options, "rtol": 1e-6, "atol": 1e-8}
+    _equals_solo({"method": name, "options": options, "rtol": 1e-6, "atol": 1e-8})
+
+
+def _equals_solo(kw):
+    """Every sample of a per-sample solve equals its solo solve: float64 outputs to 1e-10
+    relative, the same accepted and rejected steps."""
     sol = solve(vdp, Y0, T, per_sample=True, **kw)
     assert sol.success, sol.message
-    tol = 1e-10
     for b in range(B):
         one = solve(vdp, Y0[b], T, **kw)
-        assert _rel(sol.ys[:, b], one.ys) <= tol, (name, b)
+        assert _rel(sol.ys[:, b], one.ys) <= 1e-10, (kw["method"], b)
         assert int(sol.stats.n_accepted[b]) == one.stats.n_accepted
         assert int(sol.stats.n_rejected[b]) == one.stats.n_rejected
 
@@ -66,13 +70,7 @@ def test_dopri8_per_sample_equals_its_solo_solves_at_every_tolerance(tol):
     # how the two drivers sum the stages (a fused addmv on the float clock, a per-row
     # product then add on the tensor clock) moved its steps by ~1e-5 and its outputs by
     # ~1e-9; its stage sums are formed the same way in both drivers
-    kw = {"method": "dopri8", "rtol": tol, "atol": tol}
-    sol = solve(vdp, Y0, T, per_sample=True, **kw)
-    for b in range(B):
-        one = solve(vdp, Y0[b], T, **kw)
-        assert _rel(sol.ys[:, b], one.ys) <= 1e-10, b
-        assert int(sol.stats.n_accepted[b]) == one.stats.n_accepted
-        assert int(sol.stats.n_rejected[b]) == one.stats.n_rejected
+    _equals_solo({"method": "dopri8", "rtol": tol, "atol": tol})
 
 
 def test_the_stiff_one_step_methods_run_per_sample():
