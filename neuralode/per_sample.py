@@ -230,9 +230,10 @@ def _fill_stats(st: PerSampleStats, res: BatchedResult, msgs: list[str]) -> None
     st.t_final = res.t_final
 
 
-def run_compiled(s: _Setup, *, throw: bool = True, jumps=None) -> BatchedResult:
-    """The compiled solve of a validated setup (``options['compile']``; ``jumps``: see
-    ``integrate_compiled``), its statistics filled in."""
+def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = True
+                 ) -> BatchedResult:
+    """The compiled solve of a validated setup (``options['compile']``; ``jumps``,
+    ``outputs``: see ``integrate_compiled``), its statistics filled in."""
     p = s.p
     if p.norm.user_norm is not None:
         raise ODEInputError("the compiled solve (options['compile']) takes the default "
@@ -245,7 +246,7 @@ def run_compiled(s: _Setup, *, throw: bool = True, jumps=None) -> BatchedResult:
                                    max_num_steps=p.opts["max_num_steps"], throw=throw,
                                    name=p.name, backend=backend,
                                    stiffness=p.method.stiffness_check(p.opts),
-                                   tolerances=tols, info=info, jumps=jumps)
+                                   tolerances=tols, info=info, jumps=jumps, outputs=outputs)
     p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
     check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)

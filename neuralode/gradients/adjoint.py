@@ -356,7 +356,7 @@ class _Backward:
                        method=method, options={**(options or {}), "compile": backend},
                        tensor_clock=True)
             try:
-                res = run_compiled(st, jumps=(J, keep))
+                res = run_compiled(st, jumps=(J, keep), outputs=False)  # (y_final only)
             except CompileFailure as e:
                 warnings.warn(f"odeint_adjoint: the backward solve could not be compiled "
                               f"({e}); it runs eagerly", CompileFallbackWarning, stacklevel=3)

@@ -13,7 +13,10 @@ live outside it) and how outputs are written without a host-side count. The firs
 (Hairer's estimate, one more evaluation of f) is computed in the graph too, before the loop:
 as eager operations it cost as much as a quarter of a small problem's solve.
 
-Outputs: after each accepted step its output times are interpolated on that step, at most
+Outputs: a solve whose only output after y0 is at the end (``t = [t0, t1]``, the common
+case of a model's forward pass) carries no output buffer: a row that gets there ends its
+last step at t1 exactly, and its final state is that output. Otherwise, after each
+accepted step its output times are interpolated on that step, at most
 ``window`` of them per row and iteration; a row with more output times in one step than the
 window writes the rest in the next iterations before it attempts its next step (its own
 steps are unchanged: a row that does not attempt keeps its time, state, step size and
@@ -255,20 +258,25 @@ class _Outputs:
     """How a solve's T output times are written (fixed per structure): ``window`` outputs
     per row and iteration, ``chunk`` per call of the compiled loop, and what follows."""
 
-    def __init__(self, T: int, B: int, n: int, s_ext: int):
+    def __init__(self, T: int, B: int, n: int, s_ext: int, write: bool = True):
+        # the only output after y0 is at the end (or the caller needs none: ``write``
+        # False, the adjoint's backward solve): no output buffer is carried (it would be
+        # copied at every iteration) and nothing is written in the loop; a row that gets to
+        # the end ends its last step at t1 exactly, and its final state is that output
+        self.final_only = T == 2 or not write
         window = max(1, min(T - 1, MAX_WINDOW,
                             max(4, WINDOW_ELEMENTS // max(1, B * n * s_ext))))
-        self.chunk = T - 1 if T * B * n <= CHUNK_ELEMENTS else \
+        self.chunk = T - 1 if T * B * n <= CHUNK_ELEMENTS or self.final_only else \
             min(T - 1, max(window, CHUNK_ELEMENTS // max(1, B * n)))
         self.window = min(window, self.chunk)
         self.one_call = self.chunk == T - 1
         # iterations in which every row only writes outputs skip the attempt: where a step
         # can hold more outputs than the window, and the state is large enough (the window
         # is bounded by its size) that a masked attempt costs more than the branch
-        self.skip_idle = self.window < min(T - 1, MAX_WINDOW)
+        self.skip_idle = self.window < min(T - 1, MAX_WINDOW) and not self.final_only
         # every step's outputs fit in one window: they are written from the step itself,
         # in its iteration (no segment is carried for later iterations)
-        self.direct = self.window >= T - 1
+        self.direct = self.window >= T - 1 or self.final_only
         # one small problem writes its window at every iteration (with nothing to write, into
         # the spare row): cheaper than the branch that would skip it. (With many rows the
         # unconditional write costs more than the branch: 256 Van der Pol per sample, 2.4x
@@ -463,8 +471,10 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
         C = T
     end = base + C  # the first output past this call's
 
-    def cond(out, *packs):
-        c = _unpack(packs, groups)
+    final_only = spec.out.final_only
+
+    def cond(*carried):
+        c = _unpack(carried if final_only else carried[1:], groups)
         backlog = c["i_w"] < c["i_out"]
         if one_call:
             return ((c["status"] == _RUNNING) | backlog).any()
@@ -509,7 +519,7 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
         return f0.clone()
 
     if one_call:  # the starting state from y0, f0 and its check, the first step: in the graph
-        y0 = carry[0]
+        y0 = carry_y0 = carry[0]
         hist = {**spec.hist0, "absy": y0.detach().abs()} if adaptive else {}
         B = y0.shape[0]
         f0 = stepper0.rhs.call(ts[:, 0], y0) if spec.f0_in_graph else carry[1]
@@ -518,7 +528,9 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
                    jumps is not None)
         if adaptive:
             _first_step(spec, c, tol, dirn)
-        carry = (torch.cat([y0[None], y0.new_empty((T, *y0.shape))]), *_pack(c, groups))
+        carry = _pack(c, groups)
+        if not final_only:
+            carry = (torch.cat([y0[None], y0.new_empty((T, *y0.shape))]), *carry)
 
     def writes(c: dict, new: dict) -> dict:
         """``new`` with the count of iterations and i_w past the outputs this iteration
@@ -615,6 +627,11 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
         c = _unpack(packs, groups)
         return _pack({**c, **attempt_new(c)}, groups, c)
 
+    def body_final(*packs):  # (no outputs written in the loop)
+        c = _unpack(packs, groups)
+        new, _, _ = step_rows(c)
+        return _pack({**c, **writes(c, new)}, groups, c)
+
     def body(out, *packs):
         c = _unpack(packs, groups)
         i_w = c["i_w"]
@@ -640,6 +657,10 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
                              (out, i_w.clone(), *operands))
         return (out, *packs)
 
+    if final_only:
+        c = _unpack(while_loop(cond, body_final, carry), groups, RESULT)
+        # (a row that did not get there: its output is masked by the caller)
+        return torch.stack([carry_y0, c["y"]]), {**c, "summary": _summary(c, T)}
     res = while_loop(cond, body, carry)
     if not one_call:  # (the state goes on to the next call)
         return res
@@ -691,7 +712,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                        max_num_steps: int, throw: bool = True, name: str = "",
                        backend: str = "inductor", stiffness: StiffnessCheck | None = None,
                        tolerances: tuple | None = None, info: dict | None = None,
-                       jumps: tuple | None = None) -> tuple[BatchedResult, list[str]]:
+                       jumps: tuple | None = None, outputs: bool = True
+                       ) -> tuple[BatchedResult, list[str]]:
     """``integrate_batched`` (the same arguments and result) as one compiled graph.
 
     ``tolerances``: (rtol, atol) floats, handed to the graph as tensors (changing them does
@@ -702,7 +724,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     output times strictly between the first and the last, and there its state jumps,
     y <- keep * y + J[i] (the output written there is the state before the jump); the
     adjoint's backward solve resets y and adds the loss's gradient to the adjoint this way
-    (``gradients.adjoint``)."""
+    (``gradients.adjoint``). ``outputs`` False: the caller reads the final state only,
+    and the result's ys holds y0 and the final state (2, B, n) (that solve's loop writes
+    no outputs)."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -712,10 +736,14 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                              y0, z, z.clone(), torch.ones_like(z),
                              torch.zeros(B, dtype=torch.float64, device=device)), [""] * B
     nfe0, rows0 = rhs.stats.nfe, rhs.stats.batch_rows
-    outputs = _Outputs(T, B, n, stepper.s_ext)
+    # no output time strictly inside: nothing jumps (the loop then writes no outputs either)
+    jumping = jumps is not None
+    if T == 2:
+        jumps = None
+    layout = _Outputs(T, B, n, stepper.s_ext, outputs)
     # one call without autograd: f(t0, y0) is evaluated in the graph (``_loop``), else here
     # (before the calls, or to see whether autograd would need the graph: refused)
-    f0_in_graph = outputs.one_call and not torch.is_grad_enabled()
+    f0_in_graph = layout.one_call and not torch.is_grad_enabled()
     if f0_in_graph:
         f0 = torch.zeros_like(y0)  # (its place in the carried state)
     else:
@@ -746,7 +774,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, outputs, names, (), T,
+    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, layout, names, (), T,
                  f0_in_graph, hist0)
     tol = None
     if tolerances is not None:
@@ -754,14 +782,15 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
-                 outputs.window, outputs.chunk, stiffness is not None, tol is None,
+                 layout.window, layout.chunk, layout.final_only, stiffness is not None,
+                 tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
                  f0_in_graph,
                  _settings(st_proto, ctl_proto, stiff_proto))
 
     def start_state() -> dict:  # (eagerly)
         status = torch.zeros(B, dtype=torch.long, device=device)
-        if not outputs.one_call:  # (one call: f0 checked in the graph)
+        if not layout.one_call:  # (one call: f0 checked in the graph)
             status = _f0_status(f0, status)
         if controller.adaptive:
             controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
@@ -770,7 +799,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # a solve in one call builds its starting state in the graph (its dozens of small
     # tensors would each cost an eager operation here); the carried state's layout is fixed
     # per structure, found once from a state built here
-    state = None if outputs.one_call else start_state()
+    state = None if layout.one_call else start_state()
     spec.groups = groups = _groups(state) if state is not None else \
         lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
     structure += (groups,)
@@ -783,7 +812,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                                  fixed=lambda: _fixed_sources(spec))
         rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
-            if controller.adaptive and not outputs.one_call:  # the first step before the calls
+            if controller.adaptive and not layout.one_call:  # the first step before the calls
                 _first_step(spec, state, tol, _clock(ts)[0])
             with tracing_autograd():
                 res = _calls(loop, spec, ts, tol, y0, f0, state, jumps)
@@ -797,7 +826,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         if again:  # (this solve's result stands; the structure's later solves run eagerly)
             warnings.warn(f"{name}: the compiled solve: {again}; this problem's later solves "
                           f"run eagerly", CompileFallbackWarning, stacklevel=2)
-    if res is None and jumps is not None:  # (the eager driver has no jumps: the caller's)
+    if res is None and jumping:  # (the eager driver has no jumps: the caller's)
         raise CompileFailure(reason)
     if res is None:
         # what torch.compile cannot capture (in func, most often): the eager driver, announced
@@ -827,7 +856,10 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
     ys = out
     if not reached:  # (the outputs a row did not reach: NaN)
-        mask = torch.arange(T, device=device)[:, None] < i_out[None, :]
+        # (the output times out's rows stand for: every one, or y0's and the last)
+        idx = torch.arange(T, device=device) if len(out) == T else \
+            torch.tensor([0, T - 1], device=device)
+        mask = idx[:, None] < i_out[None, :]
         ys = torch.where(mask[:, :, None], out, math.nan)
     result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
                            torch.full((B,), math.nan, dtype=torch.float64, device=device))

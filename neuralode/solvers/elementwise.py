@@ -29,6 +29,16 @@ def where(cond, a, b):
     return torch.where(cond, a, b)
 
 
+def axpy(x: Tensor, y: Tensor, alpha) -> Tensor:
+    """x + alpha * y: ``torch.add(x, y, alpha=alpha)`` (one kernel), and where it is traced
+    by torch.compile a product and a sum: torch 2.13's inductor drops ``alpha`` when an
+    operand is a matrix product (``torch.add(x, a @ b, alpha=c)`` compiles to x + a @ b:
+    a stage of an f that ends in a product without bias, in a compiled step)."""
+    if torch.compiler.is_compiling():
+        return x + y * alpha
+    return torch.add(x, y, alpha=alpha)
+
+
 def minimum(a, b):
     if isinstance(a, NUMBER):
         if isinstance(b, NUMBER):

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from neuralode.solvers.elementwise import column
+from neuralode.solvers.elementwise import axpy, column
 from neuralode.solvers.tableau import ButcherTableau
 from neuralode.solvers.timekeeping import time_dtype
 
@@ -87,7 +87,7 @@ def dense_combine(y: torch.Tensor, h, w: torch.Tensor, K: torch.Tensor, fused: b
         if y.dtype == torch.float64:
             return torch.addmm(y.unsqueeze(0), w, K, alpha=h)
         # below float64 the product is formed first and added once (one rounding)
-        return torch.add(y.unsqueeze(0), torch.mm(w, K), alpha=h)
+        return axpy(y.unsqueeze(0), torch.mm(w, K), h)
     comb = (w[..., None] * K[:, None]).sum(-2) if fused else torch.bmm(w, K)
     return torch.addcmul(y.unsqueeze(-2), column(h, comb), comb)
 
@@ -108,11 +108,11 @@ def add_terms(y, terms, h, precise: bool):
         s, cp = terms[p]
         for j, (k, c) in enumerate(terms):
             if j != p:
-                s = torch.add(s, k, alpha=c / cp)
-        return torch.add(y, s, alpha=h * cp)
+                s = axpy(s, k, c / cp)
+        return axpy(y, s, h * cp)
     out = y
     for k, c in terms:
-        out = torch.add(out, k, alpha=h * c)
+        out = axpy(out, k, h * c)
     return out
 
 
@@ -122,13 +122,13 @@ def combine(terms) -> torch.Tensor:
     (k0, c0), rest = terms[0], terms[1:]
     out = k0 * c0
     for k, c in rest:
-        out = torch.add(out, k, alpha=c)
+        out = axpy(out, k, c)
     return out
 
 
 def _mv_then_add(y, mat, vec, alpha):
     """y + alpha * (mat @ vec), rounding y's sum once."""
-    return torch.add(y, torch.mv(mat, vec), alpha=alpha)
+    return axpy(y, torch.mv(mat, vec), alpha)
 
 
 def graph_step(st: RKStepper, y, f0, t, h, call):
@@ -170,7 +170,7 @@ def chord(y0, y1, thetas):
         return torch.addcmul(y0.unsqueeze(1), thetas.to(y0.dtype)[..., None],
                              (y1 - y0).unsqueeze(1))
     d = y1 - y0
-    return [y0 if th == 0 else (y1 if th == 1 else torch.add(y0, d, alpha=th)) for th in thetas]
+    return [y0 if th == 0 else (y1 if th == 1 else axpy(y0, d, th)) for th in thetas]
 
 
 class ChordSegment:
