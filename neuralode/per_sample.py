@@ -177,7 +177,7 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
     """Validate a per-sample solve and choose its driver (``tensor_clock``: the gradient
     strategy can run on the batched driver)."""
     opts, ps = _split_options(options)
-    items, _ = check_y0(y0, batch=True)
+    items, _ = check_y0(y0, batch=True, finite=False)  # (its values: ``prepare``'s check)
     B = items[0].shape[0]
     t = check_t(t, batch=B)
     p = prepare(func, y0, rtol=rtol, atol=atol, method=method, options=opts, batch=True,

@@ -49,9 +49,11 @@ def all_finite(v: torch.Tensor) -> bool:
     return bool(torch.isfinite(v).all())
 
 
-def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
+def check_y0(y0, batch: bool = False, finite: bool = True) -> tuple[list[torch.Tensor], bool]:
     """The tensors of ``y0`` (a tensor or a tuple of them) and whether it is a tuple.
-    ``batch``: every tensor has a leading batch dimension, the same B >= 1 for all."""
+    ``batch``: every tensor has a leading batch dimension, the same B >= 1 for all.
+    ``finite`` False: the values are not read (a caller whose ``prepare`` checks them
+    next: each check is a read from the device)."""
     is_tuple = isinstance(y0, (tuple, list))
     items = list(y0) if is_tuple else [y0]
     if is_tuple and not items:
@@ -73,7 +75,7 @@ def check_y0(y0, batch: bool = False) -> tuple[list[torch.Tensor], bool]:
         if batch and (v.dim() < 1 or v.shape[0] == 0):
             raise ODEInputError(f"per_sample=True: {name} must have a leading batch dimension "
                                 f"(B, ...) with B >= 1, got shape {tuple(v.shape)}")
-        if v.numel() and not all_finite(v):
+        if finite and v.numel() and not all_finite(v):
             raise ODEInputError(f"{name} contains non-finite values (nan or inf)")
     if is_tuple:
         d0, dev0 = items[0].dtype, items[0].device

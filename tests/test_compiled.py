@@ -495,6 +495,19 @@ def test_an_end_time_only_solve_of_a_bias_free_product_equals_eager(method, o):
     assert (e.ys - c.ys).abs().max() <= 1e-14
     assert torch.equal(e.stats.n_accepted, c.stats.n_accepted)
     assert torch.equal(e.stats.n_rejected, c.stats.n_rejected)
+    if method != "dopri5":
+        return
+    # a row that does not get to its end (max_num_steps): NaN output, the eager final state
+    ts = torch.tensor([[0.0, 1.0], [0.0, 60.0]], dtype=torch.float64)
+    kw = dict(per_sample=True, throw=False, options={"max_num_steps": 12})
+    e = neuralode.solve(lambda t, y: y @ A, y0, ts, **kw)
+    c = neuralode.solve(lambda t, y: y @ A, y0, ts, **{**kw, "options": {"max_num_steps": 12,
+                                                                           **C}})
+    assert c.status == e.status == ["success", "max_steps_reached"]
+    assert (e.ys[:, 0] - c.ys[:, 0]).abs().max() <= 1e-14 and c.ys[1, 1].isnan().all()
+    # (12 steps on [0, 60]: the compiled arithmetic's rounding, carried through them)
+    assert (e.y_final - c.y_final).abs().max() <= 1e-10
+    assert torch.allclose(e.t_final, c.t_final, rtol=1e-10, atol=0)
 
 
 def test_axpy_keeps_its_factor_on_a_compiled_matrix_product():
