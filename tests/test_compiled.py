@@ -103,6 +103,28 @@ def test_a_large_state_travels_unstacked_and_equals_eager():
     assert (e.ys - c.ys).abs().max() <= 1e-13
 
 
+def test_the_carried_state_layouts_give_back_every_value_exactly():
+    """A small problem's carried state travels as one float64 vector, a larger one stacked
+    by kind, a large tensor alone: unpacking gives back each tensor's dtype, shape and
+    values exactly (counters near 2^31, flags, float32 and float64 values)."""
+    from neuralode.solvers.compiled import _groups, _pack, _unpack
+    for B, n in ((1, 3), (compiled_driver.FLAT_ROWS + 1, 3), (2, 3000)):
+        g = torch.Generator().manual_seed(B)
+        state = {"t": torch.randn(B, generator=g, dtype=torch.float64),
+                 "it": torch.tensor(2 ** 31 - 1),
+                 "n_acc": torch.randint(0, 2 ** 40, (B,), generator=g),
+                 "flag": torch.rand(B, generator=g) > 0.5,
+                 "y": torch.randn(B, n, generator=g, dtype=torch.float32) * 1e30,
+                 "h": torch.full((B,), math.nan, dtype=torch.float64)}
+        groups = _groups(state)
+        hows = {how for _, how, _ in groups}
+        assert hows == ({"flat"} if B == 1 else {"stack"} if n == 3 else {"flat", "alone"})
+        back = _unpack(_pack(state, groups), groups)
+        for k, v in state.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape
+            assert torch.equal(back[k], v) or (v.isnan().all() and back[k].isnan().all())
+
+
 def test_what_torch_compile_cannot_capture_runs_eagerly_with_a_warning(monkeypatch):
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
 

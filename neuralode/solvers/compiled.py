@@ -402,40 +402,61 @@ def _first_step(spec: _Spec, c: dict, tol, dirn) -> None:
     c.update({"hist_" + n: getattr(ctl, n) for n in spec.hist_names})
 
 
-PACK_ELEMENTS = 4096  # carried tensors up to this size travel stacked with their kind
+PACK_ELEMENTS = 4096  # carried tensors up to this size travel packed with others
+
+
+# a small problem's carried state travels as one flat vector: up to FLAT_ROWS rows and
+# FLAT_ELEMENTS numbers (scratch A/B against the stacked layout: the spiral 0.85, Lorenz 0.92,
+# 4 and 8 Van der Pol rows 0.89 and 0.87, one 100-element state 0.93-0.99; but 16 rows 1.15,
+# 32 rows 1.35, one 1,000-element state 1.25)
+FLAT_ROWS, FLAT_ELEMENTS = 8, 512
 
 
 def _groups(state: dict) -> tuple:
-    """The carried state's names grouped by dtype and shape: each group of small tensors
-    travels through the loop as one stacked tensor (every carried tensor costs an
-    allocation per iteration, stacking costs a copy); a large tensor travels alone (a
-    group of one name: ``_pack`` hands it on unstacked)."""
+    """The carried state's layout. Every carried tensor costs an allocation and a handle
+    per iteration, so small tensors travel packed: for a small problem, all of them as
+    one float64 vector (float64 holds every value of the smaller dtypes, and integers
+    below 2^53, exactly); else stacked by dtype and shape. A large tensor travels alone.
+    Each group: (names, how, ((dtype, shape), ...)), how one of "alone", "stack",
+    "flat"."""
+    small = {n: v for n, v in state.items() if v.numel() <= PACK_ELEMENTS}
+    rows = state["t"].shape[0]
+    flat = rows <= FLAT_ROWS and sum(v.numel() for v in small.values()) <= FLAT_ELEMENTS
     groups: dict = {}
     for name, v in state.items():
-        key = (v.dtype, tuple(v.shape)) if v.numel() <= PACK_ELEMENTS else name
+        key = name if name not in small else "flat" if flat else (v.dtype, tuple(v.shape))
         groups.setdefault(key, []).append(name)
-    return tuple((tuple(g), isinstance(k, str)) for k, g in groups.items())
+    return tuple((tuple(g), "flat" if k == "flat" else "alone" if isinstance(k, str)
+                  else "stack", tuple((state[n].dtype, tuple(state[n].shape)) for n in g))
+                 for k, g in groups.items())
 
 
 def _pack(state: dict, groups: tuple, before: dict | None = None) -> tuple:
     """The packed carry; ``before``: the iteration's input state (a large tensor handed on
     unchanged is copied: a loop's output may not be its input)."""
     out = []
-    for names, alone in groups:
-        if alone:
+    for names, how, _ in groups:
+        if how == "alone":
             v = state[names[0]]
             out.append(v.clone() if before is not None and v is before[names[0]] else v)
-        else:
+        elif how == "stack":
             out.append(torch.stack([state[n] for n in names]))
+        else:
+            out.append(torch.cat([state[n].reshape(-1).to(torch.float64) for n in names]))
     return tuple(out)
 
 
 def _unpack(packs: tuple, groups: tuple, only: tuple | None = None) -> dict:
     """The carried state by name (``only``: just these names)."""
     out = {}
-    for p, (names, alone) in zip(packs, groups):
-        out.update({n: (p if alone else p[k]) for k, n in enumerate(names)
-                    if only is None or n in only})
+    for p, (names, how, metas) in zip(packs, groups):
+        at = 0
+        for k, (n, (dtype, shape)) in enumerate(zip(names, metas)):
+            size = math.prod(shape)
+            if only is None or n in only:
+                out[n] = p if how == "alone" else p[k] if how == "stack" else \
+                    p[at:at + size].view(shape).to(dtype)
+            at += size
     return out
 
 
@@ -800,6 +821,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # tensors would each cost an eager operation here); the carried state's layout is fixed
     # per structure, found once from a state built here
     state = None if layout.one_call else start_state()
+    small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
     spec.groups = groups = _groups(state) if state is not None else \
         lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
     structure += (groups,)
@@ -807,7 +829,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     fkey = (_loop, backend, structure)
     res, reason = None, FAILED.get(fkey, "")
     if not reason:
-        small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
         loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None,
                                  fixed=lambda: _fixed_sources(spec))
         rhs.counting = False  # (the evaluations are counted from the iterations)
