@@ -821,7 +821,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # tensors would each cost an eager operation here); the carried state's layout is fixed
     # per structure, found once from a state built here
     state = None if layout.one_call else start_state()
-    small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
     spec.groups = groups = _groups(state) if state is not None else \
         lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
     structure += (groups,)
@@ -829,6 +828,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     fkey = (_loop, backend, structure)
     res, reason = None, FAILED.get(fkey, "")
     if not reason:
+        small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
         loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None,
                                  fixed=lambda: _fixed_sources(spec))
         rhs.counting = False  # (the evaluations are counted from the iterations)
