@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode.errors import ODEInputError
-from neuralode.problem import CALLBACK_NAMES, check_t, check_y0
+from neuralode.problem import check_t, check_y0, first_callback
 from neuralode.solution import Solution
 from neuralode.solvers.base import SolverStats
 
@@ -84,18 +84,17 @@ def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=No
     if event_fn is not None or dense:
         raise ODEInputError("the compiled solve (options['compile']) serves neither event_fn "
                             "nor dense=True; solve without 'compile' for them")
-    items, is_tuple = check_y0(y0)
+    items, is_tuple = check_y0(y0, finite=False)  # (its values: the batch's ``prepare``)
     t = check_t(t)
     if t.requires_grad and torch.is_grad_enabled():
         raise ODEInputError("the compiled solve (options['compile']) does not differentiate "
                             "with respect to t; detach t or solve without 'compile'")
     yb = tuple(v.unsqueeze(0) for v in items) if is_tuple else items[0].unsqueeze(0)
     batch_func = one_as_batch(func, is_tuple)
-    for name in CALLBACK_NAMES:
-        if callable(getattr(func, name, None)) or callable(getattr(func, name + "_adjoint",
-                                                                   None)):
-            raise ODEInputError(f"the compiled solve (options['compile']) does not call "
-                                f"callbacks (func.{name}); solve without 'compile'")
+    name = first_callback(func)
+    if name is not None:
+        raise ODEInputError(f"the compiled solve (options['compile']) does not call "
+                            f"callbacks (func.{name}); solve without 'compile'")
     strategy = strategy.bind_params(func, lambda: func(
         t[0].to(items[0].dtype.to_real()),
         tuple(v.detach() for v in items) if is_tuple else items[0].detach()))

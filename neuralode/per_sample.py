@@ -60,12 +60,12 @@ import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
 from neuralode.problem import (
-    CALLBACK_NAMES,
     Problem,
     batch_times,
     check_t,
     check_y0,
     check_y_unchanged,
+    first_callback,
     prepare,
     to_user_dtype,
 )
@@ -166,8 +166,7 @@ def _driver(p: Problem, func, t, tensor_clock: bool) -> str:
     float_clock = any(k in o and o[k] is not None and o[k] is not False
                       for k in FLOAT_CLOCK_OPTIONS)
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-    callbacks = any(callable(getattr(func, n + end, None)) for n in CALLBACK_NAMES
-                    for end in ("", "_adjoint"))
+    callbacks = first_callback(func) is not None
     if not (tensor_clock and p.method.batches(o)) or float_clock or t_grad or callbacks:
         return "sample_by_sample"
     return "batched"
@@ -208,9 +207,10 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
 # ------------------------------------------------------------------------------------------
 
 
-def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
+def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None,
+                  derive: bool = True):
     """The stepper and controller of a batched solve (``norm``: another error norm, the
-    adjoint's)."""
+    adjoint's; ``derive`` False: a fixed grid's tensors are made in the compiled loop)."""
     o = p.opts
     norm = norm or p.norm
     stepper = p.method.make_stepper(o, norm)
@@ -219,7 +219,7 @@ def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None):
         controller = controller_or_default(o, p.method).bind(norm, stepper.error_order, o,
                                                              o.get("_pid_settings"))
     else:
-        controller = PerSampleGrid(ts, o["step_size"])
+        controller = PerSampleGrid(ts, o["step_size"], derive)
     return stepper, controller
 
 
@@ -238,7 +238,7 @@ def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = T
     if p.norm.user_norm is not None:
         raise ODEInputError("the compiled solve (options['compile']) takes the default "
                             "error norm; drop options['norm'] or 'compile'")
-    stepper, controller = batched_parts(p, s.ts)
+    stepper, controller = batched_parts(p, s.ts, derive=False)
     backend = s.compile if isinstance(s.compile, str) else "inductor"
     tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
     info: dict = {}

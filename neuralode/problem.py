@@ -313,10 +313,32 @@ def check_resolvable(name, rtol, atol, y0_flat, dtype) -> None:
                 f"larger atol, rtol > 0, or a float64 state")
 
 
+def callback_of(func, name: str):
+    """``getattr(func, name, None)`` where it is callable, else None. (An ``nn.Module``
+    is read without its ``__getattr__``, which raises, slowly, for a missing name: only
+    its submodules are callable there.)"""
+    d = func.__dict__ if getattr(type(func), "__getattr__", None) is \
+        torch.nn.Module.__getattr__ else None
+    if d is not None and name not in d and not hasattr(type(func), name):
+        v = d["_modules"].get(name)
+    else:
+        v = getattr(func, name, None)
+    return v if callable(v) else None
+
+
+def first_callback(func) -> str | None:
+    """The name of a torchdiffeq callback (or its _adjoint form) that ``func`` has."""
+    for n in CALLBACK_NAMES:
+        for name in (n, n + "_adjoint"):
+            if callback_of(func, name) is not None:
+                return name
+    return None
+
+
 def find_callbacks(func, method_cls: type[Method], names=CALLBACK_NAMES) -> Callbacks | None:
     """torchdiffeq's callbacks found on ``func``; a warning for those the method cannot
     honour (fixed-grid methods have no accept/reject)."""
-    found = {n: getattr(func, n) for n in names if callable(getattr(func, n, None))}
+    found = {n: v for n in names if (v := callback_of(func, n)) is not None}
     if not found:
         return None
     base = [n.replace("_adjoint", "") for n in found]

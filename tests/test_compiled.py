@@ -532,6 +532,40 @@ def test_an_end_time_only_solve_of_a_bias_free_product_equals_eager(method, o):
     assert torch.allclose(e.t_final, c.t_final, rtol=1e-10, atol=0)
 
 
+def test_a_fixed_grid_to_its_end_evaluates_f_as_eager_does_and_takes_any_step_size():
+    """Only the final state wanted, a method without FSAL: each step evaluates its own first
+    stage, so no f(t1, y1) follows the last step (the eager solve's count, one fewer than a
+    carried first stage); the step size enters the loop as a tensor (another one compiles
+    nothing); a row whose f turns non-finite ends with the eager status and message."""
+    A = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=torch.float64)
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    before = len(compiled_driver.COMPILES)
+    for h in (0.1, 0.07):
+        e = neuralode.solve(lambda t, y: (y @ A).tanh(), y0, t, method="rk4",
+                            options={"step_size": h})
+        with torch.no_grad():  # (with autograd on, f(t0, y0) is evaluated before the loop,
+            # to see whether the solve would need a graph: refused)
+            c = neuralode.solve(lambda t, y: (y @ A).tanh(), y0, t, method="rk4",
+                                options={"step_size": h, **C})
+        assert c.stats.n_accepted == e.stats.n_accepted == math.ceil(1 / h - 1e-9)
+        assert c.stats.nfe == e.stats.nfe == 4 * e.stats.n_accepted
+        assert (e.ys - c.ys).abs().max() <= 1e-14
+    assert len(compiled_driver.COMPILES) - before == 1
+
+    def g(t, y):
+        return torch.where(t[:, None] > 0.5, torch.full_like(y, math.nan), -y)
+    ts = torch.tensor([[0.0, 1.0], [0.0, 0.4], [0.0, 0.8]], dtype=torch.float64)
+    yb = torch.ones(3, 2, dtype=torch.float64)
+    kw = dict(per_sample=True, method="rk4", throw=False)
+    e = neuralode.solve(g, yb, ts, options={"step_size": 0.1}, **kw)
+    c = neuralode.solve(g, yb, ts, options={"step_size": 0.1, **C}, **kw)
+    assert c.status == e.status == ["nonfinite", "success", "nonfinite"]
+    assert c.message == e.message and "between t=0.5 and t=0.6" in c.message[0]
+    assert torch.equal(c.stats.n_accepted, e.stats.n_accepted)
+    assert torch.equal(c.t_final, e.t_final)
+
+
 def test_axpy_keeps_its_factor_on_a_compiled_matrix_product():
     """``axpy(x, a @ b, c)`` compiled equals x + c (a @ b) (``torch.add(..., alpha=c)``
     compiles to x + a @ b in torch 2.13)."""

@@ -412,4 +412,5 @@ class RHS:
                 raise ODEFuncError(
                     f"{where(kk)} returned a tensor on {o.device}, but the state is on "
                     f"{self.device}")
-        self._checked = True
+        if not torch.compiler.is_compiling():  # (a compiled loop's body mutates nothing)
+            self._checked = True

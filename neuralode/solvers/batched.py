@@ -391,11 +391,13 @@ class BatchStep:
     (``attempt``). The eager driver (``integrate_batched``) and the compiled one
     (``compiled.integrate_compiled``) run these same two functions."""
 
-    def __init__(self, stepper, controller, max_num_steps: int, fused: bool = False):
+    def __init__(self, stepper, controller, max_num_steps: int, fused: bool = False,
+                 ends: bool = True):
         self.stepper, self.controller = stepper, controller
         self.max_num_steps = max_num_steps
         self.adaptive = controller.adaptive
         self.fused = fused  # compiled: the outputs in a step counted by comparisons
+        self.ends = ends  # False: no f(t1, y1) after the attempt (the next step evaluates it)
 
     def propose(self, t, h, t_end, dirn, running, status, n_att, nonfinite, n_out, n_ev,
                 n_bad, stop):
@@ -441,7 +443,8 @@ class BatchStep:
             h_next = hh
         n_att = n_att + running
         n_acc = n_acc + accept
-        stepper.prepare_interp(t1m, y1)  # every row's f(t1, y1) (non-FSAL methods)
+        if self.ends:
+            stepper.prepare_interp(t1m, y1)  # every row's f(t1, y1) (non-FSAL methods)
         # outputs in (t, t1] of the accepted rows
         upto = ((key <= (dirn * t1m)[:, None]).sum(1) if self.fused else
                 torch.searchsorted(key, (dirn * t1m)[:, None], right=True)[:, 0])

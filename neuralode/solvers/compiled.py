@@ -288,12 +288,17 @@ class _Spec:
     """What the loop body needs besides its carried tensors (fixed per structure)."""
 
     def __init__(self, stepper, controller, stiffness, max_num_steps: int, outputs: _Outputs,
-                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool, hist0: dict):
+                 hist_names: tuple, groups: tuple, T: int, f0_in_graph: bool, hist0: dict,
+                 k1_in_step: bool = False):
         self.stepper, self.controller, self.stiffness = stepper, controller, stiffness
         self.max_num_steps = max_num_steps
         self.hist_names, self.groups, self.T = hist_names, groups, T
         self.out = outputs  # (the output layout: window, chunk, one call, ...)
         self.f0_in_graph = f0_in_graph  # f(t0, y0) evaluated in the graph (one call)
+        # a step's first stage f(t, y) evaluated in it, not carried from the step before:
+        # (a fixed grid of a method without FSAL, only the final state wanted) no f(t1, y1)
+        # after the last step (its evaluation is the step's first; one in all fewer)
+        self.k1_in_step = k1_in_step
         self.adaptive = controller.adaptive
         # the controller's starting history (but absy): a solve in one call builds its
         # starting state in the graph (``_start``)
@@ -324,7 +329,8 @@ def _plain(o) -> list:
 
 # what a structure key fixes besides the templates' plain settings: the loop's layout, and
 # the coefficients that a template derives from its tableau (the key holds the tableau)
-FIXED_SPEC = ("spec.T", "spec.adaptive", "spec.f0_in_graph", "spec.max_num_steps", "spec.out",
+FIXED_SPEC = ("spec.T", "spec.adaptive", "spec.f0_in_graph", "spec.k1_in_step",
+              "spec.max_num_steps", "spec.out",
               "spec.groups", "spec.hist_names")
 FROM_TABLEAU = {"stepper": ("tab", "c", "a_nz", "b_nz", "berr_nz"), "stiffness": ("d",)}
 
@@ -341,10 +347,10 @@ def _fixed_sources(spec) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _tolerance_tensor(v: float, device) -> torch.Tensor:
-    """A scalar tolerance as the 0-d float64 tensor the compiled loop takes (it only reads
-    it: one tensor per value and device serves every solve; a normal tensor, also when
-    the first solve runs under ``torch.inference_mode``)."""
+def _scalar_tensor(v: float, device) -> torch.Tensor:
+    """A tolerance or a step size as the 0-d float64 tensor the compiled loop takes (it
+    only reads it: one tensor per value and device serves every solve; a normal tensor,
+    also when the first solve runs under ``torch.inference_mode``)."""
     with torch.inference_mode(False):
         return torch.tensor(v, dtype=torch.float64, device=device)
 
@@ -373,7 +379,9 @@ def _start(spec: _Spec, ctl, ts, y0, f0, status, hist: dict, jumps: bool) -> dic
     zero = torch.zeros((), dtype=torch.long, device=device)
     state = {"it": zero, "it_step": zero.clone(), "status": status, "i_w": zl + 1,
              "i_out": zl + 1, "t": t, "y": y0, "h": h, "n_att": zl, "n_acc": zl, "n_rej": zl,
-             "k_grid": zl, "f0": f0}
+             "k_grid": zl}
+    if f0 is not None:  # (else each step evaluates its first stage: ``k1_in_step``)
+        state["f0"] = f0
     if not spec.out.direct:  # (the segment the outputs are written from, carried)
         state.update(seg_y=y0, seg_y1=y0, seg_h=torch.zeros_like(nan), seg_t=t, seg_t1=t,
                      **{f"seg_K{i}": torch.zeros_like(y0) for i in range(spec.stepper.s_ext)})
@@ -480,6 +488,9 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     one call, (y0,) or (y0, f0): the graph builds out and the state.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
     stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
+    if not spec.adaptive:  # (the loop's body may take no views of its inputs)
+        ctl0 = ctl0.at(ts)
+        ctl0.t0, ctl0.t1 = ctl0.t0.clone(), ctl0.t1.clone()
     dirn, key, t_end = _clock(ts)
     T, W, C, adaptive, groups = spec.T, spec.out.window, spec.out.chunk, spec.adaptive, \
         spec.groups
@@ -543,10 +554,12 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
         y0 = carry_y0 = carry[0]
         hist = {**spec.hist0, "absy": y0.detach().abs()} if adaptive else {}
         B = y0.shape[0]
-        f0 = stepper0.rhs.call(ts[:, 0], y0) if spec.f0_in_graph else carry[1]
-        c = _start(spec, ctl0, ts, y0, f0,
-                   _f0_status(f0, torch.zeros(B, dtype=torch.long, device=y0.device)), hist,
-                   jumps is not None)
+        status = torch.zeros(B, dtype=torch.long, device=y0.device)
+        f0 = None
+        if not spec.k1_in_step:
+            f0 = stepper0.rhs.call(ts[:, 0], y0) if spec.f0_in_graph else carry[1]
+            status = _f0_status(f0, status)
+        c = _start(spec, ctl0, ts, y0, f0, status, hist, jumps is not None)
         if adaptive:
             _first_step(spec, c, tol, dirn)
         carry = _pack(c, groups)
@@ -569,11 +582,14 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     def step_rows(c: dict):
         """The rows that may step attempt one: (the new state, the step as a segment: y, y1,
         h, t, t1, stages, and the rows that accepted it)."""
-        stepper = _fork(stepper0, f0=c["f0"], ks=None)
+        t, y = c["t"], c["y"]
+        f0 = stepper0.rhs.call(t, y) if spec.k1_in_step else c["f0"]
+        stepper = _fork(stepper0, f0=f0, ks=None)
         ctl = _fork(ctl0, **extra, **{n: c["hist_" + n] for n in names})
-        step = BatchStep(stepper, ctl, spec.max_num_steps, fused=True)
+        step = BatchStep(stepper, ctl, spec.max_num_steps, fused=True,
+                         ends=not spec.k1_in_step)
         status, i_w, i_out = c["status"], c["i_w"], c["i_out"]
-        t, y, h, k_grid = c["t"], c["y"], c["h"], c["k_grid"]
+        h, k_grid = c["h"], c["k_grid"]
         backlog = i_w < i_out
         go = (status == _RUNNING) & ~backlog
         none = torch.zeros_like(status)
@@ -612,8 +628,9 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
         # (the stages: as evaluated where they are written at once, else the stacked ones)
         ks = stepper.ks[:stepper0.s_ext] if spec.out.direct else stages.unbind(0)
         seg = (y_old, y1, hm, t_old, t1m, *ks)
-        stepper.advance(accept=accept)
-        new["f0"] = stepper.f0
+        if not spec.k1_in_step:
+            stepper.advance(accept=accept)
+            new["f0"] = stepper.f0
         if jumps is not None:
             # a row that stepped onto its next stop jumps there (y <- keep y + J), and its
             # f (the next step's first stage) is evaluated at the new state
@@ -787,26 +804,30 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     ctl_proto = _fork(controller)
     for k in names:
         ctl_proto.__dict__.pop(k, None)
-    for k, v in list(ctl_proto.__dict__.items()):  # (a grid's t0, t1 are views of its times)
-        if isinstance(v, torch.Tensor):
-            ctl_proto.__dict__[k] = v.clone()
+    if not controller.adaptive:  # a grid: its tensors made from ts in the graph (``_loop``)
+        for k in ("ts", "h", "n", "t0", "t1"):
+            ctl_proto.__dict__.pop(k, None)
+        if isinstance(controller.step, (int, float)):
+            ctl_proto.step = _scalar_tensor(float(controller.step), device)
     stiff_proto = None
     if stiffness is not None:
         stiff_proto = _fork(stiffness)
         stiff_proto.__dict__.pop("stiff", None)
         stiff_proto.__dict__.pop("calm", None)
+    k1_in_step = f0_in_graph and layout.final_only and not controller.adaptive and \
+        not stepper.fsal and stiffness is None and jumps is None
     spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, layout, names, (), T,
-                 f0_in_graph, hist0)
+                 f0_in_graph, hist0, k1_in_step)
     tol = None
     if tolerances is not None:
-        tol = tuple(_tolerance_tensor(float(v), device) for v in tolerances)
+        tol = tuple(_scalar_tensor(float(v), device) for v in tolerances)
     func = getattr(rhs, "func", None)
     func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
     structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
                  layout.window, layout.chunk, layout.final_only, stiffness is not None,
                  tol is None,
                  jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
-                 f0_in_graph,
+                 f0_in_graph, k1_in_step,
                  _settings(st_proto, ctl_proto, stiff_proto))
 
     def start_state() -> dict:  # (eagerly)
@@ -815,7 +836,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             status = _f0_status(f0, status)
         if controller.adaptive:
             controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
-        return _start(spec, controller, ts, y0, f0, status,
+        return _start(spec, controller if controller.adaptive else controller.at(ts), ts,
+                      y0, None if k1_in_step else f0, status,
                       {k: getattr(controller, k) for k in names}, jumps is not None)
     # a solve in one call builds its starting state in the graph (its dozens of small
     # tensors would each cost an eager operation here); the carried state's layout is fixed
@@ -857,6 +879,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
         if info is not None:
             info.update(compile_s=0.0, compiles=0, iterations=0, fallback=reason)
+        if not controller.adaptive:
+            controller = controller.at(ts)
         return integrate_batched(rhs, y0, ts, stepper, controller,
                                  max_num_steps=max_num_steps, throw=throw, name=name,
                                  stiffness=stiffness)
@@ -869,7 +893,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     rhs.stats.nfe += calls_after_jumps
     rhs.stats.batch_rows += calls_after_jumps * B
     # Hairer's estimate, and f(t0, y0) where the graph evaluated it
-    first_calls = int(controller.adaptive and controller.first is None) + int(f0_in_graph)
+    first_calls = int(controller.adaptive and controller.first is None) + \
+        int(f0_in_graph and not k1_in_step)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
@@ -890,7 +915,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             stiff_at[b] = (float(c["stiff_t"][b]), float(c["stiff_h"][b]),
                            float(c["stiff_ratio"][b]), stiffness.boundary,
                            float(c["stiff_remaining"][b]))
-    msgs = _messages(result, name, max_num_steps, ts, stiff_at)
+    msgs = _messages(result, name, max_num_steps, ts, stiff_at, controller.adaptive)
     if throw:
         raise_failures(result, msgs)
     return result, msgs

@@ -192,9 +192,10 @@ class FixedGridController:
         return True, (math.nan if self.t_next is None else self.t_next - self.t_prev)
 
 
-def grid_step_count(span, step: float):
+def grid_step_count(span, step):
     """How many steps of size ``step`` cover ``span`` (at least one); a last step within
-    1e-12 of ``step`` relative is not split off. ``span`` a float or (B,) tensor."""
+    1e-12 of ``step`` relative is not split off. ``span`` a float or (B,) tensor (then
+    ``step`` may be a 0-d tensor too)."""
     steps = abs(span) / step * (1 - 1e-12)
     if isinstance(steps, torch.Tensor):
         return torch.ceil(steps).clamp(min=1).to(torch.long)
@@ -204,21 +205,35 @@ def grid_step_count(span, step: float):
 class PerSampleGrid:
     """Fixed grids per sample (the tensor clock's ``FixedGridController``): each row's
     output times (``step_size`` None) or t0 + k h, ending exactly at the row's last output
-    time."""
+    time. ``step_size``: None, a float, or a 0-d float64 tensor (the compiled loop's input:
+    another step size is not another loop). ``derive`` False: the grid's tensors are made
+    later, by ``at`` (the compiled loop makes them in its graph)."""
 
     adaptive = False
 
-    def __init__(self, ts: torch.Tensor, step_size: float | None):
-        self.ts = ts
+    def __init__(self, ts: torch.Tensor, step_size, derive: bool = True):
+        self.ts, self.step = ts, step_size
+        if derive:
+            self._derive()
+
+    def _derive(self) -> None:
+        ts, step = self.ts, self.step
         t0, t1 = ts[:, 0], ts[:, -1]
-        if step_size is None:
+        if step is None:
             self.h = None
             self.n = torch.full_like(t0, ts.shape[1] - 1, dtype=torch.long)
         else:
             span = t1 - t0
-            self.h = torch.copysign(torch.full_like(t0, float(step_size)), span)
-            self.n = grid_step_count(span, float(step_size))
+            if not isinstance(step, torch.Tensor):
+                step = float(step)
+            self.h = torch.copysign(torch.as_tensor(step, dtype=t0.dtype, device=t0.device)
+                                    .expand_as(t0), span)
+            self.n = grid_step_count(span, step)
         self.t0, self.t1 = t0, t1
+
+    def at(self, ts: torch.Tensor) -> PerSampleGrid:
+        """This grid's settings on the times ``ts``, its tensors made."""
+        return PerSampleGrid(ts, self.step)
 
     def point(self, k: torch.Tensor) -> torch.Tensor:
         """Grid point k of every row (its last point for k >= n)."""
