@@ -101,11 +101,13 @@ def solve_compiled_one(strategy, func: Callable, y0, t, *, rtol, atol, method=No
     sol = strategy.solve(batch_func, yb, t, rtol=rtol, atol=atol, method=method,
                          options=options, throw=throw, per_sample=True)
     ps = sol.stats  # (the batched driver's: every field filled for the one sample)
-    stats = SolverStats(method=ps.method, nfe=ps.nfe, n_accepted=int(ps.n_accepted[0]),
-                        n_rejected=int(ps.n_rejected[0]), status=sol.status[0],
-                        message=sol.message[0], t_final=float(sol.t_final[0]),
+    # (the sample's values: ``tolist`` and ``select`` cost less than indexing a tensor)
+    stats = SolverStats(method=ps.method, nfe=ps.nfe, n_accepted=ps.n_accepted.tolist()[0],
+                        n_rejected=ps.n_rejected.tolist()[0], status=sol.status[0],
+                        message=sol.message[0], t_final=sol.t_final.tolist()[0],
                         compile_s=ps.compile_s, n_compiles=ps.n_compiles, extra=ps.extra)
-    ys = tuple(v[:, 0] for v in sol.ys) if is_tuple else sol.ys[:, 0]
-    y_final = tuple(v[0] for v in sol.y_final) if is_tuple else sol.y_final[0]
+    ys = tuple(v.select(1, 0) for v in sol.ys) if is_tuple else sol.ys.select(1, 0)
+    y_final = tuple(v.select(0, 0) for v in sol.y_final) if is_tuple else \
+        sol.y_final.select(0, 0)
     return Solution(ys=ys, ts=t, stats=stats, status=stats.status, message=stats.message,
                     t_final=stats.t_final, y_final=y_final)
