@@ -9,6 +9,7 @@ they can (the module-scoped solves below) and the refusals are checked before an
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from neuralode.errors import MaxStepsError, ODEInputError, StiffnessError
 from neuralode.solvers import compiled as compiled_driver
 
 C = {"compile": True}
+STIFFNESS = 1.0  # a user's global that a func reads (its guard is kept)
 # a silent eager fallback would pass every comparison below: here it is an error
 pytestmark = pytest.mark.filterwarnings(
     "error::neuralode.solvers.compiled.CompileFallbackWarning")
@@ -189,7 +191,7 @@ def test_the_loop_drops_the_guards_its_structure_fixes_and_keeps_those_on_func(m
             self.k = 0.1
 
         def forward(self, t, y):
-            return torch.stack([y[1], -y[0] - self.k * y[1]])
+            return torch.stack([y[1], -STIFFNESS * y[0] - self.k * y[1]])
     seen = []
     real = compiled_driver._guard_filter
 
@@ -223,11 +225,22 @@ def test_the_loop_drops_the_guards_its_structure_fixes_and_keeps_those_on_func(m
                             repr(getattr(e.orig_guard.create_fn, "keywords", None))) in kept
                            for e in on_func)
     assert any(e.name.startswith("spec.stepper.rhs") and k for e, k in seen)
+    # the globals of the package, of torch and Python's builtins keep no guard; a user's do
+    assert not [e.name for e, k in seen if k and e.name.startswith(
+        ("G['__import_neuralode", "G['__import_torch_dot_nn_dot_functional", "G['__builtins",
+         "G['_fork']"))]
+    assert [e.name for e, k in seen if not k and e.name.startswith("G['__import_neuralode")]
+    assert any(k and "STIFFNESS" in e.name for e, k in seen)
     f.k = 0.3
     c = neuralode.solve(f, y0, t, options=opts)
     e = neuralode.solve(f, y0, t)
     assert c.stats.n_compiles == 1 and torch.allclose(c.ys, e.ys, rtol=0, atol=1e-14)
     assert not torch.allclose(c.ys, first.ys, rtol=0, atol=1e-6)
+    monkeypatch.setattr(sys.modules[__name__], "STIFFNESS", 2.0)
+    c2 = neuralode.solve(f, y0, t, options=opts)
+    e = neuralode.solve(f, y0, t)
+    assert c2.stats.n_compiles == 1 and torch.allclose(c2.ys, e.ys, rtol=0, atol=1e-14)
+    assert not torch.allclose(c2.ys, c.ys, rtol=0, atol=1e-6)
 
 
 def test_other_controller_settings_get_a_loop_of_their_own():

@@ -187,13 +187,28 @@ def compiled_function(fn, backend: str, structure: tuple, settings: dict | None 
     return lru_get(_LOOPS, (fn, backend, structure), make, MAX_LOOPS)
 
 
+# guards on these globals are dropped: this package's own (its functions and constants;
+# ``G['name']`` is this module's global ``name``), torch's functions and modules, and Python's
+# builtins, none of which a solve changes (a user's globals keep theirs; hooks keep theirs)
+OWN_GLOBALS = ("G['__import_neuralode_dot_", "G['__import_torch_dot_", "G['__builtins_dict_")
+OWN_GLOBAL_CHECKS = ("BUILTIN_MATCH", "CLOSURE_MATCH", "MODULE_MATCH", "CLASS_MATCH",
+                     "CONSTANT_MATCH", "EQUALS_MATCH", "SEQUENCE_LENGTH", "DUPLICATE_INPUT",
+                     "ID_MATCH")
+
+
+def _own_global(name: str, kind: str) -> bool:
+    return kind in OWN_GLOBAL_CHECKS and "hook" not in name and name.startswith("G['") and (
+        name.startswith(OWN_GLOBALS) or not name.startswith("G['__"))
+
+
 def _guard_filter(fixed: tuple):
     """torch.compile's ``guard_filter_fn``: keep every guard but those on the sources in
     ``fixed`` (and what lies below them), tensors' guards excepted; those on torch's pytree
     registry (``while_loop`` and ``cond`` flatten their operands with it; the loop's
-    operands are tuples of tensors, whose flattening no registration changes); and the
-    repeats of a guard (the same check of the same source, made again by each evaluation of
-    f the loop traces: 40-60% of what is left). At every call dynamo checks what is kept."""
+    operands are tuples of tensors, whose flattening no registration changes); those on
+    the package's, torch's and Python's own globals (``_own_global``); and the repeats of a
+    guard (the same check of the same source, made again by each evaluation of f the loop
+    traces: 40-60% of what is left). At every call dynamo checks what is kept."""
     def keep(entries) -> list[bool]:
         seen: set = set()
         out = []
@@ -203,7 +218,7 @@ def _guard_filter(fixed: tuple):
                    repr(sorted(getattr(cf, "keywords", {}).items())), getattr(cf, "func", cf))
             out.append(sig not in seen and (
                 e.guard_type == "TENSOR_MATCH"
-                or not ("_pytree" in e.name
+                or not ("_pytree" in e.name or _own_global(e.name, e.guard_type)
                         or any(e.name == p or e.name.startswith((p + ".", p + "["))
                                for p in fixed))))
             seen.add(sig)
