@@ -798,7 +798,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     # (before the calls, or to see whether autograd would need the graph: refused)
     f0_in_graph = layout.one_call and not torch.is_grad_enabled()
     if f0_in_graph:
-        f0 = torch.zeros_like(y0)  # (its place in the carried state)
+        f0 = y0  # (its place in the carried state: only its shape and dtype are read)
     else:
         f0 = rhs.call(ts[:, 0].clone(), y0)
         if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
