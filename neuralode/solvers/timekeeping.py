@@ -10,16 +10,9 @@ the device), so its time is as exact on MPS as on CUDA; what the switch changes 
 only the device tensors derived from time (the interpolant's weights), which are made in
 the switch's dtype so that no float64 tensor is ever created on a device without float64.
 
-A float32 time accumulated step by step (t += h) drifts: each addition rounds to half an
-ulp of t, so after N steps the error grows like N ulps. Two bounded representations are
-given here, written once for Python floats, NumPy scalars and (B,) tensors:
-
-* ``clock_add``: a compensated clock, t = hi + lo with |lo| <= ulp(hi) / 2. Each addition
-  of a step h is split exactly (Knuth's TwoSum) into the rounded sum and its rounding error,
-  which is carried in ``lo``; the error of the pair after N steps is a few ulps of t
-  (``lo``'s own roundings are 2^-24 of an ulp of t each), against N / 2 ulps for naive sums.
-* ``grid_time``: integer step counting for fixed grids, t_k = t0 + k h with k an integer:
-  two roundings however large k is (``controllers.PerSampleGrid`` already counts so).
+A fixed grid's times are counted, t_k = t0 + k h with k an integer (two roundings however
+large k is: ``controllers.PerSampleGrid``), never accumulated step by step (t += h drifts
+by about an ulp of t per step in float32).
 """
 
 from __future__ import annotations
@@ -71,35 +64,3 @@ def as_time(v) -> torch.Tensor:
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.to(torch.promote_types(v.dtype, time_dtype(v.device)))
     return torch.as_tensor(v, dtype=torch.float64)
-
-
-def two_sum(a, b):
-    """(s, e) with s = fl(a + b) and a + b = s + e exactly (Knuth; any magnitudes, no
-    branches): six additions in the arithmetic of ``a`` and ``b``."""
-    s = a + b
-    bb = s - a
-    e = (a - (s - bb)) + (b - bb)
-    return s, e
-
-
-def clock_add(hi, lo, h):
-    """The compensated clock (hi, lo) advanced by h: returns (hi', lo') with hi' + lo' =
-    hi + lo + h up to lo's rounding, and |lo'| <= ulp(hi') / 2 (renormalised)."""
-    s, e = two_sum(hi, h)
-    e = e + lo
-    hi = s + e  # Fast2Sum: |s| >= |e|, since e is below an ulp of s
-    return hi, e - (hi - s)
-
-
-def clock_value(hi, lo, dtype=torch.float64):
-    """The clock's time as one value: a Python float (hi + lo in float64) for float clocks,
-    or a tensor of ``dtype``."""
-    if isinstance(hi, torch.Tensor):
-        return hi.to(dtype) + lo.to(dtype)
-    return float(hi) + float(lo)
-
-
-def grid_time(t0, h, k):
-    """Grid point k of a fixed grid (integer step counting): t0 + k h, two roundings for
-    any k (``k`` an int or an integer tensor)."""
-    return t0 + h * k
