@@ -375,6 +375,13 @@ def _f0_status(f0: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
     return torch.where(~torch.isfinite(f0.detach()).all(1), CODE[NONFINITE], status)
 
 
+def _on_times(ctl, ts):
+    """The controller on the output times ``ts``: a fixed grid's tensors made from them
+    (``PerSampleGrid.at``; its template holds only the step size), an adaptive controller
+    as it is."""
+    return ctl if ctl.adaptive else ctl.at(ts)
+
+
 def _clock(ts):
     """(the direction of each row's time (B,), the times in it (B, T) (increasing), the
     rows' end times (B,)) of the output times ``ts`` (B, T)."""
@@ -502,9 +509,9 @@ def _loop(spec: _Spec, ts, tol, base, carry, jumps=None):
     B, n), *packed state); out's row chunk takes the writes that are not this call's; in
     one call, (y0,) or (y0, f0): the graph builds out and the state.
     ``jumps``: None, or (J (T, B, n), keep (n,)) (see ``integrate_compiled``)."""
-    stepper0, ctl0, stiff0 = spec.stepper, spec.controller, spec.stiffness
+    stepper0, stiff0 = spec.stepper, spec.stiffness
+    ctl0 = _on_times(spec.controller, ts)
     if not spec.adaptive:  # (the loop's body may take no views of its inputs)
-        ctl0 = ctl0.at(ts)
         ctl0.t0, ctl0.t1 = ctl0.t0.clone(), ctl0.t1.clone()
     dirn, key, t_end = _clock(ts)
     T, W, C, adaptive, groups = spec.T, spec.out.window, spec.out.chunk, spec.adaptive, \
@@ -851,8 +858,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
             status = _f0_status(f0, status)
         if controller.adaptive:
             controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
-        return _start(spec, controller if controller.adaptive else controller.at(ts), ts,
-                      y0, None if k1_in_step else f0, status,
+        return _start(spec, _on_times(controller, ts), ts, y0, None if k1_in_step else f0,
+                      status,
                       {k: getattr(controller, k) for k in names}, jumps is not None)
     # a solve in one call builds its starting state in the graph (its dozens of small
     # tensors would each cost an eager operation here); the carried state's layout is fixed
@@ -894,9 +901,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
         if info is not None:
             info.update(compile_s=0.0, compiles=0, iterations=0, fallback=reason)
-        if not controller.adaptive:
-            controller = controller.at(ts)
-        return integrate_batched(rhs, y0, ts, stepper, controller,
+        return integrate_batched(rhs, y0, ts, stepper, _on_times(controller, ts),
                                  max_num_steps=max_num_steps, throw=throw, name=name,
                                  stiffness=stiffness)
     wall = time.perf_counter() - start
