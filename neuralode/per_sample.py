@@ -52,6 +52,7 @@ where the sample-by-sample driver runs, ``shrink`` with events or dense output.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,11 @@ import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
 from neuralode.problem import (
+    PLAIN_VALUES,
     Problem,
     batch_times,
+    check_finite,
+    check_func,
     check_t,
     check_y0,
     check_y_unchanged,
@@ -69,7 +73,7 @@ from neuralode.problem import (
     prepare,
     to_user_dtype,
 )
-from neuralode.solvers.base import PerSampleStats, StateLayout
+from neuralode.solvers.base import RHS, PerSampleStats, StateLayout
 from neuralode.solvers.batched import BatchedDense, BatchedResult, integrate_batched
 from neuralode.solvers.compiled import integrate_compiled
 from neuralode.solvers.controllers import ErrorNorm, PerSampleGrid
@@ -172,9 +176,87 @@ def _driver(p: Problem, func, t, tensor_clock: bool) -> str:
     return "batched"
 
 
+class _Known:
+    """What ``setup`` decided for solves of one kind (``_setup_key``): each such solve
+    checks only its values (y0 finite, t's times) and gets its own statistics, right-hand
+    side and flat state."""
+
+    def __init__(self, s: _Setup, time_arg: str):
+        p = s.p
+        self.B, self.driver, self.shrink, self.compile = s.B, s.driver, s.shrink, s.compile
+        self.name, self.method, self.opts, self.opts_key = p.name, p.method, dict(p.opts), \
+            p.opts_key
+        self.layout, self.norm, self.time_arg = p.layout, p.norm, time_arg
+
+    def renew(self, func, y0, t) -> _Setup:
+        check_func(func)
+        is_tuple = isinstance(y0, (tuple, list))
+        items = list(y0) if is_tuple else [y0]
+        check_finite(items, is_tuple)
+        device = items[0].device
+        ts = batch_times(t, self.B, device)
+        stats = PerSampleStats(method=self.name)
+        stats.driver = self.driver
+        rhs = RHS(func, self.layout, items[0].dtype, device, stats, batch=True,
+                  time_arg=self.time_arg)
+        y0_flat = self.layout.flatten(tuple(items) if is_tuple else items[0], self.B)
+        if y0_flat.dtype != rhs.dtype:
+            y0_flat = y0_flat.to(rhs.dtype)
+        p = Problem(func, y0, items, self.layout, rhs, y0_flat, self.method, self.name,
+                    dict(self.opts), self.norm, stats, y0_flat._version, self.opts_key)
+        return _Setup(p, t, ts, self.B, self.driver, self.shrink, self.compile)
+
+
+_KNOWN: OrderedDict = OrderedDict()  # ``_setup_key`` -> ``_Known``
+MAX_KNOWN = 64
+
+
+def _setup_key(y0, t, rtol, atol, method, options, tensor_clock: bool) -> tuple | None:
+    """What ``setup`` decides from, where a solve of the same key decides the same: the
+    types, shapes, dtypes and devices of y0 and t, the tolerances, the method, the options
+    (plain values only) and the gradient's needs; None for other solves (checked in full)."""
+    if type(t) is not torch.Tensor or type(rtol) not in _NUMBER or \
+            type(atol) not in _NUMBER or not rtol > 0 or \
+            not (options is None or type(options) is dict) or \
+            not (method is None or type(method) is str):
+        return None
+    items = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    for v in items:
+        if not isinstance(v, torch.Tensor):
+            return None
+    opts = []  # (the type too: 1, 1.0 and True are equal keys; a float's repr: -0.0, nan)
+    for k, v in (options or {}).items():
+        if type(v) not in PLAIN_VALUES:
+            return None
+        opts.append((k, type(v), repr(v) if type(v) is float else v))
+    return (type(y0), tuple((type(v), v.shape, v.dtype, v.device) for v in items),
+            t.shape, t.dtype, t.device, t.requires_grad, torch.is_grad_enabled(),
+            time_dtype(items[0].device), rtol, atol, method, tensor_clock, tuple(opts))
+
+
+_NUMBER = (int, float)
+
+
 def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _Setup:
     """Validate a per-sample solve and choose its driver (``tensor_clock``: the gradient
-    strategy can run on the batched driver)."""
+    strategy can run on the batched driver). A solve of a kind seen before (``_setup_key``)
+    checks only its values."""
+    key = _setup_key(y0, t, rtol, atol, method, options, tensor_clock)
+    known = _KNOWN.get(key) if key is not None else None
+    if known is not None and first_callback(func) is None:
+        _KNOWN.move_to_end(key)
+        return known.renew(func, y0, t)
+    s = _setup(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+               tensor_clock=tensor_clock)
+    # (not where the options warned: their warning comes at every solve)
+    if key is not None and s.p.opts_key is not None and first_callback(func) is None:
+        _KNOWN[key] = _Known(s, _split_options(options)[1]["time_arg"])
+        while len(_KNOWN) > MAX_KNOWN:
+            _KNOWN.popitem(last=False)
+    return s
+
+
+def _setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _Setup:
     opts, ps = _split_options(options)
     items, _ = check_y0(y0, batch=True, finite=False)  # (its values: ``prepare``'s check)
     B = items[0].shape[0]
@@ -246,7 +328,8 @@ def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = T
                                    max_num_steps=p.opts["max_num_steps"], throw=throw,
                                    name=p.name, backend=backend,
                                    stiffness=p.method.stiffness_check(p.opts),
-                                   tolerances=tols, info=info, jumps=jumps, outputs=outputs)
+                                   tolerances=tols, info=info, jumps=jumps, outputs=outputs,
+                                   settings_key=p.opts_key)
     p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
     check_y_unchanged(p)
     _fill_stats(p.stats, res, msgs)

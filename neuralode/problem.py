@@ -10,8 +10,10 @@ a per-sample batch (``batch=True``: a leading batch dimension B, times (T,) or (
 from __future__ import annotations
 
 import cmath
+import functools
 import math
 import operator
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +77,6 @@ def check_y0(y0, batch: bool = False, finite: bool = True) -> tuple[list[torch.T
         if batch and (v.dim() < 1 or v.shape[0] == 0):
             raise ODEInputError(f"per_sample=True: {name} must have a leading batch dimension "
                                 f"(B, ...) with B >= 1, got shape {tuple(v.shape)}")
-        if finite and v.numel() and not all_finite(v):
-            raise ODEInputError(f"{name} contains non-finite values (nan or inf)")
     if is_tuple:
         d0, dev0 = items[0].dtype, items[0].device
         for k, v in enumerate(items):
@@ -88,7 +88,17 @@ def check_y0(y0, batch: bool = False, finite: bool = True) -> tuple[list[torch.T
                     f"{' and batch size (per_sample=True)' if batch else ''}: y0[0] is "
                     f"{d0} on {dev0}{shape(items[0])}, y0[{k}] is {v.dtype} on "
                     f"{v.device}{shape(v)}")
+    if finite:
+        check_finite(items, is_tuple)
     return items, is_tuple
+
+
+def check_finite(items: list[torch.Tensor], is_tuple: bool) -> None:
+    """The values of checked ``y0`` tensors are finite."""
+    for k, v in enumerate(items):
+        if v.numel() and not all_finite(v):
+            raise ODEInputError(f"{f'y0[{k}]' if is_tuple else 'y0'} contains non-finite "
+                                f"values (nan or inf)")
 
 
 def state_layout(items: list[torch.Tensor], is_tuple: bool, batch: bool = False
@@ -158,10 +168,32 @@ def batch_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
         tdt = time_dtype(dev)
         return torch.promote_types(t.dtype, tdt) if t.is_floating_point() else tdt
 
+    if t.dim() == 1:  # (exactly the times: float64 holds any float type's)
+        row = times_of(t)
+        if B * len(row) > SHARED_TIMES:
+            return _times_tensor(row, B, best(device), device)
+        # (their bits key the tensor, so that -0.0 is not 0.0)
+        return _shared_times(struct.pack(f"{len(row)}d", *row), B, best(device), device)
     tt = t.detach().to(best(t.device))  # checked where t is (no extra transfer)
-    check_time_rows(tt.tolist() if tt.dim() == 2 else [tt.tolist()])
-    tt = tt.to(device=device, dtype=best(device))
-    return (tt[None].expand(B, -1) if tt.dim() == 1 else tt).contiguous()
+    check_time_rows(tt.tolist())
+    return tt.to(device=device, dtype=best(device)).contiguous()
+
+
+SHARED_TIMES = 4096  # batches' times up to this many numbers are kept (``_shared_times``)
+
+
+def _times_tensor(row, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The (B, T) times of a batch that shares the times ``row``."""
+    return torch.tensor(row, dtype=dtype, device=device).expand(B, -1).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_times(row: bytes, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``_times_tensor`` of the times ``row`` (float64s packed), kept: one tensor per times,
+    batch size, dtype and device serves every solve (the drivers only read it; a normal
+    tensor, also when the first solve runs under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return _times_tensor(struct.unpack(f"{len(row) // 8}d", row), B, dtype, device)
 
 
 def tolerance_value(name: str, tol, layout: StateLayout, dtype, device):
@@ -233,7 +265,7 @@ def resolve_method(method, options) -> tuple[str, dict]:
 # (method, the given options) -> the checked options, for options of plain values that
 # passed without a warning (a training loop checks the same options at every solve)
 _CHECKED: dict = {}
-_PLAIN = (type(None), bool, int, float, str)
+PLAIN_VALUES = (type(None), bool, int, float, str)
 
 
 def method_options(name: str, given: dict) -> dict:
@@ -242,13 +274,20 @@ def method_options(name: str, given: dict) -> dict:
     torchdiffeq does), at the user's line. Options of plain values (None, bool, int, float,
     str) that passed without a warning are checked once: the result is kept (a copy is
     returned)."""
-    if not all(type(v) in _PLAIN for v in given.values()):
-        return _check_options(name, given)  # (checked at every solve, warnings as they come)
+    return checked_options(name, given)[0]
+
+
+def checked_options(name: str, given: dict) -> tuple[dict, tuple | None]:
+    """``method_options``, and a key that fixes them (a hashable form of the method and
+    the given options; None where an option is not a plain value, or where they warned)."""
+    if not all(type(v) in PLAIN_VALUES for v in given.values()):
+        # (checked at every solve, warnings as they come)
+        return _check_options(name, given), None
     # (the type too: 1, 1.0 and True are equal keys, and a check may take one only)
     key = (name, tuple(sorted((k, type(v).__name__, repr(v)) for k, v in given.items())))
     hit = _CHECKED.get(key)
     if hit is not None:
-        return dict(hit)
+        return dict(hit), key
     # (the warnings recorded, to know whether the result may be kept; ``catch_warnings``
     # swaps the process's warning state, so only until the options are kept, and not on the
     # path above)
@@ -257,9 +296,11 @@ def method_options(name: str, given: dict) -> dict:
         opts = _check_options(name, given)
     for w in caught:  # (emitted at the user's line, and the result not kept)
         warnings.warn(w.message, stacklevel=user_stacklevel())
-    if not caught and len(_CHECKED) < 256:
+    if caught:
+        return opts, None
+    if len(_CHECKED) < 256:
         _CHECKED[key] = dict(opts)
-    return opts
+    return opts, key
 
 
 def _check_options(name: str, given: dict) -> dict:
@@ -326,8 +367,30 @@ def callback_of(func, name: str):
     return v if callable(v) else None
 
 
+_ALL_CALLBACK_NAMES = frozenset(n + s for n in CALLBACK_NAMES for s in ("", "_adjoint"))
+
+
+def _none_of(func, names: frozenset) -> bool:
+    """Surely no attribute of ``func`` is named in ``names``: not in its own dict, its
+    class's or a base's, nor (an ``nn.Module``) among its submodules, and no custom
+    attribute lookup could make one. (A few set operations, where ``getattr`` of each
+    missing name costs an exception or an ``nn.Module.__getattr__``.)"""
+    cls = type(func)
+    get = getattr(cls, "__getattr__", None)
+    d = getattr(func, "__dict__", None)
+    if d is None or cls.__getattribute__ is not object.__getattribute__ or \
+            (get is not None and get is not torch.nn.Module.__getattr__):
+        return False
+    if not d.keys().isdisjoint(names) or \
+            (get is not None and not d.get("_modules", {}).keys().isdisjoint(names)):
+        return False
+    return all(vars(c).keys().isdisjoint(names) for c in cls.__mro__)
+
+
 def first_callback(func) -> str | None:
     """The name of a torchdiffeq callback (or its _adjoint form) that ``func`` has."""
+    if _none_of(func, _ALL_CALLBACK_NAMES):
+        return None
     for n in CALLBACK_NAMES:
         for name in (n, n + "_adjoint"):
             if callback_of(func, name) is not None:
@@ -338,6 +401,8 @@ def first_callback(func) -> str | None:
 def find_callbacks(func, method_cls: type[Method], names=CALLBACK_NAMES) -> Callbacks | None:
     """torchdiffeq's callbacks found on ``func``; a warning for those the method cannot
     honour (fixed-grid methods have no accept/reject)."""
+    if _none_of(func, _ALL_CALLBACK_NAMES):
+        return None
     found = {n: v for n in names if (v := callback_of(func, n)) is not None}
     if not found:
         return None
@@ -370,6 +435,8 @@ class Problem:
     norm: ErrorNorm
     stats: Any  # SolverStats, or PerSampleStats for a per-sample batch
     y0_version: int = 0  # y0_flat's version counter when prepared (``check_y_unchanged``)
+    # the method and its given options in a hashable form (``checked_options``), or None
+    opts_key: tuple | None = None
 
 
 def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = False,
@@ -381,7 +448,7 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     check_func(func)
     items, is_tuple = check_y0(y0, batch)
     name, given = resolve_method(method, options)
-    opts = method_options(name, given)
+    opts, opts_key = checked_options(name, given)
     cls = SOLVERS[name]
     dtype, device = items[0].dtype, items[0].device
     B = items[0].shape[0] if batch else None
@@ -402,7 +469,7 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
         check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
     norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
     return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats,
-                   y0_flat._version)
+                   y0_flat._version, opts_key)
 
 
 def integrate_plain(p: Problem, y0_flat: torch.Tensor, ts: list[float], stepper, controller,

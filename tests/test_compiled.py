@@ -56,6 +56,54 @@ def test_per_sample_compiled_equals_eager_and_does_not_recompile(vdp_batch):
     assert len(compiled_driver.COMPILES) - before == 1
 
 
+def test_per_element_tolerances_are_each_solves_own(vdp_batch):
+    """Tolerance tensors (one per element) are read in the loop from the solve's norm:
+    another solve of the structure, with other tolerances, steps by its own."""
+    y0, t = vdp_batch
+    accepted = []
+    for k, scale in enumerate((1.0, 1e3)):
+        rtol = torch.tensor([1e-7, 1e-7, 1e-9], dtype=torch.float64) * scale
+        e = neuralode.solve(vdp, y0, t, per_sample=True, rtol=rtol, atol=1e-8)
+        c = neuralode.solve(vdp, y0, t, per_sample=True, rtol=rtol, atol=1e-8,
+                            options=C)
+        assert torch.equal(e.stats.n_accepted, c.stats.n_accepted)
+        assert torch.equal(e.stats.n_rejected, c.stats.n_rejected)
+        assert (e.ys - c.ys).abs().max() <= 1e-11 * e.ys.abs().max()
+        assert c.stats.n_compiles == (1 if k == 0 else 0)
+        accepted.append(c.stats.n_accepted)
+    assert (accepted[1] < accepted[0]).all()
+
+
+def test_autograd_tracing_is_set_only_for_a_loop_whose_tracing_needed_it():
+    """``traced``: dynamo's trace_autograd_ops (a global setting, tens of microseconds to set
+    and reset) is set for a compiled loop only after its tracing failed without it; another
+    failure is not retried."""
+    seen = []
+
+    class Loop:  # (a compiled loop's stand-in: its tracing wants autograd once)
+        pass
+
+    def run():
+        on = torch._dynamo.config.trace_autograd_ops
+        seen.append(on)
+        if not on and len(seen) == 1:
+            raise torch._dynamo.exc.Unsupported("torch.autograd.grad with "
+                                                "trace_autograd_ops=False")
+        return "ran"
+    loop, was = Loop(), torch._dynamo.config.trace_autograd_ops
+    assert compiled_driver.traced(loop, run) == "ran" and seen == [False, True]
+    assert compiled_driver.traced(loop, run) == "ran" and seen == [False, True, True]
+    assert torch._dynamo.config.trace_autograd_ops == was
+    other, tries = Loop(), []
+
+    def fails():
+        tries.append(1)
+        raise torch._dynamo.exc.Unsupported("something else")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="something else"):
+        compiled_driver.traced(other, fails)
+    assert tries == [1] and not getattr(other, "neuralode_autograd", False)
+
+
 def test_one_problem_tuple_float32_and_many_outputs_per_step():
     """One problem (a batch of one inside), a tuple state in float32, and more output times
     in one step than the output window (the rows write them before stepping on)."""

@@ -198,6 +198,46 @@ def test_bad_times_are_refused(t, match):
         solve(vdp(MU), Y0, t.double(), per_sample=True)
 
 
+def test_a_solve_of_a_kind_seen_before_checks_its_values_and_decides_alike():
+    """``setup`` keeps what it decided for a kind of solve (shapes, dtypes, tolerances,
+    options): a later solve of that kind checks its own values and gets the decisions a
+    first solve would."""
+    from neuralode import per_sample
+
+    f = vdp(MU)
+    per_sample._KNOWN.clear()
+    first = solve(f, Y0, T, per_sample=True, rtol=1e-6, atol=1e-8)
+    assert len(per_sample._KNOWN) == 1
+    again = solve(f, Y0 * 0.5, T, per_sample=True, rtol=1e-6, atol=1e-8)
+    assert len(per_sample._KNOWN) == 1  # (the kind was known)
+    fresh = [solo("dopri5", b, T, rtol=1e-6, atol=1e-8) for b in range(B)]
+    assert rel_diff(first.ys[-1], torch.stack([s.ys[-1] for s in fresh])) <= 1e-10
+    assert rel_diff(again.ys[0], Y0 * 0.5) == 0.0
+    # the known kind's values are checked: y0 and t
+    bad = Y0.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ODEInputError, match="non-finite"):
+        solve(f, bad, T, per_sample=True, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ODEInputError, match="strictly increasing"):
+        solve(f, Y0, T.flip(0)[[1, 0, 2, 3, 4, 5]], per_sample=True, rtol=1e-6, atol=1e-8)
+    # other tolerances or options: another kind, decided afresh
+    loose = solve(f, Y0, T, per_sample=True, rtol=1e-3, atol=1e-3)
+    assert (loose.stats.n_accepted < first.stats.n_accepted).all()
+    capped = solve(f, Y0, T, per_sample=True, rtol=1e-6, atol=1e-8, throw=False,
+                   options={"max_num_steps": 3})
+    assert capped.status == ["max_steps_reached"] * B
+    # a callback added to func after its kind was known: its driver calls it
+
+    def decay(t, y):
+        return -y
+    assert solve(decay, Y0, T, per_sample=True).stats.driver == "batched"
+    calls = []
+    decay.callback_step = lambda t0, y0, dt: calls.append(float(t0))  # type: ignore
+    s = solve(decay, Y0, T, per_sample=True)
+    assert s.stats.driver == "sample_by_sample" and len(calls) > 0
+    assert rel_diff(s.ys[-1], Y0 * math.exp(-4.0)) <= 1e-6
+
+
 def test_unsupported_options_are_refused():
     # every method and option runs per sample; the batched driver's own options need it
     with pytest.raises(ODEInputError, match="batched driver"):

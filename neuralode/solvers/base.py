@@ -232,7 +232,8 @@ class RHS:
         udt, cdt, sdt = self.user_dtype, self.dtype, self.state_dtype
         cast = udt != cdt
         check = self._check
-        nan_t = torch.full((), math.nan, dtype=cdt, device=self.device)
+        nan_t = torch.full((), math.nan, dtype=cdt, device=self.device) \
+            if self.time_arg == "none" else None
         shape0 = None if layout.is_tuple else tuple(layout.shapes[0])
 
         def call_at(tt, y):

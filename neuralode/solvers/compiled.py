@@ -163,6 +163,8 @@ def lru_get(cache: OrderedDict, key, make, limit: int = 64):
 FAILED: dict = {}
 _LOOPS: OrderedDict = OrderedDict()  # (function, backend, structure) -> its compiled copy
 _GROUPS: OrderedDict = OrderedDict()  # structure -> its carried state's layout (``_groups``)
+# (settings key, shapes, ...) -> the plan its solves share (``integrate_compiled``)
+_PLANS: OrderedDict = OrderedDict()
 MAX_LOOPS = 64  # structures kept compiled (least recently used dropped)
 
 
@@ -239,6 +241,25 @@ class tracing_autograd:  # (lower case: used as ``with tracing_autograd()``)
 
     def __exit__(self, *exc):
         torch._dynamo.config.trace_autograd_ops = self.was
+
+
+def traced(compiled, run: Callable):
+    """``run()``, which calls ``compiled`` (a ``compiled_function``). torch.compile traces
+    autograd inside func (a CNF's divergence, the adjoint's vector-Jacobian product) only
+    under ``tracing_autograd``, a global setting that costs tens of microseconds to set and
+    reset at every call, and that matters only while it traces: a loop is run without it
+    until its tracing needed it once (then always with it)."""
+    if getattr(compiled, "neuralode_autograd", False):
+        with tracing_autograd():
+            return run()
+    try:
+        return run()
+    except torch._dynamo.exc.TorchDynamoException as e:
+        if "trace_autograd_ops" not in str(e):
+            raise
+    compiled.neuralode_autograd = True
+    with tracing_autograd():
+        return run()
 
 
 MAX_COMPILES = 6  # compilations of one structure's loop (torch stops at 8) before it fails
@@ -318,6 +339,86 @@ class _Spec:
         # the controller's starting history (but absy): a solve in one call builds its
         # starting state in the graph (``_start``)
         self.hist0 = hist0
+
+
+class _Plan:
+    """What the solves of one structure share (``integrate_compiled``): the loop's templates
+    (the stepper's without a right-hand side: each solve forks the templates with its own),
+    and the structure that keys its compiled loop. Made from the first solve's stepper
+    (started here) and controller."""
+
+    def __init__(self, rhs, y0, ts, f0, stepper, controller, stiffness, layout: _Outputs,
+                 max_num_steps: int, f0_in_graph: bool, jumps: bool, tol_tensors: bool,
+                 func):
+        B, T = ts.shape
+        # the stepper's stage list (its autograd form: sums of scaled stages), with or
+        # without a graph: inside a compiled loop those sums fuse, where the buffer's
+        # matrix-vector products would each be a kernel of their own
+        stepper.start(rhs, y0, f0, True)
+        self.names = names = tuple(controller.history()) + ("absy",) \
+            if controller.adaptive else ()
+        hist0 = {k: getattr(controller, k) for k in names[:-1]}
+        # the loop's templates hold no per-solve tensors: those travel in the carry (a
+        # template that still held them would hand the loop aliased inputs)
+        st_proto = _fork(stepper, fused=True)
+        for k in ("ks", "f0", "rhs"):  # (the stage list's start, the form ``start(..., True)``
+            st_proto.__dict__.pop(k, None)  # made; the solve's right-hand side)
+        ctl_proto, stiff_proto = self._templates(controller, stiffness, y0.device)
+        k1_in_step = f0_in_graph and layout.final_only and not controller.adaptive and \
+            not stepper.fsal and stiffness is None and not jumps
+        self.spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, layout, names, (),
+                          T, f0_in_graph, hist0, k1_in_step)
+        structure = (B, y0.shape[1], T, y0.dtype, str(y0.device), stepper.tab,
+                     type(controller).__name__, layout.window, layout.chunk,
+                     layout.final_only, stiffness is not None, not tol_tensors, jumps,
+                     getattr(func, "__code__", type(func)), max_num_steps, f0_in_graph,
+                     k1_in_step, _settings(st_proto, ctl_proto, stiff_proto))
+        if layout.one_call:  # (several calls: the layout of the state built for them)
+            self.spec.groups = groups = lru_get(_GROUPS, structure, lambda: _groups(
+                self.start_state(self.spec_for(rhs, controller, stiffness), controller, ts,
+                                 y0, f0, jumps)),
+                MAX_LOOPS)
+            structure += (groups,)
+        self.structure = structure
+
+    def _templates(self, controller, stiffness, device) -> tuple:
+        """The controller's and the stiffness check's templates: a solve's own, without its
+        history (it travels in the carry). (Each solve forks its own, as its norm and its
+        right-hand side share the solve's state layout: torch.compile checks that they do.)"""
+        ctl = _fork(controller)
+        for k in self.names:
+            ctl.__dict__.pop(k, None)
+        if not controller.adaptive:  # a grid: its tensors made from ts in the graph (``_loop``)
+            for k in ("ts", "h", "n", "t0", "t1"):
+                ctl.__dict__.pop(k, None)
+            if isinstance(controller.step, (int, float)):
+                ctl.step = _scalar_tensor(float(controller.step), device)
+        stiff = None
+        if stiffness is not None:
+            stiff = _fork(stiffness)
+            stiff.__dict__.pop("stiff", None)
+            stiff.__dict__.pop("calm", None)
+        return ctl, stiff
+
+    def spec_for(self, rhs, controller, stiffness) -> _Spec:
+        """The loop's templates for a solve of ``rhs`` with its ``controller`` and
+        ``stiffness`` check."""
+        spec = _fork(self.spec)
+        spec.stepper = _fork(spec.stepper, rhs=rhs)
+        spec.controller, spec.stiffness = self._templates(controller, stiffness,
+                                                          rhs.device)
+        return spec
+
+    def start_state(self, spec: _Spec, controller, ts, y0, f0, jumps: bool) -> dict:
+        """A solve's starting state, eagerly (``controller``: the solve's own)."""
+        status = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        if not spec.out.one_call:  # (one call: f0 checked in the graph)
+            status = _f0_status(f0, status)
+        if controller.adaptive:
+            controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
+        return _start(spec, _on_times(controller, ts), ts, y0,
+                      None if spec.k1_in_step else f0, status,
+                      {k: getattr(controller, k) for k in self.names}, jumps)
 
 
 def _tolerances(ctl, tol) -> dict:
@@ -772,7 +873,8 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
                        max_num_steps: int, throw: bool = True, name: str = "",
                        backend: str = "inductor", stiffness: StiffnessCheck | None = None,
                        tolerances: tuple | None = None, info: dict | None = None,
-                       jumps: tuple | None = None, outputs: bool = True
+                       jumps: tuple | None = None, outputs: bool = True,
+                       settings_key: tuple | None = None
                        ) -> tuple[BatchedResult, list[str]]:
     """``integrate_batched`` (the same arguments and result) as one compiled graph.
 
@@ -786,7 +888,9 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     adjoint's backward solve resets y and adds the loss's gradient to the adjoint this way
     (``gradients.adjoint``). ``outputs`` False: the caller reads the final state only,
     and the result's ys holds y0 and the final state (2, B, n) (that solve's loop writes
-    no outputs)."""
+    no outputs). ``settings_key``: a hashable key that fixes the stepper's, the controller's
+    and the stiffness check's settings besides this solve's shapes (the method and its
+    given options: ``problem.checked_options``), or None."""
     B, T = ts.shape
     n = y0.shape[1]
     device = y0.device
@@ -800,7 +904,20 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     jumping = jumps is not None
     if T == 2:
         jumps = None
-    layout = _Outputs(T, B, n, stepper.s_ext, outputs)
+    if stiffness is not None and not stiffness.active:
+        stiffness = None
+    func = getattr(rhs, "func", None)
+    func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
+    # the solves of one structure share a plan: the key holds what fixes it (the settings
+    # through ``settings_key``; a solve without one gets a plan of its own)
+    pkey = None if settings_key is None else (
+        settings_key, B, n, T, y0.dtype, device, stepper.tab, type(controller), outputs,
+        stiffness is not None, tolerances is None, jumps is not None,
+        getattr(func, "__code__", type(func)), max_num_steps, torch.is_grad_enabled())
+    plan = _PLANS.get(pkey) if pkey is not None else None
+    if plan is not None:
+        _PLANS.move_to_end(pkey)
+    layout = plan.spec.out if plan is not None else _Outputs(T, B, n, stepper.s_ext, outputs)
     # one call without autograd: f(t0, y0) is evaluated in the graph (``_loop``), else here
     # (before the calls, or to see whether autograd would need the graph: refused)
     f0_in_graph = layout.one_call and not torch.is_grad_enabled()
@@ -810,64 +927,25 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         f0 = rhs.call(ts[:, 0].clone(), y0)
         if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
             raise ODEInputError(BACKPROP_REFUSED.format(name=name))
-    # the stepper's stage list (its autograd form: sums of scaled stages), with or without
-    # a graph: inside a compiled loop those sums fuse, where the buffer's matrix-vector
-    # products would each be a kernel of their own
-    stepper.start(rhs, y0, f0, True)
-    names = tuple(controller.history()) + ("absy",) if controller.adaptive else ()
-    hist0 = {k: getattr(controller, k) for k in names[:-1]}
-    if stiffness is not None and not stiffness.active:
-        stiffness = None
-    # the loop's templates hold no per-solve tensors: those travel in the carry (a template
-    # that still held them would hand the loop aliased inputs)
-    st_proto = _fork(stepper, fused=True)
-    for k in ("ks", "f0"):  # (the stage list's start, the form ``start(..., True)`` made)
-        st_proto.__dict__.pop(k, None)
-    ctl_proto = _fork(controller)
-    for k in names:
-        ctl_proto.__dict__.pop(k, None)
-    if not controller.adaptive:  # a grid: its tensors made from ts in the graph (``_loop``)
-        for k in ("ts", "h", "n", "t0", "t1"):
-            ctl_proto.__dict__.pop(k, None)
-        if isinstance(controller.step, (int, float)):
-            ctl_proto.step = _scalar_tensor(float(controller.step), device)
-    stiff_proto = None
-    if stiffness is not None:
-        stiff_proto = _fork(stiffness)
-        stiff_proto.__dict__.pop("stiff", None)
-        stiff_proto.__dict__.pop("calm", None)
-    k1_in_step = f0_in_graph and layout.final_only and not controller.adaptive and \
-        not stepper.fsal and stiffness is None and jumps is None
-    spec = _Spec(st_proto, ctl_proto, stiff_proto, max_num_steps, layout, names, (), T,
-                 f0_in_graph, hist0, k1_in_step)
+    if plan is None:
+        plan = _Plan(rhs, y0, ts, f0, stepper, controller, stiffness, layout, max_num_steps,
+                     f0_in_graph, jumps is not None, tolerances is not None, func)
+        if pkey is not None:
+            lru_get(_PLANS, pkey, lambda: plan, MAX_LOOPS)
+    spec = plan.spec_for(rhs, controller, stiffness)
     tol = None
     if tolerances is not None:
         tol = tuple(_scalar_tensor(float(v), device) for v in tolerances)
-    func = getattr(rhs, "func", None)
-    func = getattr(func, "__wrapped__", func)  # (one problem: the user's, not its batch form)
-    structure = (B, n, T, y0.dtype, str(device), stepper.tab, type(controller).__name__,
-                 layout.window, layout.chunk, layout.final_only, stiffness is not None,
-                 tol is None,
-                 jumps is not None, getattr(func, "__code__", type(func)), max_num_steps,
-                 f0_in_graph, k1_in_step,
-                 _settings(st_proto, ctl_proto, stiff_proto))
-
-    def start_state() -> dict:  # (eagerly)
-        status = torch.zeros(B, dtype=torch.long, device=device)
-        if not layout.one_call:  # (one call: f0 checked in the graph)
-            status = _f0_status(f0, status)
-        if controller.adaptive:
-            controller.absy = y0.detach().abs()  # (what ``first_step`` sets, there too)
-        return _start(spec, _on_times(controller, ts), ts, y0, None if k1_in_step else f0,
-                      status,
-                      {k: getattr(controller, k) for k in names}, jumps is not None)
     # a solve in one call builds its starting state in the graph (its dozens of small
     # tensors would each cost an eager operation here); the carried state's layout is fixed
     # per structure, found once from a state built here
-    state = None if layout.one_call else start_state()
-    spec.groups = groups = _groups(state) if state is not None else \
-        lru_get(_GROUPS, structure, lambda: _groups(start_state()), MAX_LOOPS)
-    structure += (groups,)
+    state = None
+    if layout.one_call:
+        structure = plan.structure
+    else:
+        state = plan.start_state(spec, controller, ts, y0, f0, jumps is not None)
+        spec.groups = groups = _groups(state)
+        structure = plan.structure + (groups,)
     before, start = len(COMPILES), time.perf_counter()
     fkey = (_loop, backend, structure)
     res, reason = None, FAILED.get(fkey, "")
@@ -879,8 +957,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         try:
             if controller.adaptive and not layout.one_call:  # the first step before the calls
                 _first_step(spec, state, tol, _clock(ts)[0])
-            with tracing_autograd():
-                res = _calls(loop, spec, ts, tol, y0, f0, state, jumps)
+            res = traced(loop, lambda: _calls(loop, spec, ts, tol, y0, f0, state, jumps))
         except (torch._dynamo.exc.TorchDynamoException,
                 torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             reason = " ".join(str(e).split())[:400]
@@ -914,7 +991,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     rhs.stats.batch_rows += calls_after_jumps * B
     # Hairer's estimate, and f(t0, y0) where the graph evaluated it
     first_calls = int(controller.adaptive and controller.first is None) + \
-        int(f0_in_graph and not k1_in_step)
+        int(f0_in_graph and not spec.k1_in_step)
     rhs.stats.nfe += attempts * calls + first_calls
     rhs.stats.batch_rows += (attempts * calls + first_calls) * B
     if info is not None:
