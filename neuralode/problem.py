@@ -375,16 +375,22 @@ def _none_of(func, names: frozenset) -> bool:
     class's or a base's, nor (an ``nn.Module``) among its submodules, and no custom
     attribute lookup could make one. (A few set operations, where ``getattr`` of each
     missing name costs an exception or an ``nn.Module.__getattr__``.)"""
-    cls = type(func)
-    get = getattr(cls, "__getattr__", None)
     d = getattr(func, "__dict__", None)
-    if d is None or cls.__getattribute__ is not object.__getattribute__ or \
-            (get is not None and get is not torch.nn.Module.__getattr__):
+    if d is None or not d.keys().isdisjoint(names):
         return False
-    if not d.keys().isdisjoint(names) or \
-            (get is not None and not d.get("_modules", {}).keys().isdisjoint(names)):
-        return False
-    return all(vars(c).keys().isdisjoint(names) for c in cls.__mro__)
+    for c in type(func).__mro__:
+        if c is object:  # (its lookup is the plain one)
+            continue
+        own = c.__dict__.keys()
+        if not own.isdisjoint(names):
+            return False
+        if not own.isdisjoint(_LOOKUPS) and (c is not torch.nn.Module or not d.get(
+                "_modules", {}).keys().isdisjoint(names)):
+            return False
+    return True
+
+
+_LOOKUPS = frozenset(("__getattr__", "__getattribute__"))
 
 
 def first_callback(func) -> str | None:
