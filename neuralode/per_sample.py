@@ -221,6 +221,8 @@ def _setup_key(y0, t, rtol, atol, method, options, tensor_clock: bool) -> tuple 
             not (method is None or type(method) is str):
         return None
     items = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    if not items:  # (``check_y0`` says what is wrong)
+        return None
     for v in items:
         if not isinstance(v, torch.Tensor):
             return None

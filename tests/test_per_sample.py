@@ -249,6 +249,8 @@ def test_unsupported_options_are_refused():
               options={"jump_t": [1.0], "shrink": 0.5})
     with pytest.raises(ODEInputError, match="batch dimension"):
         solve(vdp(MU), torch.tensor(1.0), T, per_sample=True)
+    with pytest.raises(ODEInputError, match="empty tuple"):
+        solve(vdp(MU), (), T, per_sample=True)
     assert odeint_adjoint is not None
 
 
