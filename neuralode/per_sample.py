@@ -61,7 +61,6 @@ import torch
 
 from neuralode.errors import ODEFuncError, ODEInputError
 from neuralode.problem import (
-    PLAIN_VALUES,
     Problem,
     batch_times,
     check_finite,
@@ -70,6 +69,8 @@ from neuralode.problem import (
     check_y0,
     check_y_unchanged,
     first_callback,
+    flat_y0,
+    plain_key,
     prepare,
     to_user_dtype,
 )
@@ -181,12 +182,12 @@ class _Known:
     checks only its values (y0 finite, t's times) and gets its own statistics, right-hand
     side and flat state."""
 
-    def __init__(self, s: _Setup, time_arg: str):
+    def __init__(self, s: _Setup):
         p = s.p
         self.B, self.driver, self.shrink, self.compile = s.B, s.driver, s.shrink, s.compile
         self.name, self.method, self.opts, self.opts_key = p.name, p.method, dict(p.opts), \
             p.opts_key
-        self.layout, self.norm, self.time_arg = p.layout, p.norm, time_arg
+        self.layout, self.norm, self.time_arg = p.layout, p.norm, p.rhs.time_arg
 
     def renew(self, func, y0, t) -> _Setup:
         check_func(func)
@@ -199,9 +200,7 @@ class _Known:
         stats.driver = self.driver
         rhs = RHS(func, self.layout, items[0].dtype, device, stats, batch=True,
                   time_arg=self.time_arg)
-        y0_flat = self.layout.flatten(tuple(items) if is_tuple else items[0], self.B)
-        if y0_flat.dtype != rhs.dtype:
-            y0_flat = y0_flat.to(rhs.dtype)
+        y0_flat = flat_y0(self.layout, items, is_tuple, self.B, rhs.dtype)
         p = Problem(func, y0, items, self.layout, rhs, y0_flat, self.method, self.name,
                     dict(self.opts), self.norm, stats, y0_flat._version, self.opts_key)
         return _Setup(p, t, ts, self.B, self.driver, self.shrink, self.compile)
@@ -226,14 +225,12 @@ def _setup_key(y0, t, rtol, atol, method, options, tensor_clock: bool) -> tuple 
     for v in items:
         if not isinstance(v, torch.Tensor):
             return None
-    opts = []  # (the type too: 1, 1.0 and True are equal keys; a float's repr: -0.0, nan)
-    for k, v in (options or {}).items():
-        if type(v) not in PLAIN_VALUES:
-            return None
-        opts.append((k, type(v), repr(v) if type(v) is float else v))
+    opts = plain_key(options or {})
+    if opts is None:
+        return None
     return (type(y0), tuple((type(v), v.shape, v.dtype, v.device) for v in items),
             t.shape, t.dtype, t.device, t.requires_grad, torch.is_grad_enabled(),
-            time_dtype(items[0].device), rtol, atol, method, tensor_clock, tuple(opts))
+            time_dtype(items[0].device), rtol, atol, method, tensor_clock, opts)
 
 
 _NUMBER = (int, float)
@@ -252,7 +249,7 @@ def setup(func, y0, t, *, rtol, atol, method, options, tensor_clock: bool) -> _S
                tensor_clock=tensor_clock)
     # (not where the options warned: their warning comes at every solve)
     if key is not None and s.p.opts_key is not None and first_callback(func) is None:
-        _KNOWN[key] = _Known(s, _split_options(options)[1]["time_arg"])
+        _KNOWN[key] = _Known(s)
         while len(_KNOWN) > MAX_KNOWN:
             _KNOWN.popitem(last=False)
     return s

@@ -268,6 +268,18 @@ _CHECKED: dict = {}
 PLAIN_VALUES = (type(None), bool, int, float, str)
 
 
+def plain_key(given: dict) -> tuple | None:
+    """A hashable form of options whose values are all plain (``PLAIN_VALUES``), else None.
+    (The type too: 1, 1.0 and True are equal keys, and a check may take one only; a float
+    by its repr: -0.0 is not 0.0.)"""
+    key = []
+    for k, v in given.items():
+        if type(v) not in PLAIN_VALUES:
+            return None
+        key.append((k, type(v), repr(v) if type(v) is float else v))
+    return tuple(key)
+
+
 def method_options(name: str, given: dict) -> dict:
     """The method's options with defaults filled in and values checked. Options the method
     does not use are ignored with a warning that names them and the valid ones (as
@@ -280,11 +292,10 @@ def method_options(name: str, given: dict) -> dict:
 def checked_options(name: str, given: dict) -> tuple[dict, tuple | None]:
     """``method_options``, and a key that fixes them (a hashable form of the method and
     the given options; None where an option is not a plain value, or where they warned)."""
-    if not all(type(v) in PLAIN_VALUES for v in given.values()):
-        # (checked at every solve, warnings as they come)
+    plain = plain_key(given)
+    if plain is None:  # (checked at every solve, warnings as they come)
         return _check_options(name, given), None
-    # (the type too: 1, 1.0 and True are equal keys, and a check may take one only)
-    key = (name, tuple(sorted((k, type(v).__name__, repr(v)) for k, v in given.items())))
+    key = (name, plain)
     hit = _CHECKED.get(key)
     if hit is not None:
         return dict(hit), key
@@ -468,14 +479,20 @@ def prepare(func, y0, *, rtol, atol, method, options, stats=None, batch: bool = 
     atol = ctrl.atol if ctrl is not None and ctrl.atol is not None else atol
     rtol_v = tolerance_value("rtol", rtol, layout, rhs.dtype, device)
     atol_v = tolerance_value("atol", atol, layout, rhs.dtype, device)
-    y0_flat = layout.flatten(tuple(items) if is_tuple else items[0], B)
-    if y0_flat.dtype != rhs.dtype:
-        y0_flat = y0_flat.to(rhs.dtype)
+    y0_flat = flat_y0(layout, items, is_tuple, B, rhs.dtype)
     if cls.adaptive:
         check_resolvable(name, rtol_v, atol_v, y0_flat, rhs.dtype)
     norm = ErrorNorm(layout, rtol_v, atol_v, opts.get("norm"))
     return Problem(func, y0, items, layout, rhs, y0_flat, cls, name, opts, norm, stats,
                    y0_flat._version, opts_key)
+
+
+def flat_y0(layout: StateLayout, items: list[torch.Tensor], is_tuple: bool, B: int | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Checked ``y0`` tensors as the flat state ((B, n) for a batch), in ``dtype``, the
+    right-hand side's (the dtype the solver accumulates in)."""
+    y = layout.flatten(tuple(items) if is_tuple else items[0], B)
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def integrate_plain(p: Problem, y0_flat: torch.Tensor, ts: list[float], stepper, controller,
