@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -155,6 +156,29 @@ def test_cnf_compare_rejects_unknown_target(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "u9" in err and "u1, u2, u3, u4" in err
+
+
+def test_train_cnf_with_compile_reaches_the_eager_numbers(tmp_path):
+    """--compile (issue 18 item 5): every solve of the run is compiled (the training solves
+    with the adjoint, the test log-likelihood's), none falls back to eager, and the metrics
+    are the eager run's: loss, test NLL and the evaluations forward and backward."""
+    from neuralode.solvers.compiled import CompileFallbackWarning
+
+    args = ["train", "cnf", "--data", "moons", "--iters", "2", "--gradient", "adjoint",
+            "--no-plot", "--quiet", *TINY_CNF]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        assert main([*args, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    eager, comp = _rows(tmp_path / "eager" / "metrics.csv"), _rows(tmp_path / "compiled" /
+                                                                   "metrics.csv")
+    assert len(eager) == len(comp) == 2
+    for e, c in zip(eager, comp):
+        for k in ("loss", "nll", "test_nll"):
+            if e[k]:
+                assert float(c[k]) == pytest.approx(float(e[k]), rel=1e-6), k
+        for k in ("nfe_forward", "nfe_backward"):
+            assert int(c[k]) == int(e[k]) > 0, k
 
 
 def test_train_cnf_with_adjoint_and_trainable_time(tmp_path):

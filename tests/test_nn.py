@@ -153,6 +153,23 @@ def test_odeblock_nfe_forward_matches_solver_stats_and_resets_each_call():
     assert (block.nfe_forward, block.nfe_backward, block.func.nfe) == (0, 0, 0)
 
 
+@pytest.mark.filterwarnings("error::neuralode.solvers.compiled.CompileFallbackWarning")
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_compiled_block_counts_the_eager_blocks_evaluations(gradient):
+    """With options={"compile": ...} func's counters do not run inside the compiled loops
+    (the adjoint's forward solve, checkpointing's replay): the block reads the forward and
+    backward evaluations from the solve's statistics, and they are the eager block's."""
+    torch.manual_seed(1)
+    func = SmallMLPFunc().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    counts = []
+    for options in (None, {"compile": "aot_eager"}):
+        block = ODEBlock(func, rtol=1e-6, atol=1e-6, gradient=gradient, options=options)
+        block(x).pow(2).sum().backward()
+        counts.append((block.nfe_forward, block.nfe_backward))
+    assert counts[1] == counts[0] and counts[0][1] > 0
+
+
 def test_backprop_block_counts_backward_evaluations():
     block = ODEBlock(SmallMLPFunc(), rtol=1e-4, atol=1e-4, gradient="backprop")
     block(torch.randn(4, 3)).pow(2).sum().backward()

@@ -57,6 +57,19 @@ def gradient_strategy(gradient: str | Gradient | None) -> Gradient:
                         f"or a Backprop/Checkpoint/Adjoint object; got {gradient!r}")
 
 
+def backward_nfe(stats) -> int:
+    """Evaluations of f that the backward pass of a solve made, from the solve's statistics:
+    the adjoint's backward solve (``AdjointStats.backward``) or checkpointing's replay
+    (``stats.extra["checkpoint"]``); 0 before ``.backward()`` ran, and for backprop (whose
+    backward pass evaluates nothing). A compiled backward pass counts its evaluations there
+    only: ``func``'s own counters do not run inside a compiled loop."""
+    backward = getattr(stats, "backward", None)
+    if backward is not None:
+        return backward.nfe
+    replay = stats.extra.get("checkpoint")
+    return 0 if replay is None else replay.nfe
+
+
 def describe(gradient: str | Gradient | None) -> str:
     """A short name for logs: backprop, checkpoint, checkpoint:16, adjoint, ..."""
     g = gradient_strategy(gradient)
@@ -68,4 +81,4 @@ def describe(gradient: str | Gradient | None) -> str:
 
 
 __all__ = ["GRADIENTS", "Adjoint", "AdjointStats", "Backprop", "Checkpoint", "Gradient",
-           "SolverGradient", "describe", "gradient_strategy", "odeint_adjoint"]
+           "SolverGradient", "backward_nfe", "describe", "gradient_strategy", "odeint_adjoint"]

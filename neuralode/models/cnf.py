@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from neuralode.compiled import wants_compile
-from neuralode.gradients import Gradient, gradient_strategy
+from neuralode.gradients import Gradient, backward_nfe, gradient_strategy
 from neuralode.odeint import odeint
 from neuralode.regularizers import RegularizedFunc, Regularizer, regularized_solve
 
@@ -102,21 +102,40 @@ def sample_noise(like: Tensor, kind: str = "gaussian",
     return bits.to(like.dtype) * 2.0 - 1.0
 
 
+def _graph_vjp(dz: Tensor, z: Tensor, create_graph: bool):
+    """``v -> v^T (d dz / d z)`` through the autograd graph from ``z`` to ``dz`` (zeros where
+    ``dz`` does not depend on ``z``)."""
+    def vjp(v: Tensor) -> Tensor:
+        if not dz.requires_grad:  # dz depends on nothing that needs a gradient
+            return torch.zeros_like(z)
+        (g,) = torch.autograd.grad(dz, z, grad_outputs=v, create_graph=create_graph,
+                                   retain_graph=True, allow_unused=True)
+        return torch.zeros_like(z) if g is None else g
+    return vjp
+
+
+def trace_exact(vjp, z: Tensor) -> Tensor:
+    """tr(J) per sample from ``vjp: v -> v^T J`` (block diagonal J of rows ``(N, D)``), with one
+    product per dimension: the one-hot rows e_i give column i of each row's J^T."""
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    total = z.new_zeros(z.shape[0])
+    for i in range(z.shape[1]):
+        total = total + vjp(eye[i].expand(z.shape))[:, i]
+    return total
+
+
+def trace_hutchinson(vjp, noise: Tensor) -> Tensor:
+    """Hutchinson's estimate eps^T J eps per sample from ``vjp: v -> v^T J``, one product."""
+    return (vjp(noise) * noise).sum(-1)
+
+
 def divergence_exact(dz: Tensor, z: Tensor, create_graph: bool) -> Tensor:
     """tr(d dz / d z) per sample, exactly, with one vector-Jacobian product per dimension.
 
     ``dz`` and ``z`` have shape ``(N, D)`` and row i of ``dz`` depends on row i of ``z`` only.
     Returns ``(N,)``.
     """
-    if not dz.requires_grad:  # dz does not depend on z (or on anything): zero Jacobian
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    for i in range(z.shape[1]):
-        (g,) = torch.autograd.grad(dz[:, i].sum(), z, create_graph=create_graph,
-                                   retain_graph=True, allow_unused=True)
-        if g is not None:
-            total = total + g[:, i]
-    return total
+    return trace_exact(_graph_vjp(dz, z, create_graph), z)
 
 
 def divergence_hutchinson(dz: Tensor, z: Tensor, noise: Tensor, create_graph: bool) -> Tensor:
@@ -124,13 +143,7 @@ def divergence_hutchinson(dz: Tensor, z: Tensor, noise: Tensor, create_graph: bo
 
     Unbiased for tr(d dz/dz) when E[eps eps^T] = I. Shapes ``(N, D)`` in, ``(N,)`` out.
     """
-    if not dz.requires_grad:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    (g,) = torch.autograd.grad(dz, z, grad_outputs=noise, create_graph=create_graph,
-                               allow_unused=True)
-    if g is None:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    return (g * noise).sum(-1)
+    return trace_hutchinson(_graph_vjp(dz, z, create_graph), noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +263,15 @@ class AugmentedDynamics(nn.Module):
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         z = state[0]
-        if not torch.compiler.is_compiling():  # (a compiled solve counts its own calls)
-            self.nfe += 1
+        if torch.compiler.is_compiling():
+            # Inside a compiled solve's loop, torch 2.13 records no autograd graph in an
+            # enable_grad block; torch.func's vjp is traced there, and its results carry the
+            # caller's graph when it has one (the adjoint's backward pass, a checkpoint replay).
+            # (A compiled solve counts its own calls.)
+            dz, pullback = torch.func.vjp(lambda x: self.dynamics(t, x), z)
+            div = self._trace(lambda v: pullback(v)[0], z)
+            return dz, div
+        self.nfe += 1
         # The trace's own graph is only needed when the caller differentiates (training, or the
         # adjoint's backward pass); under no_grad, z gets a private graph just for the trace.
         differentiate = torch.is_grad_enabled()
@@ -259,13 +279,15 @@ class AugmentedDynamics(nn.Module):
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             dz = self.dynamics(t, z)
-            if self.estimator == "exact":
-                div = divergence_exact(dz, z, create_graph=differentiate)
-            else:
-                div = divergence_hutchinson(dz, z, self.noise, create_graph=differentiate)
+            div = self._trace(_graph_vjp(dz, z, create_graph=differentiate), z)
         if not differentiate:
             dz, div = dz.detach(), div.detach()
         return dz, div
+
+    def _trace(self, vjp, z: Tensor) -> Tensor:
+        if self.estimator == "exact":
+            return trace_exact(vjp, z)
+        return trace_hutchinson(vjp, self.noise)
 
 
 class CNF(nn.Module):
@@ -341,7 +363,12 @@ class CNF(nn.Module):
 
     @property
     def last_nfe(self) -> int:
-        return 0 if self._last_func is None else self._last_func.nfe
+        if self._last_func is None:
+            return 0
+        if wants_compile(self.options) and self.last_stats is not None:
+            # a compiled loop's calls (forward, a compiled backward) are in its statistics only
+            return self.last_stats.nfe + backward_nfe(self.last_stats)
+        return self._last_func.nfe
 
     # -- core solve ----------------------------------------------------------------------------
 
@@ -370,8 +397,6 @@ class CNF(nn.Module):
             func, (z, z.new_zeros(z.shape[0])), times, rtol=self.rtol, atol=self.atol,
             method=self.method, options=self.options or None, return_stats=True,
             gradient=self.gradient)
-        if wants_compile(self.options):  # the compiled loop's calls are in its statistics
-            func.nfe = self.last_stats.nfe
         return zs, as_
 
     def _time_grid(self, start: Tensor | float, stop: Tensor | float) -> Tensor:

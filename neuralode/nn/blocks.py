@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from neuralode.compiled import wants_compile
-from neuralode.gradients import Adjoint, Backprop, Gradient, describe, gradient_strategy
+from neuralode.gradients import (
+    Adjoint,
+    Backprop,
+    Gradient,
+    backward_nfe,
+    describe,
+    gradient_strategy,
+)
 from neuralode.odeint import odeint
 from neuralode.regularizers import (
     RegularizedFunc,
@@ -208,6 +215,8 @@ class NeuralODE(nn.Module):
         adjoint or checkpointing, the calls since the forward solve ended; with backprop, the
         evaluations of the forward solve that gradients were propagated through."""
         if not isinstance(self.gradient, Backprop):
+            if wants_compile(self.options) and self.stats is not None:
+                return backward_nfe(self.stats)  # (a compiled backward pass counts it there)
             return self.func.nfe - self._nfe_after_forward
         return self.func.nfe_grad
 
