@@ -13,6 +13,8 @@ separately).
   (v) 256 Van der Pol oscillators per sample (per_sample.py's (a)), dopri5 1e-6, float64
   (d) rk4 on the MLP of (b), step 0.05 on [0, 1]: compiled neuralode against a hand-written
       loop of the same arithmetic compiled by torch.compile
+  (b) and (d) also time ``neuralode.CompiledSolver`` (the solver object: a kind's later
+      solves rerun its compiled loop without the per-call look-ups of ``odeint``)
   (g) an adjoint training step of a small neural ODE (2 -> 32 -> 2, tanh), 20 and 2 outputs
       on [0, 5], dopri5 1e-6, float64: eager, the forward solve compiled, and the forward and
       backward solves compiled (``adjoint_options={"compile": True}``)
@@ -263,9 +265,11 @@ def case_b(repeats, libs):
             for _ in range(nfe):
                 f(t[0], y0)
     with torch.no_grad():
+        solver = neuralode.CompiledSolver(f, rtol=tol, atol=tol, options=C)
         fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
                "neuralode compiled": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
                                                               options=C),
+               "neuralode CompiledSolver": lambda: solver(y0, t),
                f"{nfe} evaluations of f": f_batch}
         if libs.get("base") is not None:
             base = libs["base"]
@@ -273,7 +277,7 @@ def case_b(repeats, libs):
         times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
     table("(b) MLP 512x32, dopri5 1e-5, float32, forward (overhead ratio = time / "
           f"{nfe} evaluations of f)", times)
-    for k in ("neuralode eager", "neuralode compiled"):
+    for k in ("neuralode eager", "neuralode compiled", "neuralode CompiledSolver"):
         print(f"overhead ratio {k}: {times[k] / times[f'{nfe} evaluations of f']:.3f}")
     # an adjoint training step
     target = torch.randn(512, 32)
@@ -370,15 +374,18 @@ def case_d(repeats, libs):
         compare("(d) rk4 fixed grid", e, c)
         print(f"# hand-written compiled loop: first call {first_call(lambda: hand(y0)):.1f} s;"
               f" max |hand - neuralode| {float((hand(y0) - e.ys[-1]).abs().max()):.1e}")
+        solver = neuralode.CompiledSolver(f, method="rk4", options={**opts, **C})
         fns = {"neuralode eager": lambda: neuralode.odeint(f, y0, t, method="rk4",
                                                            options=opts),
                "neuralode compiled": lambda: neuralode.odeint(f, y0, t, method="rk4",
                                                               options={**opts, **C}),
+               "neuralode CompiledSolver": lambda: solver(y0, t),
                "hand-written loop, compiled": lambda: hand(y0)}
         times = interleaved(fns, repeats, warm=True, rotate=ROTATE)
     table("(d) rk4 on the MLP, step 0.05 on [0, 1], float32, forward", times)
-    print(f"compiled neuralode / hand-written compiled loop: "
-          f"{times['neuralode compiled'] / times['hand-written loop, compiled']:.3f}")
+    for k in ("neuralode compiled", "neuralode CompiledSolver"):
+        print(f"{k} / hand-written compiled loop: "
+              f"{times[k] / times['hand-written loop, compiled']:.3f}")
 
 
 CASES = {"a": case_a, "r": case_r, "b": case_b, "o": case_o, "v": case_v, "d": case_d,

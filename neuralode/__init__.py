@@ -21,7 +21,7 @@ from neuralode.errors import (
 )
 from neuralode.events import odeint_event
 from neuralode.gradients import Adjoint, AdjointStats, Backprop, Checkpoint
-from neuralode.odeint import odeint, odeint_adjoint, odeint_dense, solve
+from neuralode.odeint import CompiledSolver, odeint, odeint_adjoint, odeint_dense, solve
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers import SOLVERS, GustafssonController, PIDController, SolverStats
 
@@ -33,6 +33,7 @@ __all__ = [
     "AdjointStats",
     "Backprop",
     "Checkpoint",
+    "CompiledSolver",
     "ConvergenceError",
     "DenseSolution",
     "EventError",

@@ -17,6 +17,7 @@ is only done when ``t.requires_grad``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import cast
@@ -26,12 +27,13 @@ import torch
 from neuralode.compiled import solve_compiled_one, wants_compile, without_compile
 from neuralode.errors import ODEInputError
 from neuralode.gradients import Adjoint, Checkpoint, Gradient, gradient_strategy, odeint_adjoint
-from neuralode.problem import Tolerance
+from neuralode.problem import Tolerance, first_callback
 from neuralode.solution import DenseSolution, ODESolution, Solution
 from neuralode.solvers.timekeeping import as_time
 from neuralode.vmapped import is_vmapped, vmapped_odeint
 
-__all__ = ["ODESolution", "Solution", "odeint", "odeint_adjoint", "odeint_dense", "solve"]
+__all__ = ["CompiledSolver", "ODESolution", "Solution", "odeint", "odeint_adjoint", "odeint_dense",
+           "solve"]
 
 
 def solve(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
@@ -73,7 +75,7 @@ def _solve(g, func, y0, t, *, options, per_sample: bool, **kwargs):
             # compiled (gradients.compiled_replay)
             g = replace(g, compile=options["compile"])
         elif wants_compile(options):
-            return solve_compiled_one(g, func, y0, t, options=options, **kwargs)
+            return solve_compiled_one(func, y0, t, options=options, **kwargs)
         options = without_compile(options)
     return g.solve(func, y0, t, options=options, per_sample=per_sample, **kwargs)
 
@@ -154,3 +156,82 @@ def odeint_dense(func: Callable, y0, t0, t1, *, rtol: Tolerance = 1e-7, atol: To
     sol = solve(func, y0, times, rtol=rtol, atol=atol, method=method, options=options,
                 dense=True)
     return cast(DenseSolution, sol.dense)  # dense=True: always there
+
+
+class CompiledSolver:
+    """``solve``/``odeint`` of one ``func`` with ``options={"compile": True}``, made once for
+    solves that come again and again (a model's forward pass, an evaluation loop)::
+
+        solver = neuralode.CompiledSolver(func, rtol=1e-5, atol=1e-5)
+        ys = solver(y0, t)         # odeint(func, y0, t, rtol=1e-5, atol=1e-5,
+                                   #        options={"compile": True})
+        sol = solver.solve(y0, t)  # solve(...): the Solution, with its statistics
+
+    Arguments as for ``solve`` (``options["compile"]`` may name a ``torch.compile`` backend;
+    it defaults to True). Results, errors and warnings are ``solve``'s with the same
+    arguments. A solve without autograd (under ``torch.no_grad()``) of one problem whose
+    ``y0`` and ``t`` are of a kind the solver met before (their types, shapes, dtypes and
+    devices) checks their values as ``solve`` does (y0 finite, t's times, no callbacks on
+    ``func``), then calls the compiled loop of that kind's first solve again: the options,
+    the state's layout, the loop's templates and its structure are not looked up or made
+    again (``solve`` finds them in caches, at a fraction of a millisecond per call). Such a
+    solve is always the compiled one, whatever ``gradient`` says (``"checkpoint"``'s
+    forward solve is eager in ``solve``: the same steps, results to rounding). Every other
+    call goes through ``solve``. The solver holds ``func`` and up to ``MAX_KINDS`` kinds.
+    """
+
+    MAX_KINDS = 16
+
+    def __init__(self, func: Callable, *, rtol: float = 1e-7, atol: float = 1e-9,
+                 method: str | None = None, options: dict | None = None,
+                 gradient: str | Gradient | None = None, per_sample: bool = False):
+        if not callable(func):
+            raise ODEInputError(f"CompiledSolver: func must be callable, got "
+                                f"{type(func).__name__}")
+        opts = {"compile": True, **(options or {})}
+        if not wants_compile(opts):
+            raise ODEInputError("CompiledSolver: options['compile'] must be True or a "
+                                "torch.compile backend name (for an eager solve, call solve)")
+        self.func, self.rtol, self.atol, self.method = func, rtol, atol, method
+        self.options, self.gradient, self.per_sample = opts, gradient, per_sample
+        self._lanes: OrderedDict = OrderedDict()  # kind -> compiled.OneLane
+
+    def __call__(self, y0, t):
+        """``odeint``'s result: the states at the times ``t``."""
+        if is_vmapped(y0, t):
+            return odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol,
+                          method=self.method, options=self.options, gradient=self.gradient)
+        return self.solve(y0, t).ys
+
+    def solve(self, y0, t, *, throw: bool = True) -> Solution:
+        """``solve``'s ``Solution`` of ``y0`` at the times ``t``."""
+        kind = None if self.per_sample or torch.is_grad_enabled() else _kind(y0, t)
+        if kind is None:
+            return solve(self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                         options=self.options, throw=throw, gradient=self.gradient,
+                         per_sample=self.per_sample)
+        lane = self._lanes.get(kind)
+        if lane is not None and first_callback(self.func) is None:
+            self._lanes.move_to_end(kind)
+            sol = lane.solve(y0, t, throw)
+            if sol is not None:
+                return sol
+            del self._lanes[kind]  # (its loop fails now: the first way says why)
+        keep: dict = {}
+        sol = solve_compiled_one(self.func, y0, t, rtol=self.rtol, atol=self.atol,
+                                 method=self.method, options=self.options, throw=throw,
+                                 keep=keep)
+        if "lane" in keep:
+            self._lanes[kind] = keep["lane"]
+            while len(self._lanes) > self.MAX_KINDS:
+                self._lanes.popitem(last=False)
+        return sol
+
+
+def _kind(y0, t) -> tuple | None:
+    """The types, shapes, dtypes and devices of y0 and t (plain tensors), or None."""
+    items = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    if type(t) is not torch.Tensor or any(type(v) is not torch.Tensor for v in items):
+        return None
+    return (type(y0), tuple((v.shape, v.dtype, v.device) for v in items), t.shape, t.dtype,
+            t.device)

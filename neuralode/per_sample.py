@@ -304,17 +304,17 @@ def batched_parts(p: Problem, ts: torch.Tensor, norm: ErrorNorm | None = None,
     return stepper, controller
 
 
-def _fill_stats(st: PerSampleStats, res: BatchedResult, msgs: list[str]) -> None:
+def fill_stats(st: PerSampleStats, res: BatchedResult, msgs: list[str]) -> None:
     st.n_accepted, st.n_rejected = res.n_accepted, res.n_rejected
     st.status = [NAMES[c] for c in res.status.tolist()]
     st.message = msgs
     st.t_final = res.t_final
 
 
-def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = True
-                 ) -> BatchedResult:
+def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = True,
+                 info: dict | None = None) -> BatchedResult:
     """The compiled solve of a validated setup (``options['compile']``; ``jumps``,
-    ``outputs``: see ``integrate_compiled``), its statistics filled in."""
+    ``outputs``, ``info``: see ``integrate_compiled``), its statistics filled in."""
     p = s.p
     if p.norm.user_norm is not None:
         raise ODEInputError("the compiled solve (options['compile']) takes the default "
@@ -322,7 +322,7 @@ def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = T
     stepper, controller = batched_parts(p, s.ts, derive=False)
     backend = s.compile if isinstance(s.compile, str) else "inductor"
     tols = (p.norm.rtol, p.norm.atol) if p.norm.scalar_tol else None
-    info: dict = {}
+    info = {} if info is None else info
     res, msgs = integrate_compiled(p.rhs, p.y0_flat, s.ts, stepper, controller,
                                    max_num_steps=p.opts["max_num_steps"], throw=throw,
                                    name=p.name, backend=backend,
@@ -331,7 +331,7 @@ def run_compiled(s: _Setup, *, throw: bool = True, jumps=None, outputs: bool = T
                                    settings_key=p.opts_key)
     p.stats.compile_s, p.stats.n_compiles = info["compile_s"], info["compiles"]
     check_y_unchanged(p)
-    _fill_stats(p.stats, res, msgs)
+    fill_stats(p.stats, res, msgs)
     return res
 
 
@@ -360,7 +360,7 @@ def _run_batched(s: _Setup, *, throw: bool, event_fn, dense: bool, sync_counter)
                                   step_to_outputs=p.opts.get("step_to_outputs", False),
                                   stiffness=p.method.stiffness_check(p.opts))
     check_y_unchanged(p)
-    _fill_stats(p.stats, res, msgs)
+    fill_stats(p.stats, res, msgs)
     dense_sol = BatchedDense(record, stepper, s.ts[:, 0], res.t_final) if record else None
     return res.ys, res, dense_sol
 
@@ -489,7 +489,7 @@ def run_sample_by_sample(s: _Setup, func, y0, t, solve_one: Callable, *, event_f
                         torch.tensor(n_acc, device=dev), torch.tensor(n_rej, device=dev),
                         torch.tensor(reached, device=dev),
                         event_t=torch.tensor(ev_t, dtype=tdt, device=dev))
-    _fill_stats(st, res, msgs)
+    fill_stats(st, res, msgs)
     if throw:  # the one-problem solver raised already; nothing failed silently
         assert not any(NAMES[c] in ERRORS for c in status)
     return _solution(s, t, res, _SampleDense(dense_sols) if dense else None)

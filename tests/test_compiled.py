@@ -639,3 +639,80 @@ def test_axpy_keeps_its_factor_on_a_compiled_matrix_product():
     got = torch.compile(fn, fullgraph=True, backend="inductor")(x, a, b)
     assert torch.allclose(got[0], x + 0.125 * (a @ b), rtol=1e-14, atol=1e-14)
     assert torch.allclose(got[1], a @ b + 0.125 * x, rtol=1e-14, atol=1e-14)
+
+
+class Spiral(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.tensor([[-0.1, 2.0], [-2.0, -0.1]],
+                                                 dtype=torch.float64))
+
+    def forward(self, t, y):
+        return torch.tanh(y) @ self.A + 0.1 * t
+
+
+def test_a_compiled_solver_reruns_a_kind_with_its_own_values_as_solve_does(monkeypatch):
+    """CompiledSolver: without autograd, a solve of a kind met before calls that kind's
+    compiled loop again (no setup, no structure lookup) with its own y0, t and the solver's
+    tolerances: the steps, statistics and outputs of ``solve``; its values are still checked,
+    callbacks are still refused, a kind of its own gets a loop of its own, and a loop that
+    fails now is solved the first way."""
+    from neuralode import compiled as front
+    func = Spiral()
+    opts = {"compile": "aot_eager"}  # (dynamo's tracing, without inductor's compile time)
+    solver = neuralode.CompiledSolver(func, rtol=1e-7, atol=1e-9, options=opts)
+    setups = []
+    real = front.setup
+    monkeypatch.setattr(front, "setup", lambda *a, **k: setups.append(1) or real(*a, **k))
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for y, tt in [(y0, t), (-0.5 * y0, t), (y0.flip(0), 2 * t), (y0, t.flip(0))]:
+            got = solver.solve(y, tt)
+            assert len(setups) == 1  # the kind's later solves rerun its first one's loop
+            ref = neuralode.solve(func, y, tt, rtol=1e-7, atol=1e-9, options=opts)
+            setups.clear()
+            assert torch.equal(got.ys, ref.ys) and torch.equal(got.y_final, ref.y_final)
+            assert (got.stats.nfe, got.stats.n_accepted, got.stats.n_rejected, got.status,
+                    got.t_final) == (ref.stats.nfe, ref.stats.n_accepted,
+                                     ref.stats.n_rejected, ref.status, ref.t_final)
+            assert torch.equal(solver(y, tt), ref.ys)
+            setups.append(1)
+        with pytest.raises(ODEInputError, match="non-finite"):
+            solver(torch.tensor([math.nan, 0.0], dtype=torch.float64), t)
+        with pytest.raises(ODEInputError, match="strictly increasing or strictly decreasing"):
+            solver(y0, t[[0, 2, 1, 3, 4, 5, 6]])
+        few = neuralode.CompiledSolver(func, rtol=1e-7, atol=1e-9,
+                                       options={**opts, "max_num_steps": 3})
+        few.solve(y0, t, throw=False)
+        out = few.solve(y0, t, throw=False)
+        assert out.status == "max_steps_reached" and "3" in out.message
+        with pytest.raises(MaxStepsError):
+            few(y0, t)
+        # another kind (a batch of states, fewer times): a loop of its own
+        y2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        setups.clear()
+        got = solver(y2, t[:4])
+        assert len(setups) == 1 and len(solver._lanes) == 2
+        assert torch.equal(got, neuralode.odeint(func, y2, t[:4], rtol=1e-7, atol=1e-9,
+                                                 options=opts))
+        # a callback added to func is still refused
+        func.callback_step = lambda t0, y0, dt: None
+        with pytest.raises(ODEInputError, match="callbacks"):
+            solver(y0, t)
+        del func.callback_step
+        # a loop that fails now: solved the first way (here: eagerly, with the warning)
+        lane = solver._lanes[next(iter(solver._lanes))].lane
+        compiled_driver.FAILED[lane.fkey] = "a test's failure"
+        try:
+            with pytest.warns(compiled_driver.CompileFallbackWarning, match="a test's failure"):
+                got = solver.solve(y0, t)
+        finally:
+            del compiled_driver.FAILED[lane.fkey]
+        assert torch.allclose(got.ys, neuralode.solve(func, y0, t, rtol=1e-7, atol=1e-9).ys,
+                              rtol=0, atol=1e-12)
+    # with autograd: solve's way (here the refusal of backprop through the compiled loop)
+    with pytest.raises(ODEInputError, match="not differentiated by backprop"):
+        solver(y0, t)
+    with pytest.raises(ODEInputError, match="compile"):
+        neuralode.CompiledSolver(func, options={"compile": False})

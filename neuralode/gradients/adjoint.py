@@ -419,7 +419,7 @@ def _forward_solve(cfg: dict, y0, t, dense: bool) -> Solution:
     """``odeint_adjoint``'s forward solve (no graph): on the loop, or compiled
     (``options['compile']``, which keeps no dense output)."""
     if cfg["compile"]:
-        return solve_compiled_one(Backprop(), cfg["func"], y0, t, rtol=cfg["rtol"],
+        return solve_compiled_one(cfg["func"], y0, t, rtol=cfg["rtol"],
                                   atol=cfg["atol"], method=cfg["method"],
                                   options={**cfg["options"], "compile": cfg["compile"]})
     return solve_problem(prepare(cfg["func"], y0, rtol=cfg["rtol"], atol=cfg["atol"],

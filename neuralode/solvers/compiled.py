@@ -946,77 +946,139 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         state = plan.start_state(spec, controller, ts, y0, f0, jumps is not None)
         spec.groups = groups = _groups(state)
         structure = plan.structure + (groups,)
-    before, start = len(COMPILES), time.perf_counter()
     fkey = (_loop, backend, structure)
-    res, reason = None, FAILED.get(fkey, "")
-    if not reason:
+    loop = None
+    if fkey not in FAILED:
         small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
         loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None,
                                  fixed=lambda: _fixed_sources(spec))
+    run = Lane(loop, fkey, spec, controller, stiffness, name, max_num_steps)
+    got = run.attempt(ts, tol, y0, f0, state, jumps)
+    if got is None and jumping:  # (the eager driver has no jumps: the caller's)
+        raise CompileFailure(FAILED[fkey])
+    if got is None:
+        # what torch.compile cannot capture (in func, most often): the eager driver, announced
+        warnings.warn(f"{name}: the compiled solve could not compile this problem "
+                      f"({FAILED[fkey]}); it was solved eagerly instead (the same steps and "
+                      f"results)", CompileFallbackWarning, stacklevel=2)
+        rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
+        if info is not None:
+            info.update(compile_s=0.0, compiles=0, iterations=0, fallback=FAILED[fkey])
+        return integrate_batched(rhs, y0, ts, stepper, _on_times(controller, ts),
+                                 max_num_steps=max_num_steps, throw=throw, name=name,
+                                 stiffness=stiffness)
+    res, wall, compiles = got
+    result, msgs, iterations = run.finish(res, ts, rhs.stats, throw)
+    if info is not None:
+        info.update(compile_s=wall if compiles else 0.0, compiles=compiles,
+                    iterations=iterations)
+        # a solve in one call that built its start state in the graph: its later solves
+        # can call the loop again as it is (``neuralode.compiled.CompiledSolver``)
+        if state is None and spec.f0_in_graph and not jumping and tolerances is not None:
+            run.tolerances = tolerances
+            info["lane"] = run
+    return result, msgs
+
+
+class Lane:
+    """A structure's compiled loop with one solve's templates (``spec``: its stepper holds
+    that solve's right-hand side): ``attempt`` runs the loop, ``finish`` turns what it
+    carried out into the result. ``integrate_compiled`` makes one per solve; one of a solve
+    in one call that built its start state in the graph runs again for a later solve of the
+    same right-hand side and kind, from that solve's times, tolerances and y0 (``rerun``)."""
+
+    def __init__(self, loop, fkey: tuple, spec: _Spec, controller, stiffness, name: str,
+                 max_num_steps: int):
+        self.loop, self.fkey, self.spec = loop, fkey, spec
+        self.controller, self.stiffness = controller, stiffness
+        self.name, self.max_num_steps = name, max_num_steps
+
+    def attempt(self, ts, tol, y0, f0, state, jumps) -> tuple | None:
+        """Call the compiled loop: ((outputs, final state), seconds, compilations), or None
+        where torch.compile could not capture it (``FAILED`` says why, and the structure is
+        not traced again)."""
+        if self.fkey in FAILED:
+            return None
+        before, start = len(COMPILES), time.perf_counter()
+        loop, spec, controller = self.loop, self.spec, self.controller
+        rhs = spec.stepper.rhs
         rhs.counting = False  # (the evaluations are counted from the iterations)
         try:
-            if controller.adaptive and not layout.one_call:  # the first step before the calls
+            if controller.adaptive and state is not None:  # the first step before the calls
                 _first_step(spec, state, tol, _clock(ts)[0])
             res = traced(loop, lambda: _calls(loop, spec, ts, tol, y0, f0, state, jumps))
         except (torch._dynamo.exc.TorchDynamoException,
                 torch._dynamo.exc.FailOnRecompileLimitHit) as e:
-            reason = " ".join(str(e).split())[:400]
-            FAILED[fkey] = reason
+            FAILED[self.fkey] = " ".join(str(e).split())[:400]
+            return None
         finally:
             rhs.counting = True
-        again = "" if reason else recompiled(fkey, loop, len(COMPILES) - before)
+        new = len(COMPILES) - before
+        again = recompiled(self.fkey, loop, new)
         if again:  # (this solve's result stands; the structure's later solves run eagerly)
-            warnings.warn(f"{name}: the compiled solve: {again}; this problem's later solves "
-                          f"run eagerly", CompileFallbackWarning, stacklevel=2)
-    if res is None and jumping:  # (the eager driver has no jumps: the caller's)
-        raise CompileFailure(reason)
-    if res is None:
-        # what torch.compile cannot capture (in func, most often): the eager driver, announced
-        warnings.warn(f"{name}: the compiled solve could not compile this problem ({reason}); "
-                      f"it was solved eagerly instead (the same steps and results)",
-                      CompileFallbackWarning, stacklevel=2)
-        rhs.stats.nfe, rhs.stats.batch_rows = nfe0, rows0
-        if info is not None:
-            info.update(compile_s=0.0, compiles=0, iterations=0, fallback=reason)
-        return integrate_batched(rhs, y0, ts, stepper, _on_times(controller, ts),
-                                 max_num_steps=max_num_steps, throw=throw, name=name,
-                                 stiffness=stiffness)
-    wall = time.perf_counter() - start
-    out, c = res
-    status, i_out = c["status"], c["i_out"]
-    # (attempts: the iterations that evaluated f)
-    iterations, attempts, calls_after_jumps, reached = c["summary"].tolist()
-    calls = stepper.s - 1 + (0 if stepper.fsal else 1)
-    rhs.stats.nfe += calls_after_jumps
-    rhs.stats.batch_rows += calls_after_jumps * B
-    # Hairer's estimate, and f(t0, y0) where the graph evaluated it
-    first_calls = int(controller.adaptive and controller.first is None) + \
-        int(f0_in_graph and not spec.k1_in_step)
-    rhs.stats.nfe += attempts * calls + first_calls
-    rhs.stats.batch_rows += (attempts * calls + first_calls) * B
-    if info is not None:
-        new = COMPILES[before:]
-        info.update(compile_s=wall if new else 0.0, compiles=len(new), iterations=iterations)
-    ys = out
-    if not reached:  # (the outputs a row did not reach: NaN)
-        # (the output times out's rows stand for: every one, or y0's and the last)
-        idx = torch.arange(T, device=device) if len(out) == T else \
-            torch.tensor([0, T - 1], device=device)
-        mask = idx[:, None] < i_out[None, :]
-        ys = torch.where(mask[:, :, None], out, math.nan)
-    result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out, c["h"],
-                           torch.full((B,), math.nan, dtype=torch.float64, device=device))
-    stiff_at = {}
-    if stiffness is not None:
-        for b in [b for b, code in enumerate(status.tolist()) if code == _STIFF]:
-            stiff_at[b] = (float(c["stiff_t"][b]), float(c["stiff_h"][b]),
-                           float(c["stiff_ratio"][b]), stiffness.boundary,
-                           float(c["stiff_remaining"][b]))
-    msgs = _messages(result, name, max_num_steps, ts, stiff_at, controller.adaptive)
-    if throw:
-        raise_failures(result, msgs)
-    return result, msgs
+            warnings.warn(f"{self.name}: the compiled solve: {again}; this problem's later "
+                          f"solves run eagerly", CompileFallbackWarning, stacklevel=3)
+        return res, time.perf_counter() - start, new
+
+    def finish(self, res, ts, stats, throw: bool, event_t: bool = True
+               ) -> tuple[BatchedResult, list[str], int]:
+        """The result, the messages and the loop's iterations, from what the loop gave;
+        the evaluations of f counted into ``stats``. ``event_t``: the result has the rows'
+        event times (NaN: the compiled solve has no events; a per-sample solution shows
+        them), else None."""
+        spec, controller, stiffness = self.spec, self.controller, self.stiffness
+        out, c = res
+        status, i_out = c["status"], c["i_out"]
+        B, T, device = status.shape[0], ts.shape[1], status.device
+        # (attempts: the iterations that evaluated f)
+        iterations, attempts, calls_after_jumps, reached = c["summary"].tolist()
+        stepper = spec.stepper
+        calls = stepper.s - 1 + (0 if stepper.fsal else 1)
+        # Hairer's estimate, and f(t0, y0) where the graph evaluated it
+        first_calls = int(controller.adaptive and controller.first is None) + \
+            int(spec.f0_in_graph and not spec.k1_in_step)
+        evaluations = calls_after_jumps + attempts * calls + first_calls
+        stats.nfe += evaluations
+        stats.batch_rows += evaluations * B
+        ys = out
+        if not reached:  # (the outputs a row did not reach: NaN)
+            # (the output times out's rows stand for: every one, or y0's and the last)
+            idx = torch.arange(T, device=device) if len(out) == T else \
+                torch.tensor([0, T - 1], device=device)
+            mask = idx[:, None] < i_out[None, :]
+            ys = torch.where(mask[:, :, None], out, math.nan)
+        result = BatchedResult(ys, status, c["t"], c["y"], c["n_acc"], c["n_rej"], i_out,
+                               c["h"], torch.full((B,), math.nan, dtype=torch.float64,
+                                                  device=device) if event_t else None)
+        stiff_at = {}
+        if stiffness is not None:
+            for b in [b for b, code in enumerate(status.tolist()) if code == _STIFF]:
+                stiff_at[b] = (float(c["stiff_t"][b]), float(c["stiff_h"][b]),
+                               float(c["stiff_ratio"][b]), stiffness.boundary,
+                               float(c["stiff_remaining"][b]))
+        msgs = _messages(result, self.name, self.max_num_steps, ts, stiff_at,
+                         controller.adaptive)
+        if throw:
+            raise_failures(result, msgs)
+        return result, msgs, iterations
+
+    tolerances: tuple = ()  # (rtol, atol) of the solve it was made for (``rerun``)
+
+    def rerun(self, ts, y0, stats, throw: bool) -> tuple[BatchedResult, list[str]] | None:
+        """The solve of y0 (its rows' times ``ts``) with this lane's loop, templates and
+        tolerances, its evaluations and compile time in ``stats``; None where the loop now
+        fails (solve it the first way: that says why). (For one problem's solution: the
+        result has no event times.)"""
+        tol = tuple(_scalar_tensor(float(v), y0.device) for v in self.tolerances)
+        got = self.attempt(ts, tol, y0, y0, None, None)
+        if got is None:
+            return None
+        res, wall, compiles = got
+        result, msgs, _ = self.finish(res, ts, stats, throw, event_t=False)
+        stats.compile_s, stats.n_compiles = (wall if compiles else 0.0), compiles
+        return result, msgs
 
 
-__all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "compiled_function",
-           "integrate_compiled", "lru_get", "recompiled", "tracing_autograd"]
+__all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "Lane",
+           "compiled_function", "integrate_compiled", "lru_get", "recompiled",
+           "tracing_autograd"]
