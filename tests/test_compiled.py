@@ -711,6 +711,13 @@ def test_a_compiled_solver_reruns_a_kind_with_its_own_values_as_solve_does(monke
             del compiled_driver.FAILED[lane.fkey]
         assert torch.allclose(got.ys, neuralode.solve(func, y0, t, rtol=1e-7, atol=1e-9).ys,
                               rtol=0, atol=1e-12)
+        # a fixed grid: the grid of each solve's own times (made in the graph)
+        grid = neuralode.CompiledSolver(func, method="rk4", options={**opts, "step_size": 0.1})
+        for tt in (t[[0, -1]], 0.35 * t[[0, -1]], t[[-1, 0]]):
+            got, ref = grid.solve(y0, tt), neuralode.solve(func, y0, tt, method="rk4",
+                                                          options={**opts, "step_size": 0.1})
+            assert torch.equal(got.ys, ref.ys) and got.stats.nfe == ref.stats.nfe
+        assert len(grid._lanes) == 1
     # with autograd: solve's way (here the refusal of backprop through the compiled loop)
     with pytest.raises(ODEInputError, match="not differentiated by backprop"):
         solver(y0, t)
