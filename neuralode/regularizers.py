@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neuralode.compiled import wants_compile
+from neuralode.errors import ODEInputError
 from neuralode.odeint import solve
 from neuralode.solvers import ALIASES, SOLVERS
 
@@ -445,6 +447,13 @@ def regularized_solve(func: Callable, y0, t, regularizers: Sequence[Regularizer]
     for name in ("rtol", "atol"):
         if name in kwargs:
             kwargs[name] = _extend_tolerance(kwargs[name], n_state, k, name)
+    if error_control == "state" and wants_compile(kwargs.get("options")):
+        raise ODEInputError(
+            "regularized_solve: the compiled solve (options['compile']) takes the default "
+            "error norm over the whole state, so it cannot keep the regularisers' integrals "
+            "out of the step-size control (error_control='state', the default): solve "
+            "without 'compile', or pass error_control='all' (the integrals then drive the "
+            "step size too)")
     if error_control == "state":
         options = dict(kwargs.get("options") or {})
         user_norm = options.get("norm")

@@ -37,6 +37,25 @@ def test_flags_build_the_regularisers_and_label():
     assert build_regularizers({}) == [] and regularization_label({}) == "none"
 
 
+def test_compile_with_regularisers_is_refused_before_any_work(tmp_path, capsys):
+    """--compile and a regulariser: a clear error naming the flags, before the run starts
+    (the library's regularized_solve refuses options['compile'] with error_control='state'
+    too)."""
+    import torch
+
+    import neuralode
+    from neuralode.regularizers import KineticEnergy, regularized_solve
+    rc = main(["train", "cnf", "--data", "moons", "--iters", "1", "--compile", "--kinetic",
+               "0.01", "--second-derivative", "0.1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--compile cannot run the regularisers (--kinetic, " \
+        "--second-derivative)" in err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(neuralode.ODEInputError, match="error_control='all'"):
+        regularized_solve(lambda t, y: -y, torch.ones(2, 3), torch.tensor([0.0, 1.0]),
+                          [KineticEnergy()], options={"compile": True})
+
+
 def test_train_cnf_with_regularisers_and_steer(tmp_path):
     out = tmp_path / "cnf"
     rc = main(["train", "cnf", "--data", "moons", "--iters", "3", "--hidden", "8",
