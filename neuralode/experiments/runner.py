@@ -134,6 +134,15 @@ def check_rtol(rtol: float, dtype: torch.dtype = torch.float32, flag: str = "--r
                          f"can resolve (10 x eps = {floor:.3g}); use {flag} >= {floor:.2g}")
 
 
+def compile_backend(name: str) -> str:
+    """``--compile BACKEND``: a ``torch.compile`` backend this torch has."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {name!r}; this torch "
+                                         f"has: {', '.join(known)}")
+    return name
+
+
 def check_batch_size(batch_size: int) -> None:
     """Refuse a global batch smaller than the number of processes (a rank without samples)."""
     if batch_size < DistEnv.from_env().world_size:
@@ -725,8 +734,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, exp: Experiment) -> None:
         g.add_argument("--max-num-steps", type=positive_int, default=DEFAULT_MAX_NUM_STEPS,
                        help=f"step cap of every adaptive solve (default "
                             f"{DEFAULT_MAX_NUM_STEPS}); a solve that needs more stops the run")
-        g.add_argument("--compile", action="store_true",
-                       help="run every solve as one compiled graph (options={'compile': True}"
+        g.add_argument("--compile", nargs="?", const=True, default=False, type=compile_backend,
+                       metavar="BACKEND",
+                       help="run every solve as one compiled graph (options={'compile': True}, "
+                            "or the torch.compile backend named, e.g. aot_eager"
                             ": explicit Runge-Kutta methods; training needs --gradient "
                             "adjoint, whose forward solves are compiled, or checkpoint, whose "
                             "backward passes are compiled; the first solve of "
@@ -801,7 +812,7 @@ class Run:
     def options(self, method: str, options: Mapping[str, Any] | None = None) -> dict | None:
         """Solver options with this run's step cap (see :func:`solver_options`)."""
         if getattr(self.args, "compile", False):
-            options = {**(options or {}), "compile": True}
+            options = {**(options or {}), "compile": self.args.compile}
         return solver_options(method, self.args.max_num_steps, options)
 
     def _now_lr(self) -> str:
