@@ -154,9 +154,9 @@ def test_what_it_cannot_serve_is_replayed_eagerly_and_said():
 
 @pytest.mark.filterwarnings("default::neuralode.solvers.compiled.CompileFallbackWarning")
 def test_a_sweep_torch_compile_cannot_trace_falls_back_once_and_is_not_retried(monkeypatch):
-    """autograd inside func (as a CNF's divergence) inside the sweep's vjp: torch.compile
-    gives up (an internal error of dynamo, not its own exception class); the eager replay
-    gives the gradient, and the next backward pass does not trace again."""
+    """autograd.grad inside func (the CNF's divergence, eagerly) inside the sweep's vjp:
+    torch.compile gives up (an internal error of dynamo, not its own exception class); the
+    eager replay gives the gradient, and the next backward pass does not trace again."""
     from neuralode.gradients import compiled_replay
 
     class WithGrad(Field):

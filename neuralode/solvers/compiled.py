@@ -229,9 +229,9 @@ def _guard_filter(fixed: tuple):
 
 
 class tracing_autograd:  # (lower case: used as ``with tracing_autograd()``)
-    """Autograd inside func (a CNF's divergence) traced into the graph, for the block:
-    dynamo's ``trace_autograd_ops``, set and reset by hand (``config.patch`` costs ~25 us,
-    a generator-based context manager ~5 us, at every call of a compiled solve)."""
+    """``torch.autograd.grad`` inside func traced into the graph, for the block: dynamo's
+    ``trace_autograd_ops``, set and reset by hand (``config.patch`` costs ~25 us, a
+    generator-based context manager ~5 us, at every call of a compiled solve)."""
 
     __slots__ = ("was",)
 
@@ -245,9 +245,9 @@ class tracing_autograd:  # (lower case: used as ``with tracing_autograd()``)
 
 def traced(compiled, run: Callable):
     """``run()``, which calls ``compiled`` (a ``compiled_function``). torch.compile traces
-    autograd inside func (a CNF's divergence, the adjoint's vector-Jacobian product) only
-    under ``tracing_autograd``, a global setting that costs tens of microseconds to set and
-    reset at every call, and that matters only while it traces: a loop is run without it
+    ``torch.autograd.grad`` inside func only under ``tracing_autograd``, a global setting
+    that costs tens of microseconds to set and reset at every call, and that matters only
+    while it traces: a loop is run without it
     until its tracing needed it once (then always with it)."""
     if getattr(compiled, "neuralode_autograd", False):
         with tracing_autograd():
