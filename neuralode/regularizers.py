@@ -417,6 +417,15 @@ def _extend_tolerance(tol: Any, n_state: int | None, k: int, name: str) -> Any:
     return [*user, *([smallest] * k)]
 
 
+def controls_step_size(method: str | None) -> bool:
+    """Whether ``method`` (``None``: the default, dopri5) is adaptive: with
+    ``error_control="state"``, :func:`regularized_solve` keeps the integrals out of its
+    step-size control, which the compiled solve cannot do."""
+    method = method or "dopri5"
+    method = ALIASES.get(method, method)
+    return method in SOLVERS and "norm" in SOLVERS[method].OPTIONS
+
+
 def regularized_solve(func: Callable, y0, t, regularizers: Sequence[Regularizer] | Regularizer,
                       *, component: int | None = None, batched: bool | None = None,
                       error_control: str = "state", generator: torch.Generator | None = None,
@@ -447,22 +456,24 @@ def regularized_solve(func: Callable, y0, t, regularizers: Sequence[Regularizer]
     for name in ("rtol", "atol"):
         if name in kwargs:
             kwargs[name] = _extend_tolerance(kwargs[name], n_state, k, name)
-    if error_control == "state" and wants_compile(kwargs.get("options")):
-        raise ODEInputError(
-            "regularized_solve: the compiled solve (options['compile']) takes the default "
-            "error norm over the whole state, so it cannot keep the regularisers' integrals "
-            "out of the step-size control (error_control='state', the default): solve "
-            "without 'compile', or pass error_control='all' (the integrals then drive the "
-            "step size too)")
     if error_control == "state":
         options = dict(kwargs.get("options") or {})
         user_norm = options.get("norm")
         if user_norm is not None and not callable(user_norm):
             raise ValueError(f"options['norm'] must be callable, got {user_norm!r}")
-        options["norm"] = state_norm(n_state, bool(kwargs.get("per_sample", False)), user_norm)
         method = kwargs.get("method") or "dopri5"
         method = ALIASES.get(method, method)
-        if method in SOLVERS and "norm" in SOLVERS[method].OPTIONS:  # adaptive methods
+        if controls_step_size(method):
+            if wants_compile(options):
+                raise ODEInputError(
+                    f"regularized_solve: the compiled solve (options['compile']) of the "
+                    f"adaptive method {method!r} takes the default error norm over the whole "
+                    f"state, so it cannot keep the regularisers' integrals out of the "
+                    f"step-size control (error_control='state', the default): solve without "
+                    f"'compile', pass error_control='all' (the integrals then drive the step "
+                    f"size too), or use a fixed-grid method")
+            options["norm"] = state_norm(n_state, bool(kwargs.get("per_sample", False)),
+                                         user_norm)
             kwargs["method"] = method
             kwargs["options"] = options
     sol = solve(rfunc, aug0, t, **kwargs)

@@ -38,22 +38,41 @@ def test_flags_build_the_regularisers_and_label():
 
 
 def test_compile_with_regularisers_is_refused_before_any_work(tmp_path, capsys):
-    """--compile and a regulariser: a clear error naming the flags, before the run starts
-    (the library's regularized_solve refuses options['compile'] with error_control='state'
-    too)."""
+    """--compile, a regulariser and an adaptive method: a clear error naming the flags,
+    before the run starts (the library's regularized_solve refuses options['compile'] with
+    error_control='state' for the adaptive methods too); a fixed grid compiles, and gives
+    the eager solve's states and integrals."""
+    import argparse
+
     import torch
 
     import neuralode
+    from neuralode.experiments.regularization import check_compile
     from neuralode.regularizers import KineticEnergy, regularized_solve
     rc = main(["train", "cnf", "--data", "moons", "--iters", "1", "--compile", "--kinetic",
                "0.01", "--second-derivative", "0.1", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "--compile cannot run the regularisers (--kinetic, " \
-        "--second-derivative)" in err
+        "--second-derivative) with the adaptive method dopri5" in err
     assert not (tmp_path / "r").exists()
+    compiled = argparse.Namespace(compile=True)
+    check_compile({"kinetic": 0.01, "method": "rk4"}, compiled)  # a fixed grid: no error
+    check_compile({"kinetic": 0.01, "method": "dopri5"}, argparse.Namespace(compile=False))
+    check_compile({"kinetic": 0.0, "method": "dopri5"}, compiled)
+    f, y0 = (lambda t, y: -y * y), torch.ones(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     with pytest.raises(neuralode.ODEInputError, match="error_control='all'"):
-        regularized_solve(lambda t, y: -y, torch.ones(2, 3), torch.tensor([0.0, 1.0]),
-                          [KineticEnergy()], options={"compile": True})
+        regularized_solve(f, y0, t, [KineticEnergy()], options={"compile": True})
+    with torch.no_grad():
+        eager = regularized_solve(f, y0, t, [KineticEnergy()], method="rk4",
+                                  options={"step_size": 0.1})
+        comp = regularized_solve(f, y0, t, [KineticEnergy()], method="rk4",
+                                 options={"step_size": 0.1, "compile": "aot_eager"})
+    assert comp.solution.stats.n_accepted == eager.solution.stats.n_accepted == 10
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-12, atol=0)
+    torch.testing.assert_close(comp.integrals["kinetic"], eager.integrals["kinetic"],
+                               rtol=1e-12, atol=0)
+    assert (comp.integrals["kinetic"] > 0).all()
 
 
 def test_train_cnf_with_regularisers_and_steer(tmp_path):

@@ -40,6 +40,7 @@ from neuralode.experiments.regularization import (
     REGULARIZATION_KEYS,
     add_regularization_arguments,
     build_regularizers,
+    check_compile,
     plot_nfe_per_step,
     regularization_label,
 )
@@ -204,6 +205,7 @@ def _config(args: argparse.Namespace) -> dict:
     if cfg["steer"] >= cfg["t1"]:
         raise UsageError(f"--steer must be smaller than --t1 ({cfg['t1']:g}), got "
                          f"{cfg['steer']:g}")
+    check_compile(cfg, args)
     return cfg
 
 

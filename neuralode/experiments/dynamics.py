@@ -40,6 +40,7 @@ from neuralode.experiments import runner
 from neuralode.experiments.regularization import (
     add_regularization_arguments,
     build_regularizers,
+    check_compile,
     plot_nfe_per_step,
     regularization_label,
 )
@@ -143,6 +144,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = {k: getattr(args, k) for k in RUN_KEYS if hasattr(args, k)}
     cfg["t_max"] = args.t_max if args.t_max is not None else FIELD_SETUPS[args.field]["t_max"]
     cfg["lr"] = args.lr if args.lr is not None else (0.02 if args.model == "linear" else 0.01)
+    check_compile(cfg, args)
     return cfg
 
 

@@ -40,6 +40,7 @@ from neuralode.experiments import runner
 from neuralode.experiments.regularization import (
     add_regularization_arguments,
     build_regularizers,
+    check_compile,
     plot_nfe_per_step,
     regularization_label,
 )
@@ -129,7 +130,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
                                 or args.second_derivative):
         raise UsageError("--kinetic/--jacobian-frobenius/--second-derivative apply to --model "
                          "latent-ode (the RNN solves no ODE)")
-    return {k: getattr(args, k) for k in RUN_KEYS}
+    cfg = {k: getattr(args, k) for k in RUN_KEYS}
+    check_compile(cfg, args)
+    return cfg
 
 
 def load_data(cfg: dict[str, Any]) -> tuple[SpiralData, SpiralData]:

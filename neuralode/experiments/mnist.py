@@ -39,6 +39,7 @@ from neuralode.experiments.regularization import (
     REGULARIZATION_KEYS,
     add_regularization_arguments,
     build_regularizers,
+    check_compile,
     plot_nfe_per_step,
     regularization_label,
 )
@@ -308,6 +309,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of "
                          f"processes ({world})")
+    check_compile(config, args)
     return config
 
 

@@ -11,16 +11,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neuralode.experiments.runner import nonnegative_float, nonnegative_int, pyplot, save_figure
+from neuralode.experiments.runner import (
+    UsageError,
+    nonnegative_float,
+    nonnegative_int,
+    pyplot,
+    save_figure,
+)
 from neuralode.regularizers import (
     JacobianFrobenius,
     KineticEnergy,
     Regularizer,
     SecondDerivative,
+    controls_step_size,
 )
 
 __all__ = ["REGULARIZATION_KEYS", "add_regularization_arguments", "build_regularizers",
-           "plot_nfe_per_step", "regularization_label"]
+           "check_compile", "plot_nfe_per_step", "regularization_label"]
 
 REGULARIZATION_KEYS = ("kinetic", "jacobian_frobenius", "jacobian_estimator",
                        "second_derivative", "steer", "augment_dims")
@@ -72,6 +79,21 @@ def build_regularizers(cfg: dict[str, Any]) -> list[Regularizer]:
     if cfg.get("second_derivative", 0.0) > 0:
         regs.append(SecondDerivative(weight=cfg["second_derivative"]))
     return regs
+
+
+def check_compile(cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse ``--compile`` with a regulariser and an adaptive method before the run starts:
+    :func:`neuralode.regularizers.regularized_solve` would refuse the compiled solve, because
+    the integrals stay out of the step-size control (fixed grids compile)."""
+    regs = build_regularizers(cfg)
+    if getattr(args, "compile", False) and regs and cfg.get("method") is not None \
+            and controls_step_size(cfg["method"]):
+        flags = ", ".join("--" + r.name.replace("_", "-") for r in regs)
+        raise UsageError(
+            f"--compile cannot run the regularisers ({flags}) with the adaptive method "
+            f"{cfg['method']}: their integrals stay out of the step-size control, which the "
+            f"compiled solve does not serve; drop --compile or the regulariser flags, or "
+            f"choose a fixed-grid --method")
 
 
 def regularization_label(cfg: dict[str, Any]) -> str:

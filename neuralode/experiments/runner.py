@@ -934,14 +934,6 @@ class Run:
         args = self.args
         try:
             self.config = self.exp.configure(args)
-            regs = [k for k in ("kinetic", "jacobian_frobenius", "second_derivative")
-                    if self.config.get(k)]
-            if getattr(args, "compile", False) and regs:
-                raise UsageError(
-                    f"--compile cannot run the regularisers "
-                    f"({', '.join('--' + k.replace('_', '-') for k in regs)}): their integrals "
-                    f"stay out of the step-size control, which the compiled solve does not "
-                    f"serve; drop --compile or the regulariser flags")
             self.out = self._prepare_out()
             self.dist = DistEnv.from_env()
             if args.threads:

@@ -952,7 +952,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         small = B <= POINTWISE_CAT_ROWS and B * n <= PACK_ELEMENTS
         loop = compiled_function(_loop, backend, structure, POINTWISE_CAT if small else None,
                                  fixed=lambda: _fixed_sources(spec))
-    run = Lane(loop, fkey, spec, controller, stiffness, name, max_num_steps)
+    run = Lane(loop, fkey, spec, controller, stiffness, name, max_num_steps, tolerances)
     got = run.attempt(ts, tol, y0, f0, state, jumps)
     if got is None and jumping:  # (the eager driver has no jumps: the caller's)
         raise CompileFailure(FAILED[fkey])
@@ -975,7 +975,6 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
         # a solve in one call that built its start state in the graph: its later solves
         # can call the loop again as it is (``neuralode.compiled.CompiledSolver``)
         if state is None and spec.f0_in_graph and not jumping and tolerances is not None:
-            run.tolerances = tolerances
             info["lane"] = run
     return result, msgs
 
@@ -988,10 +987,11 @@ class Lane:
     same right-hand side and kind, from that solve's times, tolerances and y0 (``rerun``)."""
 
     def __init__(self, loop, fkey: tuple, spec: _Spec, controller, stiffness, name: str,
-                 max_num_steps: int):
+                 max_num_steps: int, tolerances: tuple | None):
         self.loop, self.fkey, self.spec = loop, fkey, spec
         self.controller, self.stiffness = controller, stiffness
         self.name, self.max_num_steps = name, max_num_steps
+        self.tolerances = tolerances  # (rtol, atol) floats of the solve it was made for
 
     def attempt(self, ts, tol, y0, f0, state, jumps) -> tuple | None:
         """Call the compiled loop: ((outputs, final state), seconds, compilations), or None
@@ -1062,13 +1062,12 @@ class Lane:
             raise_failures(result, msgs)
         return result, msgs, iterations
 
-    tolerances: tuple = ()  # (rtol, atol) of the solve it was made for (``rerun``)
-
     def rerun(self, ts, y0, stats, throw: bool) -> tuple[BatchedResult, list[str]] | None:
         """The solve of y0 (its rows' times ``ts``) with this lane's loop, templates and
         tolerances, its evaluations and compile time in ``stats``; None where the loop now
         fails (solve it the first way: that says why). (For one problem's solution: the
         result has no event times.)"""
+        assert self.tolerances is not None  # (only such lanes are offered: ``info["lane"]``)
         tol = tuple(_scalar_tensor(float(v), y0.device) for v in self.tolerances)
         got = self.attempt(ts, tol, y0, y0, None, None)
         if got is None:
