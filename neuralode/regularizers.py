@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from neuralode.compiled import wants_compile
 from neuralode.errors import ODEInputError
+from neuralode.gradients import Adjoint, gradient_strategy
 from neuralode.odeint import solve
 from neuralode.solvers import ALIASES, SOLVERS
 
@@ -447,6 +448,13 @@ def regularized_solve(func: Callable, y0, t, regularizers: Sequence[Regularizer]
     n_state = len(y0) if isinstance(y0, (tuple, list)) else None
     if n_state is None and not isinstance(y0, torch.Tensor):
         raise TypeError(f"y0 must be a tensor or a tuple of tensors, got {type(y0).__name__}")
+    g = gradient_strategy(solve_kwargs.get("gradient"))
+    if isinstance(g, Adjoint) and g.params is None and not isinstance(func, nn.Module):
+        raise ODEInputError(  # (as solve's: the wrapper is a module, func's closure is not)
+            f"regularized_solve(..., gradient={solve_kwargs['gradient']!r}) needs func to be "
+            f"an nn.Module (to find the parameters to differentiate), got "
+            f"{type(func).__name__}; pass gradient=Adjoint(params=(tensors...)) to "
+            f"differentiate a plain callable")
     rfunc = func if isinstance(func, RegularizedFunc) else RegularizedFunc(
         func, _check_regularizers(regularizers), n_state=n_state, component=component,
         batched=batched)

@@ -249,6 +249,45 @@ def test_error_func_not_module_without_params():
         odeint_adjoint(lambda t, y: -y, torch.ones(2, requires_grad=True), torch.tensor([0.0, 1.0]))
 
 
+def test_tensors_outside_the_adjoint_parameters_are_said_not_hidden():
+    """A module with no parameters whose forward reaches tensors that require grad (a
+    closure): the adjoint differentiates nothing, so the outputs' graph is backprop's through
+    every step. That is said (a warning; the compiled forward, which backprop cannot
+    differentiate, an error naming adjoint_params), and regularized_solve of a plain callable
+    refuses the adjoint as solve does."""
+    import warnings
+
+    import neuralode
+    from neuralode.regularizers import KineticEnergy, regularized_solve
+    net = Linear()
+
+    class Closure(nn.Module):
+        def forward(self, t, y):
+            return net(t, y)
+    y0, t = torch.ones(2, 3, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT)
+    with pytest.warns(UserWarning, match="adjoint differentiates none .* backprop through"):
+        ys = odeint_adjoint(Closure(), y0, t)
+    assert ys.requires_grad  # (torchdiffeq's would carry no graph, and net no gradient)
+    with pytest.warns(UserWarning, match="adjoint differentiates none"):
+        neuralode.solve(Closure(), y0, t, gradient="adjoint", per_sample=True)
+    with pytest.raises(ODEInputError, match="compiled forward solve .* adjoint_params"):
+        odeint_adjoint(Closure(), y0, t, options={"compile": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odeint_adjoint(Closure(), y0, t, adjoint_params=tuple(net.parameters()))
+        odeint_adjoint(net, y0, t)
+        with torch.no_grad():
+            odeint_adjoint(Closure(), y0, t)
+    with pytest.raises(ODEInputError, match=r"gradient='adjoint'\) needs func to be an nn\."):
+        regularized_solve(lambda t, y: net(t, y), y0, t, [KineticEnergy()], gradient="adjoint")
+    ok = regularized_solve(lambda t, y: net(t, y), y0, t, [KineticEnergy()],
+                           gradient=neuralode.gradients.Adjoint(params=(net.A,)))
+    ref = regularized_solve(net, y0, t, [KineticEnergy()])
+    (ga,) = torch.autograd.grad(ok.integrals["kinetic"].sum(), net.A)
+    (gb,) = torch.autograd.grad(ref.integrals["kinetic"].sum(), net.A)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-9)
+
+
 def test_error_tolerance_requiring_grad():
     func = Linear()
     y0 = torch.ones(3, dtype=DT)

@@ -87,6 +87,10 @@ BACKPROP_REFUSED = (
     "'compile' for backprop, or run the compiled solve under torch.no_grad()")
 
 
+class BackpropRefused(ODEInputError):
+    """``BACKPROP_REFUSED``: the compiled solve would need autograd through its loop."""
+
+
 class CompileFallbackWarning(UserWarning):
     """A compiled solve that torch.compile could not capture ran eagerly."""
 
@@ -926,7 +930,7 @@ def integrate_compiled(rhs, y0: torch.Tensor, ts: torch.Tensor, stepper, control
     else:
         f0 = rhs.call(ts[:, 0].clone(), y0)
         if torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad):
-            raise ODEInputError(BACKPROP_REFUSED.format(name=name))
+            raise BackpropRefused(BACKPROP_REFUSED.format(name=name))
     if plan is None:
         plan = _Plan(rhs, y0, ts, f0, stepper, controller, stiffness, layout, max_num_steps,
                      f0_in_graph, jumps is not None, tolerances is not None, func)
@@ -1078,6 +1082,6 @@ class Lane:
         return result, msgs
 
 
-__all__ = ["COMPILES", "FAILED", "CompileFailure", "CompileFallbackWarning", "Lane",
-           "compiled_function", "integrate_compiled", "lru_get", "recompiled",
+__all__ = ["COMPILES", "FAILED", "BackpropRefused", "CompileFailure", "CompileFallbackWarning",
+           "Lane", "compiled_function", "integrate_compiled", "lru_get", "recompiled",
            "tracing_autograd"]
