@@ -26,10 +26,11 @@ $(LINT_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/neuralode demo --overwrite
 
-# the suite in parallel, one worker a core (pytest-xdist; a test file stays on one worker,
-# so that its compiled loops are compiled once); `$(PY) -m pytest -q` runs it in one process
+# the suite in parallel, one worker a core, at most 8 (pytest-xdist; a test file stays on
+# one worker, so that its compiled loops are compiled once); `$(PY) -m pytest -q` runs it in
+# one process
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses 8 --dist loadfile
 
 # ruff on every Python file, mypy on the public surface (both configured in pyproject.toml)
 # (both run, so that one pass reports everything; the target fails if either fails)
