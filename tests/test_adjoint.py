@@ -270,7 +270,7 @@ def test_tensors_outside_the_adjoint_parameters_are_said_not_hidden():
     assert ys.requires_grad  # (torchdiffeq's would carry no graph, and net no gradient)
     with pytest.warns(UserWarning, match="adjoint differentiates none"):
         neuralode.solve(Closure(), y0, t, gradient="adjoint", per_sample=True)
-    with pytest.raises(ODEInputError, match="compiled forward solve .* adjoint_params"):
+    with pytest.raises(ODEInputError, match=r"compiled forward solve .* adjoint_params"):
         odeint_adjoint(Closure(), y0, t, options={"compile": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
