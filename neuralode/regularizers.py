@@ -53,8 +53,8 @@ from neuralode.odeint import solve
 from neuralode.solvers import ALIASES, SOLVERS
 
 __all__ = ["ERROR_CONTROLS", "JacobianFrobenius", "KineticEnergy", "RegularizedFunc",
-           "RegularizedSolution", "Regularizer", "SecondDerivative", "regularization_loss",
-           "regularized_solve"]
+           "RegularizedSolution", "Regularizer", "SecondDerivative", "controls_step_size",
+           "regularization_loss", "regularized_solve"]
 
 ERROR_CONTROLS: tuple[str, ...] = ("state", "all")
 """Which components the step-size error norm sees: the user's state only (default) or the

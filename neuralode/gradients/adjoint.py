@@ -431,7 +431,7 @@ def _forward_solve(cfg: dict, y0, t, dense: bool) -> Solution:
                                  method=cfg["method"], options=cfg["options"]), t, dense=dense)
 
 
-UNLISTED = (
+_UNLISTED = (
     "odeint_adjoint: the solution depends on tensors that require grad, but the adjoint "
     "differentiates none (func has no parameters that require grad, as an nn.Module, and "
     "adjoint_params gave none): {what}. Pass those tensors in adjoint_params "
@@ -439,14 +439,14 @@ UNLISTED = (
     "torch.no_grad() where no gradient is wanted")
 
 
-def warn_unlisted(ys) -> None:
+def _warn_unlisted(ys) -> None:
     """A solve that the adjoint does not differentiate (no parameters, no y0 or t that
     requires grad) whose outputs carry a graph all the same (``func`` reaches tensors that
     require grad, a plain callable's closure say): say so; that graph is backprop's, through
     every step (torchdiffeq's outputs would carry none, and such tensors get no gradient)."""
     if torch.is_grad_enabled() and any(
             y.requires_grad for y in (ys if isinstance(ys, tuple) else (ys,))):
-        warnings.warn(UNLISTED.format(
+        warnings.warn(_UNLISTED.format(
             what="they are differentiated by backprop through the forward solve's steps, "
                  "with memory that grows with the steps"), stacklevel=3)
 
@@ -732,16 +732,16 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Tolerance = 1e-7, atol: Toler
             event_t, ys, fstats = event_solve(func, y0, t, rtol=rtol, atol=atol,
                                                method=method_name, options=opts,
                                                event_fn=event_fn)
-            warn_unlisted(ys)
+            _warn_unlisted(ys)
             stats.__dict__.update(fstats.__dict__)
             return ((event_t, ys), stats) if return_stats else (event_t, ys)
         try:
             sol = _forward_solve(cfg, y0, t, dense=False)
         except BackpropRefused:
-            raise ODEInputError(UNLISTED.format(
+            raise ODEInputError(_UNLISTED.format(
                 what="the compiled forward solve cannot be differentiated by backprop")) \
                 from None
-        warn_unlisted(sol.ys)
+        _warn_unlisted(sol.ys)
         stats.__dict__.update(sol.stats.__dict__)
         return (sol.ys, stats) if return_stats else sol.ys
     outs = _AdjointFunction.apply(cfg, t, len(items), *items, *params)
@@ -904,7 +904,7 @@ def _solve_per_sample(g: Adjoint, func, y0, t, *, rtol, atol, method, options
     if not needs_grad:
         sol = Backprop().solve(func, y0, t, rtol=rtol, atol=atol, method=method,
                                options=options, per_sample=True)
-        warn_unlisted(sol.ys)
+        _warn_unlisted(sol.ys)
         return sol
     # the parameter adjoint is one sum over the batch, not a per-sample state: each sample's
     # backward error norm is the seminorm (max of the RMS norms of y and a), so its
